@@ -1,0 +1,162 @@
+"""The command line: ``chatd [serve] --config FILE``, ``chatd token ...``.
+
+Every failure a user can cause (a bad config, a busy port) is one line on
+stderr and a non-zero exit: 2 for usage and config errors, 1 for the rest.
+Never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+import trio
+
+from chatd import __version__
+from chatd.auth import MAX_USER_ID, issue
+from chatd.config import Config, load
+from chatd.errors import ConfigError
+from chatd.server import ChatServer
+
+log = logging.getLogger("chatd")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``chatd`` and of the zipapp."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
+        args.insert(0, "serve")
+    parser = _parser()
+    ns = parser.parse_args(args)
+    try:
+        config = load(ns.config)
+    except ConfigError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result: int = ns.func(config, ns)
+    except KeyboardInterrupt:
+        return 130
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chatd",
+        description="A self-hosted real-time chat daemon (WebSocket, JWT, SQLite).",
+    )
+    parser.add_argument("--version", action="version", version=f"chatd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server (the default command)")
+    _config_arg(serve)
+    serve.set_defaults(func=_serve)
+
+    token = commands.add_parser(
+        "token", help="print a token signed with the config's jwt_secret"
+    )
+    _config_arg(token)
+    token.add_argument("--user-id", type=_user_id, required=True, help="the user's integer id")
+    token.add_argument("--username", required=True, help="the user's display name")
+    token.add_argument(
+        "--ttl", type=_positive, default=86400.0, help="lifetime in seconds (default 86400)"
+    )
+    token.set_defaults(func=_token)
+    return parser
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="FILE", help="the chatd TOML config")
+
+
+def _user_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= value <= MAX_USER_ID:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_USER_ID}")
+    return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
+def _token(config: Config, ns: argparse.Namespace) -> int:
+    if not 1 <= len(ns.username) <= 64:
+        print("chatd: --username must be 1 to 64 characters", file=sys.stderr)
+        return 2
+    try:
+        print(issue(config, ns.user_id, ns.username, ns.ttl))
+    except ValueError as exc:
+        print(f"chatd: {config.source}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _serve(config: Config, ns: argparse.Namespace) -> int:
+    del ns
+    setup_logging(config.logging.level)
+    try:
+        trio.run(serve_until_signalled, config)
+    except (OSError, BaseExceptionGroup) as exc:
+        cause = _first_os_error(exc)
+        if cause is None:
+            raise
+        print(
+            f"chatd: cannot serve on {config.server.host}:{config.server.port} "
+            f"with database {config.storage.sqlite_path}: {cause}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """The OSError inside ``exc`` (Trio wraps task errors in groups)."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+async def serve_until_signalled(config: Config) -> None:
+    """Run a server until SIGINT or SIGTERM; a second signal stops at once."""
+    server = ChatServer(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if server._stop.is_set():
+                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+                        return
+                    log.info("%s: shutting down", signal.Signals(signum).name)
+                    server.stop()
+
+            nursery.start_soon(watch)
+            await server.run()
+            nursery.cancel_scope.cancel()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )

@@ -1,0 +1,226 @@
+"""The configuration: TOML in, one frozen, validated object out.
+
+``load(path)`` reads the file with :mod:`tomllib`, converts it with msgspec into
+the typed structs below (unknown keys are refused, so a typo is caught at
+start), then checks what types alone cannot say. Every problem becomes one
+``ConfigError`` line that names the file and the key, e.g.::
+
+    chatd.toml: [limits] messages_per_minute: Expected `int` >= 1, got `str`
+
+Every setting has a default; ``chatd.toml.example`` documents each one.
+Relative paths are taken from the working directory.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from chatd.errors import ConfigError
+
+ROOM_NAME_PATTERN = r"^[\w.:@-]+$"
+RoomName = Annotated[str, Meta(min_length=1, max_length=64, pattern=ROOM_NAME_PATTERN)]
+UserId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
+PositiveInt = Annotated[int, Meta(ge=1, le=2**31 - 1)]
+
+HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+KEY_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    #: Whole HTTP request / WebSocket upgrade must arrive within this.
+    handshake_timeout_seconds: Seconds = 10.0
+    #: Server sends a WebSocket ping this often.
+    ping_interval_seconds: Seconds = 30.0
+    #: A connection silent for this long is dropped.
+    idle_timeout_seconds: Seconds = 75.0
+    #: Bytes queued for one connection before it is closed as too slow (1013).
+    send_buffer_bytes: Annotated[int, Meta(ge=4096)] = 1 << 20
+    #: Accept permessage-deflate when a client offers it.
+    compression: bool = True
+    #: On SIGTERM/SIGINT, how long to wait for clients to finish closing.
+    shutdown_timeout_seconds: Seconds = 5.0
+
+
+class AuthConfig(_Section):
+    jwt_secret: str = ""
+    algorithms: tuple[str, ...] = ("HS256",)
+    public_key_file: str = ""
+    leeway_seconds: Annotated[float, Meta(ge=0, le=3600)] = 10.0
+    require_exp: bool = True
+    #: When non-empty, tokens must carry this ``iss`` / ``aud``.
+    issuer: str = ""
+    audience: str = ""
+
+
+class StorageConfig(_Section):
+    sqlite_path: str = "data/chatd.db"
+    #: SQLite ``synchronous``: "normal" survives a killed process; "full" also
+    #: survives power loss, at a cost in commit throughput.
+    synchronous: Literal["normal", "full"] = "normal"
+
+
+class RoomsConfig(_Section):
+    public: tuple[RoomName, ...] = ("general", "random")
+    private: dict[RoomName, tuple[UserId, ...]] = msgspec.field(default_factory=dict)
+
+
+class LimitsConfig(_Section):
+    messages_per_minute: PositiveInt = 10
+    messages_per_hour: PositiveInt = 100
+    max_content_length: Annotated[int, Meta(ge=1, le=1_000_000)] = 4000
+    max_frame_bytes: Annotated[int, Meta(ge=1024, le=64 << 20)] = 65536
+    #: Invalid frames a connection may send per minute (burst of the same
+    #: size) before it is closed with 1008.
+    invalid_frames_per_minute: PositiveInt = 30
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
+    rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
+    #: Where the config came from, for messages; not a TOML key.
+    source: str = "<defaults>"
+    #: The public key's PEM text, read from ``auth.public_key_file``.
+    public_key: str = ""
+
+
+def load(path: str | Path) -> Config:
+    """Read, parse and validate the config file at ``path``."""
+    name = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read the config file: {exc.strerror}") from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}: the config file is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{name}: not valid TOML: {exc}") from None
+    return from_dict(doc, source=name)
+
+
+def from_dict(doc: dict[str, object], *, source: str = "<dict>") -> Config:
+    """Validate an already-parsed document (tests build configs this way)."""
+    for reserved in ("source", "public_key"):
+        if reserved in doc:
+            raise ConfigError(f"{source}: {reserved}: unknown key")
+    _check_private_rooms(doc, source)
+    try:
+        config = msgspec.convert(doc, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(str(exc))}") from None
+    config = msgspec.structs.replace(config, source=source)
+    return _check(config)
+
+
+def _check_private_rooms(doc: dict[str, object], source: str) -> None:
+    """msgspec cannot name a dict's key in its errors; name the room here."""
+    rooms = doc.get("rooms")
+    private = rooms.get("private") if isinstance(rooms, dict) else None
+    if not isinstance(private, dict):
+        return
+    for name, members in private.items():
+        if not re.fullmatch(ROOM_NAME_PATTERN, name) or len(name) > 64:
+            raise ConfigError(
+                f"{source}: [rooms.private] {name!r}: a room name is 1 to 64 letters, digits or ._:@-"
+            )
+        if not isinstance(members, list) or not all(
+            type(m) is int and 1 <= m < 2**63 for m in members
+        ):
+            raise ConfigError(
+                f"{source}: [rooms.private] {name}: expected a list of user ids (integers >= 1)"
+            )
+
+
+def _describe(message: str) -> str:
+    """Turn msgspec's ``... - at `$.limits.port``` into ``[limits] port: ...``."""
+    match = re.fullmatch(r"(.*) - at `\$\.?(.*)`", message, flags=re.S)
+    if not match:
+        unknown = re.fullmatch(r"Object contains unknown field `(.*)`", message)
+        return f"[{unknown.group(1)}]: unknown section" if unknown else message
+    what, where = match.groups()
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", what)
+    if unknown:
+        where = f"{where}.{unknown.group(1)}" if where else unknown.group(1)
+        what = "unknown key"
+    return f"{_key(where)}: {what}"
+
+
+def _key(path: str) -> str:
+    parts = path.split(".")
+    if len(parts) == 1:
+        return parts[0]
+    if parts[0] == "rooms" and parts[1].startswith("private") and len(parts) > 2:
+        return f"[rooms.private] {'.'.join(parts[2:])}"
+    return f"[{parts[0]}] {'.'.join(parts[1:])}"
+
+
+def _check(config: Config) -> Config:
+    """Rules that span keys or touch the file system."""
+    src = config.source
+    auth = config.auth
+    algorithms = set(auth.algorithms)
+    if not algorithms:
+        raise ConfigError(f"{src}: [auth] algorithms: name at least one algorithm")
+    unknown = algorithms - HMAC_ALGORITHMS - KEY_ALGORITHMS
+    if unknown:
+        raise ConfigError(f"{src}: [auth] algorithms: unsupported {sorted(unknown)}")
+    if algorithms & HMAC_ALGORITHMS and algorithms & KEY_ALGORITHMS:
+        raise ConfigError(
+            f"{src}: [auth] algorithms: do not mix HS* with public-key algorithms"
+        )
+    public_key = ""
+    if algorithms & HMAC_ALGORITHMS:
+        if not auth.jwt_secret:
+            raise ConfigError(f"{src}: [auth] jwt_secret: required for {sorted(algorithms)}")
+    else:
+        if not auth.public_key_file:
+            raise ConfigError(
+                f"{src}: [auth] public_key_file: required for {sorted(algorithms)}"
+            )
+        try:
+            public_key = Path(auth.public_key_file).read_text("utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(
+                f"{src}: [auth] public_key_file: cannot read {auth.public_key_file!r}: {reason}"
+            ) from None
+    both = set(config.rooms.public) & set(config.rooms.private)
+    if both:
+        raise ConfigError(
+            f"{src}: [rooms] public: {sorted(both)} also declared in [rooms.private]"
+        )
+    if len(set(config.rooms.public)) != len(config.rooms.public):
+        raise ConfigError(f"{src}: [rooms] public: a room is listed twice")
+    if config.server.idle_timeout_seconds <= config.server.ping_interval_seconds:
+        raise ConfigError(
+            f"{src}: [server] idle_timeout_seconds: must be longer than ping_interval_seconds"
+        )
+    if config.limits.messages_per_hour < config.limits.messages_per_minute:
+        raise ConfigError(
+            f"{src}: [limits] messages_per_hour: must be at least messages_per_minute"
+        )
+    return msgspec.structs.replace(config, public_key=public_key)

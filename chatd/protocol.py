@@ -1,0 +1,255 @@
+"""The wire format: msgspec structs for every frame, decode and encode.
+
+Pure: no I/O, no clock reads (callers pass ``now``).
+
+Decoding is two steps. The envelope ``{"type", "data", "request_id"}`` is
+decoded first with ``data`` kept raw; ``type`` then picks the struct that
+``data`` is decoded into. So every error names its field (msgspec's
+``$.room``), unknown fields are ignored, and nothing reaches a handler
+unchecked. Every failure is a ``ChatError(INVALID_FORMAT)``.
+
+Encoding builds a ``ServerFrame`` and turns it into JSON bytes once; the
+transport frames and (maybe) compresses those bytes once per fan-out.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from chatd.config import ROOM_NAME_PATTERN
+from chatd.errors import ChatError, ErrorCode, invalid_format
+
+RoomName = Annotated[str, Meta(min_length=1, max_length=64, pattern=ROOM_NAME_PATTERN)]
+Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+NonNegative = Annotated[int, Meta(ge=0, le=2**63 - 1)]
+RequestId = Annotated[str, Meta(max_length=64)] | Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+MessageType = Literal["text", "image", "audio", "reaction"]
+
+MAX_BATCH = 100
+HISTORY_DEFAULT_LIMIT = 50
+HISTORY_MAX_LIMIT = 100
+
+
+# --- client -> server -------------------------------------------------------
+
+
+class _Data(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class JoinRoom(_Data, kw_only=True):
+    room: RoomName
+    since_id: NonNegative | None = None
+
+
+class LeaveRoom(_Data, kw_only=True):
+    room: RoomName
+
+
+class _Content(_Data, kw_only=True):
+    content: str = ""
+    message_type: MessageType = "text"
+    media_url: Annotated[str, Meta(max_length=2048)] | None = None
+    media_type: Annotated[str, Meta(max_length=127)] | None = None
+    duration: Annotated[float, Meta(gt=0)] | None = None
+    reply_to: Id | None = None
+
+
+class RoomMessage(_Content, kw_only=True):
+    room: RoomName
+
+
+class DirectMessage(_Content, kw_only=True):
+    to_user_id: Id
+
+
+class RoomHistory(_Data, kw_only=True):
+    room: RoomName
+    limit: int = HISTORY_DEFAULT_LIMIT
+    offset: NonNegative = 0
+
+
+class DmHistory(_Data, kw_only=True):
+    with_user: Id
+    limit: int = HISTORY_DEFAULT_LIMIT
+    offset: NonNegative = 0
+
+
+class Ping(_Data, kw_only=True):
+    pass
+
+
+class Auth(_Data, kw_only=True):
+    token: Annotated[str, Meta(min_length=1, max_length=16384)]
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    type: str
+    data: msgspec.Raw = msgspec.Raw(b"{}")
+    request_id: RequestId | None = None
+
+
+class BatchEntry(_Envelope, frozen=True):
+    pass
+
+
+class MessageBatch(_Data, kw_only=True):
+    messages: Annotated[list[BatchEntry], Meta(max_length=MAX_BATCH)]
+
+
+ClientData = (
+    JoinRoom | LeaveRoom | RoomMessage | DirectMessage | RoomHistory | DmHistory | Ping | Auth
+    | MessageBatch
+)
+
+#: The frame types a client may send, and the struct each one's data must fit.
+CLIENT_TYPES: dict[str, type[Any]] = {
+    "join_room": JoinRoom,
+    "leave_room": LeaveRoom,
+    "room_message": RoomMessage,
+    "direct_message": DirectMessage,
+    "room_history": RoomHistory,
+    "dm_history": DmHistory,
+    "ping": Ping,
+    "auth": Auth,
+    "message_batch": MessageBatch,
+}
+
+
+class ClientFrame(msgspec.Struct, frozen=True):
+    """One decoded client frame."""
+
+    type: str
+    data: Any
+    request_id: str | int | None = None
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_data_decoders = {name: msgspec.json.Decoder(kind) for name, kind in CLIENT_TYPES.items()}
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def peek_request_id(raw: bytes | str) -> str | int | None:
+    """The ``request_id`` of a frame that failed to decode, when it can be had."""
+    try:
+        value = msgspec.json.decode(raw, type=dict[str, Any]).get("request_id")
+    except (msgspec.MsgspecError, RecursionError):
+        return None
+    if isinstance(value, str) and len(value) <= 64:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63:
+        return value
+    return None
+
+
+def decode_frame(raw: bytes | str, *, allowed: frozenset[str] | None = None) -> ClientFrame:
+    """Decode one client text frame; raise ``ChatError(INVALID_FORMAT)``.
+
+    ``allowed`` restricts the accepted types (a batch may not nest a batch).
+    """
+    envelope = _decode(_envelope_decoder, raw, "")
+    return decode_entry(envelope, allowed=allowed)
+
+
+def decode_entry(envelope: _Envelope, *, allowed: frozenset[str] | None = None) -> ClientFrame:
+    """Decode the ``data`` of an already-decoded envelope (or batch entry)."""
+    decoder = _data_decoders.get(envelope.type)
+    if decoder is None or (allowed is not None and envelope.type not in allowed):
+        raise ChatError(
+            ErrorCode.INVALID_FORMAT,
+            f"Unknown message type {envelope.type[:64]!r}",
+            {"field": "type"},
+        )
+    data = _decode(decoder, envelope.data, "data")
+    return ClientFrame(envelope.type, data, envelope.request_id)
+
+
+def _decode(decoder: msgspec.json.Decoder[Any], raw: Any, prefix: str) -> Any:
+    try:
+        return decoder.decode(raw)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT.search(text)
+        field = match.group(1) if match else ""
+        field = ".".join(p for p in (prefix, field) if p)
+        message = text[: match.start()] if match else text
+        raise invalid_format(message, field or None) from None
+    except msgspec.DecodeError as exc:
+        raise invalid_format(f"Malformed JSON: {exc}") from None
+    except RecursionError:
+        raise invalid_format("JSON nested too deeply") from None
+
+
+def clamp_limit(limit: int) -> int:
+    """History page sizes are clamped to 1..100."""
+    return max(1, min(HISTORY_MAX_LIMIT, limit))
+
+
+# --- server -> client -------------------------------------------------------
+
+
+class ServerFrame(msgspec.Struct, omit_defaults=True):
+    type: str
+    data: Any
+    timestamp: str
+    user_id: int | None = None
+    request_id: str | int | None = None
+
+
+class Member(msgspec.Struct):
+    user_id: int
+    username: str
+
+
+class MessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A room message as delivered live and in history."""
+
+    id: int
+    room: str
+    user_id: int
+    username: str
+    content: str
+    message_type: str
+    created_at: str
+    media_url: str | None = None
+    media_type: str | None = None
+    duration: float | None = None
+    reply_to: int | None = None
+
+
+class ErrorData(msgspec.Struct):
+    message: str
+    code: str
+    details: dict[str, Any]
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(
+    type_: str,
+    data: Any,
+    now: float,
+    *,
+    user_id: int | None = None,
+    request_id: str | int | None = None,
+) -> bytes:
+    """One server frame as JSON bytes."""
+    return _encoder.encode(ServerFrame(type_, data, rfc3339(now), user_id, request_id))
+
+
+def error_frame(err: ChatError, now: float, request_id: str | int | None = None) -> bytes:
+    """The ``error`` frame for ``err``."""
+    data = ErrorData(err.message, err.code.value, err.details)
+    return encode("error", data, now, request_id=request_id)
+
+
+def rfc3339(ts: float) -> str:
+    """UTC time with milliseconds and a ``Z``: ``2023-11-20T10:30:00.123Z``."""
+    moment = _dt.datetime.fromtimestamp(ts, _dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -1,0 +1,69 @@
+"""Token buckets; the time is passed in, so the logic is pure and testable.
+
+A bucket holds up to ``capacity`` tokens and refills continuously at ``rate``
+tokens per second. ``take(now)`` spends one token or says how many seconds to
+wait. A ``Limiter`` combines buckets (10 per minute *and* 100 per hour): a
+request passes only when every bucket has a token, and then spends one from
+each, so a refused request costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+class TokenBucket:
+    """``capacity`` tokens, refilled at ``capacity / period`` per second."""
+
+    __slots__ = ("capacity", "rate", "_tokens", "_stamp")
+
+    def __init__(self, capacity: int, period: float, now: float) -> None:
+        if capacity < 1 or period <= 0:
+            raise ValueError("capacity must be >= 1 and period > 0")
+        self.capacity = float(capacity)
+        self.rate = capacity / period
+        self._tokens = float(capacity)
+        self._stamp = now
+
+    def _refill(self, now: float) -> None:
+        if now > self._stamp:
+            self._tokens = min(self.capacity, self._tokens + (now - self._stamp) * self.rate)
+            self._stamp = now
+
+    def wait_time(self, now: float) -> float:
+        """Seconds until one token is available (0 when one is there now)."""
+        self._refill(now)
+        if self._tokens >= 1.0:
+            return 0.0
+        return (1.0 - self._tokens) / self.rate
+
+    def spend(self) -> None:
+        """Spend one token; call only after ``wait_time`` returned 0."""
+        self._tokens -= 1.0
+
+    def take(self, now: float) -> float:
+        """Spend a token if one is there; else return the seconds to wait."""
+        wait = self.wait_time(now)
+        if wait == 0.0:
+            self.spend()
+        return wait
+
+
+class Limiter:
+    """Several buckets that must all allow a request."""
+
+    __slots__ = ("_buckets",)
+
+    def __init__(self, limits: Sequence[tuple[int, float]], now: float) -> None:
+        self._buckets = [TokenBucket(capacity, period, now) for capacity, period in limits]
+
+    def take(self, now: float) -> float:
+        """0 when allowed (tokens spent), else the seconds to wait, rounded up
+        to a whole second so that ``retry_after`` is always enough."""
+        wait = max(bucket.wait_time(now) for bucket in self._buckets)
+        if wait > 0.0:
+            return float(max(1, math.ceil(wait)))
+        for bucket in self._buckets:
+            bucket.spend()
+        return 0.0

@@ -1,0 +1,330 @@
+"""One connection's protocol logic: a decoded frame in, frames and store
+operations out.
+
+The transport hands every complete text message to ``Session.handle_text``.
+It is decoded (``protocol.decode_frame``), dispatched to the handler for its
+type, and any ``ChatError`` raised on the way is turned into the one ``error``
+frame here, in ``_fail``, echoing the ``request_id``; an error that carries a
+close code (``AUTH_FAILED``: 4001) then closes the connection. Too many invalid
+frames in a short time close it with 1008.
+
+A ``room_message`` is validated, rate-limited and queued for the next group
+commit; the store calls back after the commit and the hub delivers it then, in
+commit order, the sender's copy with its ``request_id``. Reads that follow a
+write on the same connection first wait for that write's commit, so a client
+always reads its own writes.
+
+No I/O here: the session talks to the transport through ``ClientPeer``, to
+storage through the ``Store`` interface, and reads time through the two
+clocks in its ``Context``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from chatd import protocol as p
+from chatd.auth import Identity, Verifier
+from chatd.config import Config
+from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
+from chatd.hub import Hub, message_out
+from chatd.ratelimit import TokenBucket
+from chatd.store import NewMessage, StoredMessage, Store
+from chatd.transport.frames import OutFrame
+
+log = logging.getLogger("chatd")
+
+MAX_REACTION_LENGTH = 32
+MAX_AUDIO_SECONDS = 3600.0
+_MEDIA_TYPE = re.compile(r"^image/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
+
+
+class ClientPeer(Protocol):
+    """The transport side of one connection, as the session drives it."""
+
+    identity: Identity
+
+    def send(self, frame: OutFrame) -> None:
+        """Queue a frame; never blocks."""
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame, then end the connection."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every session shares."""
+
+    config: Config
+    hub: Hub
+    store: Store
+    verifier: Verifier
+    #: Seconds since the epoch, for timestamps and token expiry.
+    wall: Callable[[], float]
+    #: A monotonic clock, for rate limits.
+    monotonic: Callable[[], float]
+
+
+Handler = Callable[[p.ClientFrame], Awaitable[None]]
+
+
+class Session:
+    """The protocol state of one authenticated connection."""
+
+    def __init__(self, ctx: Context, peer: ClientPeer) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.identity = peer.identity
+        self._invalid = TokenBucket(
+            ctx.config.limits.invalid_frames_per_minute, 60.0, ctx.monotonic()
+        )
+        #: Messages queued for commit and not yet called back.
+        self._inflight = 0
+        self._closed = False
+        self._handlers: dict[str, Handler] = {
+            "join_room": self._join_room,
+            "leave_room": self._leave_room,
+            "room_message": self._room_message,
+            "room_history": self._room_history,
+            "ping": self._ping,
+            "auth": self._auth,
+        }
+        self._types = frozenset(self._handlers)
+
+    # --- the one place frames come in and errors go out -----------------------
+
+    async def handle_text(self, raw: str) -> None:
+        """Handle one complete text message from the client."""
+        if self._closed:
+            return
+        try:
+            frame = p.decode_frame(raw, allowed=self._types)
+        except ChatError as err:
+            self._fail(err, p.peek_request_id(raw))
+            return
+        await self.dispatch(frame)
+
+    async def handle_binary(self) -> None:
+        """Binary frames are not part of the protocol."""
+        self._fail(invalid_format("Binary frames are not supported; send JSON text"), None)
+
+    async def dispatch(self, frame: p.ClientFrame) -> None:
+        """Run the handler of one decoded frame, reporting its failure."""
+        if log.isEnabledFor(logging.DEBUG):
+            room = getattr(frame.data, "room", "")
+            log.debug("WS_MESSAGE: Type=%s, UserID=%d, Room=%s", frame.type, self.identity.user_id, room)
+        try:
+            await self._handlers[frame.type](frame)
+        except ChatError as err:
+            self._fail(err, frame.request_id)
+
+    def _fail(self, err: ChatError, request_id: str | int | None) -> None:
+        if self._closed:
+            return
+        self._send(p.error_frame(err, self.ctx.wall(), request_id))
+        if err.close is not None:
+            self._close(err.close, err.message)
+        elif err.code is ErrorCode.INVALID_FORMAT and self._invalid.take(self.ctx.monotonic()) > 0:
+            self._close(CloseCode.POLICY_VIOLATION, "Too many invalid frames")
+
+    def _send(self, payload: bytes) -> None:
+        self.peer.send(OutFrame(payload))
+
+    def _reply(self, type_: str, data: Any, frame: p.ClientFrame) -> None:
+        self._send(p.encode(type_, data, self.ctx.wall(), request_id=frame.request_id))
+
+    def _close(self, code: int, reason: str) -> None:
+        self._closed = True
+        self.peer.close(code, reason)
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        """The connection is authenticated and open."""
+        self.ctx.hub.connect(self.peer)
+
+    def end(self) -> None:
+        """The connection is gone: leave every room."""
+        self._closed = True
+        self.ctx.hub.disconnect(self.peer, self.ctx.wall())
+
+    def refuse(self, err: ChatError) -> None:
+        """Report a failure before the session started (a bad token)."""
+        self._fail(err, None)
+
+    # --- handlers -------------------------------------------------------------
+
+    def _check_token(self) -> None:
+        self.ctx.verifier.check_live(self.identity, self.ctx.wall())
+
+    async def _join_room(self, frame: p.ClientFrame) -> None:
+        data: p.JoinRoom = frame.data
+        self._check_token()
+        access = await self.ctx.store.room_access(data.room, self.identity.user_id)
+        if access is None:
+            raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": data.room})
+        if access.private and not access.is_member:
+            raise ChatError(
+                ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": data.room}
+            )
+        if self._closed:
+            return
+        members = self.ctx.hub.join(self.peer, data.room, self.ctx.wall())
+        ack = {
+            "room": data.room,
+            "success": True,
+            "message": "Joined room successfully",
+            "members": members,
+        }
+        self._reply("join_room_ack", ack, frame)
+
+    async def _leave_room(self, frame: p.ClientFrame) -> None:
+        data: p.LeaveRoom = frame.data
+        if not self.ctx.hub.leave(self.peer, data.room, self.ctx.wall()):
+            raise ChatError(ErrorCode.PERMISSION_DENIED, "Not in this room", {"room": data.room})
+        self._reply("leave_room_ack", {"room": data.room, "success": True}, frame)
+
+    async def _room_message(self, frame: p.ClientFrame) -> None:
+        data: p.RoomMessage = frame.data
+        self._check_token()
+        if not self.ctx.hub.is_in(self.peer, data.room):
+            raise ChatError(
+                ErrorCode.PERMISSION_DENIED, "Join the room before sending to it", {"room": data.room}
+            )
+        self._validate_content(data)
+        self._rate_limit()
+        message = NewMessage(
+            user_id=self.identity.user_id,
+            username=self.identity.username,
+            content=data.content,
+            message_type=data.message_type,
+            created_at=p.rfc3339(self.ctx.wall()),
+            room=data.room,
+            media_url=data.media_url,
+            media_type=data.media_type,
+            duration=data.duration,
+            reply_to=data.reply_to,
+        )
+        request_id = frame.request_id
+
+        def committed(result: StoredMessage | Exception) -> None:
+            self._inflight -= 1
+            if isinstance(result, Exception):
+                self._write_failed(result, request_id)
+            else:
+                self.ctx.hub.deliver_room(result, self.ctx.wall(), self.peer, request_id)
+
+        self._inflight += 1
+        await self.ctx.store.append(message, committed)
+
+    def _write_failed(self, exc: Exception, request_id: str | int | None) -> None:
+        if isinstance(exc, ChatError):
+            self._fail(exc, request_id)
+        else:
+            err = ChatError(ErrorCode.INTERNAL_ERROR, "The message could not be stored; not sent")
+            self._fail(err, request_id)
+
+    async def _room_history(self, frame: p.ClientFrame) -> None:
+        data: p.RoomHistory = frame.data
+        access = await self.ctx.store.room_access(data.room, self.identity.user_id)
+        if access is None:
+            raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": data.room})
+        if access.private and not access.is_member:
+            raise ChatError(
+                ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": data.room}
+            )
+        await self._read_own_writes()
+        limit = p.clamp_limit(data.limit)
+        messages, total = await self.ctx.store.room_history(data.room, limit, data.offset)
+        reply = {
+            "room": data.room,
+            "messages": [message_out(m) for m in messages],
+            "total": total,
+            "has_more": data.offset + len(messages) < total,
+            "limit": limit,
+            "offset": data.offset,
+        }
+        self._reply("message_history", reply, frame)
+
+    async def _ping(self, frame: p.ClientFrame) -> None:
+        self._reply("pong", {"timestamp": p.rfc3339(self.ctx.wall())}, frame)
+
+    async def _auth(self, frame: p.ClientFrame) -> None:
+        data: p.Auth = frame.data
+        identity = self.ctx.verifier.verify(data.token)
+        if identity.user_id != self.identity.user_id:
+            raise ChatError(
+                ErrorCode.AUTH_FAILED,
+                "A refreshed token must name the same user",
+                close=CloseCode.AUTH_FAILED,
+            )
+        self.identity = identity
+        self.peer.identity = identity
+        expires = p.rfc3339(identity.expires_at) if identity.expires_at is not None else None
+        self._reply("auth_ack", {"user_id": identity.user_id, "expires_at": expires}, frame)
+
+    # --- rules ----------------------------------------------------------------
+
+    def _rate_limit(self) -> None:
+        now = self.ctx.monotonic()
+        wait = self.ctx.hub.limiter(self.identity.user_id, now).take(now)
+        if wait > 0:
+            raise ChatError(
+                ErrorCode.RATE_LIMITED, "Too many messages", {"retry_after": int(wait)}
+            )
+
+    def _validate_content(self, data: p.RoomMessage) -> None:
+        validate_content(data, self.ctx.config.limits.max_content_length)
+
+    async def _read_own_writes(self) -> None:
+        if self._inflight:
+            await self.ctx.store.flush()
+
+
+def validate_content(data: p.RoomMessage, max_length: int) -> None:
+    """The rules of each ``message_type`` (protocol-decisions.md, Messages)."""
+    kind = data.message_type
+    if len(data.content) > max_length:
+        raise ChatError(
+            ErrorCode.MESSAGE_TOO_LONG,
+            f"Content is longer than {max_length} characters",
+            {"max_length": max_length},
+        )
+    if kind == "text":
+        if not data.content.strip():
+            raise invalid_format("A text message needs content", "data.content")
+    elif kind in ("image", "audio"):
+        if data.media_url is None:
+            raise invalid_format(f"An {kind} message needs media_url", "data.media_url")
+        check_media_url(data.media_url)
+        if kind == "image":
+            if data.media_type is None or not _MEDIA_TYPE.match(data.media_type):
+                raise invalid_format("media_type must be image/*", "data.media_type")
+        elif data.duration is None or data.duration > MAX_AUDIO_SECONDS:
+            raise invalid_format(
+                f"An audio message needs a duration of 0 to {MAX_AUDIO_SECONDS:g} seconds",
+                "data.duration",
+            )
+    elif kind == "reaction":
+        if data.reply_to is None:
+            raise invalid_format("A reaction needs reply_to", "data.reply_to")
+        if not data.content or len(data.content) > MAX_REACTION_LENGTH:
+            raise invalid_format(
+                f"A reaction is 1 to {MAX_REACTION_LENGTH} characters", "data.content"
+            )
+
+
+def check_media_url(url: str) -> None:
+    """A path starting with one ``/``, or an http(s) URL with a host."""
+    if url.startswith("/") and not url.startswith("//"):
+        ok = True
+    else:
+        lowered = url.lower()
+        scheme, sep, rest = lowered.partition("://")
+        ok = bool(sep) and scheme in ("http", "https") and bool(rest) and rest[0] not in "/?#"
+    if not ok or any(ch.isspace() or ord(ch) < 32 for ch in url):
+        raise invalid_format("media_url must be a /path or an http(s) URL", "data.media_url")

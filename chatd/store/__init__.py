@@ -1,0 +1,71 @@
+"""What the rest of chatd knows of storage: plain records and one interface.
+
+A ``Store`` commits messages in groups on its own thread and calls back, on the
+Trio thread and in commit order, once each message has its ``id``; reads run on
+worker threads. ``sqlite.py`` is the embedded default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A validated message, not yet stored. ``room`` for rooms, else a DM."""
+
+    user_id: int
+    username: str
+    content: str
+    message_type: str
+    created_at: str
+    room: str | None = None
+    to_user_id: int | None = None
+    media_url: str | None = None
+    media_type: str | None = None
+    duration: float | None = None
+    reply_to: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A committed message: what was sent, plus its ``id``."""
+
+    id: int
+    message: NewMessage
+
+
+@dataclass(frozen=True, slots=True)
+class RoomAccess:
+    """A room as one user may see it."""
+
+    name: str
+    private: bool
+    is_member: bool
+
+
+#: Called on the Trio thread with the committed message, or the exception
+#: that kept it from being committed.
+Committed = Callable[[StoredMessage | Exception], None]
+
+
+class Store(Protocol):
+    async def append(self, message: NewMessage, on_done: Committed) -> None:
+        """Queue ``message`` for the next group commit (waits only when the
+        queue is full). ``on_done`` runs after the commit, in commit order."""
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed."""
+
+    async def upsert_user(self, user_id: int, username: str) -> None:
+        """Record a user (its latest display name)."""
+
+    async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
+        """The room named, as ``user_id`` may see it; None when unknown."""
+
+    async def room_history(
+        self, room: str, limit: int, offset: int
+    ) -> tuple[list[StoredMessage], int]:
+        """One page counted back from the newest message, and the total."""

@@ -1,0 +1,379 @@
+"""The SQLite store: one writer thread with group commit, pooled readers.
+
+Writes (messages, users, rooms) are operations: plain functions of a
+``sqlite3.Connection``. The Trio side puts them on a thread-safe queue; the
+writer thread takes whatever is waiting (up to ``MAX_GROUP``), runs it all in
+one transaction and commits once, then hands the results back to Trio with one
+``run_sync_soon`` call. There each operation's callback runs in commit order,
+before any waiting task wakes, so delivery order is commit order.
+
+If an operation raises, the group is rolled back and every operation of it is
+run again alone, so one bad operation fails only itself. A failed commit fails
+every operation of its group: nothing is acknowledged that is not on disk.
+
+Reads run on Trio worker threads, each borrowing one of a few read-only
+connections (WAL lets them read while the writer writes).
+
+aiosqlite is not used: it cannot run under Trio (DESIGN D1).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from chatd.errors import ChatError, invalid_format
+from chatd.protocol import rfc3339
+from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
+from chatd.store.schema import connect, dm_channel, migrate, room_channel
+
+log = logging.getLogger("chatd.store")
+
+#: Most operations committed in one transaction.
+MAX_GROUP = 512
+#: Operations queued before ``append`` waits: bounds memory under overload.
+MAX_PENDING = 10_000
+READERS = 4
+
+Operation = Callable[[sqlite3.Connection], Any]
+_MESSAGE_COLUMNS = (
+    "id, channel, user_id, username, to_user_id, message_type, content,"
+    " media_url, media_type, duration, reply_to, created_at"
+)
+
+
+class _Pending:
+    """One queued operation and what to do with its result."""
+
+    __slots__ = ("op", "callback")
+
+    def __init__(self, op: Operation, callback: Callable[[Any], None]) -> None:
+        self.op = op
+        self.callback = callback
+
+
+class SqliteStore:
+    """The embedded store. Use ``open_sqlite_store`` to run one."""
+
+    def __init__(self, path: str, synchronous: str = "normal") -> None:
+        self.path = path
+        self._synchronous = synchronous
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._space = trio.Semaphore(MAX_PENDING)
+        self._readers: list[sqlite3.Connection] = []
+        self._read_limiter = trio.CapacityLimiter(READERS)
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._writer_conn: sqlite3.Connection | None = None
+        self._stopped = trio.Event()
+        #: Users known to be stored with this name: connects skip the write.
+        self._users: dict[int, str] = {}
+
+    # --- lifecycle ----------------------------------------------------------
+
+    def _open(self) -> None:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = connect(self.path, synchronous=self._synchronous)
+        migrate(conn)
+        self._writer_conn = conn
+        self._readers = [connect(self.path, readonly=True) for _ in range(READERS)]
+
+    async def _start(self) -> None:
+        await trio.to_thread.run_sync(self._open)
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._run_writer, name="chatd-sqlite-writer", daemon=True)
+        self._thread.start()
+
+    async def _stop(self) -> None:
+        """Commit everything queued, then stop the writer and close."""
+        self._queue.put(None)
+        with trio.CancelScope(shield=True):
+            await self._stopped.wait()
+            thread = self._thread
+            if thread is not None:
+                await trio.to_thread.run_sync(thread.join)
+            for conn in self._readers:
+                conn.close()
+
+    # --- the writer thread --------------------------------------------------
+
+    def _run_writer(self) -> None:
+        conn = self._writer_conn
+        assert conn is not None and self._token is not None
+        running = True
+        while running:
+            first = self._queue.get()
+            group: list[_Pending] = []
+            if first is None:
+                running = False
+            else:
+                group.append(first)
+            while running and len(group) < MAX_GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    running = False
+                else:
+                    group.append(item)
+            if group:
+                results = _apply(conn, group)
+                try:
+                    self._token.run_sync_soon(self._finish, group, results)
+                except trio.RunFinishedError:  # pragma: no cover - Trio gone first
+                    log.error("store: %d results lost: Trio run finished", len(group))
+        conn.close()
+        try:
+            self._token.run_sync_soon(self._stopped.set)
+        except trio.RunFinishedError:  # pragma: no cover
+            pass
+
+    def _finish(self, group: list[_Pending], results: list[Any]) -> None:
+        """On the Trio thread: callbacks in commit order."""
+        for pending, result in zip(group, results):
+            self._space.release()
+            try:
+                pending.callback(result)
+            except Exception:  # a callback bug must not stop later ones
+                log.exception("store: callback failed")
+
+    # --- writing ------------------------------------------------------------
+
+    async def _enqueue(self, op: Operation, callback: Callable[[Any], None]) -> None:
+        try:
+            self._space.acquire_nowait()
+        except trio.WouldBlock:
+            await self._space.acquire()
+        self._queue.put(_Pending(op, callback))
+
+    async def write(self, op: Operation) -> Any:
+        """Run ``op`` in the next group commit and return its result."""
+        done = trio.Event()
+        box: list[Any] = []
+
+        def callback(result: Any) -> None:
+            box.append(result)
+            done.set()
+
+        await self._enqueue(op, callback)
+        with trio.CancelScope(shield=True):  # the write happens either way
+            await done.wait()
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+
+    async def append(self, message: NewMessage, on_done: Committed) -> None:
+        await self._enqueue(lambda conn: insert_message(conn, message), on_done)
+
+    async def flush(self) -> None:
+        """Return once everything queued before this call is committed."""
+        await self.write(lambda conn: None)
+
+    async def upsert_user(self, user_id: int, username: str) -> None:
+        if self._users.get(user_id) == username:
+            return
+        await self.write(lambda conn: upsert_user(conn, user_id, username))
+        self._users[user_id] = username
+
+    # --- reading ------------------------------------------------------------
+
+    async def read(self, fn: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``fn`` on a pooled read connection in a worker thread."""
+        async with self._read_limiter:
+            conn = self._readers.pop()
+            try:
+                return await trio.to_thread.run_sync(fn, conn)
+            finally:
+                self._readers.append(conn)
+
+    async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
+        result: RoomAccess | None = await self.read(lambda c: room_access(c, room, user_id))
+        return result
+
+    async def room_history(
+        self, room: str, limit: int, offset: int
+    ) -> tuple[list[StoredMessage], int]:
+        result: tuple[list[StoredMessage], int] = await self.read(
+            lambda c: history(c, room_channel(room), limit, offset)
+        )
+        return result
+
+
+@asynccontextmanager
+async def open_sqlite_store(path: str, synchronous: str = "normal") -> AsyncIterator[SqliteStore]:
+    """Run a store for the duration of the block; on exit, commit what is
+    queued and close."""
+    store = SqliteStore(path, synchronous)
+    await store._start()
+    try:
+        yield store
+    finally:
+        await store._stop()
+
+
+def _apply(conn: sqlite3.Connection, group: list[_Pending]) -> list[Any]:
+    """Run a group in one transaction; on failure, each op alone."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        results = [pending.op(conn) for pending in group]
+        conn.execute("COMMIT")
+        return results
+    except Exception as exc:
+        _rollback(conn)
+        if len(group) == 1:
+            log.warning("store: write failed: %s", exc)
+            return [exc]
+    results = []
+    for pending in group:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = pending.op(conn)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            _rollback(conn)
+            log.warning("store: write failed: %s", exc)
+            result = exc
+        results.append(result)
+    return results
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:  # pragma: no cover - nothing more to undo
+            pass
+
+
+# --- operations: plain functions of a connection, shared with the CLI ---------
+
+
+def insert_message(conn: sqlite3.Connection, message: NewMessage) -> StoredMessage | ChatError:
+    """Store one message. A ``reply_to`` outside its room or conversation is
+    returned as an error (not raised: the rest of the group commits)."""
+    if message.room is not None:
+        channel = room_channel(message.room)
+    else:
+        assert message.to_user_id is not None
+        channel = dm_channel(message.user_id, message.to_user_id)
+    if message.reply_to is not None and not conn.execute(
+        "SELECT 1 FROM messages WHERE id = ? AND channel = ?", (message.reply_to, channel)
+    ).fetchone():
+        return invalid_format(
+            "reply_to must name a message of the same room or conversation", "data.reply_to"
+        )
+    (seq,) = conn.execute(
+        "INSERT INTO channels (channel, last_seq) VALUES (?, 1)"
+        " ON CONFLICT (channel) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
+        (channel,),
+    ).fetchone()
+    cursor = conn.execute(
+        "INSERT INTO messages (channel, seq, user_id, username, to_user_id, message_type,"
+        " content, media_url, media_type, duration, reply_to, created_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            channel,
+            seq,
+            message.user_id,
+            message.username,
+            message.to_user_id,
+            message.message_type,
+            message.content,
+            message.media_url,
+            message.media_type,
+            message.duration,
+            message.reply_to,
+            message.created_at,
+        ),
+    )
+    assert cursor.lastrowid is not None
+    return StoredMessage(cursor.lastrowid, message)
+
+
+def upsert_user(conn: sqlite3.Connection, user_id: int, username: str, now: float | None = None) -> None:
+    conn.execute(
+        "INSERT INTO users (id, username, created_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET username = excluded.username"
+        " WHERE username != excluded.username",
+        (user_id, username, _now(now)),
+    )
+
+
+def ensure_room(
+    conn: sqlite3.Connection, name: str, private: bool, members: tuple[int, ...] = (), now: float | None = None
+) -> None:
+    """Create the room if missing (or set its privacy) and add members."""
+    conn.execute(
+        "INSERT INTO rooms (name, private, created_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (name) DO UPDATE SET private = excluded.private",
+        (name, int(private), _now(now)),
+    )
+    conn.executemany(
+        "INSERT OR IGNORE INTO room_members (room, user_id) VALUES (?, ?)",
+        [(name, member) for member in members],
+    )
+
+
+def room_access(conn: sqlite3.Connection, room: str, user_id: int) -> RoomAccess | None:
+    row = conn.execute(
+        "SELECT private, EXISTS (SELECT 1 FROM room_members WHERE room = ? AND user_id = ?)"
+        " FROM rooms WHERE name = ?",
+        (room, user_id, room),
+    ).fetchone()
+    if row is None:
+        return None
+    return RoomAccess(room, bool(row[0]), bool(row[1]))
+
+
+def history(
+    conn: sqlite3.Connection, channel: str, limit: int, offset: int
+) -> tuple[list[StoredMessage], int]:
+    """Page ``offset`` back from the newest, oldest first, and the total."""
+    row = conn.execute("SELECT last_seq FROM channels WHERE channel = ?", (channel,)).fetchone()
+    total = row[0] if row else 0
+    high = total - offset
+    low = max(1, high - limit + 1)
+    if high < 1:
+        return [], total
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND seq BETWEEN ? AND ?"
+        " ORDER BY seq",
+        (channel, low, high),
+    ).fetchall()
+    return [_row_to_message(r) for r in rows], total
+
+
+def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
+    (id_, channel, user_id, username, to_user_id, message_type, content,
+     media_url, media_type, duration, reply_to, created_at) = row
+    room = channel[2:] if channel.startswith("r:") else None
+    return StoredMessage(
+        id_,
+        NewMessage(
+            user_id=user_id,
+            username=username,
+            content=content,
+            message_type=message_type,
+            created_at=created_at,
+            room=room,
+            to_user_id=to_user_id,
+            media_url=media_url,
+            media_type=media_type,
+            duration=duration,
+            reply_to=reply_to,
+        ),
+    )
+
+
+def _now(now: float | None) -> str:
+    return rfc3339(time.time() if now is None else now)

@@ -1,0 +1,158 @@
+"""Every TCP connection starts here, as HTTP/1.1 parsed by h11.
+
+A request that asks to upgrade to WebSocket is handed, with any bytes that
+came after it, to the app's ``websocket`` handler (which gives it to wsproto
+through ``initiate_upgrade_connection``, DESIGN D2). Any other request is
+answered by the app's ``http`` handler; keep-alive is honoured. The whole
+request must arrive within the handshake timeout, and its head may not pass
+``MAX_HEAD_BYTES``, so a stalled or bloated client is cut off early.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import h11
+import trio
+
+log = logging.getLogger("chatd.transport")
+
+MAX_HEAD_BYTES = 16384
+RECEIVE_SIZE = 65536
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+class App(Protocol):
+    handshake_timeout: float
+
+    def http(self, request: h11.Request) -> Response: ...
+
+    def websocket(
+        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+    ) -> Awaitable[None]: ...
+
+
+def is_websocket_upgrade(request: h11.Request) -> bool:
+    upgrade = b""
+    connection = b""
+    for name, value in request.headers:
+        if name == b"upgrade":
+            upgrade = value.lower()
+        elif name == b"connection":
+            connection = value.lower()
+    return upgrade == b"websocket" and b"upgrade" in connection
+
+
+def peer_address(stream: trio.SocketStream) -> str:
+    try:
+        host: str = stream.socket.getpeername()[0]
+    except OSError:
+        return "?"
+    return host
+
+
+async def serve_connection(stream: trio.SocketStream, app: App) -> None:
+    """Serve one TCP connection: HTTP requests, or one WebSocket."""
+    remote = peer_address(stream)
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    try:
+        while True:
+            request = None
+            with trio.move_on_after(app.handshake_timeout):
+                request = await _next_request(stream, conn)
+            if request is None:
+                return
+            if is_websocket_upgrade(request):
+                trailing, _ = conn.trailing_data
+                await app.websocket(stream, request, bytes(trailing), remote)
+                return
+            with trio.move_on_after(app.handshake_timeout) as scope:
+                await _drain_body(stream, conn)
+            if scope.cancelled_caught:
+                return
+            await _respond(stream, conn, request, app.http(request))
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+    except h11.RemoteProtocolError as exc:
+        await _send_error(stream, conn, exc.error_status_hint)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _next_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            conn.receive_data(data)
+            continue
+        if isinstance(event, h11.Request):
+            return event
+        return None  # ConnectionClosed or PAUSED
+
+
+async def _drain_body(stream: trio.SocketStream, conn: h11.Connection) -> None:
+    """Read and drop a request body (none of our routes takes one yet)."""
+    total = 0
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
+        elif isinstance(event, h11.Data):
+            total += len(event.data)
+            if total > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+        else:
+            return
+
+
+async def _respond(
+    stream: trio.SocketStream, conn: h11.Connection, request: h11.Request, response: Response
+) -> None:
+    headers = [
+        ("content-type", response.content_type),
+        ("content-length", str(len(response.body))),
+        ("server", "chatd"),
+        *response.headers,
+    ]
+    data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+    if request.method != b"HEAD":
+        data += conn.send(h11.Data(data=response.body)) or b""
+    data += conn.send(h11.EndOfMessage()) or b""
+    await stream.send_all(data)
+
+
+async def _send_error(stream: trio.SocketStream, conn: h11.Connection, status: int) -> None:
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        return
+    body = b'{"error":"bad request"}'
+    try:
+        data = conn.send(
+            h11.Response(
+                status_code=status,
+                headers=[
+                    ("content-type", "application/json"),
+                    ("content-length", str(len(body))),
+                    ("connection", "close"),
+                ],
+            )
+        ) or b""
+        data += conn.send(h11.Data(data=body)) or b""
+        data += conn.send(h11.EndOfMessage()) or b""
+        with trio.move_on_after(1.0):
+            await stream.send_all(data)
+    except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

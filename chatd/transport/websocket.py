@@ -1,0 +1,270 @@
+"""One WebSocket connection: wsproto for the protocol, our own outbound path.
+
+Three tasks in one nursery:
+
+* the **reader** feeds socket bytes to wsproto and hands each complete text
+  message to the session, in order, without a task switch per frame;
+* the **writer** drains the outbound buffer, everything pending in one
+  ``writev``, waiting for the socket to become writable when the kernel's
+  buffer is full;
+* the **heartbeat** sends a ping every ``ping_interval`` and drops the
+  connection after ``idle_timeout`` without a byte from the peer.
+
+``send`` never blocks and never switches task (DESIGN D3): while nothing is
+buffered it writes straight to the non-blocking socket; what the kernel does
+not take goes to the buffer, in order, for the writer. A peer whose buffer
+passes ``send_buffer_bytes`` is too slow: what it has not started receiving is
+dropped and it is closed with 1013, and no other connection waits for it.
+
+Data frames are built once by the hub (``frames.OutFrame``) and written as
+they are; wsproto builds only the control frames (ping, pong, close), so the
+two never interleave within a message.
+
+Closing: ``close(code)`` queues the close frame and gives the peer
+``CLOSE_TIMEOUT`` seconds to answer before the socket is closed anyway.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections import deque
+from itertools import islice
+from typing import Protocol
+
+import trio
+from wsproto import ConnectionState, WSConnection
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from chatd.auth import Identity
+from chatd.errors import CloseCode
+from chatd.transport.frames import OutFrame
+
+log = logging.getLogger("chatd.transport")
+
+RECEIVE_SIZE = 65536
+CLOSE_TIMEOUT = 5.0
+#: Most buffers handed to one ``writev`` (Linux IOV_MAX is 1024).
+WRITEV_MAX = 512
+
+
+class MessageHandler(Protocol):
+    async def handle_text(self, raw: str) -> None: ...
+    async def handle_binary(self) -> None: ...
+
+
+class WebSocketConnection:
+    """An accepted WebSocket on a Trio socket stream."""
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        ws: WSConnection,
+        identity: Identity,
+        *,
+        window_bits: int | None,
+        send_buffer_bytes: int,
+        ping_interval: float,
+        idle_timeout: float,
+    ) -> None:
+        self.identity = identity
+        self._stream = stream
+        self._fd = stream.socket.fileno()
+        self._ws = ws
+        self._window_bits = window_bits
+        self._limit = send_buffer_bytes
+        self._ping_interval = ping_interval
+        self._idle_timeout = idle_timeout
+        self._out: deque[bytes | memoryview] = deque()
+        self._out_bytes = 0
+        #: The first buffered item was partly written: it must go out whole.
+        self._head_started = False
+        self._wake = trio.Event()
+        self._drained = trio.Event()
+        self._closing = False
+        self._dead = False
+        self._scope: trio.CancelScope | None = None
+        self.last_seen = trio.current_time()
+        #: Close code sent or received, for logs and tests.
+        self.close_code: int | None = None
+
+    # --- sending (synchronous, never blocks) ------------------------------------
+
+    def send(self, frame: OutFrame) -> None:
+        """Queue one data frame for this connection."""
+        if not self._closing:
+            self._write(frame.wire(self._window_bits))
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake with ``code``."""
+        if self._closing or self._dead:
+            return
+        self._closing = True
+        self.close_code = code
+        if self._ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+            self._write(self._ws.send(CloseConnection(code, reason[:100])), force=True)
+        if self._scope is not None:
+            self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
+
+    def _write(self, data: bytes, *, force: bool = False) -> None:
+        if self._dead:
+            return
+        if not self._out:
+            try:
+                sent = os.write(self._fd, data)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._abort(exc)
+                return
+            if sent == len(data):
+                return
+            self._head_started = sent > 0
+            self._out.append(memoryview(data)[sent:])
+            self._out_bytes += len(data) - sent
+            self._wake.set()
+            return
+        if not force and self._out_bytes + len(data) > self._limit:
+            self._too_slow()
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        self._wake.set()
+
+    def _too_slow(self) -> None:
+        log.warning(
+            "WS_SLOW: UserID=%d, Buffered=%d bytes: closing 1013", self.identity.user_id, self._out_bytes
+        )
+        keep = self._out[0] if self._head_started and self._out else None
+        self._out.clear()
+        self._out_bytes = 0
+        if keep is not None:
+            self._out.append(keep)
+            self._out_bytes = len(keep)
+        self.close(CloseCode.TRY_AGAIN_LATER, "Slow consumer")
+
+    def _abort(self, exc: BaseException | None = None) -> None:
+        """The socket is gone or hopeless: stop everything now."""
+        if not self._dead and exc is not None:
+            log.debug("WS_ABORT: UserID=%d: %s", self.identity.user_id, exc)
+        self._dead = True
+        self._out.clear()
+        self._out_bytes = 0
+        if self._scope is not None:
+            self._scope.cancel()
+
+    # --- the three tasks ------------------------------------------------------
+
+    async def run(self, handler: MessageHandler) -> None:
+        """Serve the connection until it closes; the socket is closed after."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                if self._closing:  # closed before running (a refused token)
+                    self._scope.deadline = trio.current_time() + CLOSE_TIMEOUT
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._heartbeat)
+                await self._reader(handler)
+                with trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._flushed()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._dead = True
+            await trio.aclose_forcefully(self._stream)
+
+    async def _reader(self, handler: MessageHandler) -> None:
+        ws = self._ws
+        parts: list[str] = []
+        while ws.state is not ConnectionState.CLOSED:
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self.last_seen = trio.current_time()
+            ws.receive_data(data)
+            for event in ws.events():
+                if isinstance(event, TextMessage):
+                    if self._closing:
+                        continue
+                    parts.append(event.data)
+                    if event.message_finished:
+                        text = parts[0] if len(parts) == 1 else "".join(parts)
+                        parts.clear()
+                        await handler.handle_text(text)
+                elif isinstance(event, BytesMessage):
+                    if event.message_finished and not self._closing:
+                        await handler.handle_binary()
+                elif isinstance(event, Ping):
+                    if ws.state is ConnectionState.OPEN:
+                        self._write(ws.send(event.response()), force=True)
+                elif isinstance(event, CloseConnection):
+                    if ws.state is ConnectionState.OPEN:
+                        # wsproto found a protocol error (1002, 1007, 1009):
+                        # it is ours to send the close.
+                        self.close(event.code, event.reason or "")
+                        return
+                    if ws.state is ConnectionState.REMOTE_CLOSING:
+                        self.close_code = self.close_code or event.code
+                        self._closing = True
+                        self._write(ws.send(event.response()), force=True)
+                    return
+                elif isinstance(event, Pong):
+                    pass
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._out:
+                self._drained.set()
+                self._wake = trio.Event()
+                await self._wake.wait()
+            self._drained = trio.Event()
+            chunks = list(islice(self._out, WRITEV_MAX))
+            try:
+                sent = os.writev(self._fd, chunks)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                if exc.errno == errno.EINTR:  # pragma: no cover
+                    continue
+                self._abort(exc)
+                return
+            self._consume(sent)
+            if self._out:
+                await trio.lowlevel.wait_writable(self._stream.socket)
+
+    def _consume(self, sent: int) -> None:
+        self._out_bytes -= sent
+        out = self._out
+        while sent:
+            head = out[0]
+            if sent >= len(head):
+                sent -= len(head)
+                out.popleft()
+                self._head_started = False
+            else:
+                out[0] = memoryview(head)[sent:]
+                self._head_started = True
+                sent = 0
+
+    async def _flushed(self) -> None:
+        if self._out:
+            await self._drained.wait()
+
+    async def _heartbeat(self) -> None:
+        last_ping = trio.current_time()
+        while True:
+            next_ping = last_ping + self._ping_interval
+            deadline = self.last_seen + self._idle_timeout
+            await trio.sleep_until(min(next_ping, deadline))
+            now = trio.current_time()
+            if now >= self.last_seen + self._idle_timeout:
+                log.info("WS_IDLE: UserID=%d: no sign of life, dropping", self.identity.user_id)
+                self._abort()
+                return
+            if now >= next_ping:
+                last_ping = now
+                if self._ws.state is ConnectionState.OPEN and not self._closing:
+                    self._write(self._ws.send(Ping(b"chatd")), force=True)
