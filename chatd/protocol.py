@@ -132,6 +132,7 @@ class ClientFrame(msgspec.Struct, frozen=True):
 _envelope_decoder = msgspec.json.Decoder(_Envelope)
 _data_decoders = {name: msgspec.json.Decoder(kind) for name, kind in CLIENT_TYPES.items()}
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
+_MISSING = re.compile(r"Object missing required field `([^`]*)`")
 
 
 def peek_request_id(raw: bytes | str) -> str | int | None:
@@ -176,8 +177,11 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: Any, prefix: str) -> Any:
         text = str(exc)
         match = _AT.search(text)
         field = match.group(1) if match else ""
-        field = ".".join(p for p in (prefix, field) if p)
         message = text[: match.start()] if match else text
+        missing = _MISSING.match(message)
+        if missing:
+            field = ".".join(p for p in (field, missing.group(1)) if p)
+        field = ".".join(p for p in (prefix, field) if p)
         raise invalid_format(message, field or None) from None
     except msgspec.DecodeError as exc:
         raise invalid_format(f"Malformed JSON: {exc}") from None

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from functools import partial
 from urllib.parse import parse_qs, urlsplit
 
@@ -50,8 +51,11 @@ _ANONYMOUS = Identity(0, "", None)
 class ChatServer:
     """One chatd node."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, wall: Callable[[], float] = time.time) -> None:
+        """``wall`` is the clock of timestamps and token expiry (tests pass
+        their own to move time forward)."""
         self.config = config
+        self._wall = wall
         self.handshake_timeout = config.server.handshake_timeout_seconds
         self.port = 0
         self.connections: set[WebSocketConnection] = set()
@@ -113,7 +117,7 @@ class ChatServer:
         limits = self.config.limits
         rates = [(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)]
         hub = Hub(lambda now: Limiter(rates, now))
-        return Context(self.config, hub, store, self._verifier, time.time, trio.current_time)
+        return Context(self.config, hub, store, self._verifier, self._wall, trio.current_time)
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:
         await serve_connection(stream, self)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
+from http import HTTPStatus
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -128,7 +129,8 @@ async def _respond(
         ("server", "chatd"),
         *response.headers,
     ]
-    data = conn.send(h11.Response(status_code=response.status, headers=headers)) or b""
+    head = h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
+    data = conn.send(head) or b""
     if request.method != b"HEAD":
         data += conn.send(h11.Data(data=response.body)) or b""
     data += conn.send(h11.EndOfMessage()) or b""
@@ -143,6 +145,7 @@ async def _send_error(stream: trio.SocketStream, conn: h11.Connection, status: i
         data = conn.send(
             h11.Response(
                 status_code=status,
+                reason=_reason(status),
                 headers=[
                     ("content-type", "application/json"),
                     ("content-length", str(len(body))),
@@ -156,3 +159,10 @@ async def _send_error(stream: trio.SocketStream, conn: h11.Connection, status: i
             await stream.send_all(data)
     except (h11.LocalProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
