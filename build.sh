@@ -3,6 +3,7 @@
 #
 #   ./build.sh          build chatd.pyz, the shiv zipapp (pinned, reproducible)
 #   ./build.sh test     install the test dependencies into .venv, run pytest
+#   ./build.sh lint     ruff and mypy --strict over chatd/ (CI runs it too)
 #
 # Extra arguments after `test` go to pytest (./build.sh test -k history).
 set -euo pipefail
@@ -21,7 +22,7 @@ venv() {
     want=$(cat requirements*.txt | sha256sum | cut -d' ' -f1)
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-            -r requirements-test.txt -r requirements-build.txt
+            -r requirements-test.txt -r requirements-build.txt -r requirements-lint.txt
         echo "$want" > "$stamp"
     fi
 }
@@ -51,8 +52,14 @@ case "${1:-build}" in
         venv
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
+    lint)
+        venv
+        "$VENV/bin/ruff" check chatd
+        "$VENV/bin/ruff" format --check chatd
+        "$VENV/bin/mypy" chatd
+        ;;
     *)
-        echo "usage: ./build.sh [build|test [pytest args]]" >&2
+        echo "usage: ./build.sh [build|test [pytest args]|lint]" >&2
         exit 2
         ;;
 esac

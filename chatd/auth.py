@@ -56,7 +56,7 @@ class Verifier:
             required.append("iss")
         if self._audience:
             required.append("aud")
-        self._options: dict[str, Any] = {"require": required, "verify_aud": bool(self._audience)}
+        self._options: Any = {"require": required, "verify_aud": bool(self._audience)}
 
     def verify(self, token: str | None) -> Identity:
         """The identity in ``token``; raise ``ChatError(AUTH_FAILED)``."""

@@ -27,7 +27,7 @@ log = logging.getLogger("chatd")
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``chatd`` and of the zipapp."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
+    if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help", "--version")):
         args.insert(0, "serve")
     parser = _parser()
     ns = parser.parse_args(args)
@@ -55,9 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(serve)
     serve.set_defaults(func=_serve)
 
-    token = commands.add_parser(
-        "token", help="print a token signed with the config's jwt_secret"
-    )
+    token = commands.add_parser("token", help="print a token signed with the config's jwt_secret")
     _config_arg(token)
     token.add_argument("--user-id", type=_user_id, required=True, help="the user's integer id")
     token.add_argument("--username", required=True, help="the user's display name")

@@ -39,7 +39,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class ServerConfig(_Section):
+class ServerConfig(_Section, frozen=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8080
     #: Whole HTTP request / WebSocket upgrade must arrive within this.
@@ -56,7 +56,7 @@ class ServerConfig(_Section):
     shutdown_timeout_seconds: Seconds = 5.0
 
 
-class AuthConfig(_Section):
+class AuthConfig(_Section, frozen=True):
     jwt_secret: str = ""
     algorithms: tuple[str, ...] = ("HS256",)
     public_key_file: str = ""
@@ -67,19 +67,19 @@ class AuthConfig(_Section):
     audience: str = ""
 
 
-class StorageConfig(_Section):
+class StorageConfig(_Section, frozen=True):
     sqlite_path: str = "data/chatd.db"
     #: SQLite ``synchronous``: "normal" survives a killed process; "full" also
     #: survives power loss, at a cost in commit throughput.
     synchronous: Literal["normal", "full"] = "normal"
 
 
-class RoomsConfig(_Section):
+class RoomsConfig(_Section, frozen=True):
     public: tuple[RoomName, ...] = ("general", "random")
     private: dict[RoomName, tuple[UserId, ...]] = msgspec.field(default_factory=dict)
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(_Section, frozen=True):
     messages_per_minute: PositiveInt = 10
     messages_per_hour: PositiveInt = 100
     max_content_length: Annotated[int, Meta(ge=1, le=1_000_000)] = 4000
@@ -89,11 +89,11 @@ class LimitsConfig(_Section):
     invalid_frames_per_minute: PositiveInt = 30
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
@@ -145,7 +145,8 @@ def _check_private_rooms(doc: dict[str, object], source: str) -> None:
     for name, members in private.items():
         if not re.fullmatch(ROOM_NAME_PATTERN, name) or len(name) > 64:
             raise ConfigError(
-                f"{source}: [rooms.private] {name!r}: a room name is 1 to 64 letters, digits or ._:@-"
+                f"{source}: [rooms.private] {name!r}: "
+                "a room name is 1 to 64 letters, digits or ._:@-"
             )
         if not isinstance(members, list) or not all(
             type(m) is int and 1 <= m < 2**63 for m in members
@@ -189,18 +190,14 @@ def _check(config: Config) -> Config:
     if unknown:
         raise ConfigError(f"{src}: [auth] algorithms: unsupported {sorted(unknown)}")
     if algorithms & HMAC_ALGORITHMS and algorithms & KEY_ALGORITHMS:
-        raise ConfigError(
-            f"{src}: [auth] algorithms: do not mix HS* with public-key algorithms"
-        )
+        raise ConfigError(f"{src}: [auth] algorithms: do not mix HS* with public-key algorithms")
     public_key = ""
     if algorithms & HMAC_ALGORITHMS:
         if not auth.jwt_secret:
             raise ConfigError(f"{src}: [auth] jwt_secret: required for {sorted(algorithms)}")
     else:
         if not auth.public_key_file:
-            raise ConfigError(
-                f"{src}: [auth] public_key_file: required for {sorted(algorithms)}"
-            )
+            raise ConfigError(f"{src}: [auth] public_key_file: required for {sorted(algorithms)}")
         try:
             public_key = Path(auth.public_key_file).read_text("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -210,9 +207,7 @@ def _check(config: Config) -> Config:
             ) from None
     both = set(config.rooms.public) & set(config.rooms.private)
     if both:
-        raise ConfigError(
-            f"{src}: [rooms] public: {sorted(both)} also declared in [rooms.private]"
-        )
+        raise ConfigError(f"{src}: [rooms] public: {sorted(both)} also declared in [rooms.private]")
     if len(set(config.rooms.public)) != len(config.rooms.public):
         raise ConfigError(f"{src}: [rooms] public: a room is listed twice")
     if config.server.idle_timeout_seconds <= config.server.ping_interval_seconds:

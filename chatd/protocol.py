@@ -42,16 +42,16 @@ class _Data(msgspec.Struct, frozen=True, kw_only=True):
     pass
 
 
-class JoinRoom(_Data, kw_only=True):
+class JoinRoom(_Data, frozen=True, kw_only=True):
     room: RoomName
     since_id: NonNegative | None = None
 
 
-class LeaveRoom(_Data, kw_only=True):
+class LeaveRoom(_Data, frozen=True, kw_only=True):
     room: RoomName
 
 
-class _Content(_Data, kw_only=True):
+class _Content(_Data, frozen=True, kw_only=True):
     content: str = ""
     message_type: MessageType = "text"
     media_url: Annotated[str, Meta(max_length=2048)] | None = None
@@ -60,31 +60,31 @@ class _Content(_Data, kw_only=True):
     reply_to: Id | None = None
 
 
-class RoomMessage(_Content, kw_only=True):
+class RoomMessage(_Content, frozen=True, kw_only=True):
     room: RoomName
 
 
-class DirectMessage(_Content, kw_only=True):
+class DirectMessage(_Content, frozen=True, kw_only=True):
     to_user_id: Id
 
 
-class RoomHistory(_Data, kw_only=True):
+class RoomHistory(_Data, frozen=True, kw_only=True):
     room: RoomName
     limit: int = HISTORY_DEFAULT_LIMIT
     offset: NonNegative = 0
 
 
-class DmHistory(_Data, kw_only=True):
+class DmHistory(_Data, frozen=True, kw_only=True):
     with_user: Id
     limit: int = HISTORY_DEFAULT_LIMIT
     offset: NonNegative = 0
 
 
-class Ping(_Data, kw_only=True):
+class Ping(_Data, frozen=True, kw_only=True):
     pass
 
 
-class Auth(_Data, kw_only=True):
+class Auth(_Data, frozen=True, kw_only=True):
     token: Annotated[str, Meta(min_length=1, max_length=16384)]
 
 
@@ -98,12 +98,19 @@ class BatchEntry(_Envelope, frozen=True):
     pass
 
 
-class MessageBatch(_Data, kw_only=True):
+class MessageBatch(_Data, frozen=True, kw_only=True):
     messages: Annotated[list[BatchEntry], Meta(max_length=MAX_BATCH)]
 
 
 ClientData = (
-    JoinRoom | LeaveRoom | RoomMessage | DirectMessage | RoomHistory | DmHistory | Ping | Auth
+    JoinRoom
+    | LeaveRoom
+    | RoomMessage
+    | DirectMessage
+    | RoomHistory
+    | DmHistory
+    | Ping
+    | Auth
     | MessageBatch
 )
 

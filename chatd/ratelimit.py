@@ -16,7 +16,7 @@ from collections.abc import Sequence
 class TokenBucket:
     """``capacity`` tokens, refilled at ``capacity / period`` per second."""
 
-    __slots__ = ("capacity", "rate", "_tokens", "_stamp")
+    __slots__ = ("_stamp", "_tokens", "capacity", "rate")
 
     def __init__(self, capacity: int, period: float, now: float) -> None:
         if capacity < 1 or period <= 0:

@@ -24,6 +24,7 @@ import msgspec
 import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
+from wsproto.extensions import Extension
 from wsproto.utilities import RemoteProtocolError
 
 from chatd import __version__
@@ -67,9 +68,13 @@ class ChatServer:
         """Begin a graceful shutdown (idempotent)."""
         self._stop.set()
 
-    async def run(self, *, task_status: trio.TaskStatus[ChatServer] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[ChatServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         config = self.config
-        async with open_sqlite_store(config.storage.sqlite_path, config.storage.synchronous) as store:
+        async with open_sqlite_store(
+            config.storage.sqlite_path, config.storage.synchronous
+        ) as store:
             await store.write(partial(_declare_rooms, config=config))
             self._ctx = self._context(store)
             listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
@@ -94,7 +99,10 @@ class ChatServer:
                         WS_PATH,
                         config.storage.sqlite_path,
                     )
-                    if config.auth.jwt_secret and len(config.auth.jwt_secret.encode()) < MIN_SECRET_BYTES:
+                    if (
+                        config.auth.jwt_secret
+                        and len(config.auth.jwt_secret.encode()) < MIN_SECRET_BYTES
+                    ):
                         log.warning(
                             "[auth] jwt_secret is shorter than %d bytes: use a long random secret",
                             MIN_SECRET_BYTES,
@@ -128,7 +136,9 @@ class ChatServer:
         path = urlsplit(request.target.decode("latin-1")).path
         if path == "/healthz":
             if request.method not in (b"GET", b"HEAD"):
-                return Response(405, b'{"error":"method not allowed"}', headers=[("allow", "GET, HEAD")])
+                return Response(
+                    405, b'{"error":"method not allowed"}', headers=[("allow", "GET, HEAD")]
+                )
             body = msgspec.json.encode(
                 {"status": "ok", "version": __version__, "connections": len(self.connections)}
             )
@@ -148,14 +158,14 @@ class ChatServer:
             await _reject(stream, 404)
             return
         try:
-            ws.initiate_upgrade_connection(request.headers, request.target)
+            ws.initiate_upgrade_connection(list(request.headers), request.target)
             upgrade = next(ws.events())
         except (RemoteProtocolError, StopIteration):
             await _reject(stream, 400)
             return
         assert isinstance(upgrade, Request)
         limits = self.config.limits
-        extensions: list = [SizeGuard(limits.max_frame_bytes)]
+        extensions: list[Extension] = [SizeGuard(limits.max_frame_bytes)]
         deflate = BoundedDeflate(limits.max_frame_bytes) if self.config.server.compression else None
         if deflate is not None:
             extensions.insert(0, deflate)
@@ -165,7 +175,7 @@ class ChatServer:
         if trailing:
             ws.receive_data(trailing)
 
-        token = _token(target.query, request.headers)
+        token = _token(target.query, list(request.headers))
         try:
             identity = self._verifier.verify(token)
         except ChatError as err:

@@ -33,7 +33,7 @@ from chatd.config import Config
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub, message_out
 from chatd.ratelimit import TokenBucket
-from chatd.store import NewMessage, StoredMessage, Store
+from chatd.store import NewMessage, Store, StoredMessage
 from chatd.transport.frames import OutFrame
 
 log = logging.getLogger("chatd")
@@ -116,7 +116,9 @@ class Session:
         """Run the handler of one decoded frame, reporting its failure."""
         if log.isEnabledFor(logging.DEBUG):
             room = getattr(frame.data, "room", "")
-            log.debug("WS_MESSAGE: Type=%s, UserID=%d, Room=%s", frame.type, self.identity.user_id, room)
+            log.debug(
+                "WS_MESSAGE: Type=%s, UserID=%d, Room=%s", frame.type, self.identity.user_id, room
+            )
         try:
             await self._handlers[frame.type](frame)
         except ChatError as err:
@@ -169,7 +171,9 @@ class Session:
             raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": data.room})
         if access.private and not access.is_member:
             raise ChatError(
-                ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": data.room}
+                ErrorCode.PERMISSION_DENIED,
+                "Not a member of this private room",
+                {"room": data.room},
             )
         if self._closed:
             return
@@ -193,7 +197,9 @@ class Session:
         self._check_token()
         if not self.ctx.hub.is_in(self.peer, data.room):
             raise ChatError(
-                ErrorCode.PERMISSION_DENIED, "Join the room before sending to it", {"room": data.room}
+                ErrorCode.PERMISSION_DENIED,
+                "Join the room before sending to it",
+                {"room": data.room},
             )
         self._validate_content(data)
         self._rate_limit()
@@ -235,7 +241,9 @@ class Session:
             raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": data.room})
         if access.private and not access.is_member:
             raise ChatError(
-                ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": data.room}
+                ErrorCode.PERMISSION_DENIED,
+                "Not a member of this private room",
+                {"room": data.room},
             )
         await self._read_own_writes()
         limit = p.clamp_limit(data.limit)
@@ -273,9 +281,7 @@ class Session:
         now = self.ctx.monotonic()
         wait = self.ctx.hub.limiter(self.identity.user_id, now).take(now)
         if wait > 0:
-            raise ChatError(
-                ErrorCode.RATE_LIMITED, "Too many messages", {"retry_after": int(wait)}
-            )
+            raise ChatError(ErrorCode.RATE_LIMITED, "Too many messages", {"retry_after": int(wait)})
 
     def _validate_content(self, data: p.RoomMessage) -> None:
         validate_content(data, self.ctx.config.limits.max_content_length)

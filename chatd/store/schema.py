@@ -63,11 +63,11 @@ def dm_channel(a: int, b: int) -> str:
     return f"d:{low}:{high}"
 
 
-def connect(path: str, *, synchronous: str = "normal", readonly: bool = False) -> sqlite3.Connection:
+def connect(
+    path: str, *, synchronous: str = "normal", readonly: bool = False
+) -> sqlite3.Connection:
     """A connection with chatd's pragmas; autocommit, transactions explicit."""
-    conn = sqlite3.connect(
-        path, isolation_level=None, check_same_thread=False, timeout=30.0
-    )
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA busy_timeout = 30000")
     conn.execute("PRAGMA foreign_keys = ON")
     if readonly:

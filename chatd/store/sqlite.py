@@ -54,7 +54,7 @@ _MESSAGE_COLUMNS = (
 class _Pending:
     """One queued operation and what to do with its result."""
 
-    __slots__ = ("op", "callback")
+    __slots__ = ("callback", "op")
 
     def __init__(self, op: Operation, callback: Callable[[Any], None]) -> None:
         self.op = op
@@ -90,7 +90,9 @@ class SqliteStore:
     async def _start(self) -> None:
         await trio.to_thread.run_sync(self._open)
         self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(target=self._run_writer, name="chatd-sqlite-writer", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run_writer, name="chatd-sqlite-writer", daemon=True
+        )
         self._thread.start()
 
     async def _stop(self) -> None:
@@ -140,7 +142,7 @@ class SqliteStore:
 
     def _finish(self, group: list[_Pending], results: list[Any]) -> None:
         """On the Trio thread: callbacks in commit order."""
-        for pending, result in zip(group, results):
+        for pending, result in zip(group, results, strict=True):
             self._space.release()
             try:
                 pending.callback(result)
@@ -266,9 +268,12 @@ def insert_message(conn: sqlite3.Connection, message: NewMessage) -> StoredMessa
     else:
         assert message.to_user_id is not None
         channel = dm_channel(message.user_id, message.to_user_id)
-    if message.reply_to is not None and not conn.execute(
-        "SELECT 1 FROM messages WHERE id = ? AND channel = ?", (message.reply_to, channel)
-    ).fetchone():
+    if (
+        message.reply_to is not None
+        and not conn.execute(
+            "SELECT 1 FROM messages WHERE id = ? AND channel = ?", (message.reply_to, channel)
+        ).fetchone()
+    ):
         return invalid_format(
             "reply_to must name a message of the same room or conversation", "data.reply_to"
         )
@@ -300,7 +305,9 @@ def insert_message(conn: sqlite3.Connection, message: NewMessage) -> StoredMessa
     return StoredMessage(cursor.lastrowid, message)
 
 
-def upsert_user(conn: sqlite3.Connection, user_id: int, username: str, now: float | None = None) -> None:
+def upsert_user(
+    conn: sqlite3.Connection, user_id: int, username: str, now: float | None = None
+) -> None:
     conn.execute(
         "INSERT INTO users (id, username, created_at) VALUES (?, ?, ?)"
         " ON CONFLICT (id) DO UPDATE SET username = excluded.username"
@@ -310,7 +317,11 @@ def upsert_user(conn: sqlite3.Connection, user_id: int, username: str, now: floa
 
 
 def ensure_room(
-    conn: sqlite3.Connection, name: str, private: bool, members: tuple[int, ...] = (), now: float | None = None
+    conn: sqlite3.Connection,
+    name: str,
+    private: bool,
+    members: tuple[int, ...] = (),
+    now: float | None = None,
 ) -> None:
     """Create the room if missing (or set its privacy) and add members."""
     conn.execute(
@@ -354,8 +365,20 @@ def history(
 
 
 def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
-    (id_, channel, user_id, username, to_user_id, message_type, content,
-     media_url, media_type, duration, reply_to, created_at) = row
+    (
+        id_,
+        channel,
+        user_id,
+        username,
+        to_user_id,
+        message_type,
+        content,
+        media_url,
+        media_type,
+        duration,
+        reply_to,
+        created_at,
+    ) = row
     room = channel[2:] if channel.startswith("r:") else None
     return StoredMessage(
         id_,

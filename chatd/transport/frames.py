@@ -45,7 +45,7 @@ def deflate(payload: bytes, window_bits: int = 15) -> bytes:
 class OutFrame:
     """One outgoing text message, framed on demand and cached."""
 
-    __slots__ = ("payload", "_plain", "_deflated")
+    __slots__ = ("_deflated", "_plain", "payload")
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload

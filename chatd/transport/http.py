@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable
-from http import HTTPStatus
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Protocol
 
 import h11
@@ -129,7 +129,9 @@ async def _respond(
         ("server", "chatd"),
         *response.headers,
     ]
-    head = h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
+    head = h11.Response(
+        status_code=response.status, headers=headers, reason=_reason(response.status)
+    )
     data = conn.send(head) or b""
     if request.method != b"HEAD":
         data += conn.send(h11.Data(data=response.body)) or b""
@@ -142,17 +144,20 @@ async def _send_error(stream: trio.SocketStream, conn: h11.Connection, status: i
         return
     body = b'{"error":"bad request"}'
     try:
-        data = conn.send(
-            h11.Response(
-                status_code=status,
-                reason=_reason(status),
-                headers=[
-                    ("content-type", "application/json"),
-                    ("content-length", str(len(body))),
-                    ("connection", "close"),
-                ],
+        data = (
+            conn.send(
+                h11.Response(
+                    status_code=status,
+                    reason=_reason(status),
+                    headers=[
+                        ("content-type", "application/json"),
+                        ("content-length", str(len(body))),
+                        ("connection", "close"),
+                    ],
+                )
             )
-        ) or b""
+            or b""
+        )
         data += conn.send(h11.Data(data=body)) or b""
         data += conn.send(h11.EndOfMessage()) or b""
         with trio.move_on_after(1.0):

@@ -34,7 +34,8 @@ from itertools import islice
 from typing import Protocol
 
 import trio
-from wsproto import ConnectionState, WSConnection
+from wsproto import WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from chatd.auth import Identity
@@ -134,7 +135,9 @@ class WebSocketConnection:
 
     def _too_slow(self) -> None:
         log.warning(
-            "WS_SLOW: UserID=%d, Buffered=%d bytes: closing 1013", self.identity.user_id, self._out_bytes
+            "WS_SLOW: UserID=%d, Buffered=%d bytes: closing 1013",
+            self.identity.user_id,
+            self._out_bytes,
         )
         keep = self._out[0] if self._head_started and self._out else None
         self._out.clear()
