@@ -5,7 +5,7 @@ the typed structs below (unknown keys are refused, so a typo is caught at
 start), then checks what types alone cannot say. Every problem becomes one
 ``ConfigError`` line that names the file and the key, e.g.::
 
-    chatd.toml: [limits] messages_per_minute: Expected `int` >= 1, got `str`
+    chatd.toml: [limits] messages_per_minute: Expected `int`, got `str`
 
 Every setting has a default; ``chatd.toml.example`` documents each one.
 Relative paths are taken from the working directory.
@@ -23,7 +23,8 @@ from msgspec import Meta
 
 from chatd.errors import ConfigError
 
-ROOM_NAME_PATTERN = r"^[\w.:@-]+$"
+#: ``\Z``, not ``$``: msgspec searches, and ``$`` would let "general\n" through.
+ROOM_NAME_PATTERN = r"^[\w.:@-]+\Z"
 RoomName = Annotated[str, Meta(min_length=1, max_length=64, pattern=ROOM_NAME_PATTERN)]
 UserId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 Seconds = Annotated[float, Meta(gt=0, le=86400)]
@@ -173,7 +174,7 @@ def _describe(message: str) -> str:
 def _key(path: str) -> str:
     parts = path.split(".")
     if len(parts) == 1:
-        return parts[0]
+        return f"[{parts[0]}]"
     if parts[0] == "rooms" and parts[1].startswith("private") and len(parts) > 2:
         return f"[rooms.private] {'.'.join(parts[2:])}"
     return f"[{parts[0]}] {'.'.join(parts[1:])}"

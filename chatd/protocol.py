@@ -146,7 +146,7 @@ def peek_request_id(raw: bytes | str) -> str | int | None:
     """The ``request_id`` of a frame that failed to decode, when it can be had."""
     try:
         value = msgspec.json.decode(raw, type=dict[str, Any]).get("request_id")
-    except (msgspec.MsgspecError, RecursionError):
+    except (msgspec.MsgspecError, RecursionError, UnicodeError):
         return None
     if isinstance(value, str) and len(value) <= 64:
         return value
@@ -194,6 +194,8 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: Any, prefix: str) -> Any:
         raise invalid_format(f"Malformed JSON: {exc}") from None
     except RecursionError:
         raise invalid_format("JSON nested too deeply") from None
+    except UnicodeError:
+        raise invalid_format("Strings must be valid UTF-8") from None
 
 
 def clamp_limit(limit: int) -> int:

@@ -43,17 +43,30 @@ class SizeGuard(Extension):
 
 
 class BoundedDeflate(PerMessageDeflate):
-    """permessage-deflate that never inflates a message past ``max_bytes``."""
+    """permessage-deflate that never inflates a message past ``max_bytes``.
+
+    It also lets a control frame (a ping) come between the fragments of a
+    compressed message, as RFC 6455 5.4 allows: wsproto's own extension
+    forgets, at the ping, that the message is compressed."""
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(server_no_context_takeover=True)
         self.max_bytes = max_bytes
         self._inflated = 0
+        self._control = False
+
+    def frame_inbound_header(
+        self, proto: FrameDecoder | FrameProtocol, opcode: Opcode, rsv: RsvBits, payload_length: int
+    ) -> CloseReason | RsvBits:
+        self._control = opcode.iscontrol()
+        if self._control:  # leave the data message's state alone; RSV1 stays illegal
+            return RsvBits(False, False, False)
+        return super().frame_inbound_header(proto, opcode, rsv, payload_length)
 
     def frame_inbound_payload_data(
         self, proto: FrameDecoder | FrameProtocol, data: bytes
     ) -> bytes | CloseReason:
-        if not self._inbound_compressed or not self._inbound_is_compressible:
+        if self._control or not self._inbound_compressed or not self._inbound_is_compressible:
             return data
         assert self._decompressor is not None
         allowed = self.max_bytes - self._inflated + 1
@@ -69,6 +82,8 @@ class BoundedDeflate(PerMessageDeflate):
     def frame_inbound_complete(
         self, proto: FrameDecoder | FrameProtocol, fin: bool
     ) -> bytes | CloseReason | None:
+        if self._control:
+            return None
         result = super().frame_inbound_complete(proto, fin)
         if isinstance(result, bytes):
             self._inflated += len(result)

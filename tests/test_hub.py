@@ -1,0 +1,391 @@
+"""chatd.hub.Hub: rooms, presence, fan-out and per-user limiters.
+
+The hub is pure logic, so it is driven with fake peers that record the frames
+handed to them (the only stand-in in these tests).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from chatd.auth import Identity
+from chatd.hub import Hub
+from chatd.protocol import Member
+from chatd.ratelimit import Limiter
+from chatd.store import NewMessage, StoredMessage
+from chatd.transport.frames import OutFrame
+
+NOW = 1_700_000_000.0
+
+
+class FakePeer:
+    """A connection as the hub sees it; keeps every frame it is sent."""
+
+    def __init__(self, user_id: int, username: str | None = None) -> None:
+        self.identity = Identity(user_id, username or f"u{user_id}", None)
+        self.frames: list[OutFrame] = []
+
+    def send(self, frame: OutFrame) -> None:
+        self.frames.append(frame)
+
+    @property
+    def received(self) -> list[dict[str, Any]]:
+        return [json.loads(f.payload) for f in self.frames]
+
+    def types(self) -> list[str]:
+        return [m["type"] for m in self.received]
+
+    def clear(self) -> None:
+        self.frames.clear()
+
+
+class Factory:
+    """Counts the limiters the hub asks for."""
+
+    def __init__(self) -> None:
+        self.made: list[Limiter] = []
+
+    def __call__(self, now: float) -> Limiter:
+        limiter = Limiter([(10, 60.0), (100, 3600.0)], now)
+        self.made.append(limiter)
+        return limiter
+
+
+@pytest.fixture
+def factory() -> Factory:
+    return Factory()
+
+
+@pytest.fixture
+def hub(factory: Factory) -> Hub:
+    return Hub(factory)
+
+
+def connect(hub: Hub, user_id: int, username: str | None = None) -> FakePeer:
+    peer = FakePeer(user_id, username)
+    hub.connect(peer)
+    return peer
+
+
+def stored(
+    room: str = "general", user_id: int = 1, msg_id: int = 10, content: str = "hi"
+) -> StoredMessage:
+    return StoredMessage(
+        msg_id,
+        NewMessage(
+            user_id=user_id,
+            username=f"u{user_id}",
+            content=content,
+            message_type="text",
+            created_at="2023-11-20T10:30:00.000Z",
+            room=room,
+        ),
+    )
+
+
+# --- join / members ----------------------------------------------------------------
+
+
+def test_join_returns_online_members(hub: Hub) -> None:
+    alice = connect(hub, 1, "alice")
+    assert hub.join(alice, "general", NOW) == [Member(1, "alice")]
+    bob = connect(hub, 2, "bob")
+    members = hub.join(bob, "general", NOW)
+    assert sorted((m.user_id, m.username) for m in members) == [(1, "alice"), (2, "bob")]
+    assert hub.is_in(alice, "general") and hub.is_in(bob, "general")
+    assert not hub.is_in(alice, "random")
+
+
+def test_members_are_per_room(hub: Hub) -> None:
+    alice, bob = connect(hub, 1), connect(hub, 2)
+    hub.join(alice, "general", NOW)
+    assert hub.join(bob, "random", NOW) == [Member(2, "u2")]
+
+
+def test_two_connections_of_one_user_are_one_member(hub: Hub) -> None:
+    tab1, tab2 = connect(hub, 1, "alice"), connect(hub, 1, "alice")
+    hub.join(tab1, "general", NOW)
+    assert hub.join(tab2, "general", NOW) == [Member(1, "alice")]
+
+
+def test_join_twice_is_harmless(hub: Hub) -> None:
+    alice, bob = connect(hub, 1), connect(hub, 2)
+    hub.join(bob, "general", NOW)
+    hub.join(alice, "general", NOW)
+    hub.join(alice, "general", NOW)
+    assert bob.types() == ["user_connected"]
+    assert hub.leave(alice, "general", NOW) is True
+    assert bob.types() == ["user_connected", "user_disconnected"]
+
+
+# --- presence ---------------------------------------------------------------------
+
+
+def test_presence_frame_shape(hub: Hub) -> None:
+    bob = connect(hub, 2)
+    hub.join(bob, "general", NOW)
+    alice = connect(hub, 1, "alice")
+    hub.join(alice, "general", 0.0)
+    assert bob.received == [
+        {
+            "type": "user_connected",
+            "data": {"user_id": 1, "username": "alice", "room": "general"},
+            "timestamp": "1970-01-01T00:00:00.000Z",
+            "user_id": 1,
+        }
+    ]
+
+
+def test_user_connected_only_on_first_connection(hub: Hub) -> None:
+    bob = connect(hub, 2)
+    hub.join(bob, "general", NOW)
+    tab1, tab2 = connect(hub, 1), connect(hub, 1)
+    hub.join(tab1, "general", NOW)
+    hub.join(tab2, "general", NOW)
+    assert bob.types() == ["user_connected"]
+
+
+def test_user_disconnected_only_on_last_connection(hub: Hub) -> None:
+    bob = connect(hub, 2)
+    hub.join(bob, "general", NOW)
+    tab1, tab2 = connect(hub, 1), connect(hub, 1)
+    hub.join(tab1, "general", NOW)
+    hub.join(tab2, "general", NOW)
+    bob.clear()
+    assert hub.leave(tab1, "general", NOW) is True
+    assert bob.frames == []
+    assert sorted(m.user_id for m in hub.join(bob, "general", NOW)) == [1, 2]
+    hub.disconnect(tab2, NOW)
+    assert bob.types() == ["user_disconnected"]
+    assert bob.received[0]["data"] == {"user_id": 1, "username": "u1", "room": "general"}
+    assert bob.received[0]["user_id"] == 1
+
+
+def test_user_never_gets_its_own_presence(hub: Hub) -> None:
+    tab1, tab2 = connect(hub, 1), connect(hub, 1)
+    hub.join(tab1, "general", NOW)
+    hub.join(tab2, "general", NOW)
+    bob = connect(hub, 2)
+    hub.join(bob, "general", NOW)
+    hub.leave(tab1, "general", NOW)
+    hub.disconnect(tab2, NOW)
+    assert tab1.types() == ["user_connected"]  # bob's, not its own
+    assert tab2.types() == ["user_connected"]
+    assert all(m["data"]["user_id"] == 2 for m in tab1.received + tab2.received)
+
+
+def test_presence_only_to_that_room(hub: Hub) -> None:
+    in_general, in_random = connect(hub, 2), connect(hub, 3)
+    hub.join(in_general, "general", NOW)
+    hub.join(in_random, "random", NOW)
+    alice = connect(hub, 1)
+    hub.join(alice, "general", NOW)
+    assert in_general.types() == ["user_connected"]
+    assert in_random.frames == []
+
+
+def test_presence_is_one_shared_frame(hub: Hub) -> None:
+    others = [connect(hub, uid) for uid in (2, 3, 4)]
+    for peer in others:
+        hub.join(peer, "general", NOW)
+    for peer in others:
+        peer.clear()
+    hub.join(connect(hub, 1), "general", NOW)
+    assert others[0].frames[0] is others[1].frames[0] is others[2].frames[0]
+
+
+# --- leave / disconnect -------------------------------------------------------------
+
+
+def test_leave_when_not_in_room(hub: Hub) -> None:
+    alice, bob = connect(hub, 1), connect(hub, 2)
+    assert hub.leave(alice, "general", NOW) is False  # room has no one
+    hub.join(bob, "general", NOW)
+    bob.clear()
+    assert hub.leave(alice, "general", NOW) is False  # room exists, alice not in it
+    assert bob.frames == []
+    hub.join(alice, "general", NOW)
+    assert hub.leave(alice, "general", NOW) is True
+    assert hub.leave(alice, "general", NOW) is False
+    assert not hub.is_in(alice, "general")
+
+
+def test_disconnect_leaves_all_rooms(hub: Hub) -> None:
+    alice, bob, carol = connect(hub, 1), connect(hub, 2), connect(hub, 3)
+    hub.join(bob, "general", NOW)
+    hub.join(carol, "random", NOW)
+    for room in ("general", "random", "staff"):
+        hub.join(alice, room, NOW)
+    bob.clear()
+    carol.clear()
+    hub.disconnect(alice, NOW)
+    assert bob.types() == ["user_disconnected"]
+    assert carol.types() == ["user_disconnected"]
+    assert carol.received[0]["data"]["room"] == "random"
+    for room in ("general", "random", "staff"):
+        assert not hub.is_in(alice, room)
+    assert hub.join(bob, "general", NOW) == [Member(2, "u2")]
+    # A room whose last peer left starts afresh.
+    dave = connect(hub, 4)
+    assert hub.join(dave, "staff", NOW) == [Member(4, "u4")]
+
+
+def test_disconnect_then_messages_not_delivered(hub: Hub) -> None:
+    alice, bob = connect(hub, 1), connect(hub, 2)
+    hub.join(alice, "general", NOW)
+    hub.join(bob, "general", NOW)
+    hub.disconnect(bob, NOW)
+    alice.clear()
+    bob.clear()
+    hub.deliver_room(stored(), NOW)
+    assert bob.frames == []
+    assert alice.types() == ["room_message"]
+
+
+# --- deliver_room --------------------------------------------------------------------
+
+
+def test_deliver_room_one_shared_frame(hub: Hub) -> None:
+    members = [connect(hub, uid) for uid in (1, 2, 3)]
+    outsider = connect(hub, 4)
+    for peer in members:
+        hub.join(peer, "general", NOW)
+    hub.join(outsider, "random", NOW)
+    for peer in [*members, outsider]:
+        peer.clear()
+    hub.deliver_room(stored(user_id=2), 0.0)
+    assert outsider.frames == []
+    frames = [peer.frames for peer in members]
+    assert all(len(f) == 1 for f in frames)
+    assert frames[0][0] is frames[1][0] is frames[2][0]
+    assert members[0].received[0] == {
+        "type": "room_message",
+        "data": {
+            "id": 10,
+            "room": "general",
+            "user_id": 2,
+            "username": "u2",
+            "content": "hi",
+            "message_type": "text",
+            "created_at": "2023-11-20T10:30:00.000Z",
+        },
+        "timestamp": "1970-01-01T00:00:00.000Z",
+        "user_id": 2,
+    }
+
+
+@pytest.mark.parametrize("request_id", ["req-1", 0, 42])
+def test_deliver_room_origin_gets_own_copy(hub: Hub, request_id: str | int) -> None:
+    origin, tab2, bob = connect(hub, 1), connect(hub, 1), connect(hub, 2)
+    for peer in (origin, tab2, bob):
+        hub.join(peer, "general", NOW)
+    for peer in (origin, tab2, bob):
+        peer.clear()
+    hub.deliver_room(stored(user_id=1), NOW, origin=origin, request_id=request_id)
+    assert len(origin.frames) == len(tab2.frames) == len(bob.frames) == 1
+    assert tab2.frames[0] is bob.frames[0]
+    assert origin.frames[0] is not bob.frames[0]
+    own, shared = origin.received[0], bob.received[0]
+    assert own["request_id"] == request_id
+    assert "request_id" not in shared
+    assert "request_id" not in tab2.received[0]
+    own.pop("request_id")
+    assert own == shared
+
+
+def test_deliver_room_origin_without_request_id_shares_frame(hub: Hub) -> None:
+    origin, bob = connect(hub, 1), connect(hub, 2)
+    hub.join(origin, "general", NOW)
+    hub.join(bob, "general", NOW)
+    origin.clear()
+    bob.clear()
+    hub.deliver_room(stored(user_id=1), NOW, origin=origin, request_id=None)
+    assert origin.frames[0] is bob.frames[0]
+    assert "request_id" not in origin.received[0]
+
+
+def test_deliver_room_origin_gone(hub: Hub) -> None:
+    """The sender disconnected before the commit: others still get it, nothing for it."""
+    origin, bob = connect(hub, 1), connect(hub, 2)
+    hub.join(origin, "general", NOW)
+    hub.join(bob, "general", NOW)
+    hub.disconnect(origin, NOW)
+    origin.clear()
+    bob.clear()
+    hub.deliver_room(stored(user_id=1), NOW, origin=origin, request_id="r")
+    assert origin.frames == []
+    assert bob.types() == ["room_message"]
+
+
+def test_deliver_room_to_empty_room(hub: Hub) -> None:
+    alice = connect(hub, 1)
+    hub.deliver_room(stored(room="nobody-here"), NOW)
+    assert alice.frames == []
+
+
+def test_deliver_room_media_fields(hub: Hub) -> None:
+    alice = connect(hub, 1)
+    hub.join(alice, "general", NOW)
+    alice.clear()
+    msg = StoredMessage(
+        5,
+        NewMessage(
+            user_id=1,
+            username="u1",
+            content="",
+            message_type="audio",
+            created_at="t",
+            room="general",
+            media_url="/a.ogg",
+            duration=2.5,
+            reply_to=4,
+        ),
+    )
+    hub.deliver_room(msg, NOW)
+    data = alice.received[0]["data"]
+    assert data["media_url"] == "/a.ogg"
+    assert data["duration"] == 2.5
+    assert data["reply_to"] == 4
+    assert "media_type" not in data
+
+
+# --- limiters -------------------------------------------------------------------------
+
+
+def test_limiter_shared_across_connections(hub: Hub, factory: Factory) -> None:
+    tab1, tab2 = connect(hub, 1), connect(hub, 1)
+    bob = connect(hub, 2)
+    lim = hub.limiter(1, NOW)
+    assert hub.limiter(1, NOW + 5) is lim
+    assert hub.limiter(2, NOW) is not lim
+    assert len(factory.made) == 2
+    # Spending on one "connection" is felt by the other: one budget per user.
+    for _ in range(10):
+        assert hub.limiter(tab1.identity.user_id, NOW).take(NOW) == 0.0
+    assert hub.limiter(tab2.identity.user_id, NOW).take(NOW) > 0.0
+    assert hub.limiter(bob.identity.user_id, NOW).take(NOW) == 0.0
+
+
+def test_limiter_kept_while_a_connection_remains(hub: Hub, factory: Factory) -> None:
+    tab1, tab2 = connect(hub, 1), connect(hub, 1)
+    lim = hub.limiter(1, NOW)
+    hub.disconnect(tab1, NOW)
+    assert hub.limiter(1, NOW) is lim  # reconnecting a tab cannot reset the budget
+    hub.disconnect(tab2, NOW)
+    fresh = hub.limiter(1, NOW)
+    assert fresh is not lim
+    assert factory.made == [lim, fresh]
+
+
+def test_limiter_dropped_with_last_connection(hub: Hub) -> None:
+    peer = connect(hub, 1)
+    lim = hub.limiter(1, NOW)
+    for _ in range(10):
+        lim.take(NOW)
+    hub.disconnect(peer, NOW)
+    again = connect(hub, 1)
+    assert hub.limiter(again.identity.user_id, NOW) is not lim
+    assert hub.limiter(1, NOW).take(NOW) == 0.0
