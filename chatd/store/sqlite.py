@@ -7,9 +7,9 @@ one transaction and commits once, then hands the results back to Trio with one
 ``run_sync_soon`` call. There each operation's callback runs in commit order,
 before any waiting task wakes, so delivery order is commit order.
 
-If an operation raises, the group is rolled back and every operation of it is
-run again alone, so one bad operation fails only itself. A failed commit fails
-every operation of its group: nothing is acknowledged that is not on disk.
+If an operation raises, or the commit itself fails, the group is rolled back
+and every operation of it is run again alone, in its own transaction, so one
+bad operation fails only itself. Nothing is acknowledged that is not on disk.
 
 Reads run on Trio worker threads, each borrowing one of a few read-only
 connections (WAL lets them read while the writer writes).
@@ -83,7 +83,11 @@ class SqliteStore:
     def _open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = connect(self.path, synchronous=self._synchronous)
-        migrate(conn)
+        try:
+            migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
         self._writer_conn = conn
         self._readers = [connect(self.path, readonly=True) for _ in range(READERS)]
 
