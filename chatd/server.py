@@ -63,6 +63,7 @@ class ChatServer:
         self._stop = trio.Event()
         self._verifier = Verifier(config)
         self._ctx: Context | None = None
+        self._http: dict[trio.SocketStream, trio.CancelScope] = {}
 
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent)."""
@@ -112,6 +113,8 @@ class ChatServer:
                     accepting.cancel_scope.cancel()
                 for listener in listeners:
                     await listener.aclose()
+                for scope in self._http.values():
+                    scope.cancel()
                 log.info("chatd stopping: closing %d connections", len(self.connections))
                 for conn in list(self.connections):
                     conn.close(CloseCode.GOING_AWAY, "Server shutting down")
@@ -128,7 +131,14 @@ class ChatServer:
         return Context(self.config, hub, store, self._verifier, self._wall, trio.current_time)
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:
-        await serve_connection(stream, self)
+        # Until it becomes a WebSocket, a connection is plain HTTP, which a
+        # stop cancels at once (an idle keep-alive must not delay it).
+        with trio.CancelScope() as scope:
+            self._http[stream] = scope
+            try:
+                await serve_connection(stream, self)
+            finally:
+                self._http.pop(stream, None)
 
     # --- HTTP ---------------------------------------------------------------
 
@@ -152,6 +162,7 @@ class ChatServer:
     ) -> None:
         ctx = self._ctx
         assert ctx is not None
+        self._http.pop(stream, None)
         target = urlsplit(request.target.decode("latin-1"))
         ws = WSConnection(ConnectionType.SERVER)
         if target.path != WS_PATH:
