@@ -101,8 +101,17 @@ async def _next_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.
             conn.receive_data(data)
             continue
         if isinstance(event, h11.Request):
+            # h11 bounds only a head still incomplete; one that arrived
+            # whole in a single read is measured here.
+            if head_size(event) > MAX_HEAD_BYTES:
+                raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
             return event
         return None  # ConnectionClosed or PAUSED
+
+
+def head_size(request: h11.Request) -> int:
+    """About the size of a request's head on the wire."""
+    return len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers) + 16
 
 
 async def _drain_body(stream: trio.SocketStream, conn: h11.Connection) -> None:

@@ -179,15 +179,9 @@ class WebSocketConnection:
     async def _reader(self, handler: MessageHandler) -> None:
         ws = self._ws
         parts: list[str] = []
-        while ws.state is not ConnectionState.CLOSED:
-            try:
-                data = await self._stream.receive_some(RECEIVE_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-            if not data:
-                return
-            self.last_seen = trio.current_time()
-            ws.receive_data(data)
+        while True:
+            # Events first: bytes that came with the upgrade request are
+            # already in wsproto before the first read.
             for event in ws.events():
                 if isinstance(event, TextMessage):
                     if self._closing:
@@ -216,6 +210,16 @@ class WebSocketConnection:
                     return
                 elif isinstance(event, Pong):
                     pass
+            if ws.state is ConnectionState.CLOSED:
+                return
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+            if not data:
+                return
+            self.last_seen = trio.current_time()
+            ws.receive_data(data)
 
     async def _writer(self) -> None:
         while True:
