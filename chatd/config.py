@@ -88,6 +88,11 @@ class LimitsConfig(_Section, frozen=True):
     #: Invalid frames a connection may send per minute (burst of the same
     #: size) before it is closed with 1008.
     invalid_frames_per_minute: PositiveInt = 30
+    #: join_room, room_history and dm_history per user per minute (burst of
+    #: the same size): their own bucket, more generous than messages'.
+    reads_per_minute: PositiveInt = 120
+    #: Most messages replayed by join_room with since_id.
+    recovery_max_messages: Annotated[int, Meta(ge=0, le=100_000)] = 1000
 
 
 class LoggingConfig(_Section, frozen=True):

@@ -1,23 +1,29 @@
 """Who is connected where, and fan-out.
 
-The hub knows every open session (``Peer``), which rooms each has joined and
-how many connections each user has in each room (several tabs of one user are
-one presence). It turns a committed message into one ``OutFrame`` and hands
-that same frame to every member's connection: no task per recipient, no
-per-recipient encoding (DESIGN D3). The sender's own copy alone is encoded
-again, to echo its ``request_id``.
+The hub knows every open session (``Peer``), the connections of each user,
+which rooms each connection has joined, and how many connections each user
+has in each room (several tabs of one user are one presence). It turns a
+committed message into one ``OutFrame`` and hands that same frame to every
+recipient's connection: no task per recipient, no per-recipient encoding
+(DESIGN D3). The sender's own copy alone is encoded again, to echo its
+``request_id``.
+
+A connection that joins a room to recover missed messages is *held* in it:
+the room's frames for that connection are kept back, in order, until the
+replay from storage has been sent, then released, skipping the messages the
+replay already carried. So nothing is lost, doubled or reordered between the
+stored past and the live present.
 
 Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Protocol
 
 from chatd.auth import Identity
-from chatd.protocol import Member, MessageOut, encode
-from chatd.ratelimit import Limiter
+from chatd.protocol import DirectMessageOut, Member, MessageOut, encode
 from chatd.store import StoredMessage
 from chatd.transport.frames import OutFrame
 
@@ -32,58 +38,63 @@ class Peer(Protocol):
 
 
 class _Room:
-    __slots__ = ("peers", "presence")
+    __slots__ = ("held", "peers", "presence")
 
     def __init__(self) -> None:
         self.peers: set[Peer] = set()
         #: user id -> (username, number of that user's connections in the room)
         self.presence: dict[int, tuple[str, int]] = {}
+        #: connections being caught up: (message id or None, frame) kept back
+        self.held: dict[Peer, list[tuple[int | None, OutFrame]]] = {}
+
+    def send(self, frame: OutFrame, peers: Iterable[Peer], message_id: int | None = None) -> None:
+        held = self.held
+        for peer in peers:
+            if held and peer in held:
+                held[peer].append((message_id, frame))
+            else:
+                peer.send(frame)
 
 
 class Hub:
-    """Rooms and their connected members, and per-user rate limits."""
+    """Rooms, their connected members, and every user's connections."""
 
-    def __init__(self, new_limiter: Callable[[float], Limiter]) -> None:
+    def __init__(self) -> None:
         self._rooms: dict[str, _Room] = {}
         self._joined: dict[Peer, set[str]] = {}
-        self._new_limiter = new_limiter
-        self._limiters: dict[int, Limiter] = {}
-        self._connections: dict[int, int] = {}
+        self._users: dict[int, set[Peer]] = {}
 
     # --- sessions -----------------------------------------------------------
 
     def connect(self, peer: Peer) -> None:
         self._joined[peer] = set()
-        uid = peer.identity.user_id
-        self._connections[uid] = self._connections.get(uid, 0) + 1
+        self._users.setdefault(peer.identity.user_id, set()).add(peer)
 
     def disconnect(self, peer: Peer, now: float) -> None:
         for room in list(self._joined.get(peer, ())):
             self.leave(peer, room, now)
         self._joined.pop(peer, None)
         uid = peer.identity.user_id
-        left = self._connections.get(uid, 0) - 1
-        if left > 0:
-            self._connections[uid] = left
-        else:
-            self._connections.pop(uid, None)
-            self._limiters.pop(uid, None)
+        peers = self._users.get(uid)
+        if peers is not None:
+            peers.discard(peer)
+            if not peers:
+                del self._users[uid]
 
-    def limiter(self, user_id: int, now: float) -> Limiter:
-        """The message rate limiter shared by all of a user's connections."""
-        limiter = self._limiters.get(user_id)
-        if limiter is None:
-            limiter = self._limiters[user_id] = self._new_limiter(now)
-        return limiter
+    def online(self, user_id: int) -> bool:
+        return user_id in self._users
 
     # --- rooms --------------------------------------------------------------
 
-    def join(self, peer: Peer, room: str, now: float) -> list[Member]:
+    def join(self, peer: Peer, room: str, now: float, *, hold: bool = False) -> list[Member]:
         """Add ``peer`` to ``room``; return who is online there. Announces
-        the user to the others when this is its first connection there."""
+        the user to the others when this is its first connection there.
+        With ``hold``, the room's frames for ``peer`` wait for ``release``."""
         state = self._rooms.get(room)
         if state is None:
             state = self._rooms[room] = _Room()
+        if hold:
+            state.held.setdefault(peer, [])
         if peer not in state.peers:
             state.peers.add(peer)
             self._joined[peer].add(room)
@@ -94,12 +105,23 @@ class Hub:
                 self._presence(state, "user_connected", ident, room, now)
         return [Member(uid, name) for uid, (name, _) in state.presence.items()]
 
+    def release(self, peer: Peer, room: str, after_id: int) -> None:
+        """Send what was held for ``peer`` in ``room``, skipping messages with
+        an id up to ``after_id`` (the replay already sent them)."""
+        state = self._rooms.get(room)
+        if state is None:
+            return
+        for message_id, frame in state.held.pop(peer, ()):
+            if message_id is None or message_id > after_id:
+                peer.send(frame)
+
     def leave(self, peer: Peer, room: str, now: float) -> bool:
         """Remove ``peer`` from ``room``; False when it was not there."""
         state = self._rooms.get(room)
         if state is None or peer not in state.peers:
             return False
         state.peers.discard(peer)
+        state.held.pop(peer, None)
         self._joined[peer].discard(room)
         ident = peer.identity
         name, count = state.presence[ident.user_id]
@@ -118,7 +140,7 @@ class Hub:
     def _presence(self, state: _Room, kind: str, ident: Identity, room: str, now: float) -> None:
         data = {"user_id": ident.user_id, "username": ident.username, "room": room}
         frame = OutFrame(encode(kind, data, now, user_id=ident.user_id))
-        _send_all((p for p in state.peers if p.identity.user_id != ident.user_id), frame)
+        state.send(frame, (p for p in state.peers if p.identity.user_id != ident.user_id))
 
     # --- delivery -----------------------------------------------------------
 
@@ -135,19 +157,38 @@ class Hub:
         data = message_out(stored)
         frame = OutFrame(encode("room_message", data, now, user_id=msg.user_id))
         state = self._rooms.get(msg.room)
-        peers: Iterable[Peer] = state.peers if state else ()
+        if state is None:
+            state = _Room()
         if origin is None or request_id is None:
-            _send_all(peers, frame)
+            state.send(frame, state.peers, stored.id)
             return
-        _send_all((p for p in peers if p is not origin), frame)
+        state.send(frame, (p for p in state.peers if p is not origin), stored.id)
         if origin in self._joined:
             own = encode("room_message", data, now, user_id=msg.user_id, request_id=request_id)
             origin.send(OutFrame(own))
 
-
-def _send_all(peers: Iterable[Peer], frame: OutFrame) -> None:
-    for peer in peers:
-        peer.send(frame)
+    def deliver_direct(
+        self,
+        stored: StoredMessage,
+        now: float,
+        origin: Peer | None = None,
+        request_id: str | int | None = None,
+    ) -> None:
+        """Send a committed direct message to every connection of its
+        recipient and of its sender (other devices included)."""
+        msg = stored.message
+        assert msg.to_user_id is not None
+        data = direct_message_out(stored)
+        frame = OutFrame(encode("direct_message", data, now, user_id=msg.user_id))
+        peers = self._users.get(msg.to_user_id, set()) | self._users.get(msg.user_id, set())
+        for peer in peers:
+            if peer is origin and request_id is not None:
+                own = encode(
+                    "direct_message", data, now, user_id=msg.user_id, request_id=request_id
+                )
+                peer.send(OutFrame(own))
+            else:
+                peer.send(frame)
 
 
 def message_out(stored: StoredMessage) -> MessageOut:
@@ -158,6 +199,25 @@ def message_out(stored: StoredMessage) -> MessageOut:
         room=msg.room or "",
         user_id=msg.user_id,
         username=msg.username,
+        content=msg.content,
+        message_type=msg.message_type,
+        created_at=msg.created_at,
+        media_url=msg.media_url,
+        media_type=msg.media_type,
+        duration=msg.duration,
+        reply_to=msg.reply_to,
+    )
+
+
+def direct_message_out(stored: StoredMessage) -> DirectMessageOut:
+    """A stored direct message in its wire shape (live and in history)."""
+    msg = stored.message
+    assert msg.to_user_id is not None
+    return DirectMessageOut(
+        id=stored.id,
+        from_user_id=msg.user_id,
+        from_username=msg.username,
+        to_user_id=msg.to_user_id,
         content=msg.content,
         message_type=msg.message_type,
         created_at=msg.created_at,

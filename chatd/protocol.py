@@ -235,6 +235,22 @@ class MessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
     reply_to: int | None = None
 
 
+class DirectMessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A direct message as delivered live and in history."""
+
+    id: int
+    from_user_id: int
+    from_username: str
+    to_user_id: int
+    content: str
+    message_type: str
+    created_at: str
+    media_url: str | None = None
+    media_type: str | None = None
+    duration: float | None = None
+    reply_to: int | None = None
+
+
 class ErrorData(msgspec.Struct):
     message: str
     code: str

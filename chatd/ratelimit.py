@@ -38,6 +38,11 @@ class TokenBucket:
             return 0.0
         return (1.0 - self._tokens) / self.rate
 
+    def is_full(self, now: float) -> bool:
+        """True when the bucket has refilled to capacity."""
+        self._refill(now)
+        return self._tokens >= self.capacity
+
     def spend(self) -> None:
         """Spend one token; call only after ``wait_time`` returned 0."""
         self._tokens -= 1.0
@@ -67,3 +72,41 @@ class Limiter:
         for bucket in self._buckets:
             bucket.spend()
         return 0.0
+
+    def is_full(self, now: float) -> bool:
+        """True when every bucket has refilled: the same as a new limiter."""
+        return all(bucket.is_full(now) for bucket in self._buckets)
+
+
+class LimiterTable:
+    """One ``Limiter`` per key (a user id), made on first use.
+
+    A limiter whose buckets are all full is the same as a new one, so dropping
+    it loses nothing: ``take`` prunes such limiters whenever the table has
+    doubled since the last prune. A user who disconnects and reconnects keeps
+    its (not yet refilled) limits.
+    """
+
+    __slots__ = ("_limits", "_prune_at", "_table")
+
+    def __init__(self, limits: Sequence[tuple[int, float]]) -> None:
+        self._limits = list(limits)
+        self._table: dict[int, Limiter] = {}
+        self._prune_at = 1024
+
+    def take(self, key: int, now: float) -> float:
+        """``Limiter.take`` for ``key``."""
+        limiter = self._table.get(key)
+        if limiter is None:
+            if len(self._table) >= self._prune_at:
+                self.prune(now)
+            limiter = self._table[key] = Limiter(self._limits, now)
+        return limiter.take(now)
+
+    def prune(self, now: float) -> None:
+        """Drop every limiter that has refilled completely."""
+        self._table = {k: v for k, v in self._table.items() if not v.is_full(now)}
+        self._prune_at = max(1024, 2 * len(self._table))
+
+    def __len__(self) -> int:
+        return len(self._table)

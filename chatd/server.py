@@ -31,8 +31,6 @@ from chatd import __version__
 from chatd.auth import MIN_SECRET_BYTES, Identity, Verifier
 from chatd.config import Config
 from chatd.errors import ChatError, CloseCode
-from chatd.hub import Hub
-from chatd.ratelimit import Limiter
 from chatd.session import Context, Session
 from chatd.store.sqlite import SqliteStore, ensure_room, open_sqlite_store
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
@@ -125,10 +123,7 @@ class ChatServer:
         log.info("chatd stopped")
 
     def _context(self, store: SqliteStore) -> Context:
-        limits = self.config.limits
-        rates = [(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)]
-        hub = Hub(lambda now: Limiter(rates, now))
-        return Context(self.config, hub, store, self._verifier, self._wall, trio.current_time)
+        return Context.create(self.config, store, wall=self._wall, monotonic=trio.current_time)
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:
         # Until it becomes a WebSocket, a connection is plain HTTP, which a

@@ -6,13 +6,14 @@ It is decoded (``protocol.decode_frame``), dispatched to the handler for its
 type, and any ``ChatError`` raised on the way is turned into the one ``error``
 frame here, in ``_fail``, echoing the ``request_id``; an error that carries a
 close code (``AUTH_FAILED``: 4001) then closes the connection. Too many invalid
-frames in a short time close it with 1008.
+frames in a short time close it with 1008. A ``message_batch`` is unpacked and
+each entry dispatched as if it had come alone.
 
-A ``room_message`` is validated, rate-limited and queued for the next group
-commit; the store calls back after the commit and the hub delivers it then, in
-commit order, the sender's copy with its ``request_id``. Reads that follow a
-write on the same connection first wait for that write's commit, so a client
-always reads its own writes.
+A message (room or direct) is validated, rate-limited and queued for the next
+group commit; the store calls back after the commit and the hub delivers it
+then, in commit order, the sender's copy with its ``request_id``. Reads that
+follow a write on the same connection first wait for that write's commit, so a
+client always reads its own writes.
 
 No I/O here: the session talks to the transport through ``ClientPeer``, to
 storage through the ``Store`` interface, and reads time through the two
@@ -31,9 +32,10 @@ from chatd import protocol as p
 from chatd.auth import Identity, Verifier
 from chatd.config import Config
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
-from chatd.hub import Hub, message_out
-from chatd.ratelimit import TokenBucket
+from chatd.hub import Hub, direct_message_out, message_out
+from chatd.ratelimit import LimiterTable, TokenBucket
 from chatd.store import NewMessage, Store, StoredMessage
+from chatd.store.schema import dm_channel, room_channel
 from chatd.transport.frames import OutFrame
 
 log = logging.getLogger("chatd")
@@ -67,6 +69,33 @@ class Context:
     wall: Callable[[], float]
     #: A monotonic clock, for rate limits.
     monotonic: Callable[[], float]
+    #: Per-user message limits (messages_per_minute and _per_hour).
+    message_limits: LimiterTable
+    #: Per-user read limits (reads_per_minute).
+    read_limits: LimiterTable
+
+    @classmethod
+    def create(
+        cls,
+        config: Config,
+        store: Store,
+        *,
+        wall: Callable[[], float],
+        monotonic: Callable[[], float],
+    ) -> Context:
+        limits = config.limits
+        return cls(
+            config=config,
+            hub=Hub(),
+            store=store,
+            verifier=Verifier(config),
+            wall=wall,
+            monotonic=monotonic,
+            message_limits=LimiterTable(
+                [(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)]
+            ),
+            read_limits=LimiterTable([(limits.reads_per_minute, 60.0)]),
+        )
 
 
 Handler = Callable[[p.ClientFrame], Awaitable[None]]
@@ -89,11 +118,15 @@ class Session:
             "join_room": self._join_room,
             "leave_room": self._leave_room,
             "room_message": self._room_message,
+            "direct_message": self._direct_message,
             "room_history": self._room_history,
+            "dm_history": self._dm_history,
             "ping": self._ping,
             "auth": self._auth,
+            "message_batch": self._message_batch,
         }
         self._types = frozenset(self._handlers)
+        self._batch_types = self._types - {"message_batch"}
 
     # --- the one place frames come in and errors go out -----------------------
 
@@ -116,9 +149,8 @@ class Session:
         """Run the handler of one decoded frame, reporting its failure."""
         if log.isEnabledFor(logging.DEBUG):
             room = getattr(frame.data, "room", "")
-            log.debug(
-                "WS_MESSAGE: Type=%s, UserID=%d, Room=%s", frame.type, self.identity.user_id, room
-            )
+            uid = self.identity.user_id
+            log.debug("WS_MESSAGE: Type=%s, UserID=%d, Room=%s", frame.type, uid, room)
         try:
             await self._handlers[frame.type](frame)
         except ChatError as err:
@@ -158,39 +190,59 @@ class Session:
         """Report a failure before the session started (a bad token)."""
         self._fail(err, None)
 
-    # --- handlers -------------------------------------------------------------
-
-    def _check_token(self) -> None:
-        self.ctx.verifier.check_live(self.identity, self.ctx.wall())
+    # --- rooms ----------------------------------------------------------------
 
     async def _join_room(self, frame: p.ClientFrame) -> None:
         data: p.JoinRoom = frame.data
         self._check_token()
-        access = await self.ctx.store.room_access(data.room, self.identity.user_id)
-        if access is None:
-            raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": data.room})
-        if access.private and not access.is_member:
-            raise ChatError(
-                ErrorCode.PERMISSION_DENIED,
-                "Not a member of this private room",
-                {"room": data.room},
-            )
+        self._read_limit()
+        await self._check_room(data.room)
         if self._closed:
             return
-        members = self.ctx.hub.join(self.peer, data.room, self.ctx.wall())
-        ack = {
+        hub = self.ctx.hub
+        since_id = data.since_id
+        members = hub.join(self.peer, data.room, self.ctx.wall(), hold=since_id is not None)
+        ack: dict[str, Any] = {
             "room": data.room,
             "success": True,
             "message": "Joined room successfully",
             "members": members,
         }
+        if since_id is None:
+            self._reply("join_room_ack", ack, frame)
+            return
+        try:
+            missed, complete = await self.ctx.store.since(
+                room_channel(data.room), since_id, self.ctx.config.limits.recovery_max_messages
+            )
+        except BaseException:
+            hub.release(self.peer, data.room, since_id)
+            raise
+        ack["recovered"] = complete
         self._reply("join_room_ack", ack, frame)
+        now = self.ctx.wall()
+        for stored in missed:
+            msg = message_out(stored)
+            self._send(p.encode("room_message", msg, now, user_id=stored.message.user_id))
+        hub.release(self.peer, data.room, missed[-1].id if missed else since_id)
 
     async def _leave_room(self, frame: p.ClientFrame) -> None:
         data: p.LeaveRoom = frame.data
         if not self.ctx.hub.leave(self.peer, data.room, self.ctx.wall()):
             raise ChatError(ErrorCode.PERMISSION_DENIED, "Not in this room", {"room": data.room})
         self._reply("leave_room_ack", {"room": data.room, "success": True}, frame)
+
+    async def _check_room(self, room: str) -> None:
+        """The room exists and this user may see it."""
+        access = await self.ctx.store.room_access(room, self.identity.user_id)
+        if access is None:
+            raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": room})
+        if access.private and not access.is_member:
+            raise ChatError(
+                ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": room}
+            )
+
+    # --- messages -------------------------------------------------------------
 
     async def _room_message(self, frame: p.ClientFrame) -> None:
         data: p.RoomMessage = frame.data
@@ -201,28 +253,48 @@ class Session:
                 "Join the room before sending to it",
                 {"room": data.room},
             )
-        self._validate_content(data)
-        self._rate_limit()
+        await self._post(data, frame.request_id, room=data.room)
+
+    async def _direct_message(self, frame: p.ClientFrame) -> None:
+        data: p.DirectMessage = frame.data
+        self._check_token()
+        validate_content(data, self.ctx.config.limits.max_content_length)
+        await self._check_user(data.to_user_id)
+        await self._post(data, frame.request_id, to_user_id=data.to_user_id)
+
+    async def _post(
+        self,
+        data: p.RoomMessage | p.DirectMessage,
+        request_id: str | int | None,
+        *,
+        room: str | None = None,
+        to_user_id: int | None = None,
+    ) -> None:
+        """Validate, rate-limit and queue a message; deliver after commit."""
+        validate_content(data, self.ctx.config.limits.max_content_length)
+        self._message_limit()
         message = NewMessage(
             user_id=self.identity.user_id,
             username=self.identity.username,
             content=data.content,
             message_type=data.message_type,
             created_at=p.rfc3339(self.ctx.wall()),
-            room=data.room,
+            room=room,
+            to_user_id=to_user_id,
             media_url=data.media_url,
             media_type=data.media_type,
             duration=data.duration,
             reply_to=data.reply_to,
         )
-        request_id = frame.request_id
+        hub = self.ctx.hub
+        deliver = hub.deliver_room if room is not None else hub.deliver_direct
 
         def committed(result: StoredMessage | Exception) -> None:
             self._inflight -= 1
             if isinstance(result, Exception):
                 self._write_failed(result, request_id)
             else:
-                self.ctx.hub.deliver_room(result, self.ctx.wall(), self.peer, request_id)
+                deliver(result, self.ctx.wall(), self.peer, request_id)
 
         self._inflight += 1
         await self.ctx.store.append(message, committed)
@@ -234,20 +306,17 @@ class Session:
             err = ChatError(ErrorCode.INTERNAL_ERROR, "The message could not be stored; not sent")
             self._fail(err, request_id)
 
+    async def _check_user(self, user_id: int) -> None:
+        if not await self.ctx.store.user_exists(user_id):
+            raise ChatError(ErrorCode.USER_NOT_FOUND, "User not found", {"user_id": user_id})
+
+    # --- history --------------------------------------------------------------
+
     async def _room_history(self, frame: p.ClientFrame) -> None:
         data: p.RoomHistory = frame.data
-        access = await self.ctx.store.room_access(data.room, self.identity.user_id)
-        if access is None:
-            raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": data.room})
-        if access.private and not access.is_member:
-            raise ChatError(
-                ErrorCode.PERMISSION_DENIED,
-                "Not a member of this private room",
-                {"room": data.room},
-            )
-        await self._read_own_writes()
-        limit = p.clamp_limit(data.limit)
-        messages, total = await self.ctx.store.room_history(data.room, limit, data.offset)
+        self._read_limit()
+        await self._check_room(data.room)
+        messages, total, limit = await self._page(room_channel(data.room), data.limit, data.offset)
         reply = {
             "room": data.room,
             "messages": [message_out(m) for m in messages],
@@ -257,6 +326,33 @@ class Session:
             "offset": data.offset,
         }
         self._reply("message_history", reply, frame)
+
+    async def _dm_history(self, frame: p.ClientFrame) -> None:
+        data: p.DmHistory = frame.data
+        self._read_limit()
+        await self._check_user(data.with_user)
+        channel = dm_channel(self.identity.user_id, data.with_user)
+        messages, total, limit = await self._page(channel, data.limit, data.offset)
+        reply = {
+            "with_user": data.with_user,
+            "messages": [direct_message_out(m) for m in messages],
+            "total": total,
+            "has_more": data.offset + len(messages) < total,
+            "limit": limit,
+            "offset": data.offset,
+        }
+        self._reply("message_history", reply, frame)
+
+    async def _page(
+        self, channel: str, limit: int, offset: int
+    ) -> tuple[list[StoredMessage], int, int]:
+        if self._inflight:  # read this connection's own writes
+            await self.ctx.store.flush()
+        limit = p.clamp_limit(limit)
+        messages, total = await self.ctx.store.history(channel, limit, offset)
+        return messages, total, limit
+
+    # --- the rest -------------------------------------------------------------
 
     async def _ping(self, frame: p.ClientFrame) -> None:
         self._reply("pong", {"timestamp": p.rfc3339(self.ctx.wall())}, frame)
@@ -275,23 +371,35 @@ class Session:
         expires = p.rfc3339(identity.expires_at) if identity.expires_at is not None else None
         self._reply("auth_ack", {"user_id": identity.user_id, "expires_at": expires}, frame)
 
+    async def _message_batch(self, frame: p.ClientFrame) -> None:
+        data: p.MessageBatch = frame.data
+        for entry in data.messages:
+            if self._closed:
+                return
+            try:
+                inner = p.decode_entry(entry, allowed=self._batch_types)
+            except ChatError as err:
+                self._fail(err, entry.request_id)
+                continue
+            await self.dispatch(inner)
+
     # --- rules ----------------------------------------------------------------
 
-    def _rate_limit(self) -> None:
-        now = self.ctx.monotonic()
-        wait = self.ctx.hub.limiter(self.identity.user_id, now).take(now)
+    def _check_token(self) -> None:
+        self.ctx.verifier.check_live(self.identity, self.ctx.wall())
+
+    def _message_limit(self) -> None:
+        wait = self.ctx.message_limits.take(self.identity.user_id, self.ctx.monotonic())
         if wait > 0:
             raise ChatError(ErrorCode.RATE_LIMITED, "Too many messages", {"retry_after": int(wait)})
 
-    def _validate_content(self, data: p.RoomMessage) -> None:
-        validate_content(data, self.ctx.config.limits.max_content_length)
-
-    async def _read_own_writes(self) -> None:
-        if self._inflight:
-            await self.ctx.store.flush()
+    def _read_limit(self) -> None:
+        wait = self.ctx.read_limits.take(self.identity.user_id, self.ctx.monotonic())
+        if wait > 0:
+            raise ChatError(ErrorCode.RATE_LIMITED, "Too many requests", {"retry_after": int(wait)})
 
 
-def validate_content(data: p.RoomMessage, max_length: int) -> None:
+def validate_content(data: p.RoomMessage | p.DirectMessage, max_length: int) -> None:
     """The rules of each ``message_type`` (protocol-decisions.md, Messages)."""
     kind = data.message_type
     if len(data.content) > max_length:
@@ -329,8 +437,7 @@ def check_media_url(url: str) -> None:
     if url.startswith("/") and not url.startswith("//"):
         ok = True
     else:
-        lowered = url.lower()
-        scheme, sep, rest = lowered.partition("://")
+        scheme, sep, rest = url.lower().partition("://")
         ok = bool(sep) and scheme in ("http", "https") and bool(rest) and rest[0] not in "/?#"
     if not ok or any(ch.isspace() or ord(ch) < 32 for ch in url):
         raise invalid_format("media_url must be a /path or an http(s) URL", "data.media_url")

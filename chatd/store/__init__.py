@@ -65,7 +65,17 @@ class Store(Protocol):
     async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
         """The room named, as ``user_id`` may see it; None when unknown."""
 
-    async def room_history(
-        self, room: str, limit: int, offset: int
+    async def user_exists(self, user_id: int) -> bool:
+        """Whether the user is known (has connected, or was added)."""
+
+    async def history(
+        self, channel: str, limit: int, offset: int
     ) -> tuple[list[StoredMessage], int]:
-        """One page counted back from the newest message, and the total."""
+        """One page of a channel counted back from the newest message, and
+        the channel's total."""
+
+    async def since(
+        self, channel: str, since_id: int, cap: int
+    ) -> tuple[list[StoredMessage], bool]:
+        """The channel's messages after ``since_id`` (at most the newest
+        ``cap``, oldest first), and whether that is all of them."""

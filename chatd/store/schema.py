@@ -2,10 +2,12 @@
 
 Messages of every room and conversation live in one table. ``channel`` names
 where a message belongs (``r:<room>``, or ``d:<low id>:<high id>`` for a direct
-conversation) and ``seq`` is its 1-based position there, kept in ``channels``.
-With the index on ``(channel, seq)``, the total is one row lookup and any
+conversation) and ``seq`` is its 1-based position there. With the one index on
+``(channel, seq)``, a channel's total is ``max(seq)`` (one index probe) and any
 history page, at any offset, is one index range: a room of 10 messages and one
-of 10 million cost the same per page.
+of 10 million cost the same per page. The writer keeps each channel's last
+``seq`` in memory, so storing a message is one INSERT (a counter table updated
+per message measured 3.4x slower).
 """
 
 from __future__ import annotations
@@ -29,10 +31,6 @@ MIGRATIONS: list[str] = [
         room TEXT NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
         user_id INTEGER NOT NULL,
         PRIMARY KEY (room, user_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE channels (
-        channel TEXT PRIMARY KEY,
-        last_seq INTEGER NOT NULL
     ) WITHOUT ROWID;
     CREATE TABLE messages (
         id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -77,6 +77,8 @@ class SqliteStore:
         self._stopped = trio.Event()
         #: Users known to be stored with this name: connects skip the write.
         self._users: dict[int, str] = {}
+        #: Each channel's last seq; owned by the writer thread.
+        self._seqs: dict[str, int] = {}
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -133,7 +135,7 @@ class SqliteStore:
                 else:
                     group.append(item)
             if group:
-                results = _apply(conn, group)
+                results = _apply(conn, group, on_rollback=self._seqs.clear)
                 try:
                     self._token.run_sync_soon(self._finish, group, results)
                 except trio.RunFinishedError:  # pragma: no cover - Trio gone first
@@ -179,7 +181,8 @@ class SqliteStore:
         return box[0]
 
     async def append(self, message: NewMessage, on_done: Committed) -> None:
-        await self._enqueue(lambda conn: insert_message(conn, message), on_done)
+        seqs = self._seqs
+        await self._enqueue(lambda conn: insert_message(conn, message, seqs), on_done)
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
@@ -206,13 +209,27 @@ class SqliteStore:
         result: RoomAccess | None = await self.read(lambda c: room_access(c, room, user_id))
         return result
 
-    async def room_history(
-        self, room: str, limit: int, offset: int
+    async def history(
+        self, channel: str, limit: int, offset: int
     ) -> tuple[list[StoredMessage], int]:
         result: tuple[list[StoredMessage], int] = await self.read(
-            lambda c: history(c, room_channel(room), limit, offset)
+            lambda c: history(c, channel, limit, offset)
         )
         return result
+
+    async def since(
+        self, channel: str, since_id: int, cap: int
+    ) -> tuple[list[StoredMessage], bool]:
+        result: tuple[list[StoredMessage], bool] = await self.read(
+            lambda c: since(c, channel, since_id, cap)
+        )
+        return result
+
+    async def user_exists(self, user_id: int) -> bool:
+        if user_id in self._users:
+            return True
+        found: bool = await self.read(lambda c: user_exists(c, user_id))
+        return found
 
 
 @asynccontextmanager
@@ -227,7 +244,9 @@ async def open_sqlite_store(path: str, synchronous: str = "normal") -> AsyncIter
         await store._stop()
 
 
-def _apply(conn: sqlite3.Connection, group: list[_Pending]) -> list[Any]:
+def _apply(
+    conn: sqlite3.Connection, group: list[_Pending], on_rollback: Callable[[], None]
+) -> list[Any]:
     """Run a group in one transaction; on failure, each op alone."""
     try:
         conn.execute("BEGIN IMMEDIATE")
@@ -236,6 +255,7 @@ def _apply(conn: sqlite3.Connection, group: list[_Pending]) -> list[Any]:
         return results
     except Exception as exc:
         _rollback(conn)
+        on_rollback()
         if len(group) == 1:
             log.warning("store: write failed: %s", exc)
             return [exc]
@@ -247,6 +267,7 @@ def _apply(conn: sqlite3.Connection, group: list[_Pending]) -> list[Any]:
             conn.execute("COMMIT")
         except Exception as exc:
             _rollback(conn)
+            on_rollback()
             log.warning("store: write failed: %s", exc)
             result = exc
         results.append(result)
@@ -264,14 +285,14 @@ def _rollback(conn: sqlite3.Connection) -> None:
 # --- operations: plain functions of a connection, shared with the CLI ---------
 
 
-def insert_message(conn: sqlite3.Connection, message: NewMessage) -> StoredMessage | ChatError:
-    """Store one message. A ``reply_to`` outside its room or conversation is
-    returned as an error (not raised: the rest of the group commits)."""
-    if message.room is not None:
-        channel = room_channel(message.room)
-    else:
-        assert message.to_user_id is not None
-        channel = dm_channel(message.user_id, message.to_user_id)
+def insert_message(
+    conn: sqlite3.Connection, message: NewMessage, seqs: dict[str, int]
+) -> StoredMessage | ChatError:
+    """Store one message. ``seqs`` caches each channel's last ``seq`` (the
+    writer clears it on rollback). A ``reply_to`` outside its room or
+    conversation is returned as an error (not raised: the rest of the group
+    commits)."""
+    channel = channel_of(message)
     if (
         message.reply_to is not None
         and not conn.execute(
@@ -281,11 +302,10 @@ def insert_message(conn: sqlite3.Connection, message: NewMessage) -> StoredMessa
         return invalid_format(
             "reply_to must name a message of the same room or conversation", "data.reply_to"
         )
-    (seq,) = conn.execute(
-        "INSERT INTO channels (channel, last_seq) VALUES (?, 1)"
-        " ON CONFLICT (channel) DO UPDATE SET last_seq = last_seq + 1 RETURNING last_seq",
-        (channel,),
-    ).fetchone()
+    seq = seqs.get(channel)
+    if seq is None:
+        seq = last_seq(conn, channel)
+    seq += 1
     cursor = conn.execute(
         "INSERT INTO messages (channel, seq, user_id, username, to_user_id, message_type,"
         " content, media_url, media_type, duration, reply_to, created_at)"
@@ -305,8 +325,24 @@ def insert_message(conn: sqlite3.Connection, message: NewMessage) -> StoredMessa
             message.created_at,
         ),
     )
+    seqs[channel] = seq
     assert cursor.lastrowid is not None
     return StoredMessage(cursor.lastrowid, message)
+
+
+def channel_of(message: NewMessage) -> str:
+    if message.room is not None:
+        return room_channel(message.room)
+    assert message.to_user_id is not None
+    return dm_channel(message.user_id, message.to_user_id)
+
+
+def last_seq(conn: sqlite3.Connection, channel: str) -> int:
+    """The number of messages in ``channel`` (one probe of the index)."""
+    (seq,) = conn.execute(
+        "SELECT coalesce(max(seq), 0) FROM messages WHERE channel = ?", (channel,)
+    ).fetchone()
+    return int(seq)
 
 
 def upsert_user(
@@ -354,18 +390,52 @@ def history(
     conn: sqlite3.Connection, channel: str, limit: int, offset: int
 ) -> tuple[list[StoredMessage], int]:
     """Page ``offset`` back from the newest, oldest first, and the total."""
-    row = conn.execute("SELECT last_seq FROM channels WHERE channel = ?", (channel,)).fetchone()
-    total = row[0] if row else 0
-    high = total - offset
-    low = max(1, high - limit + 1)
-    if high < 1:
-        return [], total
-    rows = conn.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND seq BETWEEN ? AND ?"
-        " ORDER BY seq",
-        (channel, low, high),
-    ).fetchall()
+    conn.execute("BEGIN")  # one snapshot for the total and the page
+    try:
+        total = last_seq(conn, channel)
+        high = total - offset
+        if high < 1:
+            return [], total
+        low = max(1, high - limit + 1)
+        rows = conn.execute(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND seq BETWEEN ? AND ?"
+            " ORDER BY seq",
+            (channel, low, high),
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
     return [_row_to_message(r) for r in rows], total
+
+
+def since(
+    conn: sqlite3.Connection, channel: str, since_id: int, cap: int
+) -> tuple[list[StoredMessage], bool]:
+    """The messages of ``channel`` with an id above ``since_id``, oldest
+    first, at most the newest ``cap`` of them; and whether that is all.
+
+    Walks the channel's index back from the newest message and stops at
+    ``since_id`` or after ``cap`` rows, so it costs what it returns."""
+    rows: list[tuple[Any, ...]] = []
+    complete = True
+    cursor = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? ORDER BY seq DESC", (channel,)
+    )
+    try:
+        for row in cursor:
+            if row[0] <= since_id:
+                break
+            if len(rows) == cap:
+                complete = False
+                break
+            rows.append(row)
+    finally:
+        cursor.close()
+    rows.reverse()
+    return [_row_to_message(r) for r in rows], complete
+
+
+def user_exists(conn: sqlite3.Connection, user_id: int) -> bool:
+    return conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is not None
 
 
 def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
