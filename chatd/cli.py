@@ -1,4 +1,5 @@
-"""The command line: ``chatd [serve] --config FILE``, ``chatd token ...``.
+"""The command line: ``chatd [serve] --config FILE``, ``chatd token ...``,
+``chatd user add ...``, ``chatd room create|add-member|list ...``.
 
 Every failure a user can cause (a bad config, a busy port) is one line on
 stderr and a non-zero exit: 2 for usage and config errors, 1 for the rest.
@@ -10,12 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
 
 import trio
 
 from chatd import __version__
+from chatd.admin import add_commands
 from chatd.auth import MAX_USER_ID, issue
 from chatd.config import Config, load
 from chatd.errors import ConfigError
@@ -40,6 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = ns.func(config, ns)
     except KeyboardInterrupt:
         return 130
+    except sqlite3.Error as exc:
+        print(f"chatd: database {config.storage.sqlite_path}: {exc}", file=sys.stderr)
+        return 1
     return result
 
 
@@ -63,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
         "--ttl", type=_positive, default=86400.0, help="lifetime in seconds (default 86400)"
     )
     token.set_defaults(func=_token)
+
+    add_commands(commands, _config_arg, _user_id)
     return parser
 
 

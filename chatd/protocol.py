@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -270,6 +271,13 @@ def encode(
 ) -> bytes:
     """One server frame as JSON bytes."""
     return _encoder.encode(ServerFrame(type_, data, rfc3339(now), user_id, request_id))
+
+
+def batch_payload(frames: Sequence[Any], now: float) -> bytes:
+    """One ``message_batch`` frame carrying already-encoded frames (objects
+    with a ``payload`` of JSON bytes), in order, without decoding them."""
+    messages = msgspec.Raw(b'{"messages":[' + b",".join(f.payload for f in frames) + b"]}")
+    return encode("message_batch", messages, now)
 
 
 def error_frame(err: ChatError, now: float, request_id: str | int | None = None) -> bytes:

@@ -13,7 +13,6 @@ the WebSocket upgrade, where the token is checked and a session begins.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from functools import partial
@@ -32,7 +31,7 @@ from chatd.auth import MIN_SECRET_BYTES, Identity, Verifier
 from chatd.config import Config
 from chatd.errors import ChatError, CloseCode
 from chatd.session import Context, Session
-from chatd.store.sqlite import SqliteStore, ensure_room, open_sqlite_store
+from chatd.store.sqlite import SqliteStore, declare_rooms, open_sqlite_store
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.http import Response, serve_connection
 from chatd.transport.websocket import WebSocketConnection
@@ -74,7 +73,7 @@ class ChatServer:
         async with open_sqlite_store(
             config.storage.sqlite_path, config.storage.synchronous
         ) as store:
-            await store.write(partial(_declare_rooms, config=config))
+            await store.write(partial(declare_rooms, rooms=config.rooms))
             self._ctx = self._context(store)
             listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
             self.port = listeners[0].socket.getsockname()[1]
@@ -192,7 +191,8 @@ class ChatServer:
             await conn.run(session)
             return
 
-        conn = self._connection(stream, ws, identity, deflate)
+        batch = parse_qs(target.query).get("batch") == ["1"]
+        conn = self._connection(stream, ws, identity, deflate, batch=batch)
         session = Session(ctx, conn)
         started = ctx.monotonic()
         try:
@@ -223,6 +223,8 @@ class ChatServer:
         ws: WSConnection,
         identity: Identity,
         deflate: BoundedDeflate | None,
+        *,
+        batch: bool = False,
     ) -> WebSocketConnection:
         server = self.config.server
         bits = deflate.window_bits if deflate is not None and deflate.enabled() else None
@@ -234,6 +236,8 @@ class ChatServer:
             send_buffer_bytes=server.send_buffer_bytes,
             ping_interval=server.ping_interval_seconds,
             idle_timeout=server.idle_timeout_seconds,
+            batch=batch,
+            wall=self._wall,
         )
 
 
@@ -260,12 +264,3 @@ async def _reject(stream: trio.SocketStream, status: int) -> None:
     ).encode()
     with trio.move_on_after(1.0):
         await stream.send_all(head + body)
-
-
-def _declare_rooms(conn: sqlite3.Connection, *, config: Config) -> None:
-    """Make sure every room of the config exists (members are added, never
-    removed, so CLI changes survive a restart)."""
-    for name in config.rooms.public:
-        ensure_room(conn, name, private=False)
-    for name, members in config.rooms.private.items():
-        ensure_room(conn, name, private=True, members=members)

@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from chatd.config import RoomsConfig
 from chatd.errors import ChatError, invalid_format
 from chatd.protocol import rfc3339
 from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
@@ -373,6 +374,47 @@ def ensure_room(
         "INSERT OR IGNORE INTO room_members (room, user_id) VALUES (?, ?)",
         [(name, member) for member in members],
     )
+
+
+def declare_rooms(conn: sqlite3.Connection, rooms: RoomsConfig) -> None:
+    """Make sure every room of the config exists. Members are added, never
+    removed, so changes made with the CLI survive a restart."""
+    for name in rooms.public:
+        ensure_room(conn, name, private=False)
+    for name, members in rooms.private.items():
+        ensure_room(conn, name, private=True, members=members)
+
+
+def create_room(
+    conn: sqlite3.Connection, name: str, private: bool, members: tuple[int, ...] = ()
+) -> bool:
+    """Create a new room; False (and no change) when it exists already."""
+    if conn.execute("SELECT 1 FROM rooms WHERE name = ?", (name,)).fetchone():
+        return False
+    ensure_room(conn, name, private, members)
+    return True
+
+
+def add_members(conn: sqlite3.Connection, room: str, members: tuple[int, ...]) -> bool:
+    """Add members to an existing room; False when there is no such room."""
+    if not conn.execute("SELECT 1 FROM rooms WHERE name = ?", (room,)).fetchone():
+        return False
+    conn.executemany(
+        "INSERT OR IGNORE INTO room_members (room, user_id) VALUES (?, ?)",
+        [(room, member) for member in members],
+    )
+    return True
+
+
+def list_rooms(conn: sqlite3.Connection) -> list[tuple[str, bool, list[int]]]:
+    """Every room: name, private, member ids."""
+    members: dict[str, list[int]] = {}
+    for room, user_id in conn.execute("SELECT room, user_id FROM room_members ORDER BY user_id"):
+        members.setdefault(room, []).append(user_id)
+    return [
+        (name, bool(private), members.get(name, []))
+        for name, private in conn.execute("SELECT name, private FROM rooms ORDER BY name")
+    ]
 
 
 def room_access(conn: sqlite3.Connection, room: str, user_id: int) -> RoomAccess | None:

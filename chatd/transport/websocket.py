@@ -20,6 +20,10 @@ Data frames are built once by the hub (``frames.OutFrame``) and written as
 they are; wsproto builds only the control frames (ping, pong, close), so the
 two never interleave within a message.
 
+Batching: a client that connected with ``?batch=1`` gets its frames through
+the writer task instead, which wraps everything that piled up since its last
+turn into one ``message_batch`` frame (one frame alone is sent as it is).
+
 Closing: ``close(code)`` queues the close frame and gives the peer
 ``CLOSE_TIMEOUT`` seconds to answer before the socket is closed anyway.
 """
@@ -29,7 +33,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from typing import Protocol
 
@@ -40,6 +46,7 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 from chatd.auth import Identity
 from chatd.errors import CloseCode
+from chatd.protocol import batch_payload
 from chatd.transport.frames import OutFrame
 
 log = logging.getLogger("chatd.transport")
@@ -68,6 +75,8 @@ class WebSocketConnection:
         send_buffer_bytes: int,
         ping_interval: float,
         idle_timeout: float,
+        batch: bool = False,
+        wall: Callable[[], float] = time.time,
     ) -> None:
         self.identity = identity
         self._stream = stream
@@ -82,8 +91,13 @@ class WebSocketConnection:
         #: The first buffered item was partly written: it must go out whole.
         self._head_started = False
         self._wake = trio.Event()
-        self._drained = trio.Event()
+        #: Set (and replaced) by the writer each time it has written.
+        self._progress = trio.Event()
         self._closing = False
+        #: With ``?batch=1``: frames waiting for the writer to batch them.
+        self._batch: list[OutFrame] | None = [] if batch else None
+        self._batch_bytes = 0
+        self._wall = wall
         self._dead = False
         self._scope: trio.CancelScope | None = None
         self.last_seen = trio.current_time()
@@ -94,8 +108,32 @@ class WebSocketConnection:
 
     def send(self, frame: OutFrame) -> None:
         """Queue one data frame for this connection."""
-        if not self._closing:
+        if self._closing:
+            return
+        batch = self._batch
+        if batch is None:
             self._write(frame.wire(self._window_bits))
+            return
+        self._batch_bytes += len(frame.payload)
+        if self._out_bytes + self._batch_bytes > self._limit:
+            self._too_slow()
+            return
+        batch.append(frame)
+        self._wake.set()
+
+    def _write_control(self, data: bytes) -> None:
+        """A control frame goes after every data frame queued before it."""
+        self._flush_batch()
+        self._write(data, force=True)
+
+    def _flush_batch(self) -> None:
+        batch = self._batch
+        if not batch:
+            return
+        self._batch = []
+        self._batch_bytes = 0
+        frame = batch[0] if len(batch) == 1 else OutFrame(batch_payload(batch, self._wall()))
+        self._write(frame.wire(self._window_bits), force=True)
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake with ``code``."""
@@ -104,7 +142,7 @@ class WebSocketConnection:
         self._closing = True
         self.close_code = code
         if self._ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            self._write(self._ws.send(CloseConnection(code, reason[:100])), force=True)
+            self._write_control(self._ws.send(CloseConnection(code, reason[:100])))
         if self._scope is not None:
             self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
@@ -142,6 +180,9 @@ class WebSocketConnection:
         keep = self._out[0] if self._head_started and self._out else None
         self._out.clear()
         self._out_bytes = 0
+        if self._batch is not None:
+            self._batch = []
+            self._batch_bytes = 0
         if keep is not None:
             self._out.append(keep)
             self._out_bytes = len(keep)
@@ -196,7 +237,7 @@ class WebSocketConnection:
                         await handler.handle_binary()
                 elif isinstance(event, Ping):
                     if ws.state is ConnectionState.OPEN:
-                        self._write(ws.send(event.response()), force=True)
+                        self._write_control(ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     if ws.state is ConnectionState.OPEN:
                         # wsproto found a protocol error (1002, 1007, 1009):
@@ -206,7 +247,7 @@ class WebSocketConnection:
                     if ws.state is ConnectionState.REMOTE_CLOSING:
                         self.close_code = self.close_code or event.code
                         self._closing = True
-                        self._write(ws.send(event.response()), force=True)
+                        self._write_control(ws.send(event.response()))
                     return
                 elif isinstance(event, Pong):
                     pass
@@ -223,11 +264,11 @@ class WebSocketConnection:
 
     async def _writer(self) -> None:
         while True:
+            self._flush_batch()
             while not self._out:
-                self._drained.set()
                 self._wake = trio.Event()
                 await self._wake.wait()
-            self._drained = trio.Event()
+                self._flush_batch()
             chunks = list(islice(self._out, WRITEV_MAX))
             try:
                 sent = os.writev(self._fd, chunks)
@@ -239,6 +280,8 @@ class WebSocketConnection:
                 self._abort(exc)
                 return
             self._consume(sent)
+            progress, self._progress = self._progress, trio.Event()
+            progress.set()
             if self._out:
                 await trio.lowlevel.wait_writable(self._stream.socket)
 
@@ -257,8 +300,10 @@ class WebSocketConnection:
                 sent = 0
 
     async def _flushed(self) -> None:
-        if self._out:
-            await self._drained.wait()
+        """Return once everything queued has been handed to the kernel."""
+        self._flush_batch()
+        while self._out and not self._dead:
+            await self._progress.wait()
 
     async def _heartbeat(self) -> None:
         last_ping = trio.current_time()
@@ -274,4 +319,4 @@ class WebSocketConnection:
             if now >= next_ping:
                 last_ping = now
                 if self._ws.state is ConnectionState.OPEN and not self._closing:
-                    self._write(self._ws.send(Ping(b"chatd")), force=True)
+                    self._write_control(self._ws.send(Ping(b"chatd")))
