@@ -1,4 +1,4 @@
-"""chatd.hub.Hub: rooms, presence, fan-out and per-user limiters.
+"""chatd.hub.Hub: rooms, presence, fan-out, holding for recovery, direct messages.
 
 The hub is pure logic, so it is driven with fake peers that record the frames
 handed to them (the only stand-in in these tests).
@@ -14,7 +14,6 @@ import pytest
 from chatd.auth import Identity
 from chatd.hub import Hub
 from chatd.protocol import Member
-from chatd.ratelimit import Limiter
 from chatd.store import NewMessage, StoredMessage
 from chatd.transport.frames import OutFrame
 
@@ -42,26 +41,9 @@ class FakePeer:
         self.frames.clear()
 
 
-class Factory:
-    """Counts the limiters the hub asks for."""
-
-    def __init__(self) -> None:
-        self.made: list[Limiter] = []
-
-    def __call__(self, now: float) -> Limiter:
-        limiter = Limiter([(10, 60.0), (100, 3600.0)], now)
-        self.made.append(limiter)
-        return limiter
-
-
 @pytest.fixture
-def factory() -> Factory:
-    return Factory()
-
-
-@pytest.fixture
-def hub(factory: Factory) -> Hub:
-    return Hub(factory)
+def hub() -> Hub:
+    return Hub()
 
 
 def connect(hub: Hub, user_id: int, username: str | None = None) -> FakePeer:
@@ -352,40 +334,104 @@ def test_deliver_room_media_fields(hub: Hub) -> None:
     assert "media_type" not in data
 
 
-# --- limiters -------------------------------------------------------------------------
+# --- holding during recovery -----------------------------------------------------
 
 
-def test_limiter_shared_across_connections(hub: Hub, factory: Factory) -> None:
+def test_held_peer_gets_nothing_until_release(hub: Hub) -> None:
+    alice, bob = connect(hub, 1), connect(hub, 2)
+    hub.join(alice, "general", NOW)
+    hub.join(bob, "general", NOW, hold=True)
+    hub.deliver_room(stored(msg_id=11), NOW)
+    hub.deliver_room(stored(msg_id=12), NOW)
+    assert bob.frames == []
+    assert [m["data"]["id"] for m in alice.received if m["type"] == "room_message"] == [11, 12]
+    hub.release(bob, "general", after_id=11)  # the replay already carried 11
+    assert [m["data"]["id"] for m in bob.received] == [12]
+    hub.deliver_room(stored(msg_id=13), NOW)
+    assert [m["data"]["id"] for m in bob.received] == [12, 13]
+
+
+def test_held_presence_is_released_in_order(hub: Hub) -> None:
+    alice = connect(hub, 1)
+    hub.join(alice, "general", NOW, hold=True)
+    carol = connect(hub, 3)
+    hub.join(carol, "general", NOW)
+    hub.deliver_room(stored(msg_id=20, user_id=3), NOW)
+    assert alice.frames == []
+    hub.release(alice, "general", after_id=5)
+    assert alice.types() == ["user_connected", "room_message"]
+
+
+def test_leaving_drops_what_was_held(hub: Hub) -> None:
+    alice = connect(hub, 1)
+    hub.join(alice, "general", NOW, hold=True)
+    hub.deliver_room(stored(msg_id=30, user_id=2), NOW)
+    hub.leave(alice, "general", NOW)
+    hub.release(alice, "general", after_id=0)
+    assert alice.frames == []
+
+
+# --- direct messages ---------------------------------------------------------------
+
+
+def direct(from_id: int = 1, to_id: int = 2, msg_id: int = 40) -> StoredMessage:
+    return StoredMessage(
+        msg_id,
+        NewMessage(
+            user_id=from_id,
+            username=f"u{from_id}",
+            content="psst",
+            message_type="text",
+            created_at="2023-11-20T10:30:00.000Z",
+            to_user_id=to_id,
+        ),
+    )
+
+
+def test_direct_message_reaches_every_device_of_both(hub: Hub) -> None:
+    a1, a2, b1, b2, c = (
+        connect(hub, 1),
+        connect(hub, 1),
+        connect(hub, 2),
+        connect(hub, 2),
+        connect(hub, 3),
+    )
+    hub.deliver_direct(direct(), NOW, origin=a1, request_id="d1")
+    for peer in (a1, a2, b1, b2):
+        (frame,) = peer.received
+        assert frame["type"] == "direct_message"
+        assert frame["user_id"] == 1
+        assert frame["data"] == {
+            "id": 40,
+            "from_user_id": 1,
+            "from_username": "u1",
+            "to_user_id": 2,
+            "content": "psst",
+            "message_type": "text",
+            "created_at": "2023-11-20T10:30:00.000Z",
+        }
+    assert a1.received[0]["request_id"] == "d1"
+    assert all("request_id" not in p.received[0] for p in (a2, b1, b2))
+    assert b1.frames[0] is b2.frames[0] is a2.frames[0]  # one shared frame
+    assert c.frames == []
+
+
+def test_direct_message_to_an_offline_user_reaches_the_senders_devices(hub: Hub) -> None:
+    a1, a2 = connect(hub, 1), connect(hub, 1)
+    hub.deliver_direct(direct(to_id=9), NOW)
+    assert a1.types() == a2.types() == ["direct_message"]
+
+
+def test_direct_message_to_self_arrives_once_per_device(hub: Hub) -> None:
+    a1 = connect(hub, 1)
+    hub.deliver_direct(direct(from_id=1, to_id=1), NOW)
+    assert a1.types() == ["direct_message"]
+
+
+def test_online_tracks_connections(hub: Hub) -> None:
     tab1, tab2 = connect(hub, 1), connect(hub, 1)
-    bob = connect(hub, 2)
-    lim = hub.limiter(1, NOW)
-    assert hub.limiter(1, NOW + 5) is lim
-    assert hub.limiter(2, NOW) is not lim
-    assert len(factory.made) == 2
-    # Spending on one "connection" is felt by the other: one budget per user.
-    for _ in range(10):
-        assert hub.limiter(tab1.identity.user_id, NOW).take(NOW) == 0.0
-    assert hub.limiter(tab2.identity.user_id, NOW).take(NOW) > 0.0
-    assert hub.limiter(bob.identity.user_id, NOW).take(NOW) == 0.0
-
-
-def test_limiter_kept_while_a_connection_remains(hub: Hub, factory: Factory) -> None:
-    tab1, tab2 = connect(hub, 1), connect(hub, 1)
-    lim = hub.limiter(1, NOW)
+    assert hub.online(1)
     hub.disconnect(tab1, NOW)
-    assert hub.limiter(1, NOW) is lim  # reconnecting a tab cannot reset the budget
+    assert hub.online(1)
     hub.disconnect(tab2, NOW)
-    fresh = hub.limiter(1, NOW)
-    assert fresh is not lim
-    assert factory.made == [lim, fresh]
-
-
-def test_limiter_dropped_with_last_connection(hub: Hub) -> None:
-    peer = connect(hub, 1)
-    lim = hub.limiter(1, NOW)
-    for _ in range(10):
-        lim.take(NOW)
-    hub.disconnect(peer, NOW)
-    again = connect(hub, 1)
-    assert hub.limiter(again.identity.user_id, NOW) is not lim
-    assert hub.limiter(1, NOW).take(NOW) == 0.0
+    assert not hub.online(1)

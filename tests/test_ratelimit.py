@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatd.ratelimit import Limiter, TokenBucket
+from chatd.ratelimit import Limiter, LimiterTable, TokenBucket
 
 DEFAULT_LIMITS = [(10, 60.0), (100, 3600.0)]
 
@@ -188,3 +188,32 @@ def test_limiter_hourly_limit_alone() -> None:
     assert limiter.take(35.5) == 1.0
     assert limiter.take(36.0 + 1e-6) == 0.0
     assert limiter.take(36.0 + 1e-6) == 36.0
+
+
+# --- LimiterTable ---------------------------------------------------------------
+
+
+def test_table_keeps_one_limiter_per_key() -> None:
+    table = LimiterTable([(2, 60.0)])
+    assert table.take(1, 0.0) == 0.0
+    assert table.take(1, 0.0) == 0.0
+    assert table.take(1, 0.0) == 30.0  # user 1 is out of tokens
+    assert table.take(2, 0.0) == 0.0  # user 2 has its own
+
+
+def test_table_prunes_only_refilled_limiters() -> None:
+    table = LimiterTable([(2, 60.0)])
+    table.take(1, 0.0)
+    table.take(1, 0.0)
+    table.take(2, 0.0)
+    table.prune(30.0)  # user 2 has refilled (1 token per 30 s), user 1 has not
+    assert len(table) == 1
+    assert table.take(1, 30.0) == 0.0  # one token back
+    assert table.take(1, 30.0) == 30.0  # and only one: its state was kept
+
+
+def test_table_prunes_by_itself_as_it_grows() -> None:
+    table = LimiterTable([(1, 1.0)])
+    for key in range(5000):
+        table.take(key, float(key))  # each refills after 1 s
+    assert len(table) < 2100
