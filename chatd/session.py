@@ -258,7 +258,6 @@ class Session:
     async def _direct_message(self, frame: p.ClientFrame) -> None:
         data: p.DirectMessage = frame.data
         self._check_token()
-        validate_content(data, self.ctx.config.limits.max_content_length)
         await self._check_user(data.to_user_id)
         await self._post(data, frame.request_id, to_user_id=data.to_user_id)
 

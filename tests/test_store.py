@@ -151,7 +151,7 @@ async def test_fresh_database_is_migrated_and_in_wal_mode(path: str) -> None:
         assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        assert {"users", "rooms", "room_members", "channels", "messages"} <= tables
+        assert {"users", "rooms", "room_members", "messages"} <= tables
         indexes = {
             r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
         }
@@ -170,7 +170,7 @@ async def test_reopening_is_a_no_op(path: str) -> None:
         ).fetchall()
 
     async with open_sqlite_store(path) as store:
-        assert await store.room_history("general", 10, 0) == (rec.stored, 1)
+        assert await store.history(room_channel("general"), 10, 0) == (rec.stored, 1)
     with plain(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
         assert (
@@ -342,7 +342,7 @@ async def test_flush_returns_after_earlier_appends_commit(path: str) -> None:
             await store.flush()
             assert len(rec.stored) == 50
             # Committed, so visible to the readers.
-            messages, total = await store.room_history("general", 100, 0)
+            messages, total = await store.history(room_channel("general"), 100, 0)
             assert total == 50
             assert [m.id for m in messages] == [r.id for r in rec.stored]
 
@@ -393,7 +393,7 @@ async def test_a_failing_operation_fails_only_itself(path: str) -> None:
             [(1, "COMMIT")] * 10 + [(0, "ROLLBACK")] + [(1, "COMMIT")] * 10
         )
 
-        messages, total = await store.room_history("general", 100, 0)
+        messages, total = await store.history(room_channel("general"), 100, 0)
         assert total == 20
         assert [m.id for m in messages] == [r.id for r in rec.stored]
 
@@ -461,7 +461,7 @@ async def test_reply_to_must_name_a_message_of_the_same_room(path: str) -> None:
         assert isinstance(ok_same, StoredMessage) and ok_same.message is same
         assert isinstance(ok_reaction, StoredMessage) and ok_reaction.message is reaction
 
-        messages, total = await store.room_history("general", 100, 0)
+        messages, total = await store.history(room_channel("general"), 100, 0)
         # The rejected ones are not stored and do not count.
         assert total == 3
         assert [m.id for m in messages] == [general_id, ok_same.id, ok_reaction.id]
@@ -501,10 +501,10 @@ async def fill(store: SqliteStore, room: str, n: int, user: int = 1) -> list[int
 
 async def test_history_of_an_empty_room(path: str) -> None:
     async with open_sqlite_store(path) as store:
-        assert await store.room_history("general", 50, 0) == ([], 0)
-        assert await store.room_history("general", 50, 10) == ([], 0)
+        assert await store.history(room_channel("general"), 50, 0) == ([], 0)
+        assert await store.history(room_channel("general"), 50, 10) == ([], 0)
         await fill(store, "random", 3)
-        assert await store.room_history("general", 50, 0) == ([], 0)
+        assert await store.history(room_channel("general"), 50, 0) == ([], 0)
 
 
 async def test_history_pages_count_back_from_the_newest(path: str) -> None:
@@ -512,7 +512,7 @@ async def test_history_pages_count_back_from_the_newest(path: str) -> None:
         ids = await fill(store, "general", 10)
 
         async def page(offset: int, limit: int = 3) -> tuple[list[int], int]:
-            messages, total = await store.room_history("general", limit, offset)
+            messages, total = await store.history(room_channel("general"), limit, offset)
             assert all(m.message.room == "general" for m in messages)
             return [m.id for m in messages], total
 
@@ -526,7 +526,7 @@ async def test_history_pages_count_back_from_the_newest(path: str) -> None:
         assert await page(0, limit=100) == (ids, 10)
         assert await page(0, limit=1) == (ids[9:], 10)
 
-        messages, _ = await store.room_history("general", 3, 0)
+        messages, _ = await store.history(room_channel("general"), 3, 0)
         assert [m.message.content for m in messages] == ["message 7", "message 8", "message 9"]
 
 
@@ -535,14 +535,14 @@ async def test_history_exact_multiple_of_the_limit(path: str) -> None:
         ids = await fill(store, "general", 9)
         seen: list[int] = []
         for offset in (0, 3, 6):
-            messages, total = await store.room_history("general", 3, offset)
+            messages, total = await store.history(room_channel("general"), 3, offset)
             assert total == 9
             assert len(messages) == 3
             has_more = offset + len(messages) < total
             assert has_more == (offset < 6)
             seen = [m.id for m in messages] + seen
         assert seen == ids
-        assert await store.room_history("general", 3, 9) == ([], 9)
+        assert await store.history(room_channel("general"), 3, 9) == ([], 9)
 
 
 async def test_history_limit_is_clamped_by_the_caller(path: str) -> None:
@@ -557,10 +557,10 @@ async def test_history_limit_is_clamped_by_the_caller(path: str) -> None:
     ]
     async with open_sqlite_store(path) as store:
         ids = await fill(store, "general", 120)
-        messages, total = await store.room_history("general", clamp_limit(500), 0)
+        messages, total = await store.history(room_channel("general"), clamp_limit(500), 0)
         assert (len(messages), total) == (100, 120)
         assert [m.id for m in messages] == ids[20:]
-        messages, _ = await store.room_history("general", clamp_limit(0), 0)
+        messages, _ = await store.history(room_channel("general"), clamp_limit(0), 0)
         assert [m.id for m in messages] == ids[-1:]
 
 
@@ -572,14 +572,14 @@ async def test_rooms_are_independent(path: str) -> None:
         await store.flush()
         general = [r.id for r in rec.stored if r.message.room == "general"]
         random = [r.id for r in rec.stored if r.message.room == "random"]
-        messages, total = await store.room_history("general", 100, 0)
+        messages, total = await store.history(room_channel("general"), 100, 0)
         assert ([m.id for m in messages], total) == (general, 8)
-        messages, total = await store.room_history("random", 100, 0)
+        messages, total = await store.history(room_channel("random"), 100, 0)
         assert ([m.id for m in messages], total) == (random, 4)
-        messages, total = await store.room_history("random", 2, 2)
+        messages, total = await store.history(room_channel("random"), 2, 2)
         assert ([m.id for m in messages], total) == (random[:2], 4)
         # A room whose name is a prefix of another is its own room too.
-        assert await store.room_history("gen", 100, 0) == ([], 0)
+        assert await store.history(room_channel("gen"), 100, 0) == ([], 0)
 
 
 async def test_dm_channels_are_symmetric(path: str) -> None:
@@ -637,6 +637,8 @@ async def test_history_page_is_an_index_range(path: str) -> None:
             messages, total = history(conn, "r:general", 50, offset)
             conn.set_trace_callback(None)
             assert (len(messages), total) == (50, 300)
+            assert statements[0] == "BEGIN" and statements[-1] == "COMMIT"  # one snapshot
+            statements = statements[1:-1]
             assert len(statements) == 2
             for sql in statements:
                 text = plan(conn, sql)
@@ -725,15 +727,15 @@ async def test_room_access(path: str) -> None:
 async def test_history_and_ids_survive_a_restart(path: str) -> None:
     async with open_sqlite_store(path) as store:
         first = await fill(store, "general", 7)
-        before = await store.room_history("general", 5, 0)
+        before = await store.history(room_channel("general"), 5, 0)
 
     async with open_sqlite_store(path) as store:
-        assert await store.room_history("general", 5, 0) == before
-        messages, total = await store.room_history("general", 100, 0)
+        assert await store.history(room_channel("general"), 5, 0) == before
+        messages, total = await store.history(room_channel("general"), 100, 0)
         assert ([m.id for m in messages], total) == (first, 7)
         more = await fill(store, "general", 3)
         assert min(more) > max(first)
-        messages, total = await store.room_history("general", 100, 0)
+        messages, total = await store.history(room_channel("general"), 100, 0)
         assert ([m.id for m in messages], total) == (first + more, 10)
 
     newest = max(more)
