@@ -144,51 +144,33 @@ class Hub:
 
     # --- delivery -----------------------------------------------------------
 
-    def deliver_room(
+    def deliver(
         self,
         stored: StoredMessage,
         now: float,
         origin: Peer | None = None,
         request_id: str | int | None = None,
     ) -> None:
-        """Fan a committed room message out to every connection in its room."""
+        """Fan a committed message out: a room message to every connection in
+        its room, a direct message to every connection of its recipient and
+        of its sender. ``origin``'s copy alone carries ``request_id``."""
         msg = stored.message
-        assert msg.room is not None
-        data = message_out(stored)
-        frame = OutFrame(encode("room_message", data, now, user_id=msg.user_id))
-        state = self._rooms.get(msg.room)
-        if state is None:
-            state = _Room()
-        if origin is None or request_id is None:
-            state.send(frame, state.peers, stored.id)
-            return
-        state.send(frame, (p for p in state.peers if p is not origin), stored.id)
-        if origin in self._joined:
-            own = encode("room_message", data, now, user_id=msg.user_id, request_id=request_id)
-            origin.send(OutFrame(own))
-
-    def deliver_direct(
-        self,
-        stored: StoredMessage,
-        now: float,
-        origin: Peer | None = None,
-        request_id: str | int | None = None,
-    ) -> None:
-        """Send a committed direct message to every connection of its
-        recipient and of its sender (other devices included)."""
-        msg = stored.message
-        assert msg.to_user_id is not None
-        data = direct_message_out(stored)
-        frame = OutFrame(encode("direct_message", data, now, user_id=msg.user_id))
-        peers = self._users.get(msg.to_user_id, set()) | self._users.get(msg.user_id, set())
-        for peer in peers:
-            if peer is origin and request_id is not None:
-                own = encode(
-                    "direct_message", data, now, user_id=msg.user_id, request_id=request_id
-                )
-                peer.send(OutFrame(own))
-            else:
-                peer.send(frame)
+        data: MessageOut | DirectMessageOut
+        if msg.room is not None:
+            kind, data = "room_message", message_out(stored)
+            state = self._rooms.get(msg.room) or _Room()
+            peers: Iterable[Peer] = state.peers
+        else:
+            assert msg.to_user_id is not None
+            kind, data = "direct_message", direct_message_out(stored)
+            state = _Room()  # no holding for conversations
+            users = self._users
+            peers = users.get(msg.to_user_id, set()) | users.get(msg.user_id, set())
+        frame = OutFrame(encode(kind, data, now, user_id=msg.user_id))
+        own = origin if request_id is not None and origin in self._joined else None
+        state.send(frame, (p for p in peers if p is not own), stored.id)
+        if own is not None:
+            own.send(OutFrame(encode(kind, data, now, user_id=msg.user_id, request_id=request_id)))
 
 
 def message_out(stored: StoredMessage) -> MessageOut:

@@ -285,8 +285,7 @@ class Session:
             duration=data.duration,
             reply_to=data.reply_to,
         )
-        hub = self.ctx.hub
-        deliver = hub.deliver_room if room is not None else hub.deliver_direct
+        deliver = self.ctx.hub.deliver
 
         def committed(result: StoredMessage | Exception) -> None:
             self._inflight -= 1
@@ -315,41 +314,38 @@ class Session:
         data: p.RoomHistory = frame.data
         self._read_limit()
         await self._check_room(data.room)
-        messages, total, limit = await self._page(room_channel(data.room), data.limit, data.offset)
-        reply = {
-            "room": data.room,
-            "messages": [message_out(m) for m in messages],
-            "total": total,
-            "has_more": data.offset + len(messages) < total,
-            "limit": limit,
-            "offset": data.offset,
-        }
-        self._reply("message_history", reply, frame)
+        await self._history(frame, "room", data.room, room_channel(data.room), message_out)
 
     async def _dm_history(self, frame: p.ClientFrame) -> None:
         data: p.DmHistory = frame.data
         self._read_limit()
         await self._check_user(data.with_user)
         channel = dm_channel(self.identity.user_id, data.with_user)
-        messages, total, limit = await self._page(channel, data.limit, data.offset)
+        await self._history(frame, "with_user", data.with_user, channel, direct_message_out)
+
+    async def _history(
+        self,
+        frame: p.ClientFrame,
+        key: str,
+        value: str | int,
+        channel: str,
+        shape: Callable[[StoredMessage], Any],
+    ) -> None:
+        """Answer ``message_history`` with one page of ``channel``."""
+        data: p.RoomHistory | p.DmHistory = frame.data
+        if self._inflight:  # read this connection's own writes
+            await self.ctx.store.flush()
+        limit = p.clamp_limit(data.limit)
+        messages, total = await self.ctx.store.history(channel, limit, data.offset)
         reply = {
-            "with_user": data.with_user,
-            "messages": [direct_message_out(m) for m in messages],
+            key: value,
+            "messages": [shape(m) for m in messages],
             "total": total,
             "has_more": data.offset + len(messages) < total,
             "limit": limit,
             "offset": data.offset,
         }
         self._reply("message_history", reply, frame)
-
-    async def _page(
-        self, channel: str, limit: int, offset: int
-    ) -> tuple[list[StoredMessage], int, int]:
-        if self._inflight:  # read this connection's own writes
-            await self.ctx.store.flush()
-        limit = p.clamp_limit(limit)
-        messages, total = await self.ctx.store.history(channel, limit, offset)
-        return messages, total, limit
 
     # --- the rest -------------------------------------------------------------
 

@@ -222,7 +222,7 @@ def test_disconnect_then_messages_not_delivered(hub: Hub) -> None:
     hub.disconnect(bob, NOW)
     alice.clear()
     bob.clear()
-    hub.deliver_room(stored(), NOW)
+    hub.deliver(stored(), NOW)
     assert bob.frames == []
     assert alice.types() == ["room_message"]
 
@@ -238,7 +238,7 @@ def test_deliver_room_one_shared_frame(hub: Hub) -> None:
     hub.join(outsider, "random", NOW)
     for peer in [*members, outsider]:
         peer.clear()
-    hub.deliver_room(stored(user_id=2), 0.0)
+    hub.deliver(stored(user_id=2), 0.0)
     assert outsider.frames == []
     frames = [peer.frames for peer in members]
     assert all(len(f) == 1 for f in frames)
@@ -266,7 +266,7 @@ def test_deliver_room_origin_gets_own_copy(hub: Hub, request_id: str | int) -> N
         hub.join(peer, "general", NOW)
     for peer in (origin, tab2, bob):
         peer.clear()
-    hub.deliver_room(stored(user_id=1), NOW, origin=origin, request_id=request_id)
+    hub.deliver(stored(user_id=1), NOW, origin=origin, request_id=request_id)
     assert len(origin.frames) == len(tab2.frames) == len(bob.frames) == 1
     assert tab2.frames[0] is bob.frames[0]
     assert origin.frames[0] is not bob.frames[0]
@@ -284,7 +284,7 @@ def test_deliver_room_origin_without_request_id_shares_frame(hub: Hub) -> None:
     hub.join(bob, "general", NOW)
     origin.clear()
     bob.clear()
-    hub.deliver_room(stored(user_id=1), NOW, origin=origin, request_id=None)
+    hub.deliver(stored(user_id=1), NOW, origin=origin, request_id=None)
     assert origin.frames[0] is bob.frames[0]
     assert "request_id" not in origin.received[0]
 
@@ -297,14 +297,14 @@ def test_deliver_room_origin_gone(hub: Hub) -> None:
     hub.disconnect(origin, NOW)
     origin.clear()
     bob.clear()
-    hub.deliver_room(stored(user_id=1), NOW, origin=origin, request_id="r")
+    hub.deliver(stored(user_id=1), NOW, origin=origin, request_id="r")
     assert origin.frames == []
     assert bob.types() == ["room_message"]
 
 
 def test_deliver_room_to_empty_room(hub: Hub) -> None:
     alice = connect(hub, 1)
-    hub.deliver_room(stored(room="nobody-here"), NOW)
+    hub.deliver(stored(room="nobody-here"), NOW)
     assert alice.frames == []
 
 
@@ -326,7 +326,7 @@ def test_deliver_room_media_fields(hub: Hub) -> None:
             reply_to=4,
         ),
     )
-    hub.deliver_room(msg, NOW)
+    hub.deliver(msg, NOW)
     data = alice.received[0]["data"]
     assert data["media_url"] == "/a.ogg"
     assert data["duration"] == 2.5
@@ -341,13 +341,13 @@ def test_held_peer_gets_nothing_until_release(hub: Hub) -> None:
     alice, bob = connect(hub, 1), connect(hub, 2)
     hub.join(alice, "general", NOW)
     hub.join(bob, "general", NOW, hold=True)
-    hub.deliver_room(stored(msg_id=11), NOW)
-    hub.deliver_room(stored(msg_id=12), NOW)
+    hub.deliver(stored(msg_id=11), NOW)
+    hub.deliver(stored(msg_id=12), NOW)
     assert bob.frames == []
     assert [m["data"]["id"] for m in alice.received if m["type"] == "room_message"] == [11, 12]
     hub.release(bob, "general", after_id=11)  # the replay already carried 11
     assert [m["data"]["id"] for m in bob.received] == [12]
-    hub.deliver_room(stored(msg_id=13), NOW)
+    hub.deliver(stored(msg_id=13), NOW)
     assert [m["data"]["id"] for m in bob.received] == [12, 13]
 
 
@@ -356,7 +356,7 @@ def test_held_presence_is_released_in_order(hub: Hub) -> None:
     hub.join(alice, "general", NOW, hold=True)
     carol = connect(hub, 3)
     hub.join(carol, "general", NOW)
-    hub.deliver_room(stored(msg_id=20, user_id=3), NOW)
+    hub.deliver(stored(msg_id=20, user_id=3), NOW)
     assert alice.frames == []
     hub.release(alice, "general", after_id=5)
     assert alice.types() == ["user_connected", "room_message"]
@@ -365,7 +365,7 @@ def test_held_presence_is_released_in_order(hub: Hub) -> None:
 def test_leaving_drops_what_was_held(hub: Hub) -> None:
     alice = connect(hub, 1)
     hub.join(alice, "general", NOW, hold=True)
-    hub.deliver_room(stored(msg_id=30, user_id=2), NOW)
+    hub.deliver(stored(msg_id=30, user_id=2), NOW)
     hub.leave(alice, "general", NOW)
     hub.release(alice, "general", after_id=0)
     assert alice.frames == []
@@ -396,7 +396,7 @@ def test_direct_message_reaches_every_device_of_both(hub: Hub) -> None:
         connect(hub, 2),
         connect(hub, 3),
     )
-    hub.deliver_direct(direct(), NOW, origin=a1, request_id="d1")
+    hub.deliver(direct(), NOW, origin=a1, request_id="d1")
     for peer in (a1, a2, b1, b2):
         (frame,) = peer.received
         assert frame["type"] == "direct_message"
@@ -418,13 +418,13 @@ def test_direct_message_reaches_every_device_of_both(hub: Hub) -> None:
 
 def test_direct_message_to_an_offline_user_reaches_the_senders_devices(hub: Hub) -> None:
     a1, a2 = connect(hub, 1), connect(hub, 1)
-    hub.deliver_direct(direct(to_id=9), NOW)
+    hub.deliver(direct(to_id=9), NOW)
     assert a1.types() == a2.types() == ["direct_message"]
 
 
 def test_direct_message_to_self_arrives_once_per_device(hub: Hub) -> None:
     a1 = connect(hub, 1)
-    hub.deliver_direct(direct(from_id=1, to_id=1), NOW)
+    hub.deliver(direct(from_id=1, to_id=1), NOW)
     assert a1.types() == ["direct_message"]
 
 
