@@ -3,7 +3,7 @@
 #
 #   ./build.sh          build chatd.pyz, the shiv zipapp (pinned, reproducible)
 #   ./build.sh test     install the test dependencies into .venv, run pytest
-#   ./build.sh lint     ruff and mypy --strict over chatd/ (CI runs it too)
+#   ./build.sh lint     ruff over chatd/ and tests/, mypy --strict over chatd/ (CI too)
 #
 # Extra arguments after `test` go to pytest (./build.sh test -k history).
 set -euo pipefail
@@ -54,8 +54,8 @@ case "${1:-build}" in
         ;;
     lint)
         venv
-        "$VENV/bin/ruff" check chatd
-        "$VENV/bin/ruff" format --check chatd
+        "$VENV/bin/ruff" check chatd tests
+        "$VENV/bin/ruff" format --check chatd tests
         "$VENV/bin/mypy" chatd
         ;;
     *)

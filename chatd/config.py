@@ -91,6 +91,8 @@ class LimitsConfig(_Section, frozen=True):
     #: join_room, room_history and dm_history per user per minute (burst of
     #: the same size): their own bucket, more generous than messages'.
     reads_per_minute: PositiveInt = 120
+    #: Longest audio message, in seconds (``duration``).
+    max_audio_seconds: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
     #: Most messages replayed by join_room with since_id.
     recovery_max_messages: Annotated[int, Meta(ge=0, le=100_000)] = 1000
 

@@ -11,8 +11,9 @@ recipient's connection: no task per recipient, no per-recipient encoding
 A connection that joins a room to recover missed messages is *held* in it:
 the room's frames for that connection are kept back, in order, until the
 replay from storage has been sent, then released, skipping the messages the
-replay already carried. So nothing is lost, doubled or reordered between the
-stored past and the live present.
+replay already carried (except the sender's own copies, which carry its
+``request_id``). So nothing is lost or reordered between the stored past and
+the live present.
 
 Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 """
@@ -170,7 +171,10 @@ class Hub:
         own = origin if request_id is not None and origin in self._joined else None
         state.send(frame, (p for p in peers if p is not own), stored.id)
         if own is not None:
-            own.send(OutFrame(encode(kind, data, now, user_id=msg.user_id, request_id=request_id)))
+            copy = OutFrame(encode(kind, data, now, user_id=msg.user_id, request_id=request_id))
+            # Held like the rest, but never skipped at release: a replay
+            # lacks the request_id the sender is waiting for.
+            state.send(copy, (own,), None)
 
 
 def message_out(stored: StoredMessage) -> MessageOut:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from chatd import protocol as p
 from chatd.auth import Identity, Verifier
-from chatd.config import Config
+from chatd.config import Config, LimitsConfig
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub, direct_message_out, message_out
 from chatd.ratelimit import LimiterTable, TokenBucket
@@ -41,8 +41,9 @@ from chatd.transport.frames import OutFrame
 log = logging.getLogger("chatd")
 
 MAX_REACTION_LENGTH = 32
-MAX_AUDIO_SECONDS = 3600.0
-_MEDIA_TYPE = re.compile(r"^image/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}$")
+_MEDIA_TYPE = re.compile(
+    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,62}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,62}\Z"
+)
 
 
 class ClientPeer(Protocol):
@@ -270,7 +271,7 @@ class Session:
         to_user_id: int | None = None,
     ) -> None:
         """Validate, rate-limit and queue a message; deliver after commit."""
-        validate_content(data, self.ctx.config.limits.max_content_length)
+        validate_content(data, self.ctx.config.limits)
         self._message_limit()
         message = NewMessage(
             user_id=self.identity.user_id,
@@ -394,30 +395,45 @@ class Session:
             raise ChatError(ErrorCode.RATE_LIMITED, "Too many requests", {"retry_after": int(wait)})
 
 
-def validate_content(data: p.RoomMessage | p.DirectMessage, max_length: int) -> None:
-    """The rules of each ``message_type`` (protocol-decisions.md, Messages)."""
+def validate_content(data: p.RoomMessage | p.DirectMessage, limits: LimitsConfig) -> None:
+    """The rules of each ``message_type`` (protocol-decisions.md, Messages).
+
+    ``media_url``, ``media_type`` and ``duration`` are checked wherever they
+    appear, on every kind: a text message cannot smuggle a ``javascript:``
+    URL any more than an image can."""
     kind = data.message_type
+    max_length = limits.max_content_length
     if len(data.content) > max_length:
         raise ChatError(
             ErrorCode.MESSAGE_TOO_LONG,
             f"Content is longer than {max_length} characters",
             {"max_length": max_length},
         )
+    if data.media_url is not None:
+        check_media_url(data.media_url)
+    elif kind in ("image", "audio"):
+        raise invalid_format(f"An {kind} message needs media_url", "data.media_url")
+    if data.media_type is not None:
+        family = data.media_type.partition("/")[0].lower()
+        if not _MEDIA_TYPE.match(data.media_type) or (
+            kind in ("image", "audio") and family != kind
+        ):
+            raise invalid_format(
+                "media_type must be a MIME type (image/* for images)", "data.media_type"
+            )
+    elif kind == "image":
+        raise invalid_format("An image message needs media_type image/*", "data.media_type")
+    max_duration = limits.max_audio_seconds
+    if (data.duration is None and kind == "audio") or (
+        data.duration is not None and data.duration > max_duration
+    ):
+        raise invalid_format(
+            f"An audio message needs a duration of 0 to {max_duration:g} seconds",
+            "data.duration",
+        )
     if kind == "text":
         if not data.content.strip():
             raise invalid_format("A text message needs content", "data.content")
-    elif kind in ("image", "audio"):
-        if data.media_url is None:
-            raise invalid_format(f"An {kind} message needs media_url", "data.media_url")
-        check_media_url(data.media_url)
-        if kind == "image":
-            if data.media_type is None or not _MEDIA_TYPE.match(data.media_type):
-                raise invalid_format("media_type must be image/*", "data.media_type")
-        elif data.duration is None or data.duration > MAX_AUDIO_SECONDS:
-            raise invalid_format(
-                f"An audio message needs a duration of 0 to {MAX_AUDIO_SECONDS:g} seconds",
-                "data.duration",
-            )
     elif kind == "reaction":
         if data.reply_to is None:
             raise invalid_format("A reaction needs reply_to", "data.reply_to")

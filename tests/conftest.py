@@ -27,7 +27,9 @@ from chatd.server import ChatServer
 SECRET = "test-secret-that-is-at-least-32-bytes-long"
 
 
-def make_token(user_id: Any = 1, username: Any = "alice", *, ttl: float = 3600, **claims: Any) -> str:
+def make_token(
+    user_id: Any = 1, username: Any = "alice", *, ttl: float = 3600, **claims: Any
+) -> str:
     """A token signed with the tests' secret (``claims`` override)."""
     now = int(time.time())
     body: dict[str, Any] = {"user_id": user_id, "username": username, "iat": now, "exp": now + ttl}
@@ -91,7 +93,9 @@ class Client:
     def __init__(self, ws: WebSocketConnection) -> None:
         self.ws = ws
 
-    async def send(self, type_: str, data: Any = None, request_id: Any = None, **extra: Any) -> None:
+    async def send(
+        self, type_: str, data: Any = None, request_id: Any = None, **extra: Any
+    ) -> None:
         frame: dict[str, Any] = {"type": type_, "data": {} if data is None else data, **extra}
         if request_id is not None:
             frame["request_id"] = request_id
@@ -100,15 +104,15 @@ class Client:
     async def send_raw(self, text: str | bytes) -> None:
         await self.ws.send_message(text)
 
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        with trio.fail_after(timeout):
+    async def recv(self, wait: float = 5.0) -> dict[str, Any]:
+        with trio.fail_after(wait):
             message = await self.ws.get_message()
         frame: dict[str, Any] = json.loads(message)
         return frame
 
-    async def expect(self, type_: str, timeout: float = 5.0) -> dict[str, Any]:
+    async def expect(self, type_: str, wait: float = 5.0) -> dict[str, Any]:
         """The next frame, which must be of ``type_``."""
-        frame = await self.recv(timeout)
+        frame = await self.recv(wait)
         assert frame["type"] == type_, frame
         return frame
 

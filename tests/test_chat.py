@@ -127,7 +127,12 @@ async def test_wrong_signature_and_alg_none_are_refused(server):
     def b64(obj: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
 
-    unsigned = b64({"alg": "none", "typ": "JWT"}) + "." + b64({"user_id": 1, "exp": int(time.time()) + 60}) + "."
+    unsigned = (
+        b64({"alg": "none", "typ": "JWT"})
+        + "."
+        + b64({"user_id": 1, "exp": int(time.time()) + 60})
+        + "."
+    )
     for token in (forged, unsigned):
         async with connect(server, token=token) as client:
             assert (await client.expect("error"))["data"]["code"] == "AUTH_FAILED"
@@ -176,12 +181,17 @@ async def test_sending_to_a_room_not_joined_is_refused(server):
         ('{"type": "join_room", "data": {}}', "data.room"),
         ('{"type": "join_room", "data": {"room": ""}}', "data.room"),
         ('{"type": "room_history", "data": {"room": "general", "offset": -1}}', "data.offset"),
-        ('{"type": "room_message", "data": {"room": "general", "content": "x", "message_type": "video"}}',
-         "data.message_type"),
+        (
+            '{"type": "room_message",'
+            ' "data": {"room": "general", "content": "x", "message_type": "video"}}',
+            "data.message_type",
+        ),
         ("[" * 3000 + "]" * 3000, None),
     ],
 )
-async def test_invalid_frames_get_invalid_format_and_the_connection_stays_usable(server, raw, field):
+async def test_invalid_frames_get_invalid_format_and_the_connection_stays_usable(
+    server, raw, field
+):
     async with connect(server) as alice:
         await alice.send_raw(raw)
         err = await alice.expect("error")
@@ -226,14 +236,19 @@ async def test_rate_limit_refuses_and_recovers(make_config, db_path, slow_autoju
             await bob.join("general")
             await alice.expect("user_connected")
             for i in range(3):
-                frame = await alice.request("room_message", {"room": "general", "content": f"ok{i}"})
+                frame = await alice.request(
+                    "room_message", {"room": "general", "content": f"ok{i}"}
+                )
                 assert frame["type"] == "room_message"
             err = await alice.request("room_message", {"room": "general", "content": "over"})
             assert err["data"]["code"] == "RATE_LIMITED"
             assert err["data"]["details"]["retry_after"] >= 1
             # The refused message was neither delivered nor stored.
             assert [(await bob.expect("room_message"))["data"]["content"] for _ in range(3)] == [
-                "ok0", "ok1", "ok2"]
+                "ok0",
+                "ok1",
+                "ok2",
+            ]
             await bob.nothing_pending()
             # A second connection of the same user shares the limit.
             async with connect(server, 1, "alice") as alice2:
@@ -273,12 +288,16 @@ async def test_auth_refresh_extends_the_connection(make_config):
     wall = WallClock()
     async with running(make_config(), wall=wall) as server:
         async with connect(server, token=make_token(1, "alice", ttl=60)) as alice:
-            ack = await alice.request("auth", {"token": make_token(1, "alice", ttl=7200)}, request_id="r")
+            ack = await alice.request(
+                "auth", {"token": make_token(1, "alice", ttl=7200)}, request_id="r"
+            )
             assert ack["type"] == "auth_ack" and ack["request_id"] == "r"
             assert ack["data"]["user_id"] == 1 and ack["data"]["expires_at"].endswith("Z")
             wall.offset = 3600  # past the first token's expiry, within the second's
             await alice.join("general")
-            frame = await alice.request("room_message", {"room": "general", "content": "still here"})
+            frame = await alice.request(
+                "room_message", {"room": "general", "content": "still here"}
+            )
             assert frame["type"] == "room_message"
 
         async with connect(server, token=make_token(1, "alice")) as alice:

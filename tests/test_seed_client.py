@@ -37,7 +37,9 @@ def node_command() -> list[str]:
 async def test_seed_websocket_client_works_unchanged(server):
     command = [*node_command(), str(HARNESS)]
     env = {**os.environ, "CHATD_PORT": str(server.port), "CHATD_TOKEN": make_token(9, "zoe")}
-    result = await trio.run_process(command, env=env, capture_stdout=True, capture_stderr=True, check=False)
+    result = await trio.run_process(
+        command, env=env, capture_stdout=True, capture_stderr=True, check=False
+    )
     assert result.returncode == 0, (result.stdout, result.stderr)
     seen = json.loads(result.stdout.decode().strip().splitlines()[-1])
     assert seen["errors"] == []

@@ -1,0 +1,158 @@
+"""``chatd user ...`` and ``chatd room ...`` as a real subprocess, alone and
+beside a running server on the same database."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from chatd.config import load
+from tests.conftest import connect, running
+from tests.test_direct import REPO, write_config
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, db_path: Path) -> Path:
+    return write_config(tmp_path, db_path)
+
+
+async def chatd(config_file: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run ``python -m chatd GROUP ACTION --config FILE ARGS...``."""
+    group, action, *rest = args
+    argv = [sys.executable, "-m", "chatd", group, action, "--config", str(config_file), *rest]
+    with trio.fail_after(60):
+        return await trio.run_process(
+            argv, cwd=REPO, check=False, capture_stdout=True, capture_stderr=True
+        )
+
+
+def ok(done: subprocess.CompletedProcess[bytes]) -> str:
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == b""
+    return done.stdout.decode()
+
+
+def one_line_failure(done: subprocess.CompletedProcess[bytes], code: int = 1) -> str:
+    assert done.returncode == code, (done.stdout, done.stderr)
+    err = done.stderr.decode()
+    assert err.startswith("chatd: ") and err.endswith("\n") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    assert done.stdout == b""
+    return err
+
+
+async def listing(config_file: Path) -> list[str]:
+    return ok(await chatd(config_file, "room", "list")).splitlines()
+
+
+async def test_room_create_and_list(config_file):
+    out = ok(await chatd(config_file, "room", "create", "lounge"))
+    assert out == "room lounge created (public, 0 members)\n"
+    out = ok(
+        await chatd(
+            config_file, "room", "create", "vault", "--private", "--member", "5", "--member", "1"
+        )
+    )
+    assert out == "room vault created (private, 2 members)\n"
+    assert await listing(config_file) == [
+        "general  public",
+        "lounge  public",
+        "random  public",
+        "staff  private  members: 1, 2",
+        "vault  private  members: 1, 5",
+    ]
+
+
+async def test_creating_a_room_twice_fails_with_one_line(config_file):
+    ok(await chatd(config_file, "room", "create", "lounge", "--member", "3"))
+    before = await listing(config_file)
+    err = one_line_failure(await chatd(config_file, "room", "create", "lounge", "--private"))
+    assert "lounge" in err and "already exists" in err
+    err = one_line_failure(await chatd(config_file, "room", "create", "general"))
+    assert "general" in err
+    assert await listing(config_file) == before  # nothing changed, not even privacy
+
+
+async def test_add_member(config_file):
+    ok(await chatd(config_file, "room", "create", "vault", "--private", "--member", "1"))
+    out = ok(await chatd(config_file, "room", "add-member", "vault", "7", "3"))
+    assert out == "room vault: added 7, 3\n"
+    ok(await chatd(config_file, "room", "add-member", "vault", "3"))  # again: no change
+    ok(await chatd(config_file, "room", "add-member", "staff", "9"))
+    rooms = await listing(config_file)
+    assert "vault  private  members: 1, 3, 7" in rooms
+    assert "staff  private  members: 1, 2, 9" in rooms
+
+    err = one_line_failure(await chatd(config_file, "room", "add-member", "nowhere", "1"))
+    assert "nowhere" in err
+    assert not any(line.startswith("nowhere") for line in await listing(config_file))
+
+
+async def test_user_add(config_file, db_path):
+    assert ok(await chatd(config_file, "user", "add", "--user-id", "42", "--username", "zed")) == (
+        "user 42 (zed) added\n"
+    )
+    ok(await chatd(config_file, "user", "add", "--user-id", "42", "--username", "Zed II"))
+    one_line_failure(await chatd(config_file, "user", "add", "--user-id", "43", "--username", ""))
+    with sqlite3.connect(db_path) as db:
+        assert db.execute("SELECT id, username FROM users").fetchall() == [(42, "Zed II")]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("room", "create", "bad name"),
+        ("room", "create", "x" * 65),
+        ("room", "create", ""),
+        ("room", "create", "semi;colon"),
+        ("room", "add-member", "bad/name", "1"),
+        ("room", "create", "fine", "--member", "abc"),
+        ("room", "add-member", "general"),
+        ("user", "add", "--user-id", "0", "--username", "zero"),
+    ],
+)
+async def test_bad_arguments_exit_2(config_file, args):
+    done = await chatd(config_file, *args)
+    assert done.returncode == 2, done.stderr
+    assert b"usage:" in done.stderr and b"Traceback" not in done.stderr
+    assert done.stdout == b""
+    assert await listing(config_file) == [
+        "general  public",
+        "random  public",
+        "staff  private  members: 1, 2",
+    ]
+
+
+async def test_rooms_made_with_the_cli_work_at_once_in_a_running_server(config_file):
+    async with running(load(config_file)) as server:
+        async with connect(server, 1, "alice") as alice, connect(server, 2, "bob") as bob:
+            err = await alice.request("join_room", {"room": "lounge"})
+            assert err["data"]["code"] == "ROOM_NOT_FOUND"
+            ok(await chatd(config_file, "room", "create", "lounge"))
+            ack = await alice.request("join_room", {"room": "lounge"})
+            assert ack["type"] == "join_room_ack" and ack["data"]["room"] == "lounge"
+            sent = await alice.request("room_message", {"room": "lounge", "content": "first!"})
+            assert sent["type"] == "room_message"
+
+            ok(await chatd(config_file, "room", "create", "vault", "--private", "--member", "1"))
+            assert (await alice.request("join_room", {"room": "vault"}))["type"] == "join_room_ack"
+            err = await bob.request("join_room", {"room": "vault"})
+            assert err["data"]["code"] == "PERMISSION_DENIED"
+            assert err["data"]["details"] == {"room": "vault"}
+            err = await bob.request("room_history", {"room": "vault"})
+            assert err["data"]["code"] == "PERMISSION_DENIED"
+
+            ok(await chatd(config_file, "room", "add-member", "vault", "2"))
+            ack = await bob.request("join_room", {"room": "vault"})
+            assert ack["type"] == "join_room_ack"
+            assert sorted(m["user_id"] for m in ack["data"]["members"]) == [1, 2]
+            assert (await alice.expect("user_connected"))["data"]["room"] == "vault"
+            history = await bob.request("room_history", {"room": "lounge"})
+            assert history["data"]["messages"] == [sent["data"]]
+
+    assert "vault  private  members: 1, 2" in await listing(config_file)
