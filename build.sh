@@ -27,6 +27,19 @@ venv() {
     fi
 }
 
+# The seed's React hook runs in the tests under Node.js: install React there
+# (pinned by tests/js/package-lock.json) when npm is available.
+js() {
+    command -v npm >/dev/null 2>&1 || return 0
+    local stamp=tests/js/node_modules/.chatd-lock
+    local want
+    want=$(sha256sum tests/js/package-lock.json | cut -d' ' -f1)
+    if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+        npm ci --prefix tests/js --silent --no-audit --no-fund
+        echo "$want" > "$stamp"
+    fi
+}
+
 build() {
     venv
     local site=build/site
@@ -50,6 +63,7 @@ case "${1:-build}" in
     test)
         shift
         venv
+        js
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     lint)

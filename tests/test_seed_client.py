@@ -1,9 +1,10 @@
-"""The seed's JavaScript ``WebSocketClient``, unchanged, against chatd.
+"""The seed's JavaScript ``WebSocketClient`` and React ``useWebSocket``,
+unchanged, against chatd.
 
-Runs the class from ``tests/js/seed-websocket-client.js`` (a verbatim copy of
-the spec's) in Node.js with its built-in WebSocket: it connects with
-``?token=``, joins ``general``, sends a message, sees it come back with an id,
-and reads the history.
+Runs the class from ``tests/js/seed-websocket-client.js`` and the hook from
+``tests/js/seed-use-websocket.mjs`` (verbatim copies of the spec's) in Node.js
+with its built-in WebSocket; the hook is rendered with react-test-renderer
+(``tests/js/package.json``, installed by ``./build.sh test`` when npm is there).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import make_token
+from tests.conftest import connect, make_token
 
-HARNESS = Path(__file__).parent / "js" / "run-seed-client.mjs"
+JS = Path(__file__).parent / "js"
+HARNESS = JS / "run-seed-client.mjs"
 
 
 def node_command() -> list[str]:
@@ -51,3 +53,33 @@ async def test_seed_websocket_client_works_unchanged(server):
     history = seen["history"]
     assert history["room"] == "general" and history["total"] == 1
     assert [m["id"] for m in history["messages"]] == [message["id"]]
+
+
+async def test_seed_use_websocket_hook_works_unchanged(server):
+    command = node_command()
+    if not (JS / "node_modules" / "react-test-renderer").is_dir():
+        pytest.skip("React is not installed in tests/js (./build.sh test installs it with npm)")
+    async with connect(server, 8, "yann"):  # a known user to write to
+        pass
+    env = {
+        **os.environ,
+        "CHATD_PORT": str(server.port),
+        "CHATD_TOKEN": make_token(9, "zoe"),
+        "CHATD_PEER": "8",
+    }
+    result = await trio.run_process(
+        [*command, str(JS / "run-seed-hook.mjs")],
+        env=env,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    messages = json.loads(result.stdout.decode().strip().splitlines()[-1])["messages"]
+    # The hook prepends history to what it has: [history..., live room, live DM].
+    *history, live_room, live_dm = messages
+    assert live_room["content"] == "hello from the hook" and live_room["room"] == "general"
+    assert live_room["user_id"] == 9 and isinstance(live_room["id"], int)
+    assert live_dm["content"] == "psst from the hook"
+    assert live_dm["from_user_id"] == 9 and live_dm["to_user_id"] == 8
+    assert [m["id"] for m in history] == [live_room["id"]]
