@@ -55,6 +55,14 @@ class ServerConfig(_Section, frozen=True):
     compression: bool = True
     #: On SIGTERM/SIGINT, how long to wait for clients to finish closing.
     shutdown_timeout_seconds: Seconds = 5.0
+    #: On SIGTERM, how long /readyz answers 503 (so a load balancer moves
+    #: traffic away) before chatd stops accepting and closes connections.
+    drain_grace_seconds: Annotated[float, Meta(ge=0, le=3600)] = 0.0
+    #: "host:port" to serve /metrics on instead of the main port ("" = main port).
+    metrics_listen: str = ""
+    #: Development only: POST /dev/token mints a token for any name, to
+    #: loopback clients, and only when ``host`` is a loopback address.
+    dev_tokens: bool = False
 
 
 class AuthConfig(_Section, frozen=True):
@@ -97,6 +105,16 @@ class LimitsConfig(_Section, frozen=True):
     recovery_max_messages: Annotated[int, Meta(ge=0, le=100_000)] = 1000
 
 
+class ApiConfig(_Section, frozen=True):
+    #: Bearer keys accepted by POST /api/publish (none: the API is off).
+    keys: tuple[Annotated[str, Meta(min_length=16)], ...] = ()
+    #: Rate limits of the system sender (all API calls together).
+    messages_per_minute: PositiveInt = 600
+    messages_per_hour: PositiveInt = 20000
+    #: Largest ``data`` object a notification may carry, JSON-encoded.
+    max_data_bytes: Annotated[int, Meta(ge=0, le=65536)] = 8192
+
+
 class LoggingConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -107,6 +125,7 @@ class Config(_Section, frozen=True):
     storage: StorageConfig = msgspec.field(default_factory=StorageConfig)
     rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     #: Where the config came from, for messages; not a TOML key.
     source: str = "<defaults>"
@@ -187,6 +206,17 @@ def _key(path: str) -> str:
     return f"[{parts[0]}] {'.'.join(parts[1:])}"
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:9090"`` or ``"[::1]:9090"`` -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
 def _check(config: Config) -> Config:
     """Rules that span keys or touch the file system."""
     src = config.source
@@ -226,4 +256,18 @@ def _check(config: Config) -> Config:
         raise ConfigError(
             f"{src}: [limits] messages_per_hour: must be at least messages_per_minute"
         )
+    if config.api.messages_per_hour < config.api.messages_per_minute:
+        raise ConfigError(f"{src}: [api] messages_per_hour: must be at least messages_per_minute")
+    if config.server.metrics_listen:
+        try:
+            split_address(config.server.metrics_listen)
+        except ValueError as exc:
+            raise ConfigError(f"{src}: [server] metrics_listen: {exc}") from None
+    if config.server.dev_tokens:
+        if config.server.host not in LOOPBACK_HOSTS:
+            raise ConfigError(
+                f"{src}: [server] dev_tokens: only allowed when host is a loopback address"
+            )
+        if not algorithms & HMAC_ALGORITHMS:
+            raise ConfigError(f"{src}: [server] dev_tokens: needs an HS* jwt_secret to sign with")
     return msgspec.structs.replace(config, public_key=public_key)

@@ -23,8 +23,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
+import msgspec
+
 from chatd.auth import Identity
-from chatd.protocol import DirectMessageOut, Member, MessageOut, encode
+from chatd.metrics import Metrics
+from chatd.protocol import DirectMessageOut, Member, MessageOut, NotificationOut, encode
 from chatd.store import StoredMessage
 from chatd.transport.frames import OutFrame
 
@@ -48,19 +51,24 @@ class _Room:
         #: connections being caught up: (message id or None, frame) kept back
         self.held: dict[Peer, list[tuple[int | None, OutFrame]]] = {}
 
-    def send(self, frame: OutFrame, peers: Iterable[Peer], message_id: int | None = None) -> None:
+    def send(self, frame: OutFrame, peers: Iterable[Peer], message_id: int | None = None) -> int:
+        """Send (or hold) ``frame`` for each of ``peers``; return how many."""
         held = self.held
+        count = 0
         for peer in peers:
+            count += 1
             if held and peer in held:
                 held[peer].append((message_id, frame))
             else:
                 peer.send(frame)
+        return count
 
 
 class Hub:
     """Rooms, their connected members, and every user's connections."""
 
-    def __init__(self) -> None:
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics or Metrics()
         self._rooms: dict[str, _Room] = {}
         self._joined: dict[Peer, set[str]] = {}
         self._users: dict[int, set[Peer]] = {}
@@ -141,7 +149,8 @@ class Hub:
     def _presence(self, state: _Room, kind: str, ident: Identity, room: str, now: float) -> None:
         data = {"user_id": ident.user_id, "username": ident.username, "room": room}
         frame = OutFrame(encode(kind, data, now, user_id=ident.user_id))
-        state.send(frame, (p for p in state.peers if p.identity.user_id != ident.user_id))
+        others = (p for p in state.peers if p.identity.user_id != ident.user_id)
+        self._metrics.frames_out(kind, state.send(frame, others))
 
     # --- delivery -----------------------------------------------------------
 
@@ -156,20 +165,25 @@ class Hub:
         its room, a direct message to every connection of its recipient and
         of its sender. ``origin``'s copy alone carries ``request_id``."""
         msg = stored.message
-        data: MessageOut | DirectMessageOut
-        if msg.room is not None:
+        data: MessageOut | DirectMessageOut | NotificationOut
+        if msg.message_type == "notification":
+            kind, data = "notification", notification_out(stored)
+        elif msg.room is not None:
             kind, data = "room_message", message_out(stored)
+        else:
+            kind, data = "direct_message", direct_message_out(stored)
+        if msg.room is not None:
             state = self._rooms.get(msg.room) or _Room()
             peers: Iterable[Peer] = state.peers
         else:
             assert msg.to_user_id is not None
-            kind, data = "direct_message", direct_message_out(stored)
             state = _Room()  # no holding for conversations
             users = self._users
             peers = users.get(msg.to_user_id, set()) | users.get(msg.user_id, set())
         frame = OutFrame(encode(kind, data, now, user_id=msg.user_id))
         own = origin if request_id is not None and origin in self._joined else None
-        state.send(frame, (p for p in peers if p is not own), stored.id)
+        sent = state.send(frame, (p for p in peers if p is not own), stored.id)
+        self._metrics.frames_out(kind, sent + (own is not None))
         if own is not None:
             copy = OutFrame(encode(kind, data, now, user_id=msg.user_id, request_id=request_id))
             # Held like the rest, but never skipped at release: a replay
@@ -192,6 +206,7 @@ def message_out(stored: StoredMessage) -> MessageOut:
         media_type=msg.media_type,
         duration=msg.duration,
         reply_to=msg.reply_to,
+        data=_raw(msg.data),
     )
 
 
@@ -211,4 +226,22 @@ def direct_message_out(stored: StoredMessage) -> DirectMessageOut:
         media_type=msg.media_type,
         duration=msg.duration,
         reply_to=msg.reply_to,
+        data=_raw(msg.data),
     )
+
+
+def notification_out(stored: StoredMessage) -> NotificationOut:
+    """A stored notification in its live shape."""
+    msg = stored.message
+    return NotificationOut(
+        id=stored.id,
+        content=msg.content,
+        created_at=msg.created_at,
+        room=msg.room,
+        to_user_id=msg.to_user_id,
+        data=_raw(msg.data),
+    )
+
+
+def _raw(data: bytes | None) -> msgspec.Raw | None:
+    return msgspec.Raw(data) if data is not None else None

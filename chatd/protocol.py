@@ -76,7 +76,8 @@ class RoomHistory(_Data, frozen=True, kw_only=True):
 
 
 class DmHistory(_Data, frozen=True, kw_only=True):
-    with_user: Id
+    #: 0 is the system sender: its conversation holds the user's notifications.
+    with_user: NonNegative
     limit: int = HISTORY_DEFAULT_LIMIT
     offset: NonNegative = 0
 
@@ -234,6 +235,7 @@ class MessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
     media_type: str | None = None
     duration: float | None = None
     reply_to: int | None = None
+    data: msgspec.Raw | None = None
 
 
 class DirectMessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -250,6 +252,18 @@ class DirectMessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
     media_type: str | None = None
     duration: float | None = None
     reply_to: int | None = None
+    data: msgspec.Raw | None = None
+
+
+class NotificationOut(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """A notification from the publish API, as delivered live."""
+
+    id: int
+    content: str
+    created_at: str
+    room: str | None = None
+    to_user_id: int | None = None
+    data: msgspec.Raw | None = None
 
 
 class ErrorData(msgspec.Struct):

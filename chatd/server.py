@@ -1,13 +1,18 @@
-"""The nursery tree: the store, the listener, and one task per connection.
+"""The nursery tree: the store, the listeners, and one task per connection.
 
 ``ChatServer.run`` opens the store (migrating it and declaring the config's
 rooms), listens, reports ``started`` with itself (so tests and the CLI know
-the port), and serves until ``stop()``. Stopping closes the listener, sends
-every WebSocket client a 1001 close, gives them ``shutdown_timeout_seconds``
-to go, then lets the store commit everything still queued before it returns.
+the port), and serves until ``stop()``.
 
-This module is also the app the HTTP layer calls: routes for plain HTTP and
-the WebSocket upgrade, where the token is checked and a session begins.
+Stopping (SIGTERM) is a drain: ``/readyz`` answers 503 at once; after
+``drain_grace_seconds`` the listeners close, every WebSocket client gets a
+1001 close and ``shutdown_timeout_seconds`` to go, then the store commits
+everything still queued and ``run`` returns. ``reload`` (SIGHUP) applies a new
+config's rooms and limits without dropping a connection.
+
+This module is also the app the HTTP layer calls: plain HTTP goes to
+``routes``; the WebSocket upgrade is handled here, where the token is checked
+and a session begins. ``publish`` is the backend API's way in.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -26,15 +32,20 @@ from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import Extension
 from wsproto.utilities import RemoteProtocolError
 
-from chatd import __version__
-from chatd.auth import MIN_SECRET_BYTES, Identity, Verifier
-from chatd.config import Config
-from chatd.errors import ChatError, CloseCode
+from chatd import __version__, routes
+from chatd.auth import MIN_SECRET_BYTES, Identity
+from chatd.config import Config, split_address
+from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
+from chatd.metrics import Metrics
+from chatd.protocol import rfc3339
+from chatd.ratelimit import LimiterTable
 from chatd.session import Context, Session
-from chatd.store.sqlite import SqliteStore, declare_rooms, open_sqlite_store
+from chatd.store import NewMessage, StoredMessage
+from chatd.store.sqlite import SqliteStore, declare_rooms, dev_user, open_sqlite_store
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.http import Response, serve_connection
 from chatd.transport.websocket import WebSocketConnection
+from chatd.web import load_assets
 
 log = logging.getLogger("chatd")
 
@@ -44,6 +55,10 @@ WS_PATH = "/ws/chat"
 #: strict clients happy. Compression itself is the extension.
 SUBPROTOCOLS = ("permessage-deflate",)
 _ANONYMOUS = Identity(0, "", None)
+#: The sender of notifications from the publish API (a user row of its own).
+SYSTEM_USER = Identity(0, "system", None)
+#: Sections a reload cannot change: they need a restart.
+_RESTART_SECTIONS = ("server", "auth", "storage")
 
 
 class ChatServer:
@@ -53,62 +68,71 @@ class ChatServer:
         """``wall`` is the clock of timestamps and token expiry (tests pass
         their own to move time forward)."""
         self.config = config
-        self._wall = wall
+        self.wall = wall
         self.handshake_timeout = config.server.handshake_timeout_seconds
         self.port = 0
+        self.metrics_port = 0
         self.connections: set[WebSocketConnection] = set()
+        self.metrics = Metrics()
+        self.assets = load_assets()
+        #: True from ``stop()`` on: /readyz says 503, the API refuses.
+        self.draining = False
         self._stop = trio.Event()
-        self._verifier = Verifier(config)
         self._ctx: Context | None = None
         self._http: dict[trio.SocketStream, trio.CancelScope] = {}
+        self._api_limits = _api_limits(config)
+
+    @property
+    def ctx(self) -> Context:
+        assert self._ctx is not None, "the server is not running"
+        return self._ctx
+
+    @property
+    def store(self) -> SqliteStore:
+        store = self.ctx.store
+        assert isinstance(store, SqliteStore)
+        return store
 
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent)."""
+        self.draining = True
         self._stop.set()
 
     async def run(
         self, *, task_status: trio.TaskStatus[ChatServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
+        storage = config.storage
         async with open_sqlite_store(
-            config.storage.sqlite_path, config.storage.synchronous
+            storage.sqlite_path, storage.synchronous, self.metrics
         ) as store:
             await store.write(partial(declare_rooms, rooms=config.rooms))
-            self._ctx = self._context(store)
+            self._ctx = Context.create(
+                config, store, wall=self.wall, monotonic=trio.current_time, metrics=self.metrics
+            )
             listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
             self.port = listeners[0].socket.getsockname()[1]
+            if config.server.metrics_listen:
+                host, port = split_address(config.server.metrics_listen)
+                extra = await trio.open_tcp_listeners(port, host=host)
+                self.metrics_port = extra[0].socket.getsockname()[1]
+            else:
+                extra = []
             async with trio.open_nursery() as connections:
                 async with trio.open_nursery() as accepting:
-                    accepting.start_soon(
-                        partial(
-                            trio.serve_listeners,
-                            self._serve_tcp,
-                            listeners,
-                            handler_nursery=connections,
-                        )
-                    )
-                    log.info(
-                        "chatd %s listening on %s:%d (ws://%s:%d%s), database %s",
-                        __version__,
-                        config.server.host,
-                        self.port,
-                        config.server.host,
-                        self.port,
-                        WS_PATH,
-                        config.storage.sqlite_path,
-                    )
-                    if (
-                        config.auth.jwt_secret
-                        and len(config.auth.jwt_secret.encode()) < MIN_SECRET_BYTES
-                    ):
-                        log.warning(
-                            "[auth] jwt_secret is shorter than %d bytes: use a long random secret",
-                            MIN_SECRET_BYTES,
-                        )
+                    serve = partial(trio.serve_listeners, handler_nursery=connections)
+                    accepting.start_soon(serve, self._serve_tcp, listeners)
+                    if extra:
+                        accepting.start_soon(serve, self._serve_metrics, extra)
+                    self._announce()
                     task_status.started(self)
                     await self._stop.wait()
+                    grace = self.config.server.drain_grace_seconds
+                    if grace:
+                        log.info("chatd draining: /readyz says 503 for %gs", grace)
+                        await trio.sleep(grace)
                     accepting.cancel_scope.cancel()
-                for listener in listeners:
+                for listener in listeners + extra:
                     await listener.aclose()
                 for scope in self._http.values():
                     scope.cancel()
@@ -121,8 +145,44 @@ class ChatServer:
             log.info("chatd stopped accepting; committing what is queued")
         log.info("chatd stopped")
 
-    def _context(self, store: SqliteStore) -> Context:
-        return Context.create(self.config, store, wall=self._wall, monotonic=trio.current_time)
+    def _announce(self) -> None:
+        config = self.config
+        host = config.server.host
+        log.info(
+            "chatd %s listening on %s:%d (ws://%s:%d%s), database %s",
+            __version__,
+            host,
+            self.port,
+            host,
+            self.port,
+            WS_PATH,
+            config.storage.sqlite_path,
+        )
+        if self.metrics_port:
+            log.info("metrics on %s (port %d)", config.server.metrics_listen, self.metrics_port)
+        if config.auth.jwt_secret and len(config.auth.jwt_secret.encode()) < MIN_SECRET_BYTES:
+            log.warning(
+                "[auth] jwt_secret is shorter than %d bytes: use a long random secret",
+                MIN_SECRET_BYTES,
+            )
+        if config.server.dev_tokens:
+            log.warning("[server] dev_tokens is on: anyone on this machine can get a token")
+
+    async def reload(self, config: Config) -> None:
+        """Apply a new config's rooms, limits and API settings; keep every
+        connection. Changes that need a restart are logged and ignored."""
+        old = self.config
+        for section in _RESTART_SECTIONS:
+            if getattr(old, section) != getattr(config, section):
+                log.warning("reload: [%s] changed; it takes effect at the next restart", section)
+        applied = msgspec.structs.replace(
+            config, server=old.server, auth=old.auth, storage=old.storage, public_key=old.public_key
+        )
+        await self.store.write(partial(declare_rooms, rooms=applied.rooms))
+        self.config = applied
+        self.ctx.reload(applied)
+        self._api_limits = _api_limits(applied)
+        log.info("reload: rooms, limits and API settings applied from %s", config.source)
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:
         # Until it becomes a WebSocket, a connection is plain HTTP, which a
@@ -134,20 +194,82 @@ class ChatServer:
             finally:
                 self._http.pop(stream, None)
 
+    async def _serve_metrics(self, stream: trio.SocketStream) -> None:
+        with trio.CancelScope() as scope:
+            self._http[stream] = scope
+            try:
+                await serve_connection(stream, _MetricsOnly(self))
+            finally:
+                self._http.pop(stream, None)
+
     # --- HTTP ---------------------------------------------------------------
 
-    def http(self, request: h11.Request) -> Response:
-        path = urlsplit(request.target.decode("latin-1")).path
-        if path == "/healthz":
-            if request.method not in (b"GET", b"HEAD"):
-                return Response(
-                    405, b'{"error":"method not allowed"}', headers=[("allow", "GET, HEAD")]
-                )
-            body = msgspec.json.encode(
-                {"status": "ok", "version": __version__, "connections": len(self.connections)}
+    async def http(self, request: h11.Request, body: bytes, remote: str) -> Response:
+        return await routes.handle(self, request, body, remote)
+
+    async def publish(
+        self, content: str, room: str | None, user_id: int | None, data: dict[str, Any] | None
+    ) -> StoredMessage:
+        """Commit a notification from the system sender, then deliver it to
+        the room or to every connection of the user. Raises ``ChatError``."""
+        ctx = self.ctx
+        limits, api = self.config.limits, self.config.api
+        if (room is None) == (user_id is None):
+            raise invalid_format("Give exactly one of room and user_id", "room")
+        if len(content) > limits.max_content_length:
+            raise ChatError(
+                ErrorCode.MESSAGE_TOO_LONG,
+                f"Content is longer than {limits.max_content_length} characters",
+                {"max_length": limits.max_content_length},
             )
-            return Response(200, body)
-        return Response(404, b'{"error":"not found"}')
+        raw = msgspec.json.encode(data) if data is not None else None
+        if raw is not None and len(raw) > api.max_data_bytes:
+            raise invalid_format(f"data is larger than {api.max_data_bytes} bytes", "data")
+        if room is not None:
+            if await ctx.store.room_access(room, SYSTEM_USER.user_id) is None:
+                raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": room})
+        elif user_id is not None and not await ctx.store.user_exists(user_id):
+            raise ChatError(ErrorCode.USER_NOT_FOUND, "User not found", {"user_id": user_id})
+        wait = self._api_limits.take(SYSTEM_USER.user_id, ctx.monotonic())
+        if wait > 0:
+            self.metrics.rate_limited.inc()
+            raise ChatError(
+                ErrorCode.RATE_LIMITED, "Too many notifications", {"retry_after": int(wait)}
+            )
+        message = NewMessage(
+            user_id=SYSTEM_USER.user_id,
+            username=SYSTEM_USER.username,
+            content=content,
+            message_type="notification",
+            created_at=rfc3339(self.wall()),
+            room=room,
+            to_user_id=user_id,
+            data=raw,
+        )
+        done = trio.Event()
+        box: list[StoredMessage | Exception] = []
+
+        def committed(result: StoredMessage | Exception) -> None:
+            if not isinstance(result, Exception):
+                ctx.hub.deliver(result, self.wall())
+                self.metrics.published.inc()
+            box.append(result)
+            done.set()
+
+        await ctx.store.append(message, committed)
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        result = box[0]
+        if isinstance(result, ChatError):
+            raise result
+        if isinstance(result, Exception):
+            raise ChatError(ErrorCode.INTERNAL_ERROR, "The notification could not be stored")
+        return result
+
+    async def dev_user_id(self, username: str) -> int:
+        """The id of the user with this name, made up if there is none."""
+        user_id: int = await self.store.write(lambda conn: dev_user(conn, username))
+        return user_id
 
     # --- WebSocket ------------------------------------------------------------
 
@@ -182,9 +304,10 @@ class ChatServer:
 
         token = _token(target.query, list(request.headers))
         try:
-            identity = self._verifier.verify(token)
+            identity = ctx.verifier.verify(token)
         except ChatError as err:
             log.info("WS_AUTH_FAILED: IP=%s, Reason=%s", remote, err.message)
+            self.metrics.auth_failures.inc()
             conn = self._connection(stream, ws, _ANONYMOUS, deflate)
             session = Session(ctx, conn)
             session.refuse(err)
@@ -204,12 +327,14 @@ class ChatServer:
             return
         log.info("WS_CONNECT: UserID=%d, IP=%s", identity.user_id, remote)
         self.connections.add(conn)
+        self.metrics.connected(identity.user_id, started)
         session.start()
         try:
             await conn.run(session)
         finally:
             session.end()
             self.connections.discard(conn)
+            self.metrics.disconnected(identity.user_id, ctx.monotonic())
             log.info(
                 "WS_DISCONNECT: UserID=%d, Duration=%.1fs, Code=%s",
                 identity.user_id,
@@ -237,7 +362,8 @@ class ChatServer:
             ping_interval=server.ping_interval_seconds,
             idle_timeout=server.idle_timeout_seconds,
             batch=batch,
-            wall=self._wall,
+            wall=self.wall,
+            on_slow=self.metrics.slow_consumers.inc,
         )
 
 
@@ -264,3 +390,24 @@ async def _reject(stream: trio.SocketStream, status: int) -> None:
     ).encode()
     with trio.move_on_after(1.0):
         await stream.send_all(head + body)
+
+
+class _MetricsOnly:
+    """The app of the separate metrics listener: /metrics and nothing else."""
+
+    def __init__(self, node: ChatServer) -> None:
+        self.node = node
+        self.handshake_timeout = node.handshake_timeout
+
+    async def http(self, request: h11.Request, body: bytes, remote: str) -> Response:
+        return await routes.handle(self.node, request, body, remote, metrics_only=True)
+
+    async def websocket(
+        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+    ) -> None:
+        await _reject(stream, 404)
+
+
+def _api_limits(config: Config) -> LimiterTable:
+    api = config.api
+    return LimiterTable([(api.messages_per_minute, 60.0), (api.messages_per_hour, 3600.0)])

@@ -33,6 +33,7 @@ from chatd.auth import Identity, Verifier
 from chatd.config import Config, LimitsConfig
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub, direct_message_out, message_out
+from chatd.metrics import Metrics
 from chatd.ratelimit import LimiterTable, TokenBucket
 from chatd.store import NewMessage, Store, StoredMessage
 from chatd.store.schema import dm_channel, room_channel
@@ -58,9 +59,10 @@ class ClientPeer(Protocol):
         """Send a close frame, then end the connection."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class Context:
-    """What every session shares."""
+    """What every session shares. ``reload`` swaps in a new config's limits
+    (sessions read ``ctx.config`` on every request)."""
 
     config: Config
     hub: Hub
@@ -74,6 +76,7 @@ class Context:
     message_limits: LimiterTable
     #: Per-user read limits (reads_per_minute).
     read_limits: LimiterTable
+    metrics: Metrics
 
     @classmethod
     def create(
@@ -83,20 +86,41 @@ class Context:
         *,
         wall: Callable[[], float],
         monotonic: Callable[[], float],
+        metrics: Metrics | None = None,
     ) -> Context:
-        limits = config.limits
+        metrics = metrics or Metrics()
+        message_limits, read_limits = _limit_tables(config)
         return cls(
             config=config,
-            hub=Hub(),
+            hub=Hub(metrics),
             store=store,
             verifier=Verifier(config),
             wall=wall,
             monotonic=monotonic,
-            message_limits=LimiterTable(
-                [(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)]
-            ),
-            read_limits=LimiterTable([(limits.reads_per_minute, 60.0)]),
+            message_limits=message_limits,
+            read_limits=read_limits,
+            metrics=metrics,
         )
+
+    def reload(self, config: Config) -> None:
+        """Use ``config`` from now on; rate limits restart when they changed."""
+        old = self.config.limits
+        self.config = config
+        new = config.limits
+        if (old.messages_per_minute, old.messages_per_hour, old.reads_per_minute) != (
+            new.messages_per_minute,
+            new.messages_per_hour,
+            new.reads_per_minute,
+        ):
+            self.message_limits, self.read_limits = _limit_tables(config)
+
+
+def _limit_tables(config: Config) -> tuple[LimiterTable, LimiterTable]:
+    limits = config.limits
+    return (
+        LimiterTable([(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)]),
+        LimiterTable([(limits.reads_per_minute, 60.0)]),
+    )
 
 
 Handler = Callable[[p.ClientFrame], Awaitable[None]]
@@ -152,6 +176,7 @@ class Session:
             room = getattr(frame.data, "room", "")
             uid = self.identity.user_id
             log.debug("WS_MESSAGE: Type=%s, UserID=%d, Room=%s", frame.type, uid, room)
+        self.ctx.metrics.frame_in(frame.type)
         try:
             await self._handlers[frame.type](frame)
         except ChatError as err:
@@ -160,17 +185,22 @@ class Session:
     def _fail(self, err: ChatError, request_id: str | int | None) -> None:
         if self._closed:
             return
-        self._send(p.error_frame(err, self.ctx.wall(), request_id))
+        metrics = self.ctx.metrics
+        metrics.error(err.code.value)
+        if err.code is ErrorCode.RATE_LIMITED:
+            metrics.rate_limited.inc()
+        self._send(p.error_frame(err, self.ctx.wall(), request_id), "error")
         if err.close is not None:
             self._close(err.close, err.message)
         elif err.code is ErrorCode.INVALID_FORMAT and self._invalid.take(self.ctx.monotonic()) > 0:
             self._close(CloseCode.POLICY_VIOLATION, "Too many invalid frames")
 
-    def _send(self, payload: bytes) -> None:
+    def _send(self, payload: bytes, type_: str) -> None:
+        self.ctx.metrics.frames_out(type_)
         self.peer.send(OutFrame(payload))
 
     def _reply(self, type_: str, data: Any, frame: p.ClientFrame) -> None:
-        self._send(p.encode(type_, data, self.ctx.wall(), request_id=frame.request_id))
+        self._send(p.encode(type_, data, self.ctx.wall(), request_id=frame.request_id), type_)
 
     def _close(self, code: int, reason: str) -> None:
         self._closed = True
@@ -224,7 +254,8 @@ class Session:
         now = self.ctx.wall()
         for stored in missed:
             msg = message_out(stored)
-            self._send(p.encode("room_message", msg, now, user_id=stored.message.user_id))
+            payload = p.encode("room_message", msg, now, user_id=stored.message.user_id)
+            self._send(payload, "room_message")
         hub.release(self.peer, data.room, missed[-1].id if missed else since_id)
 
     async def _leave_room(self, frame: p.ClientFrame) -> None:
@@ -286,14 +317,17 @@ class Session:
             duration=data.duration,
             reply_to=data.reply_to,
         )
-        deliver = self.ctx.hub.deliver
+        ctx = self.ctx
+        received = ctx.monotonic()
 
         def committed(result: StoredMessage | Exception) -> None:
             self._inflight -= 1
             if isinstance(result, Exception):
                 self._write_failed(result, request_id)
             else:
-                deliver(result, self.ctx.wall(), self.peer, request_id)
+                ctx.hub.deliver(result, ctx.wall(), self.peer, request_id)
+                ctx.metrics.messages.inc()
+                ctx.metrics.delivery_latency.observe(ctx.monotonic() - received)
 
         self._inflight += 1
         await self.ctx.store.append(message, committed)

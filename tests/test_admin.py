@@ -15,6 +15,9 @@ from chatd.config import load
 from tests.conftest import connect, running
 from tests.test_direct import REPO, write_config
 
+#: Users, without the system sender (user 0, made by migration 2).
+PEOPLE = "SELECT id, username FROM users WHERE id > 0 ORDER BY id"
+
 
 @pytest.fixture
 def config_file(tmp_path: Path, db_path: Path) -> Path:
@@ -100,7 +103,7 @@ async def test_user_add(config_file, db_path):
     ok(await chatd(config_file, "user", "add", "--user-id", "42", "--username", "Zed II"))
     one_line_failure(await chatd(config_file, "user", "add", "--user-id", "43", "--username", ""))
     with sqlite3.connect(db_path) as db:
-        assert db.execute("SELECT id, username FROM users").fetchall() == [(42, "Zed II")]
+        assert db.execute(PEOPLE).fetchall() == [(42, "Zed II")]
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """The seed's JavaScript ``WebSocketClient`` and React ``useWebSocket``,
 unchanged, against chatd.
 
-Runs the class from ``tests/js/seed-websocket-client.js`` and the hook from
+Runs the class from ``chatd/web/seed-websocket-client.js`` and the hook from
 ``tests/js/seed-use-websocket.mjs`` (verbatim copies of the spec's) in Node.js
 with its built-in WebSocket; the hook is rendered with react-test-renderer
 (``tests/js/package.json``, installed by ``./build.sh test`` when npm is there).

@@ -37,6 +37,9 @@ from chatd.store.sqlite import (
 
 CREATED = "2024-05-01T12:00:00Z"
 
+#: Users, without the system sender (user 0, made by migration 2).
+PEOPLE = "SELECT id, username FROM users WHERE id > 0 ORDER BY id"
+
 
 def msg(i: int, room: str | None = "general", user: int = 1, **kw: Any) -> NewMessage:
     return NewMessage(
@@ -177,7 +180,7 @@ async def test_reopening_is_a_no_op(path: str) -> None:
             conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
             == schema_before
         )
-        assert conn.execute("SELECT id, username FROM users").fetchall() == [(1, "alice")]
+        assert conn.execute(PEOPLE).fetchall() == [(1, "alice")]
 
 
 async def test_newer_schema_is_refused(path: str) -> None:
@@ -399,9 +402,7 @@ async def test_a_failing_operation_fails_only_itself(path: str) -> None:
 
     with plain(path) as conn:
         # The failing op is undone entirely, its first insert included.
-        assert conn.execute("SELECT id, username FROM users ORDER BY id").fetchall() == [
-            (7, "seven")
-        ]
+        assert conn.execute(PEOPLE).fetchall() == [(7, "seven")]
         assert conn.execute("SELECT count(*) FROM messages").fetchone() == (20,)
 
 
@@ -676,7 +677,7 @@ async def test_history_cost_does_not_grow_with_the_offset(path: str) -> None:
 
 
 def users(conn: sqlite3.Connection) -> list[tuple[int, str]]:
-    return conn.execute("SELECT id, username FROM users ORDER BY id").fetchall()
+    return conn.execute(PEOPLE).fetchall()
 
 
 async def test_upsert_user_stores_and_updates_the_name(path: str) -> None:
@@ -690,7 +691,7 @@ async def test_upsert_user_stores_and_updates_the_name(path: str) -> None:
         rows = await store.read(users)
         assert rows == [(1, "alicia"), (2, "bob")]
     with plain(path) as conn:
-        assert conn.execute("SELECT id, username FROM users ORDER BY id").fetchall() == [
+        assert conn.execute(PEOPLE).fetchall() == [
             (1, "alicia"),
             (2, "bob"),
         ]

@@ -529,7 +529,7 @@ async def test_oversized_request_head_is_refused_and_closed(server: ChatServer) 
 
 
 async def test_oversized_request_body_is_refused(server: ChatServer) -> None:
-    body = b"a" * 40000
+    body = b"a" * 70000
     async with raw_http(server) as http:
         await http.stream.send_all(
             get("/healthz", "POST", f"Content-Length: {len(body)}\r\n") + body

@@ -27,6 +27,8 @@ class NewMessage:
     media_type: str | None = None
     duration: float | None = None
     reply_to: int | None = None
+    #: A notification's JSON payload (``data``), encoded.
+    data: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

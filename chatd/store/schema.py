@@ -49,6 +49,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX messages_by_channel ON messages (channel, seq);
     """,
+    # 2: notifications from the publish API: a JSON payload, and the system
+    # sender (user 0), whose conversation with a user holds that user's
+    # notifications.
+    """
+    ALTER TABLE messages ADD COLUMN data TEXT;
+    INSERT OR IGNORE INTO users (id, username, created_at)
+        VALUES (0, 'system', '1970-01-01T00:00:00.000Z');
+    """,
 ]
 
 

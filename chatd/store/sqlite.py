@@ -33,6 +33,7 @@ import trio
 
 from chatd.config import RoomsConfig
 from chatd.errors import ChatError, invalid_format
+from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
 from chatd.store.schema import connect, dm_channel, migrate, room_channel
@@ -48,7 +49,7 @@ READERS = 4
 Operation = Callable[[sqlite3.Connection], Any]
 _MESSAGE_COLUMNS = (
     "id, channel, user_id, username, to_user_id, message_type, content,"
-    " media_url, media_type, duration, reply_to, created_at"
+    " media_url, media_type, duration, reply_to, created_at, data"
 )
 
 
@@ -65,8 +66,11 @@ class _Pending:
 class SqliteStore:
     """The embedded store. Use ``open_sqlite_store`` to run one."""
 
-    def __init__(self, path: str, synchronous: str = "normal") -> None:
+    def __init__(
+        self, path: str, synchronous: str = "normal", metrics: Metrics | None = None
+    ) -> None:
         self.path = path
+        self._metrics = metrics
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._space = trio.Semaphore(MAX_PENDING)
@@ -136,7 +140,11 @@ class SqliteStore:
                 else:
                     group.append(item)
             if group:
+                started = time.perf_counter()
                 results = _apply(conn, group, on_rollback=self._seqs.clear)
+                if self._metrics is not None:
+                    self._metrics.commit_latency.observe(time.perf_counter() - started)
+                    self._metrics.group_size.observe(len(group))
                 try:
                     self._token.run_sync_soon(self._finish, group, results)
                 except trio.RunFinishedError:  # pragma: no cover - Trio gone first
@@ -234,10 +242,12 @@ class SqliteStore:
 
 
 @asynccontextmanager
-async def open_sqlite_store(path: str, synchronous: str = "normal") -> AsyncIterator[SqliteStore]:
+async def open_sqlite_store(
+    path: str, synchronous: str = "normal", metrics: Metrics | None = None
+) -> AsyncIterator[SqliteStore]:
     """Run a store for the duration of the block; on exit, commit what is
     queued and close."""
-    store = SqliteStore(path, synchronous)
+    store = SqliteStore(path, synchronous, metrics)
     await store._start()
     try:
         yield store
@@ -309,8 +319,8 @@ def insert_message(
     seq += 1
     cursor = conn.execute(
         "INSERT INTO messages (channel, seq, user_id, username, to_user_id, message_type,"
-        " content, media_url, media_type, duration, reply_to, created_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " content, media_url, media_type, duration, reply_to, created_at, data)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             channel,
             seq,
@@ -324,6 +334,7 @@ def insert_message(
             message.duration,
             message.reply_to,
             message.created_at,
+            message.data.decode() if message.data is not None else None,
         ),
     )
     seqs[channel] = seq
@@ -494,6 +505,7 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
         duration,
         reply_to,
         created_at,
+        data,
     ) = row
     room = channel[2:] if channel.startswith("r:") else None
     return StoredMessage(
@@ -510,8 +522,21 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
             media_type=media_type,
             duration=duration,
             reply_to=reply_to,
+            data=data.encode() if data is not None else None,
         ),
     )
+
+
+def dev_user(conn: sqlite3.Connection, username: str) -> int:
+    """The id of the (first) user with this name, or a new user's id."""
+    row = conn.execute(
+        "SELECT id FROM users WHERE username = ? AND id > 0 ORDER BY id LIMIT 1", (username,)
+    ).fetchone()
+    if row is not None:
+        return int(row[0])
+    (user_id,) = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM users").fetchone()
+    upsert_user(conn, user_id, username)
+    return int(user_id)
 
 
 def _now(now: float | None) -> str:

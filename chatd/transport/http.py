@@ -22,6 +22,7 @@ import trio
 log = logging.getLogger("chatd.transport")
 
 MAX_HEAD_BYTES = 16384
+MAX_BODY_BYTES = 65536
 RECEIVE_SIZE = 65536
 
 
@@ -36,7 +37,7 @@ class Response:
 class App(Protocol):
     handshake_timeout: float
 
-    def http(self, request: h11.Request) -> Response: ...
+    def http(self, request: h11.Request, body: bytes, remote: str) -> Awaitable[Response]: ...
 
     def websocket(
         self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
@@ -77,11 +78,12 @@ async def serve_connection(stream: trio.SocketStream, app: App) -> None:
                 trailing, _ = conn.trailing_data
                 await app.websocket(stream, request, bytes(trailing), remote)
                 return
-            with trio.move_on_after(app.handshake_timeout) as scope:
-                await _drain_body(stream, conn)
-            if scope.cancelled_caught:
+            body = None
+            with trio.move_on_after(app.handshake_timeout):
+                body = await _read_body(stream, conn)
+            if body is None:
                 return
-            await _respond(stream, conn, request, app.http(request))
+            await _respond(stream, conn, request, await app.http(request, body, remote))
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
             conn.start_next_cycle()
@@ -114,8 +116,9 @@ def head_size(request: h11.Request) -> int:
     return len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers) + 16
 
 
-async def _drain_body(stream: trio.SocketStream, conn: h11.Connection) -> None:
-    """Read and drop a request body (none of our routes takes one yet)."""
+async def _read_body(stream: trio.SocketStream, conn: h11.Connection) -> bytes:
+    """The request's body, at most ``MAX_BODY_BYTES`` (413 past that)."""
+    parts: list[bytes] = []
     total = 0
     while True:
         event = conn.next_event()
@@ -123,10 +126,11 @@ async def _drain_body(stream: trio.SocketStream, conn: h11.Connection) -> None:
             conn.receive_data(await stream.receive_some(RECEIVE_SIZE))
         elif isinstance(event, h11.Data):
             total += len(event.data)
-            if total > MAX_HEAD_BYTES:
+            if total > MAX_BODY_BYTES:
                 raise h11.RemoteProtocolError("request body too large", error_status_hint=413)
+            parts.append(bytes(event.data))
         else:
-            return
+            return b"".join(parts)
 
 
 async def _respond(

@@ -77,6 +77,7 @@ class WebSocketConnection:
         idle_timeout: float,
         batch: bool = False,
         wall: Callable[[], float] = time.time,
+        on_slow: Callable[[], None] | None = None,
     ) -> None:
         self.identity = identity
         self._stream = stream
@@ -98,6 +99,7 @@ class WebSocketConnection:
         self._batch: list[OutFrame] | None = [] if batch else None
         self._batch_bytes = 0
         self._wall = wall
+        self._on_slow = on_slow
         self._dead = False
         self._scope: trio.CancelScope | None = None
         self.last_seen = trio.current_time()
@@ -177,6 +179,8 @@ class WebSocketConnection:
             self.identity.user_id,
             self._out_bytes,
         )
+        if self._on_slow is not None:
+            self._on_slow()
         keep = self._out[0] if self._head_started and self._out else None
         self._out.clear()
         self._out_bytes = 0

@@ -1,6 +1,6 @@
 // The seed's WebSocketClient, copied unchanged from
 // shared/spec/websocket-protocol.fr.md (section "Client JavaScript/React").
-// test_seed_client.py checks that chatd serves it as it is.
+// The browser page (index.html, app.js) is built on it; tests/js runs it too.
 class WebSocketClient {
     constructor(token) {
         this.token = token;

@@ -1,0 +1,191 @@
+"""Plain HTTP on chatd's port: health, readiness, metrics, the publish API,
+development tokens, and the browser page.
+
+Every route answers JSON (the page's static files aside) and none raises: a
+bad request gets its status and a one-line ``{"error": ...}``. The node the
+routes serve is passed in (``ChatServer``); this module holds no state.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
+
+import h11
+import msgspec
+import trio
+from msgspec import Meta
+
+from chatd import __version__
+from chatd.auth import issue
+from chatd.errors import ChatError, ErrorCode
+from chatd.metrics import CONTENT_TYPE
+from chatd.protocol import Id, RoomName
+from chatd.transport.http import Response
+from chatd.web import SECURITY_HEADERS
+
+if TYPE_CHECKING:
+    from chatd.server import ChatServer
+
+log = logging.getLogger("chatd")
+
+#: How long /readyz waits for the store to accept a write.
+READY_TIMEOUT = 2.0
+
+
+def _json(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status, msgspec.json.encode(body), headers=headers or [])
+
+
+def _error(status: int, message: str, **extra: Any) -> Response:
+    return _json(status, {"error": message, **extra})
+
+
+async def handle(
+    node: ChatServer, request: h11.Request, body: bytes, remote: str, *, metrics_only: bool = False
+) -> Response:
+    """Answer one HTTP request."""
+    path = urlsplit(request.target.decode("latin-1")).path
+    method = request.method.decode("latin-1")
+    if metrics_only:
+        routes = {"/metrics": ("GET", _metrics)}
+    else:
+        routes = _ROUTES if node.config.server.metrics_listen == "" else _PUBLIC_ROUTES
+    route = routes.get(path)
+    if route is None:
+        asset = node.assets.get(path)
+        if asset is None or metrics_only:
+            return _error(404, "not found")
+        if method not in ("GET", "HEAD"):
+            return _error(405, "method not allowed", allow="GET, HEAD")
+        content_type, data = asset
+        return Response(200, data, content_type, list(SECURITY_HEADERS))
+    allowed, handler = route
+    if method != allowed and not (allowed == "GET" and method == "HEAD"):
+        return _json(405, {"error": "method not allowed"}, [("allow", allowed)])
+    return await handler(node, request, body, remote)
+
+
+async def _healthz(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+    return _json(
+        200, {"status": "ok", "version": __version__, "connections": len(node.connections)}
+    )
+
+
+async def _readyz(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+    """Ready: not draining, and the store commits a write within 2 s."""
+    if node.draining:
+        return _json(503, {"status": "draining"})
+    with trio.move_on_after(READY_TIMEOUT):
+        try:
+            await node.store.flush()
+        except Exception as exc:
+            return _json(503, {"status": "store unavailable", "error": str(exc)})
+        return _json(200, {"status": "ready"})
+    return _json(503, {"status": "store unavailable", "error": "write timed out"})
+
+
+async def _metrics(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+    return Response(200, node.metrics.exposition(), CONTENT_TYPE)
+
+
+# --- POST /api/publish --------------------------------------------------------
+
+
+class PublishRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    content: Annotated[str, Meta(min_length=1)]
+    room: RoomName | None = None
+    user_id: Id | None = None
+    data: dict[str, Any] | None = None
+
+
+async def _publish(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+    """A backend sends a notification to a room or a user."""
+    keys = node.config.api.keys
+    if not keys:
+        return _error(404, "the publish API is off: set [api] keys")
+    given = _bearer(request)
+    if given is None or not any(hmac.compare_digest(given, key) for key in keys):
+        return _json(401, {"error": "missing or wrong API key"}, [("www-authenticate", "Bearer")])
+    if node.draining:
+        return _error(503, "draining")
+    try:
+        publish = msgspec.json.decode(body, type=PublishRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as exc:
+        return _error(400, f"invalid request: {exc}", code="INVALID_FORMAT")
+    try:
+        stored = await node.publish(publish.content, publish.room, publish.user_id, publish.data)
+    except ChatError as err:
+        status = _STATUS.get(err.code, 400)
+        headers = []
+        if err.code is ErrorCode.RATE_LIMITED:
+            headers.append(("retry-after", str(err.details.get("retry_after", 1))))
+        reply = {"error": err.message, "code": err.code.value, "details": err.details}
+        return _json(status, reply, headers)
+    log.info(
+        "API_PUBLISH: IP=%s, Id=%d, %s",
+        remote,
+        stored.id,
+        f"Room={publish.room}" if publish.room else f"UserID={publish.user_id}",
+    )
+    return _json(200, {"id": stored.id, "created_at": stored.message.created_at})
+
+
+_STATUS = {
+    ErrorCode.INVALID_FORMAT: 400,
+    ErrorCode.MESSAGE_TOO_LONG: 413,
+    ErrorCode.ROOM_NOT_FOUND: 404,
+    ErrorCode.USER_NOT_FOUND: 404,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.INTERNAL_ERROR: 503,
+}
+
+
+def _bearer(request: h11.Request) -> str | None:
+    for name, value in request.headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials.strip():
+                return credentials.strip()
+    return None
+
+
+# --- POST /dev/token ----------------------------------------------------------
+
+
+class DevTokenRequest(msgspec.Struct, kw_only=True):
+    username: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+async def _dev_token(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+    """Development only: a token for any name, to loopback clients."""
+    if not node.config.server.dev_tokens:
+        return _error(404, "not found")
+    try:
+        if not ipaddress.ip_address(remote).is_loopback:
+            return _error(403, "dev tokens are for loopback clients only")
+    except ValueError:
+        return _error(403, "dev tokens are for loopback clients only")
+    try:
+        want = msgspec.json.decode(body, type=DevTokenRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as exc:
+        return _error(400, f"invalid request: {exc}")
+    if not want.username.isprintable():
+        return _error(400, "username has control characters")
+    user_id = await node.dev_user_id(want.username)
+    token = issue(node.config, user_id, want.username, 86400.0, node.wall())
+    return _json(200, {"token": token, "user_id": user_id, "username": want.username})
+
+
+Handler = Any
+_ROUTES: dict[str, tuple[str, Handler]] = {
+    "/healthz": ("GET", _healthz),
+    "/readyz": ("GET", _readyz),
+    "/metrics": ("GET", _metrics),
+    "/api/publish": ("POST", _publish),
+    "/dev/token": ("POST", _dev_token),
+}
+_PUBLIC_ROUTES = {k: v for k, v in _ROUTES.items() if k != "/metrics"}

@@ -1,0 +1,1 @@
+// chatd page: built on the seed's WebSocketClient
