@@ -141,23 +141,44 @@ def _first_os_error(exc: BaseException) -> OSError | None:
 
 
 async def serve_until_signalled(config: Config) -> None:
-    """Run a server until SIGINT or SIGTERM; a second signal stops at once."""
+    """Run a server until SIGINT or SIGTERM (a second one stops at once);
+    SIGHUP reloads the config file's rooms, limits and API settings."""
     server = ChatServer(config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
                 async for signum in signals:
-                    if server._stop.is_set():
-                        log.warning("second %s: stopping now", signal.Signals(signum).name)
+                    name = signal.Signals(signum).name
+                    if signum == signal.SIGHUP:
+                        await _reload(server, config.source)
+                    elif server.draining:
+                        log.warning("second %s: stopping now", name)
                         nursery.cancel_scope.cancel()
                         return
-                    log.info("%s: shutting down", signal.Signals(signum).name)
-                    server.stop()
+                    else:
+                        log.info("%s: shutting down", name)
+                        server.stop()
 
             nursery.start_soon(watch)
             await server.run()
             nursery.cancel_scope.cancel()
+
+
+async def _reload(server: ChatServer, path: str) -> None:
+    """Reload ``path``; a bad file is logged and the running config kept."""
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        log.error("SIGHUP: config not reloaded: %s", exc)
+        return
+    if server.draining:
+        return
+    try:
+        await server.reload(config)
+    except Exception as exc:  # the store refused the new rooms
+        log.error("SIGHUP: config not reloaded: %s", exc)
 
 
 def setup_logging(level: str) -> None:
