@@ -1,18 +1,27 @@
-"""``chatd user ...`` and ``chatd room ...``: administration on the database.
+"""``chatd user ...``, ``chatd room ...`` and ``chatd backup``: administration
+on the database.
 
-These commands open the configured SQLite file directly (migrating it if it
-is new, and declaring the config's rooms as the server does) and change it in
-one short transaction, so they work while the server runs: the server reads
-rooms and memberships from the database on every ``join_room`` and finds
-users it has not seen on their first direct message.
+The user and room commands open the configured SQLite file directly
+(migrating it if it is new, and declaring the config's rooms as the server
+does) and change it in one short transaction, so they work while the server
+runs: the server reads rooms and memberships from the database on every
+``join_room`` and finds users it has not seen on their first direct message.
+
+``chatd backup`` copies the database with SQLite's online backup API from one
+snapshot (WAL: the server keeps writing meanwhile) into a temporary file
+beside the target, checks the copy with ``PRAGMA integrity_check``, and only
+then renames it into place. It never changes the database it copies.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import re
 import sqlite3
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +29,15 @@ from typing import Any
 
 from chatd.config import ROOM_NAME_PATTERN, Config
 from chatd.store.schema import connect, migrate
-from chatd.store.sqlite import add_members, create_room, declare_rooms, list_rooms, upsert_user
+from chatd.store.sqlite import (
+    add_members,
+    backup,
+    check_copy,
+    create_room,
+    declare_rooms,
+    list_rooms,
+    upsert_user,
+)
 
 Command = Callable[[Config, argparse.Namespace], int]
 
@@ -28,7 +45,7 @@ Command = Callable[[Config, argparse.Namespace], int]
 def add_commands(
     commands: Any, config_arg: Callable[[argparse.ArgumentParser], None], user_id: Any
 ) -> None:
-    """Register ``user`` and ``room`` with the CLI's subparsers."""
+    """Register ``user``, ``room`` and ``backup`` with the CLI's subparsers."""
     user = commands.add_parser("user", help="add users to the database")
     user_commands = user.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = user_commands.add_parser("add", help="add (or rename) a user")
@@ -55,6 +72,14 @@ def add_commands(
     listing = room_commands.add_parser("list", help="list rooms and their members")
     config_arg(listing)
     listing.set_defaults(func=_room_list)
+
+    copy = commands.add_parser(
+        "backup", help="copy the database to a file, also while the server runs"
+    )
+    config_arg(copy)
+    copy.add_argument("--to", required=True, metavar="FILE", help="the backup file to write")
+    copy.add_argument("--force", action="store_true", help="replace FILE if it exists")
+    copy.set_defaults(func=_backup)
 
 
 def _room_name(text: str) -> str:
@@ -118,6 +143,81 @@ def _room_list(config: Config, ns: argparse.Namespace) -> int:
         who = f"  members: {', '.join(map(str, members))}" if private or members else ""
         print(f"{name}  {'private' if private else 'public'}{who}")
     return 0
+
+
+def _backup(config: Config, ns: argparse.Namespace) -> int:
+    source = Path(config.storage.sqlite_path)
+    target = Path(ns.to)
+    if not source.is_file():
+        return _fail(f"no database at {source} (nothing to back up)")
+    if target.is_dir():
+        return _fail(f"{target} is a directory: --to names the backup file")
+    if not target.parent.is_dir():
+        return _fail(f"cannot write {target}: no directory {target.parent}")
+    live = {source.resolve().with_name(source.name + end) for end in ("", "-wal", "-shm")}
+    if target.resolve() in live:
+        return _fail(f"{target} is the live database, not a backup")
+    if target.exists() and not ns.force:
+        return _fail(f"{target} exists (use --force to replace it)")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        return _fail(f"cannot write in {target.parent}: {exc.strerror}")
+    os.close(fd)  # SQLite opens it by name; mkstemp made it private (0600)
+    temp = Path(name)
+    try:
+        result, messages = _copy(config, temp)
+        if result != "ok":
+            return _fail(f"the copy of {source} failed its integrity check: {result}")
+        if not _publish(temp, target, ns.force):
+            return _fail(f"{target} exists (use --force to replace it)")
+    except OSError as exc:
+        return _fail(f"cannot write {target}: {exc.strerror or exc}")
+    finally:
+        temp.unlink(missing_ok=True)
+    print(f"backup {target}: {target.stat().st_size} bytes, {messages} messages")
+    return 0
+
+
+def _copy(config: Config, temp: Path) -> tuple[str, int]:
+    """Back up the configured database into ``temp``; check the copy."""
+    source = connect(config.storage.sqlite_path, readonly=True)
+    try:
+        copy = sqlite3.connect(temp, isolation_level=None)
+        try:
+            backup(source, copy)
+        finally:
+            copy.close()
+    finally:
+        source.close()
+    check = sqlite3.connect(temp, isolation_level=None)  # journal mode DELETE: no -wal
+    try:
+        return check_copy(check)
+    finally:
+        check.close()
+
+
+def _publish(temp: Path, target: Path, force: bool) -> bool:
+    """Move the finished copy to ``target``; False if ``target`` appeared
+    meanwhile and ``force`` is off. The directory is synced after."""
+    if force:
+        os.replace(temp, target)
+    else:
+        try:
+            os.link(temp, target)  # never replaces an existing file
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links
+            if target.exists():
+                return False
+            os.replace(temp, target)
+    with contextlib.suppress(OSError):
+        fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return True
 
 
 def _fail(message: str) -> int:

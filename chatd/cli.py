@@ -1,5 +1,6 @@
 """The command line: ``chatd [serve] --config FILE``, ``chatd token ...``,
-``chatd user add ...``, ``chatd room create|add-member|list ...``.
+``chatd user add ...``, ``chatd room create|add-member|list ...``,
+``chatd backup --to FILE``.
 
 Every failure a user can cause (a bad config, a busy port) is one line on
 stderr and a non-zero exit: 2 for usage and config errors, 1 for the rest.

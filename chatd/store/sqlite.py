@@ -541,3 +541,53 @@ def dev_user(conn: sqlite3.Connection, username: str) -> int:
 
 def _now(now: float | None) -> str:
     return rfc3339(time.time() if now is None else now)
+
+
+# --- online backup, shared with ``chatd backup`` --------------------------------
+
+#: Pages copied per step of an online backup (4 MiB with 4 KiB pages).
+BACKUP_PAGES = 1024
+
+
+def backup(
+    source: sqlite3.Connection,
+    target: sqlite3.Connection,
+    pages: int = BACKUP_PAGES,
+    on_step: Callable[[int, int], object] | None = None,
+) -> None:
+    """Copy the database of ``source`` into ``target`` with SQLite's online
+    backup API, ``pages`` pages per step, and leave the copy in rollback
+    journal mode (one self-contained file, no ``-wal``/``-shm`` beside it).
+
+    The whole copy is one snapshot: a read transaction on ``source`` is held
+    across every step. In WAL mode a reader never blocks the writer, so a
+    running server keeps committing meanwhile; and because the snapshot does
+    not move, a commit between two steps does not restart the copy (without
+    the held transaction SQLite starts over after every write by another
+    connection, and a busy server could keep a large backup from ever
+    finishing). ``on_step(remaining, total)`` runs after each step: it is
+    Python code between steps, so Ctrl-C stops a long copy there.
+    """
+
+    def progress(status: int, remaining: int, total: int) -> None:
+        del status
+        if on_step is not None:
+            on_step(remaining, total)
+
+    source.execute("BEGIN")
+    try:
+        source.execute("SELECT count(*) FROM sqlite_schema").fetchone()  # the snapshot
+        source.backup(target, pages=pages, progress=progress)
+    finally:
+        source.execute("COMMIT")
+    target.execute("PRAGMA journal_mode = DELETE")
+
+
+def check_copy(conn: sqlite3.Connection) -> tuple[str, int]:
+    """``PRAGMA integrity_check`` of a database ("ok" when sound, else its
+    first problem) and its number of messages."""
+    (result,) = conn.execute("PRAGMA integrity_check(1)").fetchone()
+    if result != "ok":
+        return str(result), 0
+    (count,) = conn.execute("SELECT count(*) FROM messages").fetchone()
+    return "ok", int(count)
