@@ -21,7 +21,7 @@ Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 
@@ -191,22 +191,27 @@ class Hub:
             state.send(copy, (own,), None)
 
 
+def _body(stored: StoredMessage) -> dict[str, Any]:
+    """The fields every stored message has on the wire, whatever its kind."""
+    msg = stored.message
+    return {
+        "id": stored.id,
+        "content": msg.content,
+        "message_type": msg.message_type,
+        "created_at": msg.created_at,
+        "media_url": msg.media_url,
+        "media_type": msg.media_type,
+        "duration": msg.duration,
+        "reply_to": msg.reply_to,
+        "data": _raw(msg.data),
+    }
+
+
 def message_out(stored: StoredMessage) -> MessageOut:
     """A stored room message in its wire shape (live and in history)."""
     msg = stored.message
     return MessageOut(
-        id=stored.id,
-        room=msg.room or "",
-        user_id=msg.user_id,
-        username=msg.username,
-        content=msg.content,
-        message_type=msg.message_type,
-        created_at=msg.created_at,
-        media_url=msg.media_url,
-        media_type=msg.media_type,
-        duration=msg.duration,
-        reply_to=msg.reply_to,
-        data=_raw(msg.data),
+        room=msg.room or "", user_id=msg.user_id, username=msg.username, **_body(stored)
     )
 
 
@@ -215,18 +220,10 @@ def direct_message_out(stored: StoredMessage) -> DirectMessageOut:
     msg = stored.message
     assert msg.to_user_id is not None
     return DirectMessageOut(
-        id=stored.id,
         from_user_id=msg.user_id,
         from_username=msg.username,
         to_user_id=msg.to_user_id,
-        content=msg.content,
-        message_type=msg.message_type,
-        created_at=msg.created_at,
-        media_url=msg.media_url,
-        media_type=msg.media_type,
-        duration=msg.duration,
-        reply_to=msg.reply_to,
-        data=_raw(msg.data),
+        **_body(stored),
     )
 
 
