@@ -1,0 +1,359 @@
+// End-to-end test of the chatd page in headless Chromium, driven by
+// playwright-core. Run by tests/browser/run.sh, which starts the server and
+// passes: CHATD_URL, CHATD_API_KEY, CHATD_PID_FILE and CHATD_SERVER_CMD (to
+// restart the server), CHATD_SERVER_LOG, CHROMIUM, ARTIFACTS.
+//
+// Plain `node`, no test runner: the steps run in order and the first failure
+// stops the run (exit status 1) after a screenshot of each page.
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { chromium } from 'playwright-core';
+
+const env = (name) => {
+    const value = process.env[name];
+    if (!value) throw new Error(`${name} is not set: run tests/browser/run.sh`);
+    return value;
+};
+const BASE = env('CHATD_URL');
+const API_KEY = env('CHATD_API_KEY');
+const PID_FILE = env('CHATD_PID_FILE');
+const SERVER_CMD = JSON.parse(env('CHATD_SERVER_CMD'));
+const SERVER_LOG = env('CHATD_SERVER_LOG');
+const ARTIFACTS = env('ARTIFACTS');
+const TIMEOUT = 10_000;
+mkdirSync(ARTIFACTS, { recursive: true });
+
+// --- helpers: server, raw clients --------------------------------------------
+
+async function devToken(username) {
+    const res = await fetch(`${BASE}/dev/token`, { method: 'POST', body: JSON.stringify({ username }) });
+    assert.equal(res.status, 200, `dev token for ${username}`);
+    return res.json();
+}
+
+async function publish(body) {
+    const res = await fetch(`${BASE}/api/publish`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+        body: JSON.stringify(body),
+    });
+    assert.equal(res.status, 200, `publish: ${await res.clone().text()}`);
+}
+
+async function healthy() {
+    try {
+        return (await fetch(`${BASE}/healthz`)).ok;
+    } catch {
+        return false;
+    }
+}
+
+async function until(what, check, timeout = TIMEOUT) {
+    const end = Date.now() + timeout;
+    while (!(await check())) {
+        if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
+        await sleep(50);
+    }
+}
+
+function alive(pid) {
+    try {
+        const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+        return stat.slice(stat.lastIndexOf(')') + 2)[0] !== 'Z';
+    } catch {
+        return false;
+    }
+}
+
+async function stopServer() {
+    const pid = Number(readFileSync(PID_FILE, 'utf8'));
+    process.kill(pid, 'SIGTERM');
+    await until('the server to exit', () => !alive(pid), 15_000);
+}
+
+async function startServer() {
+    const log = openSync(SERVER_LOG, 'a');
+    const child = spawn(SERVER_CMD[0], SERVER_CMD.slice(1), { detached: true, stdio: ['ignore', log, log] });
+    writeFileSync(PID_FILE, String(child.pid));
+    child.unref();
+    await until('the restarted server', healthy, 15_000);
+}
+
+// A protocol client on Node's WebSocket, for the seeding and the third party.
+async function rawClient(username) {
+    const { token } = await devToken(username);
+    const ws = new WebSocket(`${BASE.replace(/^http/, 'ws')}/ws/chat?token=${encodeURIComponent(token)}`);
+    const frames = [];
+    ws.onmessage = (event) => frames.push(JSON.parse(event.data));
+    await new Promise((resolve, reject) => {
+        ws.onopen = resolve;
+        ws.onerror = () => reject(new Error(`${username}: WebSocket failed`));
+    });
+    return {
+        send: (type, data, request_id) => ws.send(JSON.stringify({ type, data, request_id })),
+        expect: (what, pred) => until(what, () => frames.some(pred)),
+        frames,
+        close: () => ws.close(),
+    };
+}
+
+// --- helpers: pages --------------------------------------------------------------
+
+const pages = [];
+
+async function openPage(browser, name) {
+    const context = await browser.newContext({ viewport: { width: 1200, height: 760 } });
+    const page = await context.newPage();
+    page.setDefaultTimeout(TIMEOUT);
+    const problems = [];
+    const dialogs = [];
+    const frames = []; // WebSocket frames received: [socket number, parsed frame]
+    let sockets = 0;
+    page.on('pageerror', (err) => problems.push(`page error: ${err.message}`));
+    page.on('console', (msg) => {
+        if (/Content.Security.Policy|Refused to/i.test(msg.text())) problems.push(`CSP: ${msg.text()}`);
+    });
+    page.on('dialog', (dialog) => {
+        dialogs.push(dialog.message());
+        dialog.dismiss();
+    });
+    page.on('websocket', (ws) => {
+        const n = ++sockets;
+        ws.on('framereceived', (f) => frames.push([n, JSON.parse(f.payload)]));
+    });
+    const p = { name, context, page, problems, dialogs, frames };
+    pages.push(p);
+    await page.goto(`${BASE}/`);
+    return p;
+}
+
+async function signIn(p, username) {
+    const { page } = p;
+    await page.locator('#dev-form').waitFor({ state: 'visible' });
+    await page.getByLabel('Name (development server)').fill(username);
+    await page.locator('#dev-submit').click();
+    await page.locator('#whoami', { hasText: username }).waitFor();
+    await page.locator('#status', { hasText: 'Connected.' }).waitFor();
+    p.userId = Number(await page.locator('#whoami').getAttribute('data-user-id'));
+    assert.ok(p.userId > 0, `${username} has a user id`);
+}
+
+const view = (p, key) => p.page.locator(`ol[data-conv="${key}"]`);
+const message = (p, key, text) => view(p, key).locator('.content', { hasText: text });
+
+async function say(p, text) {
+    await p.page.getByLabel('Message', { exact: true }).fill(text);
+    await p.page.locator('#send-button').click();
+}
+
+// --- the scenario --------------------------------------------------------------
+
+const steps = [];
+async function step(name, fn) {
+    const started = Date.now();
+    await fn();
+    steps.push(name);
+    console.log(`ok ${steps.length} - ${name} (${Date.now() - started} ms)`);
+}
+
+const started = Date.now();
+const browser = await chromium.launch({
+    // Playwright gives each launch a fresh temporary profile (user data dir).
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: [
+        '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+        '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+});
+let failed = false;
+try {
+    let alice, bob;
+    const XSS = '<img src=x onerror=alert(1)>';
+
+    await step('seed 60 messages of history in general', async () => {
+        const seeder = await rawClient('seeder');
+        seeder.send('join_room', { room: 'general' });
+        const batch = [];
+        for (let i = 1; i <= 60; i++) {
+            const content = `history ${String(i).padStart(2, '0')}`;
+            batch.push({ type: 'room_message', data: { room: 'general', content }, request_id: i });
+        }
+        seeder.send('message_batch', { messages: batch });
+        await seeder.expect('the 60 copies', () => seeder.frames.filter((f) => f.request_id === 60).length > 0);
+        assert.equal(seeder.frames.filter((f) => f.type === 'error').length, 0, JSON.stringify(seeder.frames));
+        seeder.close();
+    });
+
+    await step('a bad token is refused: AUTH_FAILED, back to the sign-in form', async () => {
+        const mallory = await openPage(browser, 'mallory');
+        await mallory.page.getByLabel('Token', { exact: false }).fill('not-a-token');
+        await mallory.page.locator('#token-submit').click();
+        await mallory.page.locator('#status', { hasText: 'Authentication failed' }).waitFor();
+        await mallory.page.locator('#token-form').waitFor({ state: 'visible' });
+        assert.equal(await mallory.page.locator('#chat').isVisible(), false);
+        // A pasted good token works.
+        const { token } = await devToken('mallory');
+        await mallory.page.getByLabel('Token', { exact: false }).fill(token);
+        await mallory.page.locator('#token-submit').click();
+        await mallory.page.locator('#whoami', { hasText: 'mallory' }).waitFor();
+        await mallory.page.locator('#status', { hasText: 'Connected.' }).waitFor();
+        await mallory.context.close();
+        pages.splice(pages.indexOf(mallory), 1);
+    });
+
+    await step('alice and bob sign in with dev tokens and see general', async () => {
+        alice = await openPage(browser, 'alice');
+        await signIn(alice, 'alice');
+        bob = await openPage(browser, 'bob');
+        await signIn(bob, 'bob');
+        for (const p of [alice, bob]) {
+            await message(p, 'room:general', 'history 60').waitFor();
+            assert.equal(await p.page.locator('#view-title').textContent(), '# general');
+            assert.equal(await p.page.locator('#room-list button').first().textContent(), '# general');
+        }
+    });
+
+    await step('who is online: bob sees alice (ack), alice sees bob (user_connected)', async () => {
+        await bob.page.locator(`#online-list [data-user-id="${alice.userId}"]`, { hasText: 'alice' }).waitFor();
+        await alice.page.locator(`#online-list [data-user-id="${bob.userId}"]`, { hasText: 'bob' }).waitFor();
+    });
+
+    await step('room messages both ways, with username and time', async () => {
+        await say(alice, 'hello from alice');
+        await message(bob, 'room:general', 'hello from alice').waitFor();
+        const row = view(bob, 'room:general').locator('li', { hasText: 'hello from alice' });
+        assert.equal(await row.locator('.user').textContent(), 'alice');
+        assert.match(await row.locator('time').textContent(), /\d/);
+        await say(bob, 'hi alice, bob here');
+        await message(alice, 'room:general', 'hi alice, bob here').waitFor();
+    });
+
+    await step('markup in a message is shown as text', async () => {
+        await say(alice, XSS);
+        for (const p of [alice, bob]) {
+            await view(p, 'room:general').getByText(XSS, { exact: true }).waitFor();
+            assert.equal(await p.page.locator('img').count(), 0, `${p.name}: no img element`);
+        }
+        // A media message from another client: a plain text link, rel noopener.
+        const dave = await rawClient('dave');
+        dave.send('join_room', { room: 'general' });
+        dave.send('room_message', {
+            room: 'general', message_type: 'image', content: '<b>caption</b>',
+            media_url: '/uploads/cat.png', media_type: 'image/png',
+        }, 'i1');
+        await dave.expect('dave\'s copy', (f) => f.request_id === 'i1' || f.type === 'error');
+        assert.equal(dave.frames.filter((f) => f.type === 'error').length, 0, JSON.stringify(dave.frames));
+        dave.close();
+        const row = view(bob, 'room:general').locator('li', { hasText: '<b>caption</b>' });
+        await row.waitFor();
+        const link = row.locator('a.media');
+        assert.equal(await link.getAttribute('href'), '/uploads/cat.png');
+        assert.equal(await link.getAttribute('rel'), 'noopener noreferrer');
+        assert.equal(await bob.page.locator('#views b, #views img').count(), 0);
+        await sleep(200); // an onerror handler would have fired by now
+        assert.deepEqual(bob.dialogs, []);
+        assert.deepEqual(alice.dialogs, []);
+    });
+
+    await step('a direct message from alice reaches bob in its own conversation', async () => {
+        await alice.page.getByLabel('Write to user id').fill(String(bob.userId));
+        await alice.page.locator('#dm-submit').click();
+        await alice.page.locator('#view-title', { hasText: `(#${bob.userId})` }).waitFor();
+        await say(alice, 'psst, just for bob');
+        const key = `dm:${alice.userId}`;
+        const entry = bob.page.locator(`#dm-list button[data-conv="${key}"]`);
+        await entry.waitFor();
+        assert.match(await entry.textContent(), /alice/);
+        assert.equal(await message(bob, 'room:general', 'psst').count(), 0, 'not in the room');
+        await entry.click();
+        await bob.page.locator('#view-title', { hasText: 'alice' }).waitFor();
+        await message(bob, key, 'psst, just for bob').waitFor();
+        for (const p of [alice, bob]) await p.page.locator('#room-list button', { hasText: '# general' }).click();
+    });
+
+    await step('notifications: in the room, and to one user', async () => {
+        await publish({ content: 'deploy finished', room: 'general', data: { build: 42 } });
+        await publish({ content: 'your report is ready', user_id: bob.userId });
+        await view(bob, 'room:general').locator('li.notification', { hasText: 'deploy finished' }).waitFor();
+        await view(alice, 'room:general').locator('li.notification', { hasText: 'deploy finished' }).waitFor();
+        await bob.page.locator('#notifications li', { hasText: 'your report is ready' }).waitFor();
+        assert.equal(await alice.page.locator('#notifications li').count(), 0);
+    });
+
+    await step('after a reload, "load older" pages back through history', async () => {
+        await bob.page.reload();
+        await bob.page.locator('#whoami', { hasText: 'bob' }).waitFor(); // token kept for the tab
+        await message(bob, 'room:general', 'deploy finished').waitFor();
+        await bob.page.locator('#notifications li', { hasText: 'your report is ready' }).waitFor();
+        const rows = view(bob, 'room:general').locator('li');
+        assert.equal(await rows.count(), 50);
+        assert.equal(await message(bob, 'room:general', 'history 01').count(), 0);
+        await bob.page.locator('#load-older').click();
+        await message(bob, 'room:general', 'history 01').waitFor();
+        await until('all 65 rows (60 seeded, 4 said, 1 notification)', async () => (await rows.count()) === 65);
+        assert.equal(await bob.page.locator('#load-older').isVisible(), false, 'nothing older');
+        // History in order: ids ascending.
+        const ids = await rows.evaluateAll((els) => els.map((e) => Number(e.dataset.id)));
+        assert.deepEqual(ids, [...ids].sort((a, b) => a - b));
+        // The conversation with alice comes back from dm_history.
+        await bob.page.getByLabel('Write to user id').fill(String(alice.userId));
+        await bob.page.locator('#dm-submit').click();
+        await message(bob, `dm:${alice.userId}`, 'psst, just for bob').waitFor();
+        await bob.page.locator('#room-list button', { hasText: '# general' }).click();
+    });
+
+    await step('server restart: bob reconnects and recovers what he missed', async () => {
+        const sockets = new Set(bob.frames.map(([n]) => n));
+        await stopServer();
+        await bob.page.locator('#status', { hasText: 'reconnecting' }).waitFor();
+        await bob.context.setOffline(true); // keep bob away until carol has spoken
+        await startServer();
+        const carol = await rawClient('carol');
+        carol.send('join_room', { room: 'general' });
+        carol.send('room_message', { room: 'general', content: 'sent while bob was away' }, 'c1');
+        await carol.expect('carol\'s copy', (f) => f.request_id === 'c1');
+        assert.equal(carol.frames.filter((f) => f.type === 'error').length, 0, JSON.stringify(carol.frames));
+        carol.close();
+        // Bob really was away when carol spoke: nothing on a new socket yet.
+        assert.ok(bob.frames.every(([n]) => sockets.has(n)), 'bob has not reconnected yet');
+        assert.equal(await message(bob, 'room:general', 'sent while bob was away').count(), 0);
+        await bob.context.setOffline(false);
+        await message(bob, 'room:general', 'sent while bob was away').waitFor({ timeout: 20_000 });
+        await bob.page.locator('#status', { hasText: 'Reconnected.' }).waitFor();
+        const ack = bob.frames.find(([n, f]) => !sockets.has(n) && f.type === 'join_room_ack' && f.data.room === 'general');
+        assert.ok(ack, 'bob re-joined general on a new connection');
+        assert.equal(ack[1].data.recovered, true, 'with since_id, and recovered');
+        assert.equal(await message(bob, 'room:general', 'sent while bob was away').count(), 1, 'once');
+        assert.equal(await message(bob, 'room:general', 'hello from alice').count(), 1, 'no duplicates');
+        // And the page works on the new connection: bob talks, alice (reconnected too) hears.
+        await alice.page.locator('#status', { hasText: 'Reconnected.' }).waitFor({ timeout: 20_000 });
+        await say(bob, 'back online');
+        await message(alice, 'room:general', 'back online').waitFor();
+        await message(alice, 'room:general', 'sent while bob was away').waitFor();
+        await bob.page.locator(`#online-list [data-user-id="${alice.userId}"]`).waitFor();
+    });
+
+    await step('no page errors, no CSP violations, no dialogs', async () => {
+        for (const p of pages) {
+            assert.deepEqual(p.problems, [], p.name);
+            assert.deepEqual(p.dialogs, [], p.name);
+        }
+    });
+
+    await bob.page.screenshot({ path: join(ARTIFACTS, 'chat.png') });
+    console.log(`# screenshot: ${join(ARTIFACTS, 'chat.png')}`);
+} catch (err) {
+    failed = true;
+    console.error(`not ok ${steps.length + 1} - ${err.stack || err}`);
+    for (const p of pages) {
+        await p.page.screenshot({ path: join(ARTIFACTS, `failure-${p.name}.png`) }).catch(() => {});
+        if (p.problems.length) console.error(`# ${p.name}: ${p.problems.join('; ')}`);
+    }
+} finally {
+    await browser.close();
+}
+console.log(`# ${steps.length} steps, ${failed ? 'FAILED' : 'passed'}, ${((Date.now() - started) / 1000).toFixed(1)} s`);
+process.exit(failed ? 1 : 0);
