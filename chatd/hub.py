@@ -165,13 +165,7 @@ class Hub:
         its room, a direct message to every connection of its recipient and
         of its sender. ``origin``'s copy alone carries ``request_id``."""
         msg = stored.message
-        data: MessageOut | DirectMessageOut | NotificationOut
-        if msg.message_type == "notification":
-            kind, data = "notification", notification_out(stored)
-        elif msg.room is not None:
-            kind, data = "room_message", message_out(stored)
-        else:
-            kind, data = "direct_message", direct_message_out(stored)
+        kind, data, sender = live_shape(stored)
         if msg.room is not None:
             state = self._rooms.get(msg.room) or _Room()
             peers: Iterable[Peer] = state.peers
@@ -180,15 +174,30 @@ class Hub:
             state = _Room()  # no holding for conversations
             users = self._users
             peers = users.get(msg.to_user_id, set()) | users.get(msg.user_id, set())
-        frame = OutFrame(encode(kind, data, now, user_id=msg.user_id))
+        frame = OutFrame(encode(kind, data, now, user_id=sender))
         own = origin if request_id is not None and origin in self._joined else None
         sent = state.send(frame, (p for p in peers if p is not own), stored.id)
         self._metrics.frames_out(kind, sent + (own is not None))
         if own is not None:
-            copy = OutFrame(encode(kind, data, now, user_id=msg.user_id, request_id=request_id))
+            copy = OutFrame(encode(kind, data, now, user_id=sender, request_id=request_id))
             # Held like the rest, but never skipped at release: a replay
             # lacks the request_id the sender is waiting for.
             state.send(copy, (own,), None)
+
+
+Shape = tuple[str, MessageOut | DirectMessageOut | NotificationOut, int | None]
+
+
+def live_shape(stored: StoredMessage) -> Shape:
+    """The frame type, data and envelope ``user_id`` a stored message is
+    delivered live with (and replayed with, on recovery). A notification is
+    caused by no user: its envelope has no ``user_id``."""
+    msg = stored.message
+    if msg.message_type == "notification":
+        return "notification", notification_out(stored), None
+    if msg.room is not None:
+        return "room_message", message_out(stored), msg.user_id
+    return "direct_message", direct_message_out(stored), msg.user_id
 
 
 def _body(stored: StoredMessage) -> dict[str, Any]:

@@ -66,7 +66,12 @@ async def handle(
     allowed, handler = route
     if method != allowed and not (allowed == "GET" and method == "HEAD"):
         return _json(405, {"error": "method not allowed"}, [("allow", allowed)])
-    return await handler(node, request, body, remote)
+    try:
+        response: Response = await handler(node, request, body, remote)
+    except Exception:  # a bug or a failing store: an answer, never a dropped connection
+        log.exception("HTTP %s %s failed", method, path)
+        return _error(500, "internal error")
+    return response
 
 
 async def _healthz(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:

@@ -181,7 +181,11 @@ class ChatServer:
         await self.store.write(partial(declare_rooms, rooms=applied.rooms))
         self.config = applied
         self.ctx.reload(applied)
-        self._api_limits = _api_limits(applied)
+        if (old.api.messages_per_minute, old.api.messages_per_hour) != (
+            applied.api.messages_per_minute,
+            applied.api.messages_per_hour,
+        ):
+            self._api_limits = _api_limits(applied)
         log.info("reload: rooms, limits and API settings applied from %s", config.source)
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:

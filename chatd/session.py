@@ -32,7 +32,7 @@ from chatd import protocol as p
 from chatd.auth import Identity, Verifier
 from chatd.config import Config, LimitsConfig
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
-from chatd.hub import Hub, direct_message_out, message_out
+from chatd.hub import Hub, direct_message_out, live_shape, message_out
 from chatd.metrics import Metrics
 from chatd.ratelimit import LimiterTable, TokenBucket
 from chatd.store import NewMessage, Store, StoredMessage
@@ -253,9 +253,8 @@ class Session:
         self._reply("join_room_ack", ack, frame)
         now = self.ctx.wall()
         for stored in missed:
-            msg = message_out(stored)
-            payload = p.encode("room_message", msg, now, user_id=stored.message.user_id)
-            self._send(payload, "room_message")
+            kind, shape, sender = live_shape(stored)
+            self._send(p.encode(kind, shape, now, user_id=sender), kind)
         hub.release(self.peer, data.room, missed[-1].id if missed else since_id)
 
     async def _leave_room(self, frame: p.ClientFrame) -> None:

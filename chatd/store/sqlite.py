@@ -534,7 +534,13 @@ def dev_user(conn: sqlite3.Connection, username: str) -> int:
     ).fetchone()
     if row is not None:
         return int(row[0])
-    (user_id,) = conn.execute("SELECT coalesce(max(id), 0) + 1 FROM users").fetchone()
+    (user_id,) = conn.execute(
+        # the smallest free id above every id in use, or any gap when the
+        # largest possible id is taken
+        "SELECT CASE WHEN max(id) < 9223372036854775807 THEN max(id) + 1 ELSE"
+        " (SELECT u.id + 1 FROM users u WHERE u.id >= 0 AND u.id + 1 NOT IN (SELECT id FROM users)"
+        " ORDER BY u.id LIMIT 1) END FROM users"
+    ).fetchone()
     upsert_user(conn, user_id, username)
     return int(user_id)
 

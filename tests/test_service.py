@@ -1,0 +1,537 @@
+"""The service around the chat: /healthz, /readyz, the drain on stop, and the
+real process's signals (SIGTERM: drain and exit 0 keeping every acknowledged
+message; SIGHUP: reload rooms and limits without dropping a connection).
+
+The in-process tests run on the real server over TCP; the signal tests start
+``python -m chatd --config FILE`` as a subprocess and talk to it over TCP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h11
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed
+
+from chatd.config import Config
+from chatd.server import ChatServer
+from tests.conftest import SECRET, Client, make_token
+from tests.test_transport import closed_with, connect, ws_open
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# --- helpers: one HTTP request over h11 -----------------------------------------
+
+
+@dataclass
+class HttpReply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+async def http_request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes = b"",
+    headers: list[tuple[str, str]] | None = None,
+    *,
+    time_limit: float | None = 10.0,
+) -> HttpReply:
+    """Send one request on a new connection (``Connection: close``) and read
+    the whole response. ``time_limit`` None: no deadline (on an autojump clock,
+    a deadline with nothing else pending is where time jumps to)."""
+    conn = h11.Connection(h11.CLIENT)
+    head = [("host", f"127.0.0.1:{port}"), ("connection", "close"), *(headers or [])]
+    if body or method in ("POST", "PUT"):
+        head.append(("content-length", str(len(body))))
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        with trio.fail_after(math.inf if time_limit is None else time_limit):
+            out = conn.send(h11.Request(method=method, target=path, headers=head))
+            if body:
+                out += conn.send(h11.Data(data=body))
+            out += conn.send(h11.EndOfMessage())
+            await stream.send_all(out)
+            response: h11.Response | None = None
+            chunks: list[bytes] = []
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    response = event
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:  # pragma: no cover - ConnectionClosed before the end
+                    raise AssertionError(f"unexpected {event!r}")
+    assert response is not None
+    hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
+    return HttpReply(response.status_code, hdrs, b"".join(chunks))
+
+
+# === 1. /healthz and /readyz ====================================================
+
+
+async def test_healthz_is_200_json_with_connection_count(server: ChatServer) -> None:
+    reply = await http_request(server.port, "GET", "/healthz")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    body = reply.json()
+    assert body["status"] == "ok"
+    assert isinstance(body["version"], str) and body["version"]
+    assert body["connections"] == 0
+    async with connect(server, 1, "alice") as alice:
+        await alice.nothing_pending()
+        assert (await http_request(server.port, "GET", "/healthz")).json()["connections"] == 1
+
+
+async def test_readyz_is_200_ready(server: ChatServer) -> None:
+    reply = await http_request(server.port, "GET", "/readyz")
+    assert reply.status == 200
+    assert reply.headers["content-type"] == "application/json"
+    assert reply.json() == {"status": "ready"}
+
+
+async def test_readyz_post_is_405(server: ChatServer) -> None:
+    reply = await http_request(server.port, "POST", "/readyz")
+    assert reply.status == 405
+
+
+# === 2. the drain ===============================================================
+
+
+async def test_drain_readyz_503_clients_keep_working_then_1001(
+    slow_autojump_clock: trio.testing.MockClock, make_config: Callable[..., Config]
+) -> None:
+    grace = 30.0
+    config = make_config(server={"drain_grace_seconds": grace})
+    returned = trio.Event()
+    node = ChatServer(config)
+
+    async def serve(*, task_status: trio.TaskStatus[ChatServer]) -> None:
+        await node.run(task_status=task_status)
+        returned.set()
+
+    # No deadline while starting: on this clock, time would jump to it.
+    async with trio.open_nursery() as nursery:
+        srv: ChatServer = await nursery.start(serve)
+        port = srv.port
+        async with connect(srv, 1, "alice") as alice, connect(srv, 2, "bob") as bob:
+            await alice.join("general")
+            await bob.join("general")
+            await alice.expect("user_connected")
+            assert (await http_request(port, "GET", "/readyz")).status == 200
+
+            with trio.fail_after(300):
+                srv.stop()
+                stopped = trio.current_time()
+                reply = await http_request(port, "GET", "/readyz")
+                assert reply.status == 503
+                assert reply.json() == {"status": "draining"}
+                # /healthz still answers: the process is alive.
+                assert (await http_request(port, "GET", "/healthz")).status == 200
+
+                # Existing clients keep working: a message round-trips.
+                await alice.send(
+                    "room_message", {"room": "general", "content": "still here"}, request_id=1
+                )
+                own = await alice.expect("room_message")
+                assert own["request_id"] == 1
+                got = await bob.expect("room_message")
+                assert got["data"]["id"] == own["data"]["id"]
+                assert got["data"]["content"] == "still here"
+
+                # New connections are still accepted during the grace.
+                async with connect(srv, 3, "carol") as carol:
+                    await carol.join("general")
+                    await alice.expect("user_connected")
+                    await bob.expect("user_connected")
+                    await carol.send(
+                        "room_message", {"room": "general", "content": "late"}, request_id="c"
+                    )
+                    assert (await carol.expect("room_message"))["request_id"] == "c"
+                    assert (await alice.expect("room_message"))["data"]["content"] == "late"
+                    assert (await bob.expect("room_message"))["data"]["content"] == "late"
+                    assert trio.current_time() - stopped < grace
+                    assert not returned.is_set()
+
+                    # After the grace every client gets 1001.
+                    for client in (alice, bob, carol):
+                        with pytest.raises(ConnectionClosed) as info:
+                            await client.recv(wait=2 * grace)
+                        assert closed_with(info) == 1001
+                    assert trio.current_time() - stopped >= grace
+        # No deadline here either: the store commits on its thread while
+        # run() finishes, and time would jump to the deadline.
+        await returned.wait()
+    assert returned.is_set()
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream("127.0.0.1", port)
+
+
+# === 3. the real process: SIGTERM and SIGHUP ====================================
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def config_text(
+    port: int,
+    db: Path,
+    *,
+    public: tuple[str, ...] = ("general", "random"),
+    max_content_length: int | str = 4000,
+    shutdown_timeout: float = 3.0,
+    drain_grace: float = 0.0,
+    api_keys: tuple[str, ...] = (),
+) -> str:
+    rooms = ", ".join(json.dumps(r) for r in public)
+    length = json.dumps(max_content_length)
+    return (
+        "[server]\n"
+        'host = "127.0.0.1"\n'
+        f"port = {port}\n"
+        f"shutdown_timeout_seconds = {shutdown_timeout}\n"
+        f"drain_grace_seconds = {drain_grace}\n"
+        "[auth]\n"
+        f'jwt_secret = "{SECRET}"\n'
+        "[storage]\n"
+        f"sqlite_path = {json.dumps(str(db))}\n"
+        "[rooms]\n"
+        f"public = [{rooms}]\n"
+        "[limits]\n"
+        "messages_per_minute = 100000\n"
+        "messages_per_hour = 1000000\n"
+        "reads_per_minute = 10000\n"
+        f"max_content_length = {length}\n"
+        "[api]\n"
+        f"keys = {json.dumps(list(api_keys))}\n"
+    )
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONWARNINGS", None)
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+@asynccontextmanager
+async def chatd_process(config: Path, log: Path) -> AsyncIterator[trio.Process]:
+    """``python -m chatd --config config``, its stderr (the log) appended to
+    ``log``; killed at the end if still running."""
+    with log.open("ab") as err:
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "chatd", "--config", str(config)],
+            cwd=str(ROOT),
+            env=_child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+
+
+async def wait_healthy(proc: trio.Process, port: int, log: Path) -> None:
+    with trio.fail_after(10):
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"chatd exited: {await trio.Path(log).read_text()}")
+            try:
+                if (await http_request(port, "GET", "/healthz")).status == 200:
+                    return
+            except OSError:
+                pass
+            await trio.sleep(0.05)
+
+
+async def wait_for_log(log: Path, text: str, count: int = 1) -> None:
+    with trio.fail_after(5):
+        while (await trio.Path(log).read_text()).count(text) < count:  # noqa: ASYNC110
+            await trio.sleep(0.02)
+
+
+def url(port: int, user_id: int, username: str) -> str:
+    return f"ws://127.0.0.1:{port}/ws/chat?token={make_token(user_id, username)}"
+
+
+@asynccontextmanager
+async def client_at(port: int, user_id: int, username: str) -> AsyncIterator[Client]:
+    async with ws_open(url(port, user_id, username)) as ws:
+        yield Client(ws)
+
+
+async def room_history_ids(client: Client, room: str) -> tuple[list[int], int]:
+    """Every id of the room, oldest first, paging with offset; and the total."""
+    pages: list[list[int]] = []
+    offset = 0
+    total = -1
+    while True:
+        reply = await client.request("room_history", {"room": room, "limit": 100, "offset": offset})
+        assert reply["type"] == "message_history", reply
+        data = reply["data"]
+        ids = [m["id"] for m in data["messages"]]
+        assert ids == sorted(ids)
+        pages.append(ids)
+        total = data["total"]
+        offset += len(ids)
+        if not data["has_more"]:
+            break
+        assert ids, "has_more with an empty page"
+    return [i for page in reversed(pages) for i in page], total
+
+
+async def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    shutdown_timeout = 3.0
+    config = tmp_path / "chatd.toml"
+    db = tmp_path / "data" / "chatd.db"
+    config.write_text(config_text(port, db, shutdown_timeout=shutdown_timeout))
+    log = tmp_path / "chatd.log"
+
+    acked: list[list[int]] = [[], [], []]
+    codes: list[int | None] = []
+    joined = [trio.Event() for _ in range(3)]
+    enough = [trio.Event() for _ in range(3)]
+
+    async def talker(i: int) -> None:
+        async with client_at(port, i + 1, f"user{i + 1}") as client:
+            await client.join("general")
+            joined[i].set()
+            n = 0
+            try:
+                while True:
+                    content = f"c{i}-{n}"
+                    await client.send(
+                        "room_message", {"room": "general", "content": content}, request_id=n
+                    )
+                    while True:
+                        frame = await client.recv(wait=15)
+                        assert frame["type"] != "error", frame
+                        if frame["type"] == "room_message" and frame.get("request_id") == n:
+                            break
+                    assert frame["data"]["content"] == content
+                    acked[i].append(frame["data"]["id"])
+                    if len(acked[i]) >= 10:
+                        enough[i].set()
+                    n += 1
+            except ConnectionClosed as exc:
+                codes.append(exc.reason.code if exc.reason is not None else None)
+
+    async with chatd_process(config, log) as proc:
+        await wait_healthy(proc, port, log)
+        with trio.fail_after(shutdown_timeout + 10):
+            async with trio.open_nursery() as nursery:
+                for i in range(3):
+                    nursery.start_soon(talker, i)
+                for event in joined + enough:
+                    await event.wait()
+                proc.send_signal(signal.SIGTERM)
+                signalled = trio.current_time()
+                with trio.fail_after(shutdown_timeout + 3):
+                    status = await proc.wait()
+                took = trio.current_time() - signalled
+        assert status == 0, log.read_text()
+        assert took < shutdown_timeout + 3
+    assert len(codes) == 3
+    # The server's close frame (1001), or at worst the connection's end.
+    assert all(code in (1001, 1006, None) for code in codes), codes
+    assert codes.count(1001) >= 1, codes
+    all_acked = [i for a in acked for i in a]
+    assert len(all_acked) == len(set(all_acked)), "an id was acknowledged twice"
+    log_text = log.read_text()
+    assert "SIGTERM: shutting down" in log_text
+    assert "Traceback" not in log_text
+
+    # Start again on the same database: every acknowledged id is there.
+    async with chatd_process(config, log) as proc:
+        await wait_healthy(proc, port, log)
+        async with client_at(port, 9, "reader") as reader:
+            ids, total = await room_history_ids(reader, "general")
+        assert len(ids) == total
+        assert len(ids) == len(set(ids)), "an id repeats in the history"
+        assert ids == sorted(ids)
+        missing = set(all_acked) - set(ids)
+        assert not missing, f"acknowledged but not stored: {sorted(missing)}"
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(shutdown_timeout + 3):
+            assert await proc.wait() == 0
+
+
+KEY = "reload-key-0123456789abcdef"
+
+
+async def publish(port: int, content: str) -> HttpReply:
+    body = json.dumps({"room": "general", "content": content}).encode()
+    headers = [("authorization", f"Bearer {KEY}"), ("content-type", "application/json")]
+    return await http_request(port, "POST", "/api/publish", body, headers)
+
+
+async def test_sighup_reloads_rooms_and_limits_and_keeps_connections(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "chatd.toml"
+    db = tmp_path / "data" / "chatd.db"
+    config.write_text(config_text(port, db, public=("general",), max_content_length=100))
+    log = tmp_path / "chatd.log"
+    applied = "reload: rooms, limits and API settings applied"
+
+    async def post(client: Client, length: int) -> dict[str, Any]:
+        return await client.request("room_message", {"room": "general", "content": "x" * length})
+
+    async with chatd_process(config, log) as proc:
+        await wait_healthy(proc, port, log)
+        with trio.fail_after(20):
+            async with client_at(port, 1, "alice") as alice:
+                # Before: no room "news"; at most 100 characters.
+                refused = await alice.request("join_room", {"room": "news"})
+                assert refused["type"] == "error"
+                assert refused["data"]["code"] == "ROOM_NOT_FOUND"
+                await alice.join("general")
+                assert (await publish(port, "before")).status == 404  # API off
+                too_long = await post(alice, 150)
+                assert too_long["type"] == "error", too_long
+                assert too_long["data"]["code"] == "MESSAGE_TOO_LONG"
+                assert too_long["data"]["details"]["max_length"] == 100
+
+                # Reload: a new public room, a longer limit.
+                good = config_text(
+                    port, db, public=("general", "news"), max_content_length=200, api_keys=(KEY,)
+                )
+                config.write_text(good)
+                proc.send_signal(signal.SIGHUP)
+                await wait_for_log(log, applied)
+                assert proc.poll() is None
+
+                ack = await alice.join("news")
+                assert ack["data"]["room"] == "news"
+                accepted = await post(alice, 150)
+                assert accepted["type"] == "room_message", accepted
+                too_long = await post(alice, 250)
+                assert too_long["type"] == "error", too_long
+                assert too_long["data"]["code"] == "MESSAGE_TOO_LONG"
+                assert too_long["data"]["details"]["max_length"] == 200
+                # The publish API is on now.
+                assert (await publish(port, "after")).status == 200
+                notified = await alice.expect("notification")
+                assert notified["data"]["content"] == "after"
+
+                # A broken file: logged once, naming the key; the last good
+                # config stays.
+                config.write_text(
+                    good.replace("max_content_length = 200", 'max_content_length = "lots"')
+                )
+                proc.send_signal(signal.SIGHUP)
+                await wait_for_log(log, "config not reloaded")
+                await alice.nothing_pending()
+                assert proc.poll() is None
+                lines = [ln for ln in log.read_text().splitlines() if "config not reloaded" in ln]
+                assert len(lines) == 1, lines
+                assert "max_content_length" in lines[0]
+                assert log.read_text().count(applied) == 1
+                assert (await http_request(port, "GET", "/healthz")).status == 200
+                assert (await publish(port, "still")).status == 200
+                assert (await alice.expect("notification"))["data"]["content"] == "still"
+
+                assert (await post(alice, 150))["type"] == "room_message"
+                too_long = await post(alice, 250)
+                assert too_long["data"]["code"] == "MESSAGE_TOO_LONG"
+                assert too_long["data"]["details"]["max_length"] == 200
+                async with client_at(port, 2, "bob") as bob:
+                    assert (await bob.join("news"))["data"]["room"] == "news"
+                    joined = await alice.expect("user_connected")
+                    assert joined["data"] == {"user_id": 2, "username": "bob", "room": "news"}
+                # alice, connected before both reloads, is still served.
+                left = await alice.expect("user_disconnected")
+                assert left["data"]["room"] == "news"
+                await alice.nothing_pending()
+
+                proc.send_signal(signal.SIGTERM)
+                with pytest.raises(ConnectionClosed) as info:
+                    while True:
+                        await alice.recv(wait=10)
+                assert closed_with(info) == 1001
+            with trio.fail_after(8):
+                assert await proc.wait() == 0
+
+
+async def test_sigterm_drains_then_second_sigterm_stops_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "chatd.toml"
+    db = tmp_path / "data" / "chatd.db"
+    config.write_text(config_text(port, db, drain_grace=30.0))
+    log = tmp_path / "chatd.log"
+    async with chatd_process(config, log) as proc:
+        await wait_healthy(proc, port, log)
+        with trio.fail_after(15):
+            async with client_at(port, 1, "alice") as alice:
+                await alice.join("general")
+                proc.send_signal(signal.SIGTERM)
+                await wait_for_log(log, "SIGTERM: shutting down")
+                ready = await http_request(port, "GET", "/readyz")
+                assert ready.status == 503
+                assert ready.json() == {"status": "draining"}
+                # Still serving during the grace.
+                sent = await alice.request("room_message", {"room": "general", "content": "x"})
+                assert sent["type"] == "room_message", sent
+                message_id = sent["data"]["id"]
+                assert proc.poll() is None
+                # A second SIGTERM: stop now, not after 30 s.
+                proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(8):
+                    status = await proc.wait()
+                assert status == 0, await trio.Path(log).read_text()
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await alice.recv(wait=5)
+        assert "second SIGTERM: stopping now" in await trio.Path(log).read_text()
+
+    config.write_text(config_text(port, db))
+    async with chatd_process(config, log) as proc:
+        await wait_healthy(proc, port, log)
+        async with client_at(port, 2, "bob") as bob:
+            ids, _ = await room_history_ids(bob, "general")
+        assert ids == [message_id]
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(8):
+            assert await proc.wait() == 0
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    import gc
+
+    yield
+    gc.collect()
