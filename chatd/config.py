@@ -13,6 +13,7 @@ Relative paths are taken from the working directory.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -60,6 +61,13 @@ class ServerConfig(_Section, frozen=True):
     drain_grace_seconds: Annotated[float, Meta(ge=0, le=3600)] = 0.0
     #: "host:port" to serve /metrics on instead of the main port ("" = main port).
     metrics_listen: str = ""
+    #: WebSocket connections open at once, in all; more are closed with 1013.
+    max_connections: Annotated[int, Meta(ge=1)] = 10_000
+    #: WebSocket connections open at once from one client address (1013 past it).
+    max_connections_per_address: Annotated[int, Meta(ge=1)] = 100
+    #: Addresses of reverse proxies whose X-Forwarded-For / X-Real-IP name the
+    #: client (for the per-address limit and the logs). Others are not believed.
+    trusted_proxies: tuple[str, ...] = ()
     #: Development only: POST /dev/token mints a token for any name, to
     #: loopback clients, and only when ``host`` is a loopback address.
     dev_tokens: bool = False
@@ -263,6 +271,13 @@ def _check(config: Config) -> Config:
             split_address(config.server.metrics_listen)
         except ValueError as exc:
             raise ConfigError(f"{src}: [server] metrics_listen: {exc}") from None
+    for proxy in config.server.trusted_proxies:
+        try:
+            ipaddress.ip_address(proxy)
+        except ValueError:
+            raise ConfigError(
+                f"{src}: [server] trusted_proxies: {proxy!r} is not an IP address"
+            ) from None
     if config.server.dev_tokens:
         if config.server.host not in LOOPBACK_HOSTS:
             raise ConfigError(

@@ -80,6 +80,8 @@ class ChatServer:
         self._stop = trio.Event()
         self._ctx: Context | None = None
         self._http: dict[trio.SocketStream, trio.CancelScope] = {}
+        #: WebSocket connections open per client address.
+        self._per_address: dict[str, int] = {}
         self._api_limits = _api_limits(config)
 
     @property
@@ -280,8 +282,6 @@ class ChatServer:
     async def websocket(
         self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
     ) -> None:
-        ctx = self._ctx
-        assert ctx is not None
         self._http.pop(stream, None)
         target = urlsplit(request.target.decode("latin-1"))
         ws = WSConnection(ConnectionType.SERVER)
@@ -305,8 +305,43 @@ class ChatServer:
         await stream.send_all(accept)
         if trailing:
             ws.receive_data(trailing)
+        client = client_address(remote, request.headers, self.config.server.trusted_proxies)
+        counts = self._per_address
+        counts[client] = counts.get(client, 0) + 1
+        try:
+            await self._session(stream, ws, deflate, target.query, request, client)
+        finally:
+            left = counts[client] - 1
+            if left:
+                counts[client] = left
+            else:
+                del counts[client]
 
-        token = _token(target.query, list(request.headers))
+    async def _session(
+        self,
+        stream: trio.SocketStream,
+        ws: WSConnection,
+        deflate: BoundedDeflate | None,
+        query: str,
+        request: h11.Request,
+        remote: str,
+    ) -> None:
+        """Check limits and the token, then serve one session."""
+        ctx = self.ctx
+        server = self.config.server
+        full = None
+        if len(self.connections) >= server.max_connections:
+            full = "Server full"
+        elif self._per_address[remote] > server.max_connections_per_address:
+            full = "Too many connections from your address"
+        if full is not None:
+            log.warning("WS_REFUSED: IP=%s, Reason=%s", remote, full)
+            conn = self._connection(stream, ws, _ANONYMOUS, deflate)
+            conn.close(CloseCode.TRY_AGAIN_LATER, full)
+            await conn.run(Session(ctx, conn))
+            return
+
+        token = _token(query, list(request.headers))
         try:
             identity = ctx.verifier.verify(token)
         except ChatError as err:
@@ -318,7 +353,7 @@ class ChatServer:
             await conn.run(session)
             return
 
-        batch = parse_qs(target.query).get("batch") == ["1"]
+        batch = parse_qs(query).get("batch") == ["1"]
         conn = self._connection(stream, ws, identity, deflate, batch=batch)
         session = Session(ctx, conn)
         started = ctx.monotonic()
@@ -369,6 +404,25 @@ class ChatServer:
             wall=self.wall,
             on_slow=self.metrics.slow_consumers.inc,
         )
+
+
+def client_address(remote: str, headers: Any, trusted: tuple[str, ...]) -> str:
+    """The client's address: the TCP peer, or, when that peer is a trusted
+    proxy, the nearest untrusted address in its X-Forwarded-For (else its
+    X-Real-IP)."""
+    if remote not in trusted:
+        return remote
+    forwarded: list[str] = []
+    real = None
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            forwarded += [part.strip() for part in value.decode("latin-1").split(",")]
+        elif name == b"x-real-ip":
+            real = value.decode("latin-1").strip()
+    for hop in reversed(forwarded):
+        if hop and hop not in trusted:
+            return hop[:64]
+    return real[:64] if real else remote
 
 
 def _token(query: str, headers: list[tuple[bytes, bytes]]) -> str | None:
