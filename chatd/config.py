@@ -107,6 +107,10 @@ class LimitsConfig(_Section, frozen=True):
     #: join_room, room_history and dm_history per user per minute (burst of
     #: the same size): their own bucket, more generous than messages'.
     reads_per_minute: PositiveInt = 120
+    #: Most entries in one client message_batch (INVALID_FORMAT past it).
+    max_batch_entries: Annotated[int, Meta(ge=1, le=1000)] = 100
+    #: Largest history page; a request's limit is clamped to 1..this.
+    max_history_page: Annotated[int, Meta(ge=1, le=1000)] = 100
     #: Longest audio message, in seconds (``duration``).
     max_audio_seconds: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
     #: Most messages replayed by join_room with since_id.

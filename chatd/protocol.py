@@ -31,9 +31,10 @@ NonNegative = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 RequestId = Annotated[str, Meta(max_length=64)] | Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 MessageType = Literal["text", "image", "audio", "reaction"]
 
-MAX_BATCH = 100
+#: Hard caps at decode time; the config's limits (default 100) sit below them.
+MAX_BATCH = 1000
 HISTORY_DEFAULT_LIMIT = 50
-HISTORY_MAX_LIMIT = 100
+HISTORY_MAX_LIMIT = 1000
 
 
 # --- client -> server -------------------------------------------------------
@@ -200,9 +201,9 @@ def _decode(decoder: msgspec.json.Decoder[Any], raw: Any, prefix: str) -> Any:
         raise invalid_format("Strings must be valid UTF-8") from None
 
 
-def clamp_limit(limit: int) -> int:
-    """History page sizes are clamped to 1..100."""
-    return max(1, min(HISTORY_MAX_LIMIT, limit))
+def clamp_limit(limit: int, maximum: int = 100) -> int:
+    """History page sizes are clamped to 1..``maximum`` (the config's)."""
+    return max(1, min(maximum, HISTORY_MAX_LIMIT, limit))
 
 
 # --- server -> client -------------------------------------------------------

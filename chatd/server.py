@@ -301,15 +301,16 @@ class ChatServer:
         if deflate is not None:
             extensions.insert(0, deflate)
         subprotocol = next((s for s in upgrade.subprotocols if s in SUBPROTOCOLS), None)
+        # The 101 is written by the connection itself, first, once chatd is
+        # ready to deliver to it (see _session).
         accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
-        await stream.send_all(accept)
         if trailing:
             ws.receive_data(trailing)
         client = client_address(remote, request.headers, self.config.server.trusted_proxies)
         counts = self._per_address
         counts[client] = counts.get(client, 0) + 1
         try:
-            await self._session(stream, ws, deflate, target.query, request, client)
+            await self._session(stream, ws, accept, deflate, target.query, request, client)
         finally:
             left = counts[client] - 1
             if left:
@@ -321,12 +322,19 @@ class ChatServer:
         self,
         stream: trio.SocketStream,
         ws: WSConnection,
+        accept: bytes,
         deflate: BoundedDeflate | None,
         query: str,
         request: h11.Request,
         remote: str,
     ) -> None:
-        """Check limits and the token, then serve one session."""
+        """Check limits and the token, then serve one session.
+
+        A refused connection still completes the handshake (browsers cannot
+        read an HTTP error), then gets its error and close. An accepted one
+        gets its 101 only once its user is stored and its session is in the
+        hub: a client that sees the handshake complete misses nothing sent
+        to it afterwards (a direct message, say)."""
         ctx = self.ctx
         server = self.config.server
         full = None
@@ -337,6 +345,7 @@ class ChatServer:
         if full is not None:
             log.warning("WS_REFUSED: IP=%s, Reason=%s", remote, full)
             conn = self._connection(stream, ws, _ANONYMOUS, deflate)
+            conn.send_raw(accept)
             conn.close(CloseCode.TRY_AGAIN_LATER, full)
             await conn.run(Session(ctx, conn))
             return
@@ -348,6 +357,7 @@ class ChatServer:
             log.info("WS_AUTH_FAILED: IP=%s, Reason=%s", remote, err.message)
             self.metrics.auth_failures.inc()
             conn = self._connection(stream, ws, _ANONYMOUS, deflate)
+            conn.send_raw(accept)
             session = Session(ctx, conn)
             session.refuse(err)
             await conn.run(session)
@@ -361,12 +371,14 @@ class ChatServer:
             await ctx.store.upsert_user(identity.user_id, identity.username)
         except Exception:
             log.exception("store: cannot record user %d", identity.user_id)
+            conn.send_raw(accept)
             conn.close(CloseCode.INTERNAL_ERROR, "Storage unavailable")
             await conn.run(session)
             return
         log.info("WS_CONNECT: UserID=%d, IP=%s", identity.user_id, remote)
         self.connections.add(conn)
         self.metrics.connected(identity.user_id, started)
+        conn.send_raw(accept)
         session.start()
         try:
             await conn.run(session)

@@ -369,7 +369,7 @@ class Session:
         data: p.RoomHistory | p.DmHistory = frame.data
         if self._inflight:  # read this connection's own writes
             await self.ctx.store.flush()
-        limit = p.clamp_limit(data.limit)
+        limit = p.clamp_limit(data.limit, self.ctx.config.limits.max_history_page)
         messages, total = await self.ctx.store.history(channel, limit, data.offset)
         reply = {
             key: value,
@@ -402,6 +402,9 @@ class Session:
 
     async def _message_batch(self, frame: p.ClientFrame) -> None:
         data: p.MessageBatch = frame.data
+        most = self.ctx.config.limits.max_batch_entries
+        if len(data.messages) > most:
+            raise invalid_format(f"A batch has at most {most} entries", "data.messages")
         for entry in data.messages:
             if self._closed:
                 return

@@ -221,3 +221,18 @@ async def test_dm_to_self_is_delivered_once_per_connection(server):
         history = await tab2.request("dm_history", {"with_user": 1})
         assert history["data"]["total"] == 1
         assert history["data"]["messages"] == [own["data"]]
+
+
+async def test_a_connection_misses_nothing_sent_once_its_handshake_is_done(server):
+    """The 101 comes only after the user is stored and its session is in the
+    hub: a direct message sent right after a first-ever connect (no other
+    round trip) is accepted and delivered live."""
+    async with connect(server, 1, "alice") as alice:
+        for user_id in range(100, 120):  # each a brand-new user
+            async with connect(server, user_id, f"new{user_id}") as newcomer:
+                sent = await alice.request(
+                    "direct_message", {"to_user_id": user_id, "content": "hi"}
+                )
+                assert sent["type"] == "direct_message", sent
+                got = await newcomer.expect("direct_message")
+                assert got["data"]["id"] == sent["data"]["id"]

@@ -191,6 +191,8 @@ class RawWS:
         event = next(self.ws.events())
         if isinstance(event, AcceptConnection):
             self._feed_raw(rest)
+            # Frames may come in the same read as the 101.
+            self._events.extend(self.ws.events())
         return event
 
     def _feed_raw(self, data: bytes) -> None:

@@ -123,6 +123,10 @@ class WebSocketConnection:
         batch.append(frame)
         self._wake.set()
 
+    def send_raw(self, data: bytes) -> None:
+        """Queue bytes that are already framed (the handshake's 101)."""
+        self._write(data, force=True)
+
     def _write_control(self, data: bytes) -> None:
         """A control frame goes after every data frame queued before it."""
         self._flush_batch()
