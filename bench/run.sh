@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# chatd's benchmark: chatd and its peers (Node ws, Python websockets) measured
+# side by side in one run, on loopback only. Needs python3 (3.11), pip, node
+# and npm; installs the rest itself:
+#   - bench/.venv from bench/requirements-bench.txt (pinned; chatd's runtime
+#     pins included, so chatd runs from the sources),
+#   - bench/peers/node/node_modules with `npm ci` (pinned by package-lock.json).
+#
+#   bash bench/run.sh            full run (~10-15 min): bench/results/latest.json,
+#                                docs/benchmarks.md, docs/benchmarks-fanout.png
+#   bash bench/run.sh --quick    tiny counts (< 1 min), written to a temp dir:
+#                                checks that the benchmark works, asserts no speed
+set -euo pipefail
+cd "$(dirname "$0")"
+BENCH=$(pwd)
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$PYTHON" -m venv .venv
+fi
+stamp=.venv/.bench-requirements
+want=$(cat requirements-bench.txt ../requirements.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+    echo "$want" > "$stamp"
+fi
+lockstamp=peers/node/node_modules/.bench-lock
+lockwant=$(sha256sum peers/node/package-lock.json | cut -d' ' -f1)
+if [ "$(cat "$lockstamp" 2>/dev/null)" != "$lockwant" ]; then
+    npm ci --prefix peers/node --silent --no-audit --no-fund
+    echo "$lockwant" > "$lockstamp"
+fi
+
+# 10,000 idle connections need as many descriptors in the server and the
+# load generator: raise the soft limit to the hard one.
+hard=$(ulimit -Hn)
+ulimit -n "$hard"
+echo "ulimit -n: $(ulimit -n) (hard $hard)" >&2
+
+if [ "$QUICK" = 1 ]; then
+    out=$(mktemp -d)
+    trap 'rm -rf "$out"' EXIT
+    .venv/bin/python load.py --quick --out "$out/latest.json"
+    .venv/bin/python report.py "$out/latest.json" --md "$out/benchmarks.md" --png "$out/fanout.png"
+    echo "bench --quick: ok (results in a temp dir, docs/benchmarks.md untouched)"
+else
+    .venv/bin/python load.py --profile --out results/latest.json
+    .venv/bin/python report.py results/latest.json \
+        --md ../docs/benchmarks.md --png ../docs/benchmarks-fanout.png
+fi

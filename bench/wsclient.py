@@ -1,0 +1,287 @@
+"""A minimal WebSocket client for the load generator, on asyncio protocols.
+
+Just enough of RFC 6455 / RFC 7692 for measuring a chat server on loopback:
+the HTTP upgrade, masked client frames (a fresh random mask per frame, XORed
+as one big integer), a frame reader that walks every frame of a received
+chunk in one loop without a task switch per frame, answers to pings, the
+closing handshake, and permessage-deflate decoding with one
+``zlib.decompressobj`` per connection (which works both with and without the
+server's context takeover).
+
+What a received frame is *for* depends on ``Client.mode``, set by the worker
+(``bench/worker.py``): counting deliveries, timing a latency probe embedded
+in the content, or waiting for the client's own copy. Times are
+``time.monotonic_ns()`` (CLOCK_MONOTONIC, system-wide on Linux, so the
+publisher's clock and every receiver's clock in other processes are the same
+clock), read once per received chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+import time
+import zlib
+from collections import deque
+from typing import Any
+
+MONO = time.monotonic_ns
+TAIL = b"\x00\x00\xff\xff"
+ROOM_MESSAGE = b'{"type":"room_message"'
+REQUEST_ID = b'"request_id"'
+LAT_MARK = b'"content":"L'
+
+# modes
+IDLE, COUNT, LATENCY, OWN = 0, 1, 2, 3
+
+
+def frame(payload: bytes, opcode: int = 1) -> bytes:
+    """A masked client frame (FIN set)."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((0x80 | opcode, 0x80 | n))
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x80 | opcode, 0xFE, n)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 0xFF, n)
+    mask = os.urandom(4)
+    if not n:
+        return head + mask
+    key = (mask * ((n + 3) // 4))[:n]
+    masked = (int.from_bytes(payload, "little") ^ int.from_bytes(key, "little")).to_bytes(
+        n, "little"
+    )
+    return head + mask + masked
+
+
+CLOSE_1000 = struct.pack("!H", 1000)
+
+
+class Stats:
+    """Per-worker counters shared by all its clients (one process, one thread)."""
+
+    def __init__(self) -> None:
+        self.counting = False
+        self.rx = 0  # room_message frames received while counting
+        self.other = 0  # other text frames while counting
+        self.latency: dict[int, list[int]] = {}  # seq -> [send_ns, max_arrival_ns, count]
+        self.own_lat: list[int] = []  # send -> own copy, ns (while counting)
+        self.own_rx = 0
+        self.last_rx_ns = 0
+
+
+class Client(asyncio.Protocol):
+    """One WebSocket connection. ``ready`` resolves on 101, ``closed`` on loss."""
+
+    def __init__(self, stats: Stats, target: str, deflate: bool) -> None:
+        loop = asyncio.get_running_loop()
+        self.stats = stats
+        self.target = target
+        self.offer_deflate = deflate
+        self.ready: asyncio.Future[bool] = loop.create_future()
+        self.closed: asyncio.Future[bool] = loop.create_future()
+        self.waiter: asyncio.Future[bytes] | None = None  # next frame containing waiter_key
+        self.waiter_key = b""
+        self.transport: asyncio.Transport | None = None
+        self.upgraded = False
+        self.inflater: Any = None
+        self.buf = b""
+        self.mode = IDLE
+        self.frag: list[bytes] = []
+        self.frag_rsv1 = False
+        # publisher / own-copy state
+        self.sent: deque[int] = deque()
+        self.on_own: Any = None  # callback(client, now) after an own copy
+        self.close_sent = False
+
+    # --- asyncio.Protocol --------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        ext = (
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            if self.offer_deflate
+            else ""
+        )
+        transport.write(
+            (
+                f"GET {self.target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                f"Sec-WebSocket-Version: 13\r\n{ext}\r\n"
+            ).encode()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("closed before 101"))
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("closed"))
+        if not self.closed.done():
+            self.closed.set_result(True)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.upgraded:
+            self.buf += data
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self.buf) > 65536:
+                    self.abort()
+                return
+            head, data = self.buf[:end], self.buf[end + 4 :]
+            self.buf = b""
+            if not head.startswith(b"HTTP/1.1 101"):
+                if not self.ready.done():
+                    self.ready.set_exception(
+                        ConnectionError(head.split(b"\r\n", 1)[0].decode("latin-1"))
+                    )
+                self.abort()
+                return
+            self.upgraded = True
+            if b"permessage-deflate" in head.lower():
+                self.inflater = zlib.decompressobj(-15)
+            self.ready.set_result(True)
+            if not data:
+                return
+        buf = self.buf + data if self.buf else data
+        n = len(buf)
+        i = 0
+        now = MONO()
+        stats = self.stats
+        mode = self.mode
+        counting = stats.counting
+        while n - i >= 2:
+            b0 = buf[i]
+            ln = buf[i + 1] & 127
+            h = i + 2
+            if ln == 126:
+                if n - i < 4:
+                    break
+                ln = (buf[i + 2] << 8) | buf[i + 3]
+                h = i + 4
+            elif ln == 127:
+                if n - i < 10:
+                    break
+                ln = int.from_bytes(buf[i + 2 : i + 10], "big")
+                h = i + 10
+            end = h + ln
+            if end > n:
+                break
+            i = end
+            op = b0 & 15
+            if op == 1 or op == 0:
+                if not b0 & 0x80:  # a fragment: keep it
+                    if op == 1:
+                        self.frag_rsv1 = bool(b0 & 0x40)
+                    self.frag.append(buf[h:end])
+                    continue
+                if op == 0:
+                    self.frag.append(buf[h:end])
+                    payload = b"".join(self.frag)
+                    rsv1 = self.frag_rsv1
+                    self.frag = []
+                else:
+                    payload = None
+                    rsv1 = b0 & 0x40
+                if rsv1:
+                    payload = self.inflater.decompress((payload or buf[h:end]) + TAIL)
+                if mode == COUNT and payload is None:
+                    is_rm = buf.startswith(ROOM_MESSAGE, h)
+                else:
+                    if payload is None:
+                        payload = buf[h:end]
+                    is_rm = payload.startswith(ROOM_MESSAGE)
+                if not is_rm:
+                    if counting:
+                        stats.other += 1
+                    if self.waiter is not None and self.waiter_key in (payload or buf[h:end]):
+                        if not self.waiter.done():
+                            self.waiter.set_result(payload or buf[h:end])
+                        self.waiter = None
+                    continue
+                if counting:
+                    stats.rx += 1
+                stats.last_rx_ns = now
+                if mode == LATENCY:
+                    assert payload is not None
+                    j = payload.find(LAT_MARK)
+                    if j >= 0:
+                        j += len(LAT_MARK)
+                        e = payload.index(b":", j)
+                        e2 = payload.index(b":", e + 1)
+                        seq = int(payload[j:e])
+                        rec = stats.latency.get(seq)
+                        if rec is None:
+                            stats.latency[seq] = [int(payload[e + 1 : e2]), now, 1]
+                        else:
+                            rec[2] += 1
+                            if now > rec[1]:
+                                rec[1] = now
+                elif mode == OWN:
+                    if payload is None:
+                        payload = buf[h:end]
+                    if REQUEST_ID in payload and self.sent:
+                        sent = self.sent.popleft()
+                        if counting:
+                            stats.own_rx += 1
+                            stats.own_lat.append(now - sent)
+                        if self.on_own is not None:
+                            self.on_own(self, now)
+            elif op == 9:  # ping -> pong
+                self.send_raw(frame(buf[h:end], 0xA))
+            elif op == 0xA:  # pong
+                if self.waiter is not None and self.waiter_key == b"<pong>":
+                    if not self.waiter.done():
+                        self.waiter.set_result(b"")
+                    self.waiter = None
+            elif op == 8:  # close
+                if not self.close_sent:
+                    self.close_sent = True
+                    self.send_raw(frame(buf[h : h + 2] if ln >= 2 else b"", 8))
+                if self.waiter is not None and self.waiter_key == b"<close>":
+                    if not self.waiter.done():
+                        self.waiter.set_result(b"")
+                    self.waiter = None
+                if self.transport is not None:
+                    self.transport.close()
+        self.buf = buf[i:] if i < n else b""
+
+    # --- actions -------------------------------------------------------------
+
+    def send_raw(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def send_text(self, text: bytes) -> None:
+        self.send_raw(frame(text, 1))
+
+    def expect(self, key: bytes) -> asyncio.Future[bytes]:
+        """A future for the next text frame containing ``key`` (or ``<pong>``, ``<close>``)."""
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.waiter = fut
+        self.waiter_key = key
+        return fut
+
+    def start_close(self) -> None:
+        if not self.close_sent:
+            self.close_sent = True
+            self.send_raw(frame(CLOSE_1000, 8))
+
+    def abort(self) -> None:
+        """Close now with a RST (SO_LINGER 0), leaving no TIME_WAIT behind."""
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
+        self.transport.abort()
+
+    @property
+    def is_open(self) -> bool:
+        return self.upgraded and not self.closed.done()
