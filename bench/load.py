@@ -7,21 +7,29 @@ How it measures
 * Servers: chatd (``python -m chatd --config <generated toml>``, SQLite in a
   temp dir, rate limits raised out of the way, logging at warning), the Node
   ``ws`` peer and the Python ``websockets`` peer (``bench/peers/``), each on a
-  fresh loopback port, one after the other; each is started twice, first with
-  compression off (idle memory, handshakes, fan-out, latency, commits), then
-  with permessage-deflate on (fan-out again, clients offering deflate).
+  fresh loopback port, one after the other; each is started three times:
+  compression off for handshakes on a fresh process; compression off for idle
+  memory (from a fresh baseline), handshakes again, fan-out, latency and
+  commits; permessage-deflate on for fan-out again (clients offering deflate).
 * Load: ``--procs`` worker processes (``bench/worker.py``), each an asyncio loop
   with a hand-rolled client (``bench/wsclient.py``). All times are
   ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one clock for all processes).
   A measured window is [t0, t1]; publishers start ``warm`` s before t0.
-* CPU: each worker reports its own ``getrusage`` CPU seconds over the window;
-  the server's CPU comes from ``/proc/PID/stat`` (utime+stime, all threads)
-  read at t0 and t1. Both are reported as cores busy (CPU s / wall s).
-* (a) fan-out: one room of N members spread over the workers; one publisher
-  per worker keeps ``window`` messages in flight (the next one leaves when its
+* CPU: by default (``--pin``) the server is confined to CPU 0 (all its
+  threads) and the load generator to the other CPUs, so on a 2-core machine
+  each has one core. Each worker reports its own ``getrusage`` CPU seconds
+  over the window; the server's CPU comes from ``/proc/PID/stat``
+  (utime+stime, all threads) read at t0 and t1; the whole machine's busy time
+  and its softirq part (the kernel's loopback TCP work, charged to no
+  process) come from ``/proc/stat``. All are reported as cores busy (CPU s /
+  wall s); machine minus server minus load generator minus softirq is
+  anything else running on the machine.
+* (a) fan-out: one room of N members spread over the workers; each publisher
+  (``--publishers``, spread over the workers) keeps ``window`` messages in flight (the next one leaves when its
   own copy, the one with its request_id, comes back); deliveries/s = all
   room_message frames received by all members in the window / window length.
-* (b) latency: a room of 100 (10 in quick mode); one publisher sends at half
+* (b) latency: a room of 100 (10 in quick mode), all its members in one
+  load-generator process; one publisher sends at half
   the maximum msgs/s measured in (a) for that server (100-byte content,
   compression off), each content carrying ``L<seq>:<send ns>:``; each worker
   keeps, per message, its latest arrival, the orchestrator takes the latest
@@ -35,7 +43,12 @@ How it measures
   request/echo rate, not a commit rate.
 * (e) handshakes: ``concurrency`` loops per worker: TCP connect, upgrade with a
   token, 101, ping, pong (so the token check is done on every server, chatd
-  checks it after its 101), close handshake, RST.
+  checks it after its 101), close handshake, RST. Measured on the fresh
+  server, and again right after the 10,000 idle connections closed.
+* ``--profile``: py-spy records chatd during a repeat of the room-of-100
+  fan-out point, during the commit run and during the second handshake
+  measurement (raw collapsed
+  stacks next to the results; bench/report.py summarises them).
 Every loop stops at an absolute deadline and every wait has a timeout.
 """
 
@@ -82,11 +95,13 @@ def proc_cpu(pid: int) -> float:
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
-def machine_busy() -> float:
-    """Busy CPU seconds of the whole machine (all cores) from /proc/stat."""
+def machine_busy() -> tuple[float, float]:
+    """(busy, softirq) CPU seconds of the whole machine (all cores), /proc/stat.
+    softirq is mostly the kernel's loopback TCP work, which is charged to no
+    process."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
-    return (sum(fields[:8]) - idle) / CLK_TCK
+    return (sum(fields[:8]) - idle) / CLK_TCK, fields[6] / CLK_TCK
 
 
 def proc_rss_kib(pid: int) -> int:
@@ -162,11 +177,22 @@ class Server:
         self.logfile = tmp / f"{name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, cpus: set[int] | None = None) -> None:
+        """Start it (confined to ``cpus``, threads included, when given)."""
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         with open(self.logfile, "wb") as out:
             self.proc = subprocess.Popen(
-                self.cmd, cwd=self.cwd, stdout=out, stderr=subprocess.STDOUT, env=env
+                self.cmd,
+                cwd=self.cwd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=pin,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -205,12 +231,12 @@ class Server:
 class Pool:
     """The worker processes and a bounded request/reply over their pipes."""
 
-    def __init__(self, procs: int) -> None:
+    def __init__(self, procs: int, cpus: set[int] | None) -> None:
         self.conns = []
         self.procs = []
         for i in range(procs):
             parent, child = mp.Pipe()
-            p = mp.Process(target=worker_main, args=(child, i, SECRET), daemon=True)
+            p = mp.Process(target=worker_main, args=(child, i, SECRET, cpus), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -263,7 +289,13 @@ def pct(values: list[float], q: float) -> float:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.pool = Pool(args.procs)
+        ncpu = os.cpu_count() or 1
+        # --pin: the server gets CPU 0, the load generator the others.
+        self.server_cpus = {0} if args.pin and ncpu > 1 else None
+        self.load_cpus = set(range(1, ncpu)) if self.server_cpus else None
+        if self.load_cpus:
+            os.sched_setaffinity(0, self.load_cpus)
+        self.pool = Pool(args.procs, self.load_cpus)
         self.tmp = Path(tempfile.mkdtemp(prefix="chatd-bench-"))
         self.rooms = ["fan10", "fan100", "fan1000", "lat", "idle"] + [
             f"c{k}" for k in range(args.commit_conns)
@@ -283,10 +315,12 @@ class Bench:
         """Server CPU cores busy in [t0, t1] (sleeps until t1). The whole
         machine's busy cores in the same window go to ``self.machine_cores``."""
         time.sleep(max(0.0, (t0 - MONO()) / 1e9))
-        c0, m0 = proc_cpu(server.pid), machine_busy()
+        c0, (m0, s0) = proc_cpu(server.pid), machine_busy()
         time.sleep(max(0.0, (t1 - MONO()) / 1e9))
         dur = (t1 - t0) / 1e9
-        self.machine_cores = (machine_busy() - m0) / dur
+        m1, s1 = machine_busy()
+        self.machine_cores = (m1 - m0) / dur
+        self.softirq_cores = (s1 - s0) / dur
         return (proc_cpu(server.pid) - c0) / dur
 
     def connect(
@@ -296,8 +330,11 @@ class Bench:
         room: str | None,
         deflate: bool,
         rooms: list[str] | None = None,
+        procs: int | None = None,
     ) -> dict[str, Any]:
-        parts = split(n, self.pool.n)
+        """Open ``n`` clients spread over the first ``procs`` workers (all)."""
+        used = procs or self.pool.n
+        parts = split(n, used) + [0] * (self.pool.n - used)
         base = self.uids(n)
         cmds: list[dict[str, Any] | None] = []
         offset = 0
@@ -326,9 +363,21 @@ class Bench:
             log(f"  {server.name}: opened {opened}/{n}: {errors}")
         return info
 
-    def close_all(self) -> None:
+    def close_all(self, server: Server | None = None) -> float:
+        """Close every client; then wait (at most 60 s) until the server is
+        idle again (under 5% of a core over 0.3 s), so that one scenario's
+        teardown is not measured in the next. Returns the seconds waited."""
         self.pool.all({"op": "close_all", "limit": 5.0}, timeout=60)
-        time.sleep(0.5)
+        started = time.monotonic()
+        if server is None or not server.alive():
+            time.sleep(0.5)
+            return 0.0
+        while time.monotonic() - started < 60:
+            c0 = proc_cpu(server.pid)
+            time.sleep(0.3)
+            if proc_cpu(server.pid) - c0 < 0.015:
+                break
+        return time.monotonic() - started
 
     # --- scenarios -------------------------------------------------------------
 
@@ -339,7 +388,7 @@ class Bench:
         time.sleep(2.0)
         after = proc_rss_kib(server.pid)
         held = sum(r["open"] for r in self.pool.all({"op": "held"}, timeout=30))
-        self.close_all()
+        settle = self.close_all(server)
         res = {
             "connections": n,
             "opened": conn["opened"],
@@ -348,10 +397,33 @@ class Bench:
             "rss_before_kib": before,
             "rss_after_kib": after,
             "kib_per_conn": (after - before) / max(1, conn["opened"]),
+            "teardown_seconds": round(settle, 2),
             "errors": conn["errors"],
         }
         log(f"  idle {n}: held {held}, {res['kib_per_conn']:.1f} KiB/conn")
         return res
+
+    def spy(self, server: Server, profile: Path | None) -> subprocess.Popen[bytes] | None:
+        """py-spy record (raw collapsed stacks) of the server for one window."""
+        if profile is None:
+            return None
+        return subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "py-spy"),
+                "record",
+                "--pid",
+                str(server.pid),
+                "--duration",
+                str(int(self.args.duration + self.args.warm)),
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(profile),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def fanout(
         self, server: Server, n: int, size: int, deflate: bool, profile: Path | None = None
@@ -360,7 +432,7 @@ class Bench:
         room = f"fan{n}"
         conn = self.connect(server, n, room, deflate)
         self.pool.all({"op": "drain", "quiet": 0.5, "limit": 30}, timeout=60)
-        pubs = min(a.publishers, self.pool.n)
+        pubs = split(a.publishers, self.pool.n)
         t0, t1 = self.window(a.duration)
         cmds: list[dict[str, Any] | None] = []
         for i in range(self.pool.n):
@@ -373,28 +445,10 @@ class Bench:
                     "room": room,
                     "size": size,
                     "window": a.window,
-                    "publishers": 1 if i < pubs else 0,
+                    "publishers": pubs[i],
                 }
             )
-        spy = None
-        if profile is not None:
-            spy = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "py-spy"),
-                    "record",
-                    "--pid",
-                    str(server.pid),
-                    "--duration",
-                    str(int(a.duration)),
-                    "--format",
-                    "raw",
-                    "--nonblocking",
-                    "-o",
-                    str(profile),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
+        spy = self.spy(server, profile)
         for conn_, cmd in zip(self.pool.conns, cmds, strict=True):
             conn_.send(cmd)
         server_cpu = self.sample_cpu(server, t0, t1)
@@ -411,7 +465,7 @@ class Bench:
         dur = (t1 - t0) / 1e9
         rx = sum(r["rx"] for r in replies)
         open_after = sum(r["open"] for r in replies)
-        self.close_all()
+        self.close_all(server)
         res = {
             "members": n,
             "size": size,
@@ -426,6 +480,7 @@ class Bench:
             "other_frames": sum(r["other"] for r in replies),
             "server_cpu": server_cpu,
             "machine_cpu": self.machine_cores,
+            "softirq_cpu": self.softirq_cores,
             "loadgen_cpu": sum(r["cpu"] for r in replies) / dur,
             "errors": conn["errors"],
         }
@@ -438,7 +493,10 @@ class Bench:
 
     def latency(self, server: Server, n: int, rate: float) -> dict[str, Any]:
         a = self.args
-        conn = self.connect(server, n, "lat", False)
+        # One load-generator process holds every member and the publisher: at
+        # half the maximum it has CPU to spare, and a second process on the
+        # same core would add its own scheduling delays to the measurement.
+        conn = self.connect(server, n, "lat", False, procs=1)
         self.pool.all({"op": "drain", "quiet": 0.5, "limit": 30}, timeout=60)
         t0, t1 = self.window(a.latency_duration)
         cmds: list[dict[str, Any] | None] = [
@@ -462,7 +520,7 @@ class Bench:
             if not conn_.poll(a.latency_duration + a.warm + 60):
                 raise TimeoutError("latency: a worker did not answer")
             replies.append(conn_.recv())
-        self.close_all()
+        self.close_all(server)
         merged: dict[int, list[int]] = {}
         for r in replies:
             for seq, (sent, last, count) in r["latency"].items():
@@ -491,6 +549,7 @@ class Bench:
             "max_ms": max(complete) if complete else float("nan"),
             "server_cpu": server_cpu,
             "machine_cpu": self.machine_cores,
+            "softirq_cpu": self.softirq_cores,
             "loadgen_cpu": sum(r["cpu"] for r in replies) / dur,
         }
         log(
@@ -500,13 +559,14 @@ class Bench:
         )
         return res
 
-    def commit(self, server: Server) -> dict[str, Any]:
+    def commit(self, server: Server, profile: Path | None = None) -> dict[str, Any]:
         a = self.args
         rooms = [f"c{k}" for k in range(a.commit_conns)]
         conn = self.connect(server, a.commit_conns, None, False, rooms=rooms)
         t0, t1 = self.window(a.duration)
         cmd = {"op": "commit", "t0": t0, "t1": t1, "warm": a.warm, "size": 100}
         cmd["window"] = a.commit_window
+        spy = self.spy(server, profile)
         for conn_ in self.pool.conns:
             conn_.send(dict(cmd))
         server_cpu = self.sample_cpu(server, t0, t1)
@@ -515,7 +575,12 @@ class Bench:
             if not conn_.poll(a.duration + a.warm + 60):
                 raise TimeoutError("commit: a worker did not answer")
             replies.append(conn_.recv())
-        self.close_all()
+        if spy is not None:
+            try:
+                spy.wait(a.duration + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+        self.close_all(server)
         dur = (t1 - t0) / 1e9
         lat = [x / 1e6 for r in replies for x in r["lat_ns"]]
         res = {
@@ -526,6 +591,7 @@ class Bench:
             "p99_ms": pct(lat, 0.99),
             "server_cpu": server_cpu,
             "machine_cpu": self.machine_cores,
+            "softirq_cpu": self.softirq_cores,
             "loadgen_cpu": sum(r["cpu"] for r in replies) / dur,
             "open_after": sum(r["open"] for r in replies),
             "persisted": server.name == "chatd",
@@ -533,7 +599,7 @@ class Bench:
         log(f"  commit: {res['acked_per_s']:,.0f} msgs/s acked, p99 {res['p99_ms']:.2f} ms")
         return res
 
-    def handshakes(self, server: Server) -> dict[str, Any]:
+    def handshakes(self, server: Server, profile: Path | None = None) -> dict[str, Any]:
         a = self.args
         t0, t1 = self.window(a.duration)
         base = self.uids(1000)
@@ -550,6 +616,7 @@ class Bench:
             }
             for i in range(self.pool.n)
         ]
+        spy = self.spy(server, profile)
         for conn_, cmd in zip(self.pool.conns, cmds, strict=True):
             conn_.send(cmd)
         server_cpu = self.sample_cpu(server, t0, t1)
@@ -572,10 +639,16 @@ class Bench:
             "errors": errors,
             "server_cpu": server_cpu,
             "machine_cpu": self.machine_cores,
+            "softirq_cpu": self.softirq_cores,
             "loadgen_cpu": sum(r["cpu"] for r in replies) / dur,
         }
+        if spy is not None:
+            try:
+                spy.wait(a.duration + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
         log(f"  handshakes: {res['per_s']:,.0f}/s, errors {sum(errors.values())}")
-        time.sleep(0.5)
+        self.close_all(server)
         return res
 
     # --- one server ------------------------------------------------------------
@@ -583,17 +656,27 @@ class Bench:
     def run_server(self, name: str) -> dict[str, Any]:
         a = self.args
         out: dict[str, Any] = {"fanout": [], "idle": [], "failures": []}
-        for deflate in (False, True):
+        # Three fresh server processes: handshakes on a fresh server; idle
+        # memory from a fresh server's baseline, then the rest; deflate.
+        for phase, deflate in (("handshakes", False), ("main", False), ("deflate", True)):
             server = Server(name, deflate, self.tmp, self.rooms)
-            log(f"{name} (compression {'on' if deflate else 'off'}): {' '.join(server.cmd)}")
-            server.start()
-            out.setdefault("commands", []).append(" ".join(server.cmd))
-            if server.config_text:
+            log(f"{name} ({phase}, compression {'on' if deflate else 'off'}): {' '.join(server.cmd)}")
+            server.start(self.server_cpus)
+            if phase != "handshakes":
+                out.setdefault("commands", []).append(" ".join(server.cmd))
+            if server.config_text and not deflate:
                 out["config"] = server.config_text
             try:
-                if not deflate:
-                    out["idle"] = [self.idle(server, n) for n in a.idle]
+                if phase == "handshakes":
                     out["handshakes"] = self.handshakes(server)
+                    continue
+                if phase == "main":
+                    out["idle"] = [self.idle(server, n) for n in a.idle]
+                    # again, right after the idle connections closed
+                    prof = self.tmp / "hs.txt" if name == "chatd" and a.profile else None
+                    out["handshakes_after_idle"] = self.handshakes(server, prof)
+                    if prof is not None and prof.exists():
+                        shutil.copy(prof, Path(a.out).parent / "chatd-handshakes.pyspy.txt")
                 for n in a.rooms:
                     for size in a.sizes:
                         out["fanout"].append(self.fanout(server, n, size, deflate))
@@ -607,7 +690,10 @@ class Bench:
                     ]
                     rate = max(50.0, 0.5 * ref[0]["msgs_per_s"]) if ref else 100.0
                     out["latency"] = self.latency(server, a.latency_room, rate)
-                    out["commit"] = self.commit(server)
+                    prof = self.tmp / "commit.txt" if name == "chatd" and a.profile else None
+                    out["commit"] = self.commit(server, prof)
+                    if prof is not None and prof.exists():
+                        shutil.copy(prof, Path(a.out).parent / "chatd-commit.pyspy.txt")
                     if name == "chatd" and a.profile:
                         prof = self.tmp / "chatd-fanout100.txt"
                         log("  profiling chatd (py-spy) under the room-of-100 fan-out")
@@ -676,10 +762,16 @@ def main() -> int:
     parser.add_argument("--servers", default="chatd,ws,websockets")
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes")
     parser.add_argument("--profile", action="store_true", help="py-spy chatd's room-of-100")
+    parser.add_argument(
+        "--no-pin",
+        dest="pin",
+        action="store_false",
+        help="do not confine the server to CPU 0 and the load generator to the others",
+    )
     args = parser.parse_args()
     if args.quick:
         args.rooms, args.sizes, args.idle = [10], [100], [100]
-        args.duration, args.latency_duration, args.warm = 1.0, 1.5, 0.3
+        args.duration, args.latency_duration, args.warm = 0.8, 1.0, 0.2
         args.latency_room, args.commit_conns, args.commit_window = 10, 10, 2
         args.hs_concurrency, args.publishers, args.window = 4, 2, 8
         args.profile = False
@@ -687,7 +779,7 @@ def main() -> int:
         args.rooms, args.sizes, args.idle = [10, 100, 1000], [100, 1024], [1000, 10000]
         args.duration, args.latency_duration, args.warm = 5.0, 8.0, 1.0
         args.latency_room, args.commit_conns, args.commit_window = 100, 100, 4
-        args.hs_concurrency, args.publishers, args.window = 16, 2, 64
+        args.hs_concurrency, args.publishers, args.window = 16, 4, 32
     raise_nofile()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import time
 from collections import Counter
@@ -332,9 +333,11 @@ class Worker:
         return {"done": done, "cpu": self.cpu_window, "errors": dict(errors), "lat_ns": times}
 
 
-def worker_main(conn: Any, index: int, secret: str) -> None:
+def worker_main(conn: Any, index: int, secret: str, cpus: set[int] | None = None) -> None:
     """Process entry: serve commands from ``conn`` until ``exit`` (or EOF)."""
     raise_nofile()
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     worker = Worker(index, secret)
 
     async def serve() -> None:
