@@ -660,7 +660,9 @@ class Bench:
         # memory from a fresh server's baseline, then the rest; deflate.
         for phase, deflate in (("handshakes", False), ("main", False), ("deflate", True)):
             server = Server(name, deflate, self.tmp, self.rooms)
-            log(f"{name} ({phase}, compression {'on' if deflate else 'off'}): {' '.join(server.cmd)}")
+            log(
+                f"{name} ({phase}, compression {'on' if deflate else 'off'}): {' '.join(server.cmd)}"
+            )
             server.start(self.server_cpus)
             if phase != "handshakes":
                 out.setdefault("commands", []).append(" ".join(server.cmd))
@@ -713,9 +715,7 @@ class Bench:
                 tail = server.stop()
                 if not alive:
                     out["failures"].append(f"{name} exited during the run: {tail[-1500:]}")
-                errors = [
-                    ln for ln in tail.splitlines() if "ERROR" in ln or "Traceback" in ln
-                ]
+                errors = [ln for ln in tail.splitlines() if "ERROR" in ln or "Traceback" in ln]
                 if errors:
                     out.setdefault("log_errors", []).extend(errors[-20:])
         return out
@@ -789,9 +789,7 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
-        "params": {
-            k: v for k, v in vars(args).items() if k not in ("out", "servers", "quick")
-        },
+        "params": {k: v for k, v in vars(args).items() if k not in ("out", "servers", "quick")},
         "servers": {},
     }
     try:

@@ -130,7 +130,8 @@ def targets(res: dict[str, Any]) -> list[str]:
         out.append(
             f"| fan-out, room of {n}, 100 B, off: >= 1.0x ws | {rw:.2f}x "
             f"({num(c['deliveries_per_s'])} vs {num(w['deliveries_per_s'])}/s{cpu_note}) | "
-            + ("met" if rw >= 1.0 else f"missed by {100 * (1 - rw):.0f}%") + " |"
+            + ("met" if rw >= 1.0 else f"missed by {100 * (1 - rw):.0f}%")
+            + " |"
         )
         out.append(
             f"| fan-out, room of {n}, 100 B, off: >= 1.3x websockets | {rp:.2f}x "
@@ -145,8 +146,12 @@ def targets(res: dict[str, Any]) -> list[str]:
         out.append(
             f"| {i['connections']:,} idle connections held, <= 10 KiB each | held "
             f"{i['held']:,}, {i['kib_per_conn']:.1f} KiB each | "
-            + ("met" if ok else f"missed: {i['kib_per_conn'] / 10:.1f}x the budget"
-               + ("" if i["held"] >= i["connections"] else f", {i['held']:,} held"))
+            + (
+                "met"
+                if ok
+                else f"missed: {i['kib_per_conn'] / 10:.1f}x the budget"
+                + ("" if i["held"] >= i["connections"] else f", {i['held']:,} held")
+            )
             + " |"
         )
     lat = chatd.get("latency")
@@ -155,14 +160,16 @@ def targets(res: dict[str, Any]) -> list[str]:
         out.append(
             f"| p99 publish-to-last-recipient < 10 ms at half max, room of {lat['members']} | "
             f"{p99:.1f} ms at {num(lat['offered_msgs_per_s'])} msgs/s | "
-            + ("met" if p99 < 10 else f"missed: {p99 / 10:.1f}x over") + " |"
+            + ("met" if p99 < 10 else f"missed: {p99 / 10:.1f}x over")
+            + " |"
         )
     com = chatd.get("commit")
     if com:
         r = com["acked_per_s"]
         out.append(
             f"| >= 100,000 committed msgs/s, acknowledged | {num(r)}/s (p99 {com['p99_ms']:.1f} ms) | "
-            + ("met" if r >= 100_000 else f"missed: {100_000 / r:.1f}x short") + " |"
+            + ("met" if r >= 100_000 else f"missed: {100_000 / r:.1f}x short")
+            + " |"
         )
     return out
 
@@ -201,7 +208,11 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
         L += get(res, s).get("commands", [])
     L += ["```", ""]
     if get(res, "chatd").get("config"):
-        L += ["chatd's generated config (its two runs differ only in `compression` and `port`):", "", "```toml"]
+        L += [
+            "chatd's generated config (its two runs differ only in `compression` and `port`):",
+            "",
+            "```toml",
+        ]
         L += [get(res, "chatd")["config"].strip(), "```", ""]
     p = res["params"]
     L += [
@@ -240,9 +251,15 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
                 row += f" | {ratio(vals.get('chatd'), vals.get('ws'))}"
                 row += f" | {ratio(vals.get('chatd'), vals.get('websockets'))} | "
                 row += " / ".join(num((pts[s] or {}).get("server_cpu"), 2) for s in servers)
-                row += " | " + " / ".join(num((pts[s] or {}).get("loadgen_cpu"), 2) for s in servers)
-                row += " | " + " / ".join(num((pts[s] or {}).get("machine_cpu"), 2) for s in servers)
-                row += " | " + " / ".join(num((pts[s] or {}).get("softirq_cpu"), 2) for s in servers)
+                row += " | " + " / ".join(
+                    num((pts[s] or {}).get("loadgen_cpu"), 2) for s in servers
+                )
+                row += " | " + " / ".join(
+                    num((pts[s] or {}).get("machine_cpu"), 2) for s in servers
+                )
+                row += " | " + " / ".join(
+                    num((pts[s] or {}).get("softirq_cpu"), 2) for s in servers
+                )
                 L.append(row + " |")
     L += [
         "",
@@ -332,7 +349,10 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
             )
     for n in p["idle"]:
         vals = {
-            s: next((i["kib_per_conn"] for i in get(res, s).get("idle", []) if i["connections"] == n), None)
+            s: next(
+                (i["kib_per_conn"] for i in get(res, s).get("idle", []) if i["connections"] == n),
+                None,
+            )
             for s in servers
         }
         L.append("")
@@ -416,13 +436,17 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
     if prof:
         run = get(res, "chatd").get("profile_run", {})
         L += ["## Profile: chatd under the room-of-100 fan-out (py-spy)", ""]
-        L += [
-            f"`py-spy record --format raw --nonblocking` for {p['duration'] + p['warm']:.0f} s during a repeat "
-            f"of the room-of-{p['latency_room']}, 100 B, no-compression point (that repeat ran at "
-            f"{num(run.get('deliveries_per_s'))} deliveries/s with the sampler attached; it is "
-            "not counted above).",
-            "",
-        ] + prof + [""]
+        L += (
+            [
+                f"`py-spy record --format raw --nonblocking` for {p['duration'] + p['warm']:.0f} s during a repeat "
+                f"of the room-of-{p['latency_room']}, 100 B, no-compression point (that repeat ran at "
+                f"{num(run.get('deliveries_per_s'))} deliveries/s with the sampler attached; it is "
+                "not counted above).",
+                "",
+            ]
+            + prof
+            + [""]
+        )
     commit_prof = profile_summary(raw_profile.parent / "chatd-commit.pyspy.txt", 12)
     if commit_prof:
         L += ["## Profile: chatd during the commit run (d)", ""]

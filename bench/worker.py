@@ -76,9 +76,7 @@ class Worker:
             await asyncio.wait_for(client.ready, CONNECT_TIMEOUT)
             if room is not None:
                 ack = client.expect(b'"join_room_ack"')
-                client.send_text(
-                    json.dumps({"type": "join_room", "data": {"room": room}}).encode()
-                )
+                client.send_text(json.dumps({"type": "join_room", "data": {"room": room}}).encode())
                 await asyncio.wait_for(ack, JOIN_TIMEOUT)
             return client
         except Exception as exc:  # noqa: BLE001 - every failure is counted, none is fatal
@@ -327,9 +325,7 @@ class Worker:
                     if client is not None:
                         client.abort()
 
-        await asyncio.gather(
-            self.window(t0, t1), *(one(k) for k in range(cmd["concurrency"]))
-        )
+        await asyncio.gather(self.window(t0, t1), *(one(k) for k in range(cmd["concurrency"])))
         return {"done": done, "cpu": self.cpu_window, "errors": dict(errors), "lat_ns": times}
 
 

@@ -181,7 +181,10 @@ async def main() -> None:
         max_size=1 << 20,
         backlog=4096,
     ):
-        print(f"websockets peer listening on {args.host}:{args.port} deflate={args.deflate}", flush=True)
+        print(
+            f"websockets peer listening on {args.host}:{args.port} deflate={args.deflate}",
+            flush=True,
+        )
         try:
             await asyncio.wait_for(stop, args.max_seconds)
         except (TimeoutError, asyncio.CancelledError):
