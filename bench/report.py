@@ -87,7 +87,7 @@ def profile_summary(path: Path, top: int = 18) -> list[str]:
     for f, c in self_t.most_common(8):
         out.append(f"| `{short(f)}` | {100 * c / total:.1f}% |")
     out += ["", "chatd functions by inclusive time:", "", "| function | inclusive |", "|---|---:|"]
-    chatd = [(f, c) for f, c in incl.most_common() if "chatd/" in f]
+    chatd = [(f, c) for f, c in sorted(incl.items(), key=lambda kv: (-kv[1], kv[0])) if "chatd/" in f]
     for f, c in chatd[:top]:
         out.append(f"| `{short(f)}` | {100 * c / total:.1f}% |")
     return out
