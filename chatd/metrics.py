@@ -18,6 +18,8 @@ prom.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Seconds a user may be gone and still count as reconnecting.
 RECONNECT_WINDOW = 60.0
+#: Most recently gone users remembered for that (bounds memory).
+MAX_REMEMBERED = 100_000
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
@@ -106,9 +108,16 @@ class Metrics:
         self.disconnects.inc()
         self.connections.dec()
         gone = self._gone
-        gone[user_id] = now
-        if len(gone) > 10_000:  # forget users gone longer than the window
-            self._gone = {u: t for u, t in gone.items() if now - t <= RECONNECT_WINDOW}
+        gone.pop(user_id, None)
+        gone[user_id] = now  # at the end: the dict stays ordered by time
+        # Forget users gone longer than the window, oldest first: O(1) a call
+        # amortised (a rebuild of the whole dict here cost O(n) per disconnect
+        # after a mass disconnect, just when everyone reconnects).
+        while gone:
+            oldest = next(iter(gone))
+            if now - gone[oldest] <= RECONNECT_WINDOW and len(gone) <= MAX_REMEMBERED:
+                break
+            del gone[oldest]
 
     def exposition(self) -> bytes:
         """The text format Prometheus scrapes."""

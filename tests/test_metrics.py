@@ -346,3 +346,23 @@ async def test_metrics_on_main_port_by_default(server: ChatServer) -> None:
 def _collect_garbage() -> Iterator[None]:
     yield
     gc.collect()
+
+
+def test_reconnect_window_counts_and_forgets() -> None:
+    """A user back within the window is a reconnect; one back later is not;
+    users gone longer than the window are forgotten as time goes on (oldest
+    first, a step at a time: no rebuild of the whole table per disconnect)."""
+    from chatd.metrics import RECONNECT_WINDOW, Metrics
+
+    m = Metrics()
+    for uid in range(1000):
+        m.connected(uid, 0.0)
+        m.disconnected(uid, 0.0)
+    m.connected(1, RECONNECT_WINDOW - 1)  # back in time
+    assert m.reconnects._value.get() == 1
+    m.disconnected(1, RECONNECT_WINDOW - 1)
+    m.connected(5000, RECONNECT_WINDOW + 1)
+    m.disconnected(5000, RECONNECT_WINDOW + 1)  # prunes everyone gone at 0.0
+    assert set(m._gone) == {1, 5000}
+    m.connected(2, RECONNECT_WINDOW + 2)  # gone too long: not a reconnect
+    assert m.reconnects._value.get() == 1
