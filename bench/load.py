@@ -139,6 +139,9 @@ class Server:
                         f"port = {self.port}",
                         f"compression = {'true' if deflate else 'false'}",
                         "send_buffer_bytes = 4194304",
+                        # every load-generator connection comes from 127.0.0.1
+                        "max_connections = 1000000",
+                        "max_connections_per_address = 1000000",
                         "[auth]",
                         f'jwt_secret = "{SECRET}"',
                         "[storage]",

@@ -64,7 +64,7 @@ class ServerConfig(_Section, frozen=True):
     #: WebSocket connections open at once, in all; more are closed with 1013.
     max_connections: Annotated[int, Meta(ge=1)] = 10_000
     #: WebSocket connections open at once from one client address (1013 past it).
-    max_connections_per_address: Annotated[int, Meta(ge=1)] = 100
+    max_connections_per_address: Annotated[int, Meta(ge=1)] = 256
     #: Addresses of reverse proxies whose X-Forwarded-For / X-Real-IP name the
     #: client (for the per-address limit and the logs). Others are not believed.
     trusted_proxies: tuple[str, ...] = ()
