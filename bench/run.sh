@@ -53,6 +53,15 @@ if [ "$QUICK" = 1 ]; then
     trap 'rm -rf "$out"' EXIT
     .venv/bin/python load.py --quick --servers "$SERVERS" --out "$out/latest.json"
     .venv/bin/python report.py "$out/latest.json" --md "$out/benchmarks.md" --png "$out/fanout.png"
+    # CI asserts nothing about speed, but a scenario that failed (a refused
+    # connection, a server that died) means the benchmark is broken.
+    .venv/bin/python - "$out/latest.json" <<'PY'
+import json, sys
+servers = json.load(open(sys.argv[1]))["servers"]
+failed = {name: s["failures"] for name, s in servers.items() if s.get("failures")}
+if failed:
+    sys.exit(f"bench --quick: scenarios failed: {failed}")
+PY
     echo "bench --quick: ok (results in a temp dir, docs/benchmarks.md untouched)"
 else
     .venv/bin/python load.py --profile --out results/latest.json
