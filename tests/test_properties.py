@@ -219,6 +219,7 @@ SHAPES: dict[str, tuple[str, ...]] = {
 request_ids = (
     st.none()
     | st.text(max_size=70)
+    | st.sampled_from(["r" * 64, "é" * 64, "r" * 65, "r" * 1000])
     | st.integers(min_value=INT64_MIN - 5, max_value=INT64_MAX + 5)
     | json_values
 )
