@@ -3,7 +3,7 @@
 #
 #   ./build.sh          build chatd.pyz, the shiv zipapp (pinned, reproducible)
 #   ./build.sh test     install the test dependencies into .venv, run pytest
-#   ./build.sh lint     ruff over chatd/ and tests/, mypy --strict over chatd/ (CI too)
+#   ./build.sh lint     ruff over chatd/, tests/ and fuzz/, mypy --strict over chatd/ (CI too)
 #
 # Extra arguments after `test` go to pytest (./build.sh test -k history).
 set -euo pipefail
@@ -68,8 +68,8 @@ case "${1:-build}" in
         ;;
     lint)
         venv
-        "$VENV/bin/ruff" check chatd tests
-        "$VENV/bin/ruff" format --check chatd tests
+        "$VENV/bin/ruff" check chatd tests fuzz
+        "$VENV/bin/ruff" format --check chatd tests fuzz
         "$VENV/bin/mypy" chatd
         ;;
     *)
