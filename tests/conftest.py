@@ -140,6 +140,23 @@ def ws_url(server: ChatServer, token: str | None = None, **query: str) -> str:
 
 
 @asynccontextmanager
+async def ws_open(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
+    """``open_websocket_url`` that also closes its TCP stream at the end.
+
+    trio-websocket 0.12.2 leaves the client socket open when the *server*
+    closes first (``WebSocketConnection._aclose`` returns early once a close
+    reason is set), which surfaces later as a ResourceWarning, an error under
+    ``filterwarnings = error``.
+    """
+    async with open_websocket_url(url, **kwargs) as ws:
+        try:
+            yield ws
+        finally:
+            stream = ws._stream
+    await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
 async def connect(
     server: ChatServer,
     user_id: int = 1,
@@ -150,12 +167,8 @@ async def connect(
 ) -> AsyncIterator[Client]:
     """Open a client as ``user_id`` (or with an explicit ``token``)."""
     url = ws_url(server, token if token is not None else make_token(user_id, username))
-    async with open_websocket_url(url, **kwargs) as ws:
+    async with ws_open(url, **kwargs) as ws:
         yield Client(ws)
-    # trio-websocket 0.12.2 never closes its socket when the server closed
-    # the WebSocket first (its aclose returns early): close it here, or the
-    # leaked socket's ResourceWarning fails some later test.
-    await ws._stream.aclose()
 
 
 @pytest.fixture

@@ -29,8 +29,8 @@ from trio_websocket import ConnectionClosed
 
 from chatd.config import Config
 from chatd.server import ChatServer
-from tests.conftest import SECRET, Client, make_token
-from tests.test_transport import closed_with, connect, ws_open
+from tests.conftest import SECRET, Client, connect, make_token, ws_open
+from tests.test_transport import closed_with
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+from trio_websocket import ConnectionClosed
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -43,7 +43,7 @@ from wsproto.extensions import PerMessageDeflate
 
 from chatd.config import Config
 from chatd.server import ChatServer
-from tests.conftest import Client, make_token, running, ws_url
+from tests.conftest import Client, connect, make_token, running, ws_open
 
 # --- helpers: raw frames ------------------------------------------------------
 
@@ -303,38 +303,6 @@ async def raw_ws(
 
 
 # --- helpers: trio-websocket clients --------------------------------------------
-
-
-@asynccontextmanager
-async def ws_open(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
-    """``open_websocket_url`` that also closes its TCP stream at the end.
-
-    trio-websocket 0.12.2 leaves the client socket open when the *server*
-    closes first (``WebSocketConnection._aclose`` returns early once a close
-    reason is set), which surfaces later as a ResourceWarning, an error under
-    ``filterwarnings = error``. Many tests here are about the server closing.
-    """
-    async with open_websocket_url(url, **kwargs) as ws:
-        try:
-            yield ws
-        finally:
-            stream = ws._stream
-    await trio.aclose_forcefully(stream)
-
-
-@asynccontextmanager
-async def connect(
-    server: ChatServer,
-    user_id: int = 1,
-    username: str = "alice",
-    *,
-    token: str | None = None,
-    **kwargs: Any,
-) -> AsyncIterator[Client]:
-    """``tests.conftest.connect`` on top of ``ws_open``."""
-    url = ws_url(server, token if token is not None else make_token(user_id, username))
-    async with ws_open(url, **kwargs) as ws:
-        yield Client(ws)
 
 
 def closed_with(info: pytest.ExceptionInfo[ConnectionClosed]) -> int:
