@@ -44,7 +44,7 @@ from chatd.store import NewMessage, StoredMessage
 from chatd.store.sqlite import SqliteStore, declare_rooms, dev_user, open_sqlite_store
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.http import Response, serve_connection
-from chatd.transport.websocket import WebSocketConnection
+from chatd.transport.websocket import WebSocketConnection, corked
 from chatd.web import load_assets
 
 log = logging.getLogger("chatd")
@@ -106,7 +106,7 @@ class ChatServer:
         config = self.config
         storage = config.storage
         async with open_sqlite_store(
-            storage.sqlite_path, storage.synchronous, self.metrics
+            storage.sqlite_path, storage.synchronous, self.metrics, corked
         ) as store:
             await store.write(partial(declare_rooms, rooms=config.rooms))
             self._ctx = Context.create(

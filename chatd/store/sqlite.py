@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,15 @@ class SqliteStore:
     """The embedded store. Use ``open_sqlite_store`` to run one."""
 
     def __init__(
-        self, path: str, synchronous: str = "normal", metrics: Metrics | None = None
+        self,
+        path: str,
+        synchronous: str = "normal",
+        metrics: Metrics | None = None,
+        around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         self.path = path
         self._metrics = metrics
+        self._around = around_callbacks
         self._synchronous = synchronous
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._space = trio.Semaphore(MAX_PENDING)
@@ -156,13 +161,15 @@ class SqliteStore:
             pass
 
     def _finish(self, group: list[_Pending], results: list[Any]) -> None:
-        """On the Trio thread: callbacks in commit order."""
-        for pending, result in zip(group, results, strict=True):
-            self._space.release()
-            try:
-                pending.callback(result)
-            except Exception:  # a callback bug must not stop later ones
-                log.exception("store: callback failed")
+        """On the Trio thread: callbacks in commit order, all inside one
+        ``around_callbacks()`` block (the server corks its sockets there)."""
+        with self._around():
+            for pending, result in zip(group, results, strict=True):
+                self._space.release()
+                try:
+                    pending.callback(result)
+                except Exception:  # a callback bug must not stop later ones
+                    log.exception("store: callback failed")
 
     # --- writing ------------------------------------------------------------
 
@@ -243,11 +250,14 @@ class SqliteStore:
 
 @asynccontextmanager
 async def open_sqlite_store(
-    path: str, synchronous: str = "normal", metrics: Metrics | None = None
+    path: str,
+    synchronous: str = "normal",
+    metrics: Metrics | None = None,
+    around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
 ) -> AsyncIterator[SqliteStore]:
     """Run a store for the duration of the block; on exit, commit what is
     queued and close."""
-    store = SqliteStore(path, synchronous, metrics)
+    store = SqliteStore(path, synchronous, metrics, around_callbacks)
     await store._start()
     try:
         yield store

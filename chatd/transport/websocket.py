@@ -16,6 +16,9 @@ not take goes to the buffer, in order, for the writer. A peer whose buffer
 passes ``send_buffer_bytes`` is too slow: what it has not started receiving is
 dropped and it is closed with 1013, and no other connection waits for it.
 
+Deliveries of one commit group run ``corked()``: each member's frames of the
+whole group leave in one ``writev`` at the end, not one write per message.
+
 Data frames are built once by the hub (``frames.OutFrame``) and written as
 they are; wsproto builds only the control frames (ping, pong, close), so the
 two never interleave within a message.
@@ -35,7 +38,8 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from itertools import islice
 from typing import Protocol
 
@@ -55,6 +59,30 @@ RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 5.0
 #: Most buffers handed to one ``writev`` (Linux IOV_MAX is 1024).
 WRITEV_MAX = 512
+
+
+#: Connections written to while corked (None: not corked).
+_corked: list[WebSocketConnection] | None = None
+
+
+@contextmanager
+def corked() -> Iterator[None]:
+    """Within the block, data for a connection with nothing buffered is
+    buffered instead of written; at the end each such connection writes all
+    of it in one ``writev``. The store runs each commit group's deliveries
+    corked: one system call per member per group, not per message."""
+    global _corked
+    if _corked is not None:  # already corked: the outer block flushes
+        yield
+        return
+    pending: list[WebSocketConnection] = []
+    _corked = pending
+    try:
+        yield
+    finally:
+        _corked = None
+        for conn in pending:
+            conn._flush_now()
 
 
 class MessageHandler(Protocol):
@@ -156,6 +184,12 @@ class WebSocketConnection:
         if self._dead:
             return
         if not self._out:
+            corked = _corked
+            if corked is not None:  # written once, with the rest, at uncork
+                corked.append(self)
+                self._out.append(data)
+                self._out_bytes += len(data)
+                return
             try:
                 sent = os.write(self._fd, data)
             except BlockingIOError:
@@ -176,6 +210,22 @@ class WebSocketConnection:
         self._out.append(data)
         self._out_bytes += len(data)
         self._wake.set()
+
+    def _flush_now(self) -> None:
+        """Write what is buffered in one ``writev`` now; the writer task gets
+        what the kernel does not take."""
+        if self._dead or not self._out:
+            return
+        try:
+            sent = os.writev(self._fd, list(islice(self._out, WRITEV_MAX)))
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self._abort(exc)
+            return
+        self._consume(sent)
+        if self._out:
+            self._wake.set()
 
     def _too_slow(self) -> None:
         log.warning(
