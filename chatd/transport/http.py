@@ -10,7 +10,6 @@ request must arrive within the handshake timeout, and its head may not pass
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -18,8 +17,6 @@ from typing import Protocol
 
 import h11
 import trio
-
-log = logging.getLogger("chatd.transport")
 
 MAX_HEAD_BYTES = 16384
 MAX_BODY_BYTES = 65536
