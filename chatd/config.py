@@ -85,7 +85,13 @@ class AuthConfig(_Section, frozen=True):
 
 
 class StorageConfig(_Section, frozen=True):
+    #: "sqlite" (one node, the default) or "postgres" (several nodes share it).
+    backend: Literal["sqlite", "postgres"] = "sqlite"
     sqlite_path: str = "data/chatd.db"
+    #: PostgreSQL connection string (libpq form), for backend = "postgres".
+    dsn: str = ""
+    #: PostgreSQL connections used for reads (the writer has its own).
+    pool_size: Annotated[int, Meta(ge=1, le=100)] = 4
     #: SQLite ``synchronous``: "normal" survives a killed process; "full" also
     #: survives power loss, at a cost in commit throughput.
     synchronous: Literal["normal", "full"] = "normal"
@@ -127,6 +133,21 @@ class ApiConfig(_Section, frozen=True):
     max_data_bytes: Annotated[int, Meta(ge=0, le=65536)] = 8192
 
 
+class BusConfig(_Section, frozen=True):
+    """How nodes tell each other about messages and presence."""
+
+    #: "local" (one node) or "redis" (several nodes; needs the postgres store).
+    backend: Literal["local", "redis"] = "local"
+    url: str = "redis://127.0.0.1:6379/0"
+    #: Prefix of every Redis key and channel: nodes with the same prefix are
+    #: one cluster.
+    prefix: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[\w.:-]+\Z")] = "chatd"
+    #: This node's name in the cluster ("" = host name, port and a random tag).
+    node_id: str = ""
+    #: Presence entries of a node that stops renewing them expire after this.
+    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 15.0
+
+
 class LoggingConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -138,6 +159,7 @@ class Config(_Section, frozen=True):
     rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    bus: BusConfig = msgspec.field(default_factory=BusConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     #: Where the config came from, for messages; not a TOML key.
     source: str = "<defaults>"
@@ -282,6 +304,13 @@ def _check(config: Config) -> Config:
             raise ConfigError(
                 f"{src}: [server] trusted_proxies: {proxy!r} is not an IP address"
             ) from None
+    if config.storage.backend == "postgres" and not config.storage.dsn:
+        raise ConfigError(f"{src}: [storage] dsn: required when backend = \"postgres\"")
+    if config.bus.backend == "redis" and config.storage.backend != "postgres":
+        raise ConfigError(
+            f"{src}: [bus] backend: \"redis\" needs [storage] backend = \"postgres\""
+            " (nodes must share one store)"
+        )
     if config.server.dev_tokens:
         if config.server.host not in LOOPBACK_HOSTS:
             raise ConfigError(

@@ -86,7 +86,7 @@ async def _readyz(node: ChatServer, request: h11.Request, body: bytes, remote: s
         return _json(503, {"status": "draining"})
     with trio.move_on_after(READY_TIMEOUT):
         try:
-            await node.store.flush()
+            await node.ctx.store.flush()
         except Exception as exc:
             return _json(503, {"status": "store unavailable", "error": str(exc)})
         return _json(200, {"status": "ready"})

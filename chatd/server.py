@@ -41,7 +41,7 @@ from chatd.protocol import rfc3339
 from chatd.ratelimit import LimiterTable
 from chatd.session import Context, Session
 from chatd.store import NewMessage, StoredMessage
-from chatd.store.sqlite import SqliteStore, declare_rooms, dev_user, open_sqlite_store
+from chatd.store.sqlite import SqliteStore, open_sqlite_store
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.http import Response, serve_connection
 from chatd.transport.websocket import WebSocketConnection, corked
@@ -108,7 +108,7 @@ class ChatServer:
         async with open_sqlite_store(
             storage.sqlite_path, storage.synchronous, self.metrics, corked
         ) as store:
-            await store.write(partial(declare_rooms, rooms=config.rooms))
+            await store.declare_rooms(config.rooms)
             self._ctx = Context.create(
                 config, store, wall=self.wall, monotonic=trio.current_time, metrics=self.metrics
             )
@@ -180,7 +180,7 @@ class ChatServer:
         applied = msgspec.structs.replace(
             config, server=old.server, auth=old.auth, storage=old.storage, public_key=old.public_key
         )
-        await self.store.write(partial(declare_rooms, rooms=applied.rooms))
+        await self.ctx.store.declare_rooms(applied.rooms)
         self.config = applied
         self.ctx.reload(applied)
         if (old.api.messages_per_minute, old.api.messages_per_hour) != (
@@ -274,8 +274,7 @@ class ChatServer:
 
     async def dev_user_id(self, username: str) -> int:
         """The id of the user with this name, made up if there is none."""
-        user_id: int = await self.store.write(lambda conn: dev_user(conn, username))
-        return user_id
+        return await self.ctx.store.dev_user(username)
 
     # --- WebSocket ------------------------------------------------------------
 

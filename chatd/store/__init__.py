@@ -2,14 +2,24 @@
 
 A ``Store`` commits messages in groups on its own thread and calls back, on the
 Trio thread and in commit order, once each message has its ``id``; reads run on
-worker threads. ``sqlite.py`` is the embedded default.
+worker threads. ``sqlite.py`` is the embedded default, ``postgres.py`` the
+store several nodes share.
+
+Every message has a ``seq``: its 1-based position in its channel (a room, or
+one direct conversation). Seqs are dense and increase in commit order within a
+channel, and so do ids, whichever node committed them: a node that receives
+seq 7 of a channel knows that seqs 1..6 are committed, and can read any it has
+not seen (docs/scaling.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from chatd.config import RoomsConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +43,12 @@ class NewMessage:
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
-    """A committed message: what was sent, plus its ``id``."""
+    """A committed message: what was sent, plus its ``id`` and its ``seq``
+    (its position in its channel, from 1)."""
 
     id: int
     message: NewMessage
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +58,8 @@ class RoomAccess:
     name: str
     private: bool
     is_member: bool
+    #: The room's newest seq when this was read (0: no message yet).
+    last_seq: int = 0
 
 
 #: Called on the Trio thread with the committed message, or the exception
@@ -81,3 +95,20 @@ class Store(Protocol):
     ) -> tuple[list[StoredMessage], bool]:
         """The channel's messages after ``since_id`` (at most the newest
         ``cap``, oldest first), and whether that is all of them."""
+
+    async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
+        """The channel's messages with a seq above ``after_seq``, oldest
+        first, at most ``cap`` of them (the oldest ``cap``)."""
+
+    async def direct_since(
+        self, user_ids: Sequence[int], created_at: str, cap: int
+    ) -> list[StoredMessage]:
+        """Direct messages to or from any of ``user_ids`` created at or after
+        ``created_at`` (RFC 3339), oldest first, at most ``cap``."""
+
+    async def declare_rooms(self, rooms: RoomsConfig) -> None:
+        """Make sure every room of the config exists (members added, never
+        removed)."""
+
+    async def dev_user(self, username: str) -> int:
+        """The id of the (first) user with this name, or a new user's id."""

@@ -24,7 +24,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,7 @@ READERS = 4
 Operation = Callable[[sqlite3.Connection], Any]
 _MESSAGE_COLUMNS = (
     "id, channel, user_id, username, to_user_id, message_type, content,"
-    " media_url, media_type, duration, reply_to, created_at, data"
+    " media_url, media_type, duration, reply_to, created_at, data, seq"
 )
 
 
@@ -247,6 +247,26 @@ class SqliteStore:
         found: bool = await self.read(lambda c: user_exists(c, user_id))
         return found
 
+    async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
+        result: list[StoredMessage] = await self.read(lambda c: after(c, channel, after_seq, cap))
+        return result
+
+    async def direct_since(
+        self, user_ids: Sequence[int], created_at: str, cap: int
+    ) -> list[StoredMessage]:
+        ids = list(user_ids)
+        result: list[StoredMessage] = await self.read(
+            lambda c: direct_since(c, ids, created_at, cap)
+        )
+        return result
+
+    async def declare_rooms(self, rooms: RoomsConfig) -> None:
+        await self.write(lambda conn: declare_rooms(conn, rooms))
+
+    async def dev_user(self, username: str) -> int:
+        user_id: int = await self.write(lambda conn: dev_user(conn, username))
+        return user_id
+
 
 @asynccontextmanager
 async def open_sqlite_store(
@@ -349,7 +369,7 @@ def insert_message(
     )
     seqs[channel] = seq
     assert cursor.lastrowid is not None
-    return StoredMessage(cursor.lastrowid, message)
+    return StoredMessage(cursor.lastrowid, message, seq)
 
 
 def channel_of(message: NewMessage) -> str:
@@ -440,13 +460,14 @@ def list_rooms(conn: sqlite3.Connection) -> list[tuple[str, bool, list[int]]]:
 
 def room_access(conn: sqlite3.Connection, room: str, user_id: int) -> RoomAccess | None:
     row = conn.execute(
-        "SELECT private, EXISTS (SELECT 1 FROM room_members WHERE room = ? AND user_id = ?)"
+        "SELECT private, EXISTS (SELECT 1 FROM room_members WHERE room = ? AND user_id = ?),"
+        " (SELECT coalesce(max(seq), 0) FROM messages WHERE channel = ?)"
         " FROM rooms WHERE name = ?",
-        (room, user_id, room),
+        (room, user_id, room_channel(room), room),
     ).fetchone()
     if row is None:
         return None
-    return RoomAccess(room, bool(row[0]), bool(row[1]))
+    return RoomAccess(room, bool(row[0]), bool(row[1]), int(row[2]))
 
 
 def history(
@@ -497,6 +518,36 @@ def since(
     return [_row_to_message(r) for r in rows], complete
 
 
+def after(
+    conn: sqlite3.Connection, channel: str, after_seq: int, cap: int
+) -> list[StoredMessage]:
+    """The channel's messages with a seq above ``after_seq``, oldest first,
+    the oldest ``cap`` of them (one index range)."""
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND seq > ?"
+        " ORDER BY seq LIMIT ?",
+        (channel, after_seq, cap),
+    ).fetchall()
+    return [_row_to_message(r) for r in rows]
+
+
+def direct_since(
+    conn: sqlite3.Connection, user_ids: Sequence[int], created_at: str, cap: int
+) -> list[StoredMessage]:
+    """Direct messages to or from any of ``user_ids`` created at or after
+    ``created_at``, oldest first, at most ``cap``."""
+    if not user_ids:
+        return []
+    marks = ",".join("?" * len(user_ids))
+    rows = conn.execute(
+        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel LIKE 'd:%'"
+        f" AND created_at >= ? AND (user_id IN ({marks}) OR to_user_id IN ({marks}))"
+        " ORDER BY id LIMIT ?",
+        (created_at, *user_ids, *user_ids, cap),
+    ).fetchall()
+    return [_row_to_message(r) for r in rows]
+
+
 def user_exists(conn: sqlite3.Connection, user_id: int) -> bool:
     return conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is not None
 
@@ -516,6 +567,7 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
         reply_to,
         created_at,
         data,
+        seq,
     ) = row
     room = channel[2:] if channel.startswith("r:") else None
     return StoredMessage(
@@ -534,6 +586,7 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
             reply_to=reply_to,
             data=data.encode() if data is not None else None,
         ),
+        seq,
     )
 
 
