@@ -176,3 +176,54 @@ def slow_autojump_clock() -> trio.testing.MockClock:
     """Virtual time that jumps only after 50 ms of real idleness, so that work
     on the SQLite thread (which Trio cannot see) finishes before time jumps."""
     return trio.testing.MockClock(autojump_threshold=0.05)
+
+
+# --- real PostgreSQL and Redis, for the tests of several nodes ----------------
+
+
+def _unavailable(reason: str) -> None:
+    """Skip, saying why; under CHATD_REQUIRE_SERVICES=1 (CI), fail instead."""
+    import os
+
+    if os.environ.get("CHATD_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"CHATD_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Any:
+    """A PostgreSQL server for the whole run (skips when none can start)."""
+    from tests.services import postgres_server
+
+    server, reason = postgres_server()
+    if server is None:
+        _unavailable(reason)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis() -> Any:
+    """A Redis server for the whole run (skips when none can start)."""
+    from tests.services import redis_server
+
+    server, reason = redis_server()
+    if server is None:
+        _unavailable(reason)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pg_dsn(postgres: Any) -> str:
+    """A fresh, empty database of its own for one test."""
+    dsn: str = postgres.new_database()
+    return dsn
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of its own for one test: its own cluster in the shared Redis."""
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:10]}"
