@@ -1,0 +1,245 @@
+"""RedisPresence: presence across nodes, with leases (real Redis, real time
+only where leases must run out; leases of 1 s)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import coredis
+import pytest
+import trio
+
+from chatd.cluster.presence import RedisPresence
+
+LEASE = 1.0
+
+
+@pytest.fixture
+async def client(redis: Any) -> AsyncIterator[coredis.Redis[Any]]:
+    async with coredis.Redis.from_url(redis.url) as c:
+        yield c
+
+
+@pytest.fixture
+def node(client: coredis.Redis[Any], redis_prefix: str) -> Callable[..., RedisPresence]:
+    def make(
+        node_id: str, lease: float = LEASE, on: coredis.Redis[Any] | None = None
+    ) -> RedisPresence:
+        return RedisPresence(on or client, redis_prefix, node_id, lease)
+
+    return make
+
+
+async def keys(client: coredis.Redis[Any], prefix: str) -> set[bytes]:
+    return set(await client.keys(f"{prefix}:*"))
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll ``predicate`` until it is true (10 s at most)."""
+    try:
+        with trio.fail_after(10):
+            while True:
+                if await predicate():
+                    return
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+async def test_first_and_last_across_three_nodes(
+    node: Callable[..., RedisPresence], client: coredis.Redis[Any], redis_prefix: str
+) -> None:
+    a, b, c = node("a"), node("b"), node("host:8080:x1")
+    assert await a.join("lobby", 1, "ann") == (True, [(1, "ann")])
+    assert await b.join("lobby", 1, "ann") == (False, [(1, "ann")])
+    assert await c.join("lobby", 2, "bob") == (True, [(1, "ann"), (2, "bob")])
+    assert await c.join("team:eng", 1, "ann") == (True, [(1, "ann")])
+    assert await b.members("lobby") == [(1, "ann"), (2, "bob")]
+    assert await a.members("nowhere") == []
+
+    assert await a.leave("lobby", 1) is False  # still on b
+    assert await b.members("lobby") == [(1, "ann"), (2, "bob")]
+    assert await b.leave("lobby", 1) is True  # the last one: announce
+    assert await a.members("lobby") == [(2, "bob")]
+    assert await c.leave("lobby", 2) is True
+    assert await c.leave("lobby", 2) is False  # already gone: not twice
+    assert await a.leave("lobby", 7) is False  # never there
+    assert await a.members("team:eng") == [(1, "ann")]
+    assert await c.leave("team:eng", 1) is True
+    assert await keys(client, redis_prefix) == set()  # nothing left behind
+
+
+async def test_join_again_on_the_same_node_only_renews(
+    node: Callable[..., RedisPresence],
+) -> None:
+    a = node("a")
+    assert (await a.join("lobby", 1, "ann"))[0] is True
+    assert (await a.join("lobby", 1, "ann"))[0] is False
+    assert await a.leave("lobby", 1) is True
+
+
+async def test_concurrent_joins_and_leaves_announce_once(
+    node: Callable[..., RedisPresence], redis: Any
+) -> None:
+    firsts: list[bool] = []
+    lasts: list[bool] = []
+    async with (
+        coredis.Redis.from_url(redis.url) as c1,
+        coredis.Redis.from_url(redis.url) as c2,
+    ):
+        nodes = [node(f"n{i}", on=(c1, c2)[i % 2]) for i in range(8)]
+
+        async def join(n: RedisPresence) -> None:
+            firsts.append((await n.join("lobby", 5, "eve"))[0])
+
+        async def leave(n: RedisPresence) -> None:
+            lasts.append(await n.leave("lobby", 5))
+
+        for _ in range(3):
+            firsts.clear()
+            lasts.clear()
+            async with trio.open_nursery() as nursery:
+                for n in nodes:
+                    nursery.start_soon(join, n)
+            assert sorted(firsts) == [False] * 7 + [True]
+            async with trio.open_nursery() as nursery:
+                for n in nodes:
+                    nursery.start_soon(leave, n)
+            assert sorted(lasts) == [False] * 7 + [True]
+
+
+async def test_a_dead_nodes_users_are_reaped_once(
+    node: Callable[..., RedisPresence], redis: Any, client: coredis.Redis[Any], redis_prefix: str
+) -> None:
+    dead, live = node("dead"), node("live")
+    await dead.join("lobby", 1, "ann")
+    await dead.join("lobby", 2, "bob")
+    await live.join("lobby", 2, "bob")  # bob is on both nodes
+    await dead.join("team:eng", 3, "cat")
+    await live.join("quiet", 4, "dan")
+
+    reaped: list[tuple[str, int, str]] = []
+    async with (
+        coredis.Redis.from_url(redis.url) as c1,
+        coredis.Redis.from_url(redis.url) as c2,
+    ):
+        reapers = [live, node("r1", on=c1), node("r2", on=c2)]
+
+        async def reap(reaper: RedisPresence) -> None:
+            # One reaper takes a room per script call, to go through batches.
+            reaped.extend(await reaper.reap(batch=1 if reaper is live else 100))
+
+        async def reap_all() -> None:
+            async with trio.open_nursery() as nursery:
+                for reaper in reapers:
+                    nursery.start_soon(reap, reaper)
+
+        async def dead_users_reaped() -> bool:
+            # The live node renews as it should; the dead one does not.
+            assert await live.renew([("lobby", 2), ("quiet", 4)]) == []
+            await reap_all()
+            return len(reaped) >= 2
+
+        await wait_until(dead_users_reaped, "the dead node's entries to be reaped")
+        await reap_all()
+        await reap_all()
+
+    # Each user gone is returned once, to one reaper; bob is still on `live`.
+    assert Counter(reaped) == {("lobby", 1, "ann"): 1, ("team:eng", 3, "cat"): 1}
+    assert await live.members("lobby") == [(2, "bob")]
+    assert await live.members("team:eng") == []
+    assert await live.members("quiet") == [(4, "dan")]
+    # The dead node's own bookkeeping went with its entries.
+    assert f"{redis_prefix}:pr:node:dead".encode() not in await keys(client, redis_prefix)
+    assert await live.leave("lobby", 2) is True
+
+
+async def test_renew_keeps_entries_alive_past_the_lease(
+    node: Callable[..., RedisPresence],
+) -> None:
+    a, other = node("a"), node("other")
+    await a.join("lobby", 1, "ann")
+    with trio.move_on_after(LEASE * 2):
+        while True:  # renewing far more often than lease / 3, for a margin
+            assert await a.renew([("lobby", 1)]) == []
+            assert await other.reap() == []
+            await trio.sleep(0.1)
+    assert await other.members("lobby") == [(1, "ann")]
+    assert await a.renew([("lobby", 1)]) == []
+
+    async def reaped() -> bool:
+        return await other.reap() == [("lobby", 1, "ann")]
+
+    await wait_until(reaped, "the entry to expire once no longer renewed")
+
+
+async def test_an_expired_user_not_yet_reaped_is_not_announced_twice(
+    node: Callable[..., RedisPresence],
+) -> None:
+    dead, live = node("dead"), node("live")
+    await dead.join("lobby", 1, "ann")
+
+    async def expired() -> bool:
+        return await live.members("lobby") == []  # members lists live entries only
+
+    await wait_until(expired, "the entry to expire")
+    # Nobody announced ann gone, so joining elsewhere announces nothing either.
+    assert await live.join("lobby", 1, "ann") == (False, [(1, "ann")])
+    assert await live.reap() == []
+    assert await live.leave("lobby", 1) is True
+    assert await dead.leave("lobby", 1) is False
+
+
+async def test_a_node_cut_off_past_its_lease_learns_what_it_lost(
+    node: Callable[..., RedisPresence],
+) -> None:
+    slow, other = node("slow"), node("other")
+    await slow.join("lobby", 1, "ann")
+    await slow.join("lobby", 2, "bob")
+
+    async def reaped() -> bool:
+        return len(await other.reap()) == 2
+
+    await wait_until(reaped, "the slow node's entries to be reaped")
+    # renew says what Redis no longer has; joining again announces them again.
+    assert await slow.renew([("lobby", 1), ("lobby", 2)]) == [("lobby", 1), ("lobby", 2)]
+    assert await slow.leave("lobby", 1) is False  # its leaving was announced already
+    assert await slow.join("lobby", 2, "bob") == (True, [(2, "bob")])
+    assert await slow.renew([]) == []
+
+
+async def test_forget_node_removes_this_nodes_entries(
+    node: Callable[..., RedisPresence], client: coredis.Redis[Any], redis_prefix: str
+) -> None:
+    a, b = node("a"), node("b")
+    await a.join("lobby", 1, "ann")
+    await a.join("lobby", 2, "bob")
+    await b.join("lobby", 2, "bob")
+    await a.join("team:eng", 3, "cat")
+    await b.join("quiet", 4, "dan")
+    gone = await a.forget_node(batch=1)
+    assert sorted(gone) == [("lobby", 1, "ann"), ("team:eng", 3, "cat")]
+    assert await b.members("lobby") == [(2, "bob")]
+    assert await b.members("team:eng") == []
+    assert await a.forget_node() == []
+    assert await b.renew([("lobby", 2), ("quiet", 4)]) == []
+    assert sorted(await b.forget_node()) == [("lobby", 2, "bob"), ("quiet", 4, "dan")]
+    assert await keys(client, redis_prefix) == set()
+
+
+async def test_works_with_a_decoding_client(redis: Any, redis_prefix: str) -> None:
+    async with coredis.Redis.from_url(redis.url, decode_responses=True) as text:
+        a = RedisPresence(text, redis_prefix, "a", LEASE)
+        assert await a.join("lobby", 1, "Zoë") == (True, [(1, "Zoë")])
+        assert await a.renew([("lobby", 1), ("lobby", 2)]) == [("lobby", 2)]
+        assert await a.forget_node() == [("lobby", 1, "Zoë")]
+
+
+async def test_arguments_are_checked(client: coredis.Redis[Any]) -> None:
+    with pytest.raises(ValueError):
+        RedisPresence(client, "p", "", LEASE)
+    with pytest.raises(ValueError):
+        RedisPresence(client, "p", "a", 0)
+    assert RedisPresence(client, "p", "a", 3.0).renew_interval == 1.0
