@@ -305,10 +305,10 @@ def _check(config: Config) -> Config:
                 f"{src}: [server] trusted_proxies: {proxy!r} is not an IP address"
             ) from None
     if config.storage.backend == "postgres" and not config.storage.dsn:
-        raise ConfigError(f"{src}: [storage] dsn: required when backend = \"postgres\"")
+        raise ConfigError(f'{src}: [storage] dsn: required when backend = "postgres"')
     if config.bus.backend == "redis" and config.storage.backend != "postgres":
         raise ConfigError(
-            f"{src}: [bus] backend: \"redis\" needs [storage] backend = \"postgres\""
+            f'{src}: [bus] backend: "redis" needs [storage] backend = "postgres"'
             " (nodes must share one store)"
         )
     if config.server.dev_tokens:

@@ -518,9 +518,7 @@ def since(
     return [_row_to_message(r) for r in rows], complete
 
 
-def after(
-    conn: sqlite3.Connection, channel: str, after_seq: int, cap: int
-) -> list[StoredMessage]:
+def after(conn: sqlite3.Connection, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
     """The channel's messages with a seq above ``after_seq``, oldest first,
     the oldest ``cap`` of them (one index range)."""
     rows = conn.execute(
