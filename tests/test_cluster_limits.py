@@ -249,4 +249,4 @@ async def test_falls_back_during_an_outage_and_recovers(
     messages = [r.getMessage() for r in caplog.records if r.name == "chatd.cluster"]
     assert len(messages) == 2, messages
     assert "unreachable" in messages[0]
-    assert "reachable again" in messages[1]
+    assert "Redis is back" in messages[1]

@@ -120,6 +120,7 @@ class RedisLimiter:
     ) -> None:
         self._script: Script[Any] = client.register_script(_TAKE)
         self._prefix = f"{prefix}:rl:{name}:"
+        self._name = name
         self._timeout = timeout
         self._retry_interval = retry_interval
         #: While Redis is down: when to try it again (trio time).
@@ -153,7 +154,7 @@ class RedisLimiter:
             else:
                 if self._retry_at is not None:
                     self._retry_at = None
-                    log.warning("rate limits: Redis is reachable again; limits are cluster-wide")
+                    log.info("rate limits (%s): Redis is back; counting cluster-wide", self._name)
                 if not isinstance(reply, int):
                     raise TypeError(f"unexpected reply from the rate limit script: {reply!r}")
                 return float(reply)
@@ -163,7 +164,8 @@ class RedisLimiter:
         if self._retry_at is None:
             reason = "no answer in time" if isinstance(exc, trio.TooSlowError) else str(exc)
             log.warning(
-                "rate limits: Redis unreachable (%s); counting per node until it is back",
+                "rate limits (%s): Redis unreachable (%s); counting per node until it is back",
+                self._name,
                 reason or type(exc).__name__,
             )
         self._retry_at = trio.current_time() + self._retry_interval
