@@ -1,0 +1,106 @@
+"""The PostgreSQL schema and its migrations, versioned in ``schema_version``.
+
+The tables are SQLite's (``schema.py``), with the types PostgreSQL has, plus
+``channels``: one row per room or conversation holding its last ``seq``. A
+writer locks the rows of the channels it writes to and takes seqs from them
+inside its transaction, which is what keeps seqs dense and in commit order
+when several nodes write at once (``postgres.py``).
+
+Differences from SQLite, each for a reason:
+
+* ``content_raw``: PostgreSQL ``text`` cannot hold NUL, which a message's
+  content may (tests/test_stored_text.py). Such content is kept as its UTF-8
+  bytes there, and ``content`` holds it with each NUL shown as U+FFFD for
+  people reading the table.
+* ``data`` is ``text``, not ``jsonb``: jsonb reorders keys, drops white space
+  and refuses ``\\u0000``, and a notification's payload comes back
+  byte-for-byte.
+* Names, channels and timestamps are ``COLLATE "C"``: the byte order SQLite
+  uses (``chatd room list`` prints the same order) and the order RFC 3339
+  timestamps compare in (a locale's collation may ignore punctuation).
+* Two partial indexes serve ``direct_since`` (direct messages to or from a
+  user since a time) without reading the whole table.
+
+Migrations run in one transaction under ``pg_advisory_xact_lock``, so nodes
+starting at once take turns: the first migrates, the others find it done.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psycopg
+
+#: ``pg_advisory_xact_lock`` key held while migrating ("chatd" + 1).
+MIGRATION_LOCK = 0x636861746401
+
+MIGRATIONS: list[str] = [
+    # 1: users (with the system sender, user 0), rooms, channels, messages.
+    """
+    CREATE TABLE users (
+        id bigint PRIMARY KEY,
+        username text NOT NULL,
+        created_at text COLLATE "C" NOT NULL
+    );
+    INSERT INTO users (id, username, created_at)
+        VALUES (0, 'system', '1970-01-01T00:00:00.000Z');
+    CREATE TABLE rooms (
+        name text COLLATE "C" PRIMARY KEY,
+        private boolean NOT NULL DEFAULT false,
+        created_at text COLLATE "C" NOT NULL
+    );
+    CREATE TABLE room_members (
+        room text COLLATE "C" NOT NULL REFERENCES rooms (name) ON DELETE CASCADE,
+        user_id bigint NOT NULL,
+        PRIMARY KEY (room, user_id)
+    );
+    CREATE TABLE channels (
+        name text COLLATE "C" PRIMARY KEY,
+        seq bigint NOT NULL
+    );
+    CREATE TABLE messages (
+        id bigserial PRIMARY KEY,
+        channel text COLLATE "C" NOT NULL,
+        seq bigint NOT NULL,
+        user_id bigint NOT NULL,
+        username text NOT NULL,
+        to_user_id bigint,
+        message_type text NOT NULL,
+        content text NOT NULL,
+        content_raw bytea,
+        media_url text,
+        media_type text,
+        duration double precision,
+        reply_to bigint,
+        created_at text COLLATE "C" NOT NULL,
+        data text
+    );
+    CREATE UNIQUE INDEX messages_by_channel ON messages (channel, seq);
+    CREATE INDEX messages_direct_from ON messages (user_id, created_at)
+        WHERE channel LIKE 'd:%';
+    CREATE INDEX messages_direct_to ON messages (to_user_id, created_at)
+        WHERE channel LIKE 'd:%';
+    """,
+]
+
+
+def migrate(conn: psycopg.Connection[Any]) -> int:
+    """Bring the database to the latest schema; return its version. Refuses
+    (RuntimeError, nothing changed) a database newer than this code."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        version = int(row[0]) if row is not None and row[0] is not None else 0
+        if version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"database schema version {version} is newer than this chatd "
+                f"({len(MIGRATIONS)}); upgrade chatd"
+            )
+        for number in range(version, len(MIGRATIONS)):
+            conn.execute(MIGRATIONS[number])  # several statements, no parameters
+        if version < len(MIGRATIONS):
+            conn.execute("DELETE FROM schema_version")
+            conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (len(MIGRATIONS),))
+    return len(MIGRATIONS)
