@@ -1,16 +1,19 @@
 """``chatd user ...``, ``chatd room ...`` and ``chatd backup``: administration
 on the database.
 
-The user and room commands open the configured SQLite file directly
-(migrating it if it is new, and declaring the config's rooms as the server
-does) and change it in one short transaction, so they work while the server
-runs: the server reads rooms and memberships from the database on every
-``join_room`` and finds users it has not seen on their first direct message.
+The user and room commands open the configured database directly (the
+SQLite file, or PostgreSQL when ``[storage] backend = "postgres"``, through
+``chatd.store.postgres.open_admin``), migrating it if it is new and declaring
+the config's rooms as the server does, and change it in one short
+transaction, so they work while the server runs: the server reads rooms and
+memberships from the database on every ``join_room`` and finds users it has
+not seen on their first direct message.
 
 ``chatd backup`` copies the database with SQLite's online backup API from one
 snapshot (WAL: the server keeps writing meanwhile) into a temporary file
 beside the target, checks the copy with ``PRAGMA integrity_check``, and only
-then renames it into place. It never changes the database it copies.
+then renames it into place. It never changes the database it copies. On
+PostgreSQL it refuses: that is ``pg_dump``'s job.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from chatd.config import ROOM_NAME_PATTERN, Config
 from chatd.store.schema import connect, migrate
@@ -88,8 +91,40 @@ def _room_name(text: str) -> str:
     return text
 
 
+class Admin(Protocol):
+    """What the user and room commands change, on either store."""
+
+    def upsert_user(self, user_id: int, username: str) -> None: ...
+    def create_room(self, name: str, private: bool, members: tuple[int, ...]) -> bool: ...
+    def add_members(self, room: str, members: tuple[int, ...]) -> bool: ...
+    def list_rooms(self) -> list[tuple[str, bool, list[int]]]: ...
+
+
+class _SqliteAdmin:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def upsert_user(self, user_id: int, username: str) -> None:
+        upsert_user(self.conn, user_id, username)
+
+    def create_room(self, name: str, private: bool, members: tuple[int, ...]) -> bool:
+        return create_room(self.conn, name, private, members)
+
+    def add_members(self, room: str, members: tuple[int, ...]) -> bool:
+        return add_members(self.conn, room, members)
+
+    def list_rooms(self) -> list[tuple[str, bool, list[int]]]:
+        return list_rooms(self.conn)
+
+
 @contextmanager
-def _database(config: Config) -> Iterator[sqlite3.Connection]:
+def _database(config: Config) -> Iterator[Admin]:
+    if config.storage.backend == "postgres":
+        from chatd.store.postgres import open_admin  # psycopg only when configured
+
+        with open_admin(config.storage.dsn, config.rooms) as admin:
+            yield admin
+        return
     path = config.storage.sqlite_path
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     conn = connect(path, synchronous=config.storage.synchronous)
@@ -98,7 +133,7 @@ def _database(config: Config) -> Iterator[sqlite3.Connection]:
         conn.execute("BEGIN IMMEDIATE")
         try:
             declare_rooms(conn, config.rooms)
-            yield conn
+            yield _SqliteAdmin(conn)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -111,14 +146,14 @@ def _user_add(config: Config, ns: argparse.Namespace) -> int:
     if not 1 <= len(ns.username) <= 64 or not ns.username.isprintable():
         return _fail("--username must be 1 to 64 printable characters")
     with _database(config) as db:
-        upsert_user(db, ns.user_id, ns.username)
+        db.upsert_user(ns.user_id, ns.username)
     print(f"user {ns.user_id} ({ns.username}) added")
     return 0
 
 
 def _room_create(config: Config, ns: argparse.Namespace) -> int:
     with _database(config) as db:
-        created = create_room(db, ns.name, ns.private, tuple(ns.member))
+        created = db.create_room(ns.name, ns.private, tuple(ns.member))
     if not created:
         return _fail(f"room {ns.name!r} already exists (use: chatd room add-member)")
     kind = "private" if ns.private else "public"
@@ -128,7 +163,7 @@ def _room_create(config: Config, ns: argparse.Namespace) -> int:
 
 def _room_add_member(config: Config, ns: argparse.Namespace) -> int:
     with _database(config) as db:
-        found = add_members(db, ns.name, tuple(ns.user_ids))
+        found = db.add_members(ns.name, tuple(ns.user_ids))
     if not found:
         return _fail(f"no room named {ns.name!r} (use: chatd room create)")
     print(f"room {ns.name}: added {', '.join(map(str, ns.user_ids))}")
@@ -138,7 +173,7 @@ def _room_add_member(config: Config, ns: argparse.Namespace) -> int:
 def _room_list(config: Config, ns: argparse.Namespace) -> int:
     del ns
     with _database(config) as db:
-        rooms = list_rooms(db)
+        rooms = db.list_rooms()
     for name, private, members in rooms:
         who = f"  members: {', '.join(map(str, members))}" if private or members else ""
         print(f"{name}  {'private' if private else 'public'}{who}")
@@ -146,6 +181,13 @@ def _room_list(config: Config, ns: argparse.Namespace) -> int:
 
 
 def _backup(config: Config, ns: argparse.Namespace) -> int:
+    if config.storage.backend == "postgres":
+        print(
+            "chatd: backup copies a SQLite database; for PostgreSQL use pg_dump"
+            " (e.g. pg_dump --format=custom --file=chatd.dump DBNAME)",
+            file=sys.stderr,
+        )
+        return 2
     source = Path(config.storage.sqlite_path)
     target = Path(ns.to)
     if not source.is_file():

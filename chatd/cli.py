@@ -22,7 +22,7 @@ from chatd import __version__
 from chatd.admin import add_commands
 from chatd.auth import MAX_USER_ID, issue
 from chatd.config import Config, load
-from chatd.errors import ConfigError
+from chatd.errors import ConfigError, StorageError
 from chatd.server import ChatServer
 
 log = logging.getLogger("chatd")
@@ -46,6 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except sqlite3.Error as exc:
         print(f"chatd: database {config.storage.sqlite_path}: {exc}", file=sys.stderr)
+        return 1
+    except StorageError as exc:
+        print(f"chatd: {exc}", file=sys.stderr)
         return 1
     return result
 

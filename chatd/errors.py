@@ -90,3 +90,7 @@ def invalid_format(message: str, field: str | None = None) -> ChatError:
 
 class ConfigError(Exception):
     """A configuration problem, reported as one line naming file and key."""
+
+
+class StorageError(Exception):
+    """The database refused or failed a command of the CLI, as one line."""
