@@ -1,0 +1,505 @@
+"""The Store contract: what the SQLite store and the PostgreSQL store both
+promise, every test run against each (``store`` is parametrized over the two
+backends; the PostgreSQL half skips, saying why, when no PostgreSQL can start).
+
+Only the ``Store`` interface is used, plus ``write`` with an operation that
+ignores its connection (to hold the writer thread while a group is queued, or
+to fail), so each test says the same thing of both stores. What only one of
+them does is tested beside it: SQLite's pragmas, query plans and files in
+test_store.py, PostgreSQL's several nodes and lost connections in
+test_store_postgres.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from chatd.config import RoomsConfig
+from chatd.errors import ChatError, ErrorCode
+from chatd.metrics import Metrics
+from chatd.store import NewMessage, RoomAccess, StoredMessage
+from chatd.store.postgres import PostgresStore, open_postgres_store
+from chatd.store.schema import dm_channel, room_channel
+from chatd.store.sqlite import SqliteStore, open_sqlite_store
+from tests.test_store import CREATED, Recorder, msg, writer_held
+
+AnyStore = SqliteStore | PostgresStore
+Backend = tuple[str, str]
+
+GENERAL = room_channel("general")
+RANDOM = room_channel("random")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Which store, and where: a file, or a fresh PostgreSQL database."""
+    if request.param == "postgres":
+        return "postgres", str(request.getfixturevalue("pg_dsn"))
+    return "sqlite", str(tmp_path / "data" / "chatd.db")
+
+
+@asynccontextmanager
+async def open_store(backend: Backend, **kwargs: Any) -> AsyncIterator[AnyStore]:
+    kind, where = backend
+    if kind == "postgres":
+        async with open_postgres_store(where, **kwargs) as pg:
+            yield pg
+    else:
+        async with open_sqlite_store(where, **kwargs) as lite:
+            yield lite
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[AnyStore]:
+    async with open_store(backend) as opened:
+        yield opened
+
+
+async def fill(store: AnyStore, room: str, n: int, user: int = 1) -> list[int]:
+    rec = Recorder()
+    for i in range(n):
+        await store.append(msg(i, room=room, user=user), rec)
+    await store.flush()
+    assert len(rec.stored) == n
+    return [r.id for r in rec.stored]
+
+
+async def stored(store: AnyStore, message: NewMessage) -> StoredMessage | Exception:
+    """Append one message and wait for its callback."""
+    done = trio.Event()
+    box: list[StoredMessage | Exception] = []
+
+    def callback(result: StoredMessage | Exception) -> None:
+        box.append(result)
+        done.set()
+
+    await store.append(message, callback)
+    await done.wait()
+    return box[0]
+
+
+def ids(messages: list[StoredMessage]) -> list[int]:
+    return [m.id for m in messages]
+
+
+def group_sizes(metrics: Metrics) -> tuple[float, float, float]:
+    """Groups committed, operations in them, and groups of at most 4."""
+    get = metrics.registry.get_sample_value
+    return (
+        get("chatd_store_group_size_count") or 0.0,
+        get("chatd_store_group_size_sum") or 0.0,
+        get("chatd_store_group_size_bucket", {"le": "4.0"}) or 0.0,
+    )
+
+
+# --- append -------------------------------------------------------------------
+
+
+async def test_appends_call_back_in_commit_order_with_ids_and_seqs(store: AnyStore) -> None:
+    rec = Recorder()
+    sent: dict[tuple[int, int], NewMessage] = {}
+
+    async def sender(user: int) -> None:
+        for i in range(60):
+            if i % 3 == 2:
+                m = msg(i, room=None, user=user, to_user_id=9)
+            else:
+                m = msg(i, room=("general", "random")[(i + user) % 2], user=user)
+            sent[(user, i)] = m
+            await store.append(m, rec)
+            if i % 5 == 0:
+                await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        for user in (1, 2, 3):
+            nursery.start_soon(sender, user)
+    await store.flush()
+
+    assert len(rec.stored) == len(rec.results) == 180
+    assert all(rec.in_trio)
+    # Commit order is id order; each callback got the very message it was given.
+    assert all(a < b for a, b in itertools.pairwise(ids(rec.stored)))
+    assert {id(r.message) for r in rec.stored} == {id(m) for m in sent.values()}
+    for user in (1, 2, 3):
+        mine = [r.message for r in rec.stored if r.message.user_id == user]
+        assert mine == [sent[(user, i)] for i in range(60)]
+    # Each channel's seqs are 1..n in commit order, and its history is what
+    # the callbacks said, field for field.
+    channels = {GENERAL, RANDOM} | {dm_channel(user, 9) for user in (1, 2, 3)}
+    for channel in channels:
+        mine = [
+            r
+            for r in rec.stored
+            if (r.message.room and room_channel(r.message.room)) == channel
+            or (r.message.room is None and dm_channel(r.message.user_id, 9) == channel)
+        ]
+        assert [r.seq for r in mine] == list(range(1, len(mine) + 1))
+        assert await store.history(channel, 1000, 0) == (mine, len(mine))
+
+
+async def test_closing_commits_everything_queued(backend: Backend) -> None:
+    rec = Recorder()
+    async with open_store(backend) as store:
+        for i in range(300):
+            await store.append(msg(i), rec)
+    assert len(rec.stored) == 300
+    async with open_store(backend) as store:
+        messages, total = await store.history(GENERAL, 1000, 0)
+        assert (ids(messages), total) == (ids(rec.stored), 300)
+
+
+async def test_flush_returns_after_earlier_appends_commit(store: AnyStore) -> None:
+    rec = Recorder()
+    async with writer_held(store) as gate:  # type: ignore[arg-type]
+        for i in range(20):
+            await store.append(msg(i), rec)
+        assert rec.results == []
+        gate.set()
+        await store.flush()
+        assert len(rec.stored) == 20
+        messages, total = await store.history(GENERAL, 100, 0)
+        assert (ids(messages), total) == (ids(rec.stored), 20)
+
+
+async def test_history_and_ids_survive_a_restart(backend: Backend) -> None:
+    async with open_store(backend) as store:
+        first = await fill(store, "general", 7)
+        before = await store.history(GENERAL, 5, 0)
+    async with open_store(backend) as store:
+        assert await store.history(GENERAL, 5, 0) == before
+        more = await fill(store, "general", 3)
+        assert min(more) > max(first)
+        messages, total = await store.history(GENERAL, 100, 0)
+        assert (ids(messages), total) == (first + more, 10)
+        assert [m.seq for m in messages] == list(range(1, 11))
+
+
+# --- failures within a group ----------------------------------------------------
+
+
+async def test_reply_to_across_channels_is_refused_and_the_rest_of_the_group_commits(
+    backend: Backend,
+) -> None:
+    metrics = Metrics()
+    async with open_store(backend, metrics=metrics) as store:
+        g0 = await stored(store, msg(0, room="general"))
+        r0 = await stored(store, msg(1, room="random"))
+        d0 = await stored(store, msg(2, room=None, user=1, to_user_id=2))
+        assert isinstance(g0, StoredMessage) and isinstance(r0, StoredMessage)
+        assert isinstance(d0, StoredMessage)
+
+        group = [
+            msg(3, room="general", reply_to=g0.id),  # fine
+            msg(4, room="general", reply_to=r0.id),  # another room
+            msg(5, room="general", reply_to=r0.id + 10_000),  # no such message
+            msg(6, room="general", reply_to=d0.id),  # a conversation's
+            msg(7, room=None, user=2, to_user_id=1, reply_to=d0.id),  # fine
+            msg(8, room=None, user=2, to_user_id=3, reply_to=d0.id),  # another one's
+            NewMessage(
+                user_id=2,
+                username="bob",
+                content="+1",
+                message_type="reaction",
+                created_at=CREATED,
+                room="random",
+                reply_to=r0.id,
+            ),
+            msg(9, room="general"),
+        ]
+        rec = Recorder()
+        last = trio.Event()
+        before = group_sizes(metrics)
+        async with writer_held(store):  # type: ignore[arg-type]
+            for m in group[:-1]:
+                await store.append(m, rec)
+            await store.append(group[-1], lambda r: (rec(r), last.set()))
+        await last.wait()
+        groups, operations, small = (
+            a - b for a, b in zip(group_sizes(metrics), before, strict=True)
+        )
+        # One group held the writer; the other eight were one group after it.
+        assert (groups, operations, small) == (2, 9, 1)
+
+        assert [type(r) for r in rec.results] == [
+            StoredMessage,
+            ChatError,
+            ChatError,
+            ChatError,
+            StoredMessage,
+            ChatError,
+            StoredMessage,
+            StoredMessage,
+        ]
+        for err in rec.results:
+            if isinstance(err, ChatError):
+                assert err.code is ErrorCode.INVALID_FORMAT
+                assert err.details == {"field": "data.reply_to"}
+        ok = rec.stored
+        assert [r.message for r in ok] == [group[0], group[4], group[6], group[7]]
+        # The refused ones take no seq: every channel stays dense.
+        assert [r.seq for r in ok] == [2, 2, 2, 3]
+        messages, total = await store.history(GENERAL, 100, 0)
+        assert (ids(messages), total) == ([g0.id, ok[0].id, ok[3].id], 3)
+        assert [m.message.reply_to for m in messages] == [None, g0.id, None]
+        messages, total = await store.history(dm_channel(1, 2), 100, 0)
+        assert (ids(messages), total) == ([d0.id, ok[1].id], 2)
+        assert await store.history(dm_channel(2, 3), 100, 0) == ([], 0)
+
+
+async def test_a_failing_operation_fails_only_itself(store: AnyStore) -> None:
+    rec = Recorder()
+    errors: list[Exception] = []
+
+    def bad(conn: Any) -> None:
+        raise ValueError("boom")
+
+    async def run_bad() -> None:
+        try:
+            await store.write(bad)
+        except ValueError as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as nursery, writer_held(store):  # type: ignore[arg-type]
+        for i in range(5):
+            await store.append(msg(i), rec)
+        nursery.start_soon(run_bad)
+        await trio.testing.wait_all_tasks_blocked()  # run_bad has queued its op
+        for i in range(5, 10):
+            await store.append(msg(i), rec)
+    await store.flush()
+    assert [str(e) for e in errors] == ["boom"]
+    assert [r.message.content for r in rec.stored] == [f"message {i}" for i in range(10)]
+    assert [r.seq for r in rec.stored] == list(range(1, 11))
+    messages, total = await store.history(GENERAL, 100, 0)
+    assert (ids(messages), total) == (ids(rec.stored), 10)
+
+
+# --- reading ------------------------------------------------------------------
+
+
+async def test_history_pages_count_back_from_the_newest(store: AnyStore) -> None:
+    assert await store.history(GENERAL, 10, 0) == ([], 0)
+    assert await store.history(GENERAL, 10, 5) == ([], 0)
+    general = await fill(store, "general", 25)
+    random = await fill(store, "random", 3)
+
+    async def page(limit: int, offset: int) -> tuple[list[int], int]:
+        messages, total = await store.history(GENERAL, limit, offset)
+        assert [m.seq for m in messages] == sorted(m.seq for m in messages)  # oldest first
+        return ids(messages), total
+
+    assert await page(10, 0) == (general[15:], 25)
+    assert await page(10, 10) == (general[5:15], 25)
+    assert await page(10, 20) == (general[:5], 25)
+    assert await page(10, 25) == ([], 25)
+    assert await page(10, 1000) == ([], 25)
+    assert await page(5, 15) == (general[5:10], 25)
+    assert await page(1, 0) == (general[-1:], 25)
+    assert await page(100, 0) == (general, 25)
+    messages, total = await store.history(RANDOM, 2, 0)
+    assert (ids(messages), total) == (random[1:], 3)
+    # A room whose name is a prefix of another is its own room.
+    assert await store.history(room_channel("gen"), 10, 0) == ([], 0)
+
+
+async def test_since(store: AnyStore) -> None:
+    assert await store.since(GENERAL, 0, 10) == ([], True)
+    general = await fill(store, "general", 6)
+    random = await fill(store, "random", 1)
+    general += await fill(store, "general", 4)
+
+    async def since(since_id: int, cap: int) -> tuple[list[int], bool]:
+        messages, complete = await store.since(GENERAL, since_id, cap)
+        return ids(messages), complete
+
+    assert await since(general[6], 100) == (general[7:], True)
+    assert await since(general[6], 3) == (general[7:], True)  # exactly the cap
+    assert await since(general[6], 2) == (general[8:], False)  # the newest two
+    assert await since(general[-1], 5) == ([], True)
+    assert await since(0, 100) == (general, True)
+    assert await since(0, 4) == (general[6:], False)
+    assert await since(general[-1], 0) == ([], True)
+    assert await since(general[-2], 0) == ([], False)
+    # An id of another room counts as a point in time.
+    assert await since(random[0], 100) == (general[6:], True)
+    assert await since(general[-1] + 1000, 10) == ([], True)
+
+
+async def test_after(store: AnyStore) -> None:
+    assert await store.after(GENERAL, 0, 10) == []
+    general = await fill(store, "general", 10)
+    await fill(store, "random", 2)
+    assert ids(await store.after(GENERAL, 0, 100)) == general
+    assert ids(await store.after(GENERAL, 7, 100)) == general[7:]
+    assert ids(await store.after(GENERAL, 2, 3)) == general[2:5]  # the oldest three
+    assert [m.seq for m in await store.after(GENERAL, 2, 3)] == [3, 4, 5]
+    assert await store.after(GENERAL, 10, 5) == []
+    assert ids(await store.after(RANDOM, 1, 5)) == ids(await store.after(RANDOM, 0, 5))[1:]
+
+
+async def test_direct_since(store: AnyStore) -> None:
+    t1, t2, t3 = "2024-05-01T12:00:00.000Z", "2024-05-01T12:00:00.500Z", "2024-05-02T00:00:00.000Z"
+
+    def dm(sender: int, to: int, at: str) -> NewMessage:
+        return NewMessage(sender, f"user{sender}", f"{sender}>{to}", "text", at, to_user_id=to)
+
+    sent = [
+        dm(1, 2, t1),
+        dm(3, 1, t2),
+        dm(2, 3, t3),
+        dm(4, 5, t2),
+        NewMessage(1, "user1", "in a room", "text", t2, room="general"),
+        NewMessage(0, "system", "", "notification", t3, to_user_id=1, data=b"{}"),
+    ]
+    rec = Recorder()
+    for m in sent:
+        await store.append(m, rec)
+    await store.flush()
+    by_content = {r.message.content: r.id for r in rec.stored}
+
+    async def direct(users: list[int], since: str, cap: int) -> list[str]:
+        found = await store.direct_since(users, since, cap)
+        assert ids(found) == sorted(ids(found))
+        return [m.message.content for m in found]
+
+    assert await direct([1], t1, 10) == ["1>2", "3>1", ""]
+    assert await direct([1], t2, 10) == ["3>1", ""]
+    assert await direct([1], "2024-05-01T12:00:00.501Z", 10) == [""]
+    assert await direct([1, 4], t1, 10) == ["1>2", "3>1", "4>5", ""]
+    assert await direct([1, 4], t1, 2) == ["1>2", "3>1"]
+    assert await direct([3], t1, 10) == ["3>1", "2>3"]
+    assert await direct([6], t1, 10) == []
+    assert await direct([], t1, 10) == []
+    assert by_content["in a room"] not in ids(await store.direct_since([1], t1, 10))
+
+
+async def test_room_access_with_last_seq_and_private_membership(store: AnyStore) -> None:
+    assert await store.room_access("general", 1) is None
+    await store.declare_rooms(
+        RoomsConfig(public=("general",), private={"staff": (1, 2), "secret": (9,)})
+    )
+    assert await store.room_access("general", 1) == RoomAccess("general", False, False, 0)
+    assert await store.room_access("staff", 1) == RoomAccess("staff", True, True, 0)
+    assert await store.room_access("staff", 2) == RoomAccess("staff", True, True, 0)
+    assert await store.room_access("staff", 3) == RoomAccess("staff", True, False, 0)
+    assert await store.room_access("secret", 1) == RoomAccess("secret", True, False, 0)
+    assert await store.room_access("nowhere", 1) is None
+    await fill(store, "general", 3)
+    await fill(store, "staff", 1)
+    await fill(store, "random", 2)  # not a declared room: no access row
+    assert await store.room_access("general", 5) == RoomAccess("general", False, False, 3)
+    assert await store.room_access("staff", 2) == RoomAccess("staff", True, True, 1)
+    assert await store.room_access("random", 1) is None
+
+
+async def test_declare_rooms_is_idempotent_and_adds_members_only(store: AnyStore) -> None:
+    rooms = RoomsConfig(public=("general", "random"), private={"staff": (1, 2)})
+    await store.declare_rooms(rooms)
+    await store.declare_rooms(rooms)
+    assert await store.room_access("random", 1) == RoomAccess("random", False, False, 0)
+    await store.declare_rooms(RoomsConfig(public=("general",), private={"staff": (3,)}))
+    for user in (1, 2, 3):  # members are added, never removed
+        assert await store.room_access("staff", user) == RoomAccess("staff", True, True, 0)
+    assert await store.room_access("random", 1) is not None  # rooms are never removed
+    await store.declare_rooms(RoomsConfig(public=("general", "staff")))
+    assert await store.room_access("staff", 4) == RoomAccess("staff", False, False, 0)
+    assert await store.room_access("staff", 1) == RoomAccess("staff", False, True, 0)
+
+
+# --- users --------------------------------------------------------------------
+
+
+async def test_users(backend: Backend) -> None:
+    metrics = Metrics()
+    async with open_store(backend, metrics=metrics) as store:
+        assert await store.user_exists(0)  # the system sender
+        assert not await store.user_exists(1)
+        await store.upsert_user(1, "alice")
+        assert await store.user_exists(1)
+        before = group_sizes(metrics)
+        await store.upsert_user(1, "alice")  # already stored with this name: no write
+        assert group_sizes(metrics) == before
+        await store.upsert_user(50, "zed")
+
+        assert await store.dev_user("alice") == 1
+        await store.upsert_user(1, "alicia")
+        assert await store.dev_user("alicia") == 1
+        new = await store.dev_user("alice")  # no one is called alice any more
+        assert new == 51
+        assert await store.dev_user("alice") == 51
+        assert await store.user_exists(51)
+        assert await store.dev_user("system") == 52  # never the system sender
+
+    async with open_store(backend) as store:  # stored, not just remembered
+        assert await store.user_exists(1) and await store.user_exists(50)
+        assert not await store.user_exists(2)
+        assert await store.dev_user("zed") == 50
+        assert await store.dev_user("alicia") == 1
+
+
+# --- what is stored is what comes back ------------------------------------------
+
+
+async def test_notifications_and_odd_text_round_trip(store: AnyStore) -> None:
+    payload = json.dumps(
+        {"z": 1, "a": [1, 2.5, None], "s": "\u0000 é 😀 \\", "nested": {"k": "v"}},
+        separators=(",", ":"),
+    ).encode()
+    sent = [
+        NewMessage(0, "system", "", "notification", CREATED, to_user_id=5, data=payload),
+        NewMessage(0, "system", "x", "notification", CREATED, to_user_id=5, data=b'{ "b" : 1 }'),
+        NewMessage(5, "eve", "a\u0000b\u0000", "text", CREATED, room="general"),
+        NewMessage(5, "eve", "'; DROP TABLE messages; --", "text", CREATED, room="general"),
+        NewMessage(
+            5,
+            "eve",
+            "\t\\N\n\r\\x00 \U0010ffff 👨\u200d👩\u200d👧",
+            "text",
+            CREATED,
+            room="general",
+        ),
+        NewMessage(
+            5,
+            "eve",
+            "",
+            "image",
+            CREATED,
+            room="general",
+            media_url="/media/a b.png",
+            media_type="image/png",
+        ),
+        NewMessage(
+            5,
+            "eve",
+            "",
+            "audio",
+            CREATED,
+            to_user_id=6,
+            media_url="https://example.org/a.ogg",
+            media_type="audio/ogg",
+            duration=12.25,
+        ),
+    ]
+    rec = Recorder()
+    for m in sent:
+        await store.append(m, rec)
+    await store.flush()
+    assert [r.message for r in rec.stored] == sent
+    notes, total = await store.history(dm_channel(0, 5), 10, 0)
+    assert total == 2
+    assert [m.message for m in notes] == sent[:2]
+    assert notes[0].message.data == payload  # byte for byte, key order and all
+    messages, _ = await store.history(GENERAL, 10, 0)
+    assert [m.message for m in messages] == sent[2:6]
+    audio, _ = await store.history(dm_channel(5, 6), 10, 0)
+    assert [m.message for m in audio] == sent[6:]
+    assert await store.since(GENERAL, 0, 10) == (messages, True)
+    assert await store.after(GENERAL, 0, 10) == messages
