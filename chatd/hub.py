@@ -20,7 +20,7 @@ Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import msgspec
@@ -64,11 +64,24 @@ class _Room:
         return count
 
 
-class Hub:
-    """Rooms, their connected members, and every user's connections."""
+#: Called when a user's first connection on this node joins a room
+#: ("user_connected") or its last one leaves ("user_disconnected"), with
+#: the user, the room and ``now``.
+PresenceHook = Callable[[str, Identity, str, float], None]
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+
+class Hub:
+    """Rooms, their connected members, and every user's connections.
+
+    Presence changes on this node go to ``on_presence``; alone, a node
+    announces them to the room at once (``announce``); in a cluster, the
+    relay first asks whether the user is on another node too."""
+
+    def __init__(
+        self, metrics: Metrics | None = None, on_presence: PresenceHook | None = None
+    ) -> None:
         self._metrics = metrics or Metrics()
+        self.on_presence: PresenceHook = on_presence or self.announce
         self._rooms: dict[str, _Room] = {}
         self._joined: dict[Peer, set[str]] = {}
         self._users: dict[int, set[Peer]] = {}
@@ -111,8 +124,27 @@ class Hub:
             _, count = state.presence.get(ident.user_id, ("", 0))
             state.presence[ident.user_id] = (ident.username, count + 1)
             if count == 0:
-                self._presence(state, "user_connected", ident, room, now)
+                self.on_presence("user_connected", ident, room, now)
+        return self.members(room)
+
+    def members(self, room: str) -> list[Member]:
+        """The users with a connection in ``room`` on this node."""
+        state = self._rooms.get(room)
+        if state is None:
+            return []
         return [Member(uid, name) for uid, (name, _) in state.presence.items()]
+
+    def has_room(self, room: str) -> bool:
+        """Whether ``room`` has a connection on this node."""
+        return room in self._rooms
+
+    def presence(self) -> list[tuple[str, int]]:
+        """Every (room, user id) present on this node."""
+        return [(room, uid) for room, state in self._rooms.items() for uid in state.presence]
+
+    def users(self) -> list[int]:
+        """Every user with a connection on this node."""
+        return list(self._users)
 
     def release(self, peer: Peer, room: str, after_id: int) -> None:
         """Send what was held for ``peer`` in ``room``, skipping messages with
@@ -134,19 +166,24 @@ class Hub:
         self._joined[peer].discard(room)
         ident = peer.identity
         name, count = state.presence[ident.user_id]
+        if not state.peers:
+            del self._rooms[room]
         if count > 1:
             state.presence[ident.user_id] = (name, count - 1)
         else:
             del state.presence[ident.user_id]
-            self._presence(state, "user_disconnected", ident, room, now)
-        if not state.peers:
-            del self._rooms[room]
+            self.on_presence("user_disconnected", ident, room, now)
         return True
 
     def is_in(self, peer: Peer, room: str) -> bool:
         return room in self._joined.get(peer, ())
 
-    def _presence(self, state: _Room, kind: str, ident: Identity, room: str, now: float) -> None:
+    def announce(self, kind: str, ident: Identity, room: str, now: float) -> None:
+        """Send a presence event to the room's connections on this node,
+        except the user's own."""
+        state = self._rooms.get(room)
+        if state is None:
+            return
         data = {"user_id": ident.user_id, "username": ident.username, "room": room}
         frame = OutFrame(encode(kind, data, now, user_id=ident.user_id))
         others = (p for p in state.peers if p.identity.user_id != ident.user_id)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -34,14 +35,16 @@ from wsproto.utilities import RemoteProtocolError
 
 from chatd import __version__, routes
 from chatd.auth import MIN_SECRET_BYTES, Identity
+from chatd.bus import open_bus
 from chatd.config import Config, split_address
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
+from chatd.hub import Hub
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.ratelimit import LimiterTable
 from chatd.session import Context, Session
-from chatd.store import NewMessage, StoredMessage
-from chatd.store.sqlite import SqliteStore, open_sqlite_store
+from chatd.store import NewMessage, Store, StoredMessage
+from chatd.store.sqlite import open_sqlite_store
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.http import Response, serve_connection
 from chatd.transport.websocket import WebSocketConnection, corked
@@ -90,10 +93,8 @@ class ChatServer:
         return self._ctx
 
     @property
-    def store(self) -> SqliteStore:
-        store = self.ctx.store
-        assert isinstance(store, SqliteStore)
-        return store
+    def store(self) -> Store:
+        return self.ctx.store
 
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent)."""
@@ -104,13 +105,20 @@ class ChatServer:
         self, *, task_status: trio.TaskStatus[ChatServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
-        storage = config.storage
-        async with open_sqlite_store(
-            storage.sqlite_path, storage.synchronous, self.metrics, corked
-        ) as store:
+        hub = Hub(self.metrics)
+        async with (
+            open_store(config, self.metrics) as store,
+            open_bus(config, hub, store, self.wall, trio.current_time, self.metrics) as bus,
+        ):
             await store.declare_rooms(config.rooms)
             self._ctx = Context.create(
-                config, store, wall=self.wall, monotonic=trio.current_time, metrics=self.metrics
+                config,
+                hub,
+                store,
+                bus,
+                wall=self.wall,
+                monotonic=trio.current_time,
+                metrics=self.metrics,
             )
             listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
             self.port = listeners[0].socket.getsockname()[1]
@@ -158,8 +166,11 @@ class ChatServer:
             host,
             self.port,
             WS_PATH,
-            config.storage.sqlite_path,
+            "PostgreSQL" if config.storage.backend == "postgres" else config.storage.sqlite_path,
         )
+        if config.bus.backend == "redis":
+            node = getattr(self.ctx.bus, "node_id", "?")
+            log.info("cluster %r over Redis, this node is %s", config.bus.prefix, node)
         if self.metrics_port:
             log.info("metrics on %s (port %d)", config.server.metrics_listen, self.metrics_port)
         if config.auth.jwt_secret and len(config.auth.jwt_secret.encode()) < MIN_SECRET_BYTES:
@@ -257,7 +268,7 @@ class ChatServer:
 
         def committed(result: StoredMessage | Exception) -> None:
             if not isinstance(result, Exception):
-                ctx.hub.deliver(result, self.wall())
+                ctx.bus.message(result)
                 self.metrics.published.inc()
             box.append(result)
             done.set()
@@ -459,6 +470,22 @@ async def _reject(stream: trio.SocketStream, status: int) -> None:
     ).encode()
     with trio.move_on_after(1.0):
         await stream.send_all(head + body)
+
+
+@asynccontextmanager
+async def open_store(config: Config, metrics: Metrics) -> AsyncIterator[Store]:
+    """The store the config asks for, open for the block."""
+    storage = config.storage
+    if storage.backend == "postgres":
+        from chatd.store.postgres import open_postgres_store
+
+        async with open_postgres_store(storage.dsn, storage.pool_size, metrics, corked) as pg:
+            yield pg
+    else:
+        async with open_sqlite_store(
+            storage.sqlite_path, storage.synchronous, metrics, corked
+        ) as db:
+            yield db
 
 
 class _MetricsOnly:

@@ -10,7 +10,7 @@ frames in a short time close it with 1008. A ``message_batch`` is unpacked and
 each entry dispatched as if it had come alone.
 
 A message (room or direct) is validated, rate-limited and queued for the next
-group commit; the store calls back after the commit and the hub delivers it
+group commit; the store calls back after the commit and the bus delivers it
 then, in commit order, the sender's copy with its ``request_id``. Reads that
 follow a write on the same connection first wait for that write's commit, so a
 client always reads its own writes.
@@ -30,12 +30,13 @@ from typing import Any, Protocol
 
 from chatd import protocol as p
 from chatd.auth import Identity, Verifier
+from chatd.bus import Bus, Limits
 from chatd.config import Config, LimitsConfig
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub, direct_message_out, live_shape, message_out
 from chatd.metrics import Metrics
-from chatd.ratelimit import LimiterTable, TokenBucket
-from chatd.store import NewMessage, Store, StoredMessage
+from chatd.ratelimit import TokenBucket
+from chatd.store import NewMessage, RoomAccess, Store, StoredMessage
 from chatd.store.schema import dm_channel, room_channel
 from chatd.transport.frames import OutFrame
 
@@ -67,33 +68,37 @@ class Context:
     config: Config
     hub: Hub
     store: Store
+    #: Delivery, presence and rate limits: this node alone, or the cluster.
+    bus: Bus
     verifier: Verifier
     #: Seconds since the epoch, for timestamps and token expiry.
     wall: Callable[[], float]
     #: A monotonic clock, for rate limits.
     monotonic: Callable[[], float]
     #: Per-user message limits (messages_per_minute and _per_hour).
-    message_limits: LimiterTable
+    message_limits: Limits
     #: Per-user read limits (reads_per_minute).
-    read_limits: LimiterTable
+    read_limits: Limits
     metrics: Metrics
 
     @classmethod
     def create(
         cls,
         config: Config,
+        hub: Hub,
         store: Store,
+        bus: Bus,
         *,
         wall: Callable[[], float],
         monotonic: Callable[[], float],
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ) -> Context:
-        metrics = metrics or Metrics()
-        message_limits, read_limits = _limit_tables(config)
+        message_limits, read_limits = _limits(config, bus)
         return cls(
             config=config,
-            hub=Hub(metrics),
+            hub=hub,
             store=store,
+            bus=bus,
             verifier=Verifier(config),
             wall=wall,
             monotonic=monotonic,
@@ -112,14 +117,16 @@ class Context:
             new.messages_per_hour,
             new.reads_per_minute,
         ):
-            self.message_limits, self.read_limits = _limit_tables(config)
+            self.message_limits, self.read_limits = _limits(config, self.bus)
 
 
-def _limit_tables(config: Config) -> tuple[LimiterTable, LimiterTable]:
+def _limits(config: Config, bus: Bus) -> tuple[Limits, Limits]:
     limits = config.limits
     return (
-        LimiterTable([(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)]),
-        LimiterTable([(limits.reads_per_minute, 60.0)]),
+        bus.limits(
+            "messages", [(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)]
+        ),
+        bus.limits("reads", [(limits.reads_per_minute, 60.0)]),
     )
 
 
@@ -226,30 +233,38 @@ class Session:
     async def _join_room(self, frame: p.ClientFrame) -> None:
         data: p.JoinRoom = frame.data
         self._check_token()
-        self._read_limit()
-        await self._check_room(data.room)
+        await self._read_limit()
+        access = await self._check_room(data.room)
         if self._closed:
             return
-        hub = self.ctx.hub
+        ctx = self.ctx
+        hub = ctx.hub
         since_id = data.since_id
-        members = hub.join(self.peer, data.room, self.ctx.wall(), hold=since_id is not None)
-        ack: dict[str, Any] = {
-            "room": data.room,
-            "success": True,
-            "message": "Joined room successfully",
-            "members": members,
-        }
+        # Frames of the room wait until the ack (and any replay) has gone
+        # out, when anything is awaited in between.
+        hold = since_id is not None or ctx.bus.holds_joins
+        hub.join(self.peer, data.room, ctx.wall(), hold=hold)
+        missed: list[StoredMessage] = []
+        try:
+            members = await ctx.bus.joined(self.peer, data.room, access.last_seq)
+            ack: dict[str, Any] = {
+                "room": data.room,
+                "success": True,
+                "message": "Joined room successfully",
+                "members": members,
+            }
+            if since_id is not None:
+                missed, ack["recovered"] = await ctx.store.since(
+                    room_channel(data.room), since_id, ctx.config.limits.recovery_max_messages
+                )
+        except BaseException:
+            hub.release(self.peer, data.room, since_id or 0)
+            raise
         if since_id is None:
             self._reply("join_room_ack", ack, frame)
+            if hold:
+                hub.release(self.peer, data.room, 0)
             return
-        try:
-            missed, complete = await self.ctx.store.since(
-                room_channel(data.room), since_id, self.ctx.config.limits.recovery_max_messages
-            )
-        except BaseException:
-            hub.release(self.peer, data.room, since_id)
-            raise
-        ack["recovered"] = complete
         self._reply("join_room_ack", ack, frame)
         now = self.ctx.wall()
         for stored in missed:
@@ -263,7 +278,7 @@ class Session:
             raise ChatError(ErrorCode.PERMISSION_DENIED, "Not in this room", {"room": data.room})
         self._reply("leave_room_ack", {"room": data.room, "success": True}, frame)
 
-    async def _check_room(self, room: str) -> None:
+    async def _check_room(self, room: str) -> RoomAccess:
         """The room exists and this user may see it."""
         access = await self.ctx.store.room_access(room, self.identity.user_id)
         if access is None:
@@ -272,6 +287,7 @@ class Session:
             raise ChatError(
                 ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": room}
             )
+        return access
 
     # --- messages -------------------------------------------------------------
 
@@ -302,7 +318,7 @@ class Session:
     ) -> None:
         """Validate, rate-limit and queue a message; deliver after commit."""
         validate_content(data, self.ctx.config.limits)
-        self._message_limit()
+        await self._message_limit()
         message = NewMessage(
             user_id=self.identity.user_id,
             username=self.identity.username,
@@ -324,7 +340,7 @@ class Session:
             if isinstance(result, Exception):
                 self._write_failed(result, request_id)
             else:
-                ctx.hub.deliver(result, ctx.wall(), self.peer, request_id)
+                ctx.bus.message(result, self.peer, request_id)
                 ctx.metrics.messages.inc()
                 ctx.metrics.delivery_latency.observe(ctx.monotonic() - received)
 
@@ -346,13 +362,13 @@ class Session:
 
     async def _room_history(self, frame: p.ClientFrame) -> None:
         data: p.RoomHistory = frame.data
-        self._read_limit()
+        await self._read_limit()
         await self._check_room(data.room)
         await self._history(frame, "room", data.room, room_channel(data.room), message_out)
 
     async def _dm_history(self, frame: p.ClientFrame) -> None:
         data: p.DmHistory = frame.data
-        self._read_limit()
+        await self._read_limit()
         await self._check_user(data.with_user)
         channel = dm_channel(self.identity.user_id, data.with_user)
         await self._history(frame, "with_user", data.with_user, channel, direct_message_out)
@@ -420,13 +436,13 @@ class Session:
     def _check_token(self) -> None:
         self.ctx.verifier.check_live(self.identity, self.ctx.wall())
 
-    def _message_limit(self) -> None:
-        wait = self.ctx.message_limits.take(self.identity.user_id, self.ctx.monotonic())
+    async def _message_limit(self) -> None:
+        wait = await self.ctx.message_limits.take(self.identity.user_id)
         if wait > 0:
             raise ChatError(ErrorCode.RATE_LIMITED, "Too many messages", {"retry_after": int(wait)})
 
-    def _read_limit(self) -> None:
-        wait = self.ctx.read_limits.take(self.identity.user_id, self.ctx.monotonic())
+    async def _read_limit(self) -> None:
+        wait = await self.ctx.read_limits.take(self.identity.user_id)
         if wait > 0:
             raise ChatError(ErrorCode.RATE_LIMITED, "Too many requests", {"retry_after": int(wait)})
 

@@ -167,3 +167,15 @@ def test_systemd_analyze_verify_is_not_blind(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "ProtectSytem" in done.stderr and "missing/python3" in done.stderr
+
+
+def test_the_cluster_node_config_loads() -> None:
+    """deploy/cluster/node.toml (docs/scaling.md) is a valid config of a node
+    on PostgreSQL and Redis, behind the proxy it names."""
+    node = load(DEPLOY / "cluster" / "node.toml")
+    assert node.storage.backend == "postgres" and node.storage.dsn
+    assert node.bus.backend == "redis" and node.bus.node_id == "node1"
+    assert node.server.trusted_proxies == ("10.0.0.10",)
+    assert node.server.drain_grace_seconds > 0
+    drop_in = (DEPLOY / "cluster" / "chatd.service.d" / "cluster.conf").read_text()
+    assert "After=network-online.target" in drop_in

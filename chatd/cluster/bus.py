@@ -1,0 +1,443 @@
+"""The bus of several nodes: Redis pub/sub between them, the store behind it.
+
+Every node subscribes to one Redis channel, ``<prefix>:events``. A node
+publishes each message it commits once (batched: one PUBLISH carries what
+piled up meanwhile, msgpack-encoded), so a message crosses to each node once,
+not once per user; each node then fans it out to its own connections.
+
+Nothing is lost when Redis is not there, because Redis only carries what is
+already in the store:
+
+- Room messages go through a ``Sequencer``: a node follows each room that has
+  members on it, from the room's last seq at the first join, and delivers
+  seqs in order. A message that arrives early (two nodes' messages crossed)
+  waits, and the seqs it skipped are read from the store; they are committed,
+  since seqs follow commit order.
+- When the subscription comes back after Redis restarted or was unreachable,
+  the node reads every followed room from its last delivered seq, and the
+  direct messages of its connected users created since shortly before it last
+  heard from Redis (duplicates are dropped by id).
+- Events that could not be published wait in a bounded outbox and go out
+  when Redis is back (receivers drop what they already have).
+
+Presence and rate limits live in Redis too (``presence.py``, ``limits.py``),
+with leases so that a dead node's users disappear from every room.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import msgspec
+import trio
+
+from chatd.auth import Identity
+from chatd.bus import Limits
+from chatd.cluster.limits import RedisLimiter
+from chatd.cluster.presence import RedisPresence
+from chatd.config import Config
+from chatd.hub import Hub, Peer
+from chatd.metrics import Metrics
+from chatd.protocol import Member, rfc3339
+from chatd.sequencer import Sequencer
+from chatd.store import NewMessage, Store, StoredMessage
+from chatd.store.schema import room_channel
+
+log = logging.getLogger("chatd.cluster")
+
+#: Events kept for publishing while Redis is unreachable (oldest dropped).
+MAX_OUTBOX = 100_000
+#: Events in one PUBLISH.
+MAX_BATCH = 512
+#: Messages read from the store per query when catching up.
+CATCH_UP = 1000
+#: Direct messages are re-read from this long before Redis was last heard.
+DM_MARGIN_SECONDS = 60.0
+#: How long a starting node waits for its subscription before serving.
+STARTUP_WAIT = 5.0
+#: Longest wait for one Redis call (coredis has no timeout by default).
+REDIS_TIMEOUT = 2.0
+#: How long a stopping node tries to share what is left.
+CLOSE_WAIT = 2.0
+#: Direct-message ids remembered, to drop duplicates after a resync.
+DM_SEEN = 65536
+
+
+class Event(msgspec.Struct, array_like=True, frozen=True):
+    """One thing that happened on a node, as it crosses Redis."""
+
+    node: str
+    #: "m": a committed message; "p": a presence change
+    kind: str
+    id: int = 0
+    seq: int = 0
+    user_id: int = 0
+    username: str = ""
+    content: str = ""
+    message_type: str = ""
+    created_at: str = ""
+    room: str | None = None
+    to_user_id: int | None = None
+    media_url: str | None = None
+    media_type: str | None = None
+    duration: float | None = None
+    reply_to: int | None = None
+    data: bytes | None = None
+
+    @classmethod
+    def of(cls, node: str, stored: StoredMessage) -> Event:
+        m = stored.message
+        return cls(
+            node, "m", stored.id, stored.seq, m.user_id, m.username, m.content, m.message_type,
+            m.created_at, m.room, m.to_user_id, m.media_url, m.media_type, m.duration,
+            m.reply_to, m.data,
+        )  # fmt: skip
+
+    def stored(self) -> StoredMessage:
+        message = NewMessage(
+            user_id=self.user_id,
+            username=self.username,
+            content=self.content,
+            message_type=self.message_type,
+            created_at=self.created_at,
+            room=self.room,
+            to_user_id=self.to_user_id,
+            media_url=self.media_url,
+            media_type=self.media_type,
+            duration=self.duration,
+            reply_to=self.reply_to,
+            data=self.data,
+        )
+        return StoredMessage(self.id, message, self.seq)
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(list[Event]).decode
+
+Item = tuple[StoredMessage, Peer | None, str | int | None]
+PresenceOp = tuple[str, Identity, str] | trio.Event
+
+
+class RedisBus:
+    """Delivery, presence and rate limits shared by the nodes of a cluster."""
+
+    holds_joins = True
+
+    def __init__(
+        self,
+        config: Config,
+        hub: Hub,
+        store: Store,
+        client: coredis.Redis[bytes],
+        wall: Callable[[], float],
+        metrics: Metrics,
+    ) -> None:
+        bus = config.bus
+        self.node_id = bus.node_id or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.channel = f"{bus.prefix}:events"
+        self.hub = hub
+        self.store = store
+        self.client = client
+        self.presence = RedisPresence(client, bus.prefix, self.node_id, bus.lease_seconds)
+        self._prefix = bus.prefix
+        self._lease = bus.lease_seconds
+        self._wall = wall
+        self._metrics = metrics
+        self._rooms: Sequencer[Item] = Sequencer()
+        self._dm_seen: set[int] = set()
+        self._dm_order: deque[int] = deque()
+        self._outbox: deque[Event] = deque(maxlen=MAX_OUTBOX)
+        self._outbox_ready = trio.Event()
+        self._drained = trio.Event()
+        self._ops_in, self._ops_out = trio.open_memory_channel[PresenceOp](10_000)
+        #: Wall time of the last successful exchange with Redis.
+        self.last_heard = wall()
+        self._down = False
+        self._nursery: trio.Nursery | None = None
+        hub.on_presence = self._on_presence
+
+    # --- the Bus interface ----------------------------------------------------
+
+    def message(
+        self, stored: StoredMessage, origin: Peer | None = None, request_id: str | int | None = None
+    ) -> None:
+        self._outbox.append(Event.of(self.node_id, stored))
+        self._outbox_ready.set()
+        self._deliver(stored, origin, request_id)
+
+    async def joined(self, peer: Peer, room: str, last_seq: int) -> list[Member]:
+        self._rooms.track(room, last_seq)
+        done = trio.Event()
+        self._ops_in.send_nowait(done)  # after this node's earlier presence changes
+        await done.wait()
+        try:
+            with trio.fail_after(REDIS_TIMEOUT):
+                members = await self.presence.members(room)
+            return [Member(uid, name) for uid, name in members]
+        except Exception as exc:
+            self._lost("presence", exc)
+            return self.hub.members(room)
+
+    def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
+        return RedisLimiter(self.client, self._prefix, limits, name)
+
+    # --- delivery on this node --------------------------------------------------
+
+    def _deliver(
+        self, stored: StoredMessage, origin: Peer | None = None, request_id: str | int | None = None
+    ) -> None:
+        room = stored.message.room
+        if room is None:
+            if stored.id in self._dm_seen:
+                return
+            self._remember_dm(stored.id)
+            self.hub.deliver(stored, self._wall(), origin, request_id)
+            return
+        ready, gap = self._rooms.offer(room, stored.seq, (stored, origin, request_id))
+        self._send(ready)
+        if gap is not None and self._nursery is not None:
+            self._nursery.start_soon(self._fill, room, gap)
+
+    def _send(self, items: list[Item]) -> None:
+        now = self._wall()
+        for stored, origin, request_id in items:
+            self.hub.deliver(stored, now, origin, request_id)
+
+    def _remember_dm(self, message_id: int) -> None:
+        self._dm_seen.add(message_id)
+        self._dm_order.append(message_id)
+        if len(self._dm_order) > DM_SEEN:
+            self._dm_seen.discard(self._dm_order.popleft())
+
+    async def _fill(self, room: str, gap: tuple[int, int]) -> None:
+        """Read seqs ``gap[0] < seq <= gap[1]`` of ``room`` from the store."""
+        after, upto = gap
+        found: list[StoredMessage] = []
+        try:
+            found = await self.store.after(room_channel(room), after, upto - after)
+        except Exception as exc:
+            log.warning("cluster: cannot read room %s from the store: %s", room, exc)
+            await trio.sleep(1.0)
+        self._send(self._rooms.fill(room, [(m.seq, (m, None, None)) for m in found]))
+        again = self._rooms.fetch_done(room)
+        if again is not None and self._nursery is not None:
+            self._nursery.start_soon(self._fill, room, again)
+
+    async def _resync(self, heard: float) -> None:
+        """After the subscription came back: read what may have been missed."""
+        for room, last in self._rooms.tracked().items():
+            while True:
+                try:
+                    found = await self.store.after(room_channel(room), last, CATCH_UP)
+                except Exception as exc:
+                    log.warning("cluster: cannot catch up room %s: %s", room, exc)
+                    break
+                self._send(self._rooms.fill(room, [(m.seq, (m, None, None)) for m in found]))
+                self._rooms.fetch_done(room)
+                if len(found) < CATCH_UP or self._rooms.last(room) is None:
+                    break
+                last = found[-1].seq
+        users = self.hub.users()
+        if users:
+            since = rfc3339(heard - DM_MARGIN_SECONDS)
+            try:
+                missed = await self.store.direct_since(users, since, 10 * CATCH_UP)
+            except Exception as exc:
+                log.warning("cluster: cannot catch up direct messages: %s", exc)
+                return
+            for stored in missed:
+                self._deliver(stored)
+
+    # --- presence -------------------------------------------------------------
+
+    def _on_presence(self, kind: str, ident: Identity, room: str, now: float) -> None:
+        if kind == "user_disconnected" and not self.hub.has_room(room):
+            self._rooms.forget(room)
+        try:
+            self._ops_in.send_nowait((kind, ident, room))
+        except trio.WouldBlock:
+            log.warning(
+                "cluster: presence queue full; %s of user %d not shared", kind, ident.user_id
+            )
+
+    async def _presence_worker(self) -> None:
+        async for op in self._ops_out:
+            if isinstance(op, trio.Event):
+                op.set()
+                continue
+            kind, ident, room = op
+            try:
+                with trio.fail_after(REDIS_TIMEOUT):
+                    if kind == "user_connected":
+                        changed, _ = await self.presence.join(room, ident.user_id, ident.username)
+                    else:
+                        changed = await self.presence.leave(room, ident.user_id)
+                self._heard()
+            except Exception as exc:
+                self._lost("presence", exc)
+                changed = True  # alone for now: say it here at least
+            if changed:
+                self._announce(kind, ident.user_id, ident.username, room, publish=True)
+
+    def _announce(self, kind: str, user_id: int, username: str, room: str, publish: bool) -> None:
+        self.hub.announce(kind, Identity(user_id, username, None), room, self._wall())
+        if publish:
+            event = Event(
+                self.node_id, "p", user_id=user_id, username=username, message_type=kind, room=room
+            )
+            self._outbox.append(event)
+            self._outbox_ready.set()
+
+    async def _leases(self) -> None:
+        """Renew this node's presence entries; reap those of dead nodes."""
+        while True:
+            await trio.sleep(self.presence.renew_interval)
+            try:
+                with trio.fail_after(REDIS_TIMEOUT):
+                    lost = await self.presence.renew(self.hub.presence())
+                for room, user_id in lost:  # reaped while cut off, or Redis restarted
+                    for member in self.hub.members(room):
+                        if member.user_id == user_id:
+                            ident = Identity(user_id, member.username, None)
+                            self._on_presence("user_connected", ident, room, self._wall())
+                with trio.fail_after(REDIS_TIMEOUT):
+                    gone = await self.presence.reap()
+                for room, user_id, username in gone:
+                    self._announce("user_disconnected", user_id, username, room, publish=True)
+                self._heard()
+            except Exception as exc:
+                self._lost("presence", exc)
+
+    # --- Redis ------------------------------------------------------------------
+
+    def _heard(self) -> None:
+        self.last_heard = self._wall()
+        if self._down:
+            self._down = False
+            log.warning("cluster: Redis is reachable again")
+
+    def _lost(self, what: str, exc: BaseException) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("cluster: Redis unreachable (%s): %s", what, exc)
+
+    async def _publisher(self) -> None:
+        backoff = 0.05
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            while self._outbox:
+                batch = [self._outbox[i] for i in range(min(MAX_BATCH, len(self._outbox)))]
+                try:
+                    with trio.fail_after(REDIS_TIMEOUT):
+                        await self.client.publish(self.channel, _encode(batch))
+                except Exception as exc:
+                    self._lost("publish", exc)
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                backoff = 0.05
+                self._heard()
+                for _ in batch:
+                    self._outbox.popleft()
+            self._drained.set()
+
+    async def _subscriber(self, subscribed: trio.Event) -> None:
+        while True:
+            try:
+                async with self.client.pubsub(channels=[self.channel]) as pubsub:
+                    async for message in pubsub:
+                        self._received(message)
+                        subscribed.set()
+            except Exception as exc:  # the client retries by itself; this is more
+                self._lost("subscribe", exc)
+                await trio.sleep(1.0)
+
+    def _received(self, message: Any) -> None:
+        kind = message["type"]
+        if kind == "subscribe":
+            # (re)subscribed: whatever passed meanwhile is in the store
+            heard, self.last_heard = self.last_heard, self._wall()
+            self._heard()
+            if self._nursery is not None:
+                self._nursery.start_soon(self._resync, heard)
+            return
+        if kind != "message":
+            return
+        self._heard()
+        try:
+            events = _decode(message["data"])
+        except msgspec.DecodeError:
+            log.warning("cluster: undecodable event on %s ignored", self.channel)
+            return
+        for event in events:
+            if event.node == self.node_id:
+                continue
+            if event.kind == "m":
+                self._deliver(event.stored())
+            elif event.kind == "p" and event.room is not None:
+                self._announce(event.message_type, event.user_id, event.username, event.room, False)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._publisher)
+            nursery.start_soon(self._presence_worker)
+            nursery.start_soon(self._leases)
+            subscribed = trio.Event()
+            nursery.start_soon(self._subscriber, subscribed)
+            with trio.move_on_after(STARTUP_WAIT):
+                await subscribed.wait()
+            if not subscribed.is_set():
+                log.warning("cluster: not subscribed to Redis yet; serving, will catch up")
+            task_status.started()
+
+    async def close(self) -> None:
+        """Share what is left (presence changes, unpublished events), then
+        remove this node's presence entries (at most ``CLOSE_WAIT``)."""
+        with trio.move_on_after(CLOSE_WAIT) as scope:
+            scope.shield = True
+            done = trio.Event()
+            self._ops_in.send_nowait(done)
+            await done.wait()
+            if self._outbox:
+                self._drained = trio.Event()
+                await self._drained.wait()
+            try:
+                for room, user_id, username in await self.presence.forget_node():
+                    self._announce("user_disconnected", user_id, username, room, publish=True)
+            except Exception as exc:
+                log.warning("cluster: could not remove this node's presence: %s", exc)
+            if self._outbox:
+                self._drained = trio.Event()
+                await self._drained.wait()
+
+
+@asynccontextmanager
+async def open_redis_bus(
+    config: Config,
+    hub: Hub,
+    store: Store,
+    wall: Callable[[], float],
+    monotonic: Callable[[], float],
+    metrics: Metrics,
+) -> AsyncIterator[RedisBus]:
+    """Connect to Redis, subscribe, and run the bus for the block."""
+    del monotonic  # limits take Redis's clock
+    client: coredis.Redis[bytes] = coredis.Redis.from_url(config.bus.url, decode_responses=False)
+    async with client, trio.open_nursery() as nursery:
+        bus = RedisBus(config, hub, store, client, wall, metrics)
+        await nursery.start(bus.run)
+        try:
+            yield bus
+        finally:
+            await bus.close()
+            nursery.cancel_scope.cancel()
