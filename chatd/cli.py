@@ -119,8 +119,11 @@ def _serve(config: Config, ns: argparse.Namespace) -> int:
     setup_logging(config.logging.level)
     try:
         trio.run(serve_until_signalled, config)
-    except (OSError, BaseExceptionGroup) as exc:
-        cause = _first_os_error(exc)
+    except (OSError, StorageError, BaseExceptionGroup) as exc:
+        cause = _first_cause(exc)
+        if isinstance(cause, StorageError):
+            print(f"chatd: cannot start: {cause}", file=sys.stderr)
+            return 1
         if cause is None:
             raise
         print(
@@ -132,13 +135,14 @@ def _serve(config: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
-def _first_os_error(exc: BaseException) -> OSError | None:
-    """The OSError inside ``exc`` (Trio wraps task errors in groups)."""
-    if isinstance(exc, OSError):
+def _first_cause(exc: BaseException) -> OSError | StorageError | None:
+    """The OSError or StorageError inside ``exc`` (Trio wraps task errors in
+    groups)."""
+    if isinstance(exc, OSError | StorageError):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _first_os_error(inner)
+            found = _first_cause(inner)
             if found is not None:
                 return found
     return None

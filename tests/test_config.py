@@ -120,6 +120,17 @@ def test_load_toml_file(tmp_path: Path) -> None:
             "t.toml: [rooms] public: a room is listed twice",
         ),
         (
+            {"storage": {"backend": "postgres"}},
+            't.toml: [storage] dsn: required when backend = "postgres"',
+        ),
+        (
+            {"bus": {"backend": "redis"}},
+            't.toml: [bus] backend: "redis" needs [storage] backend = "postgres"'
+            " (nodes must share one store)",
+        ),
+        ({"bus": {"backend": "nats"}}, "t.toml: [bus] backend: Invalid enum value 'nats'"),
+        ({"storage": {"pool_size": 0}}, "t.toml: [storage] pool_size: Expected `int` >= 1"),
+        (
             {"rooms": {"public": ["a"], "private": {"a": [1]}}},
             "t.toml: [rooms] public: ['a'] also declared in [rooms.private]",
         ),
@@ -345,3 +356,22 @@ def test_cli_help(command: list[str]) -> None:
         assert "serve" in result.stdout and "token" in result.stdout
     if command == ["token"]:
         assert "--user-id" in result.stdout and "--username" in result.stdout
+
+
+def test_cli_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
+    """A node whose PostgreSQL cannot be reached at start says so in one
+    line (no traceback) and exits 1, for systemd to try again."""
+    from tests.services import free_port
+
+    path = tmp_path / "node.toml"
+    path.write_text(
+        "[server]\nport = 0\n"
+        f'[auth]\njwt_secret = "{SECRET}"\n'
+        '[storage]\nbackend = "postgres"\n'
+        f'dsn = "host=127.0.0.1 port={free_port()} dbname=chatd connect_timeout=2"\n'
+    )
+    result = run_cli("--config", str(path))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("chatd: cannot start: database 127.0.0.1:"), result.stderr
+    assert "Traceback" not in result.stderr and "connection failed" in lines[-1]

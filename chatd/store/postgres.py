@@ -203,7 +203,11 @@ class PostgresStore:
     # --- lifecycle ----------------------------------------------------------
 
     def _open(self) -> None:
-        conn: Conn = psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            conn: Conn = psycopg.connect(self._conninfo, autocommit=True)
+        except psycopg.Error as exc:
+            detail = " ".join(str(exc).split())
+            raise StorageError(f"database {describe(self._conninfo)}: {detail}") from None
         try:
             migrate(conn)
         except BaseException:
