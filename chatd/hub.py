@@ -42,7 +42,7 @@ class Peer(Protocol):
 
 
 class _Room:
-    __slots__ = ("held", "peers", "presence")
+    __slots__ = ("floors", "held", "peers", "presence")
 
     def __init__(self) -> None:
         self.peers: set[Peer] = set()
@@ -50,17 +50,28 @@ class _Room:
         self.presence: dict[int, tuple[str, int]] = {}
         #: connections being caught up: (message id or None, frame) kept back
         self.held: dict[Peer, list[tuple[int | None, OutFrame]]] = {}
+        #: caught-up connections: the last message id their replay carried,
+        #: until a newer message reaches them (a message can reach a node
+        #: late, after the replay that already had it; ids per room increase
+        #: in delivery order, so the first newer one ends the check)
+        self.floors: dict[Peer, int] = {}
 
     def send(self, frame: OutFrame, peers: Iterable[Peer], message_id: int | None = None) -> int:
         """Send (or hold) ``frame`` for each of ``peers``; return how many."""
         held = self.held
+        floors = self.floors
         count = 0
         for peer in peers:
-            count += 1
             if held and peer in held:
                 held[peer].append((message_id, frame))
+            elif floors and message_id is not None and peer in floors:
+                if message_id <= floors[peer]:
+                    continue  # the replay had it
+                del floors[peer]
+                peer.send(frame)
             else:
                 peer.send(frame)
+            count += 1
         return count
 
 
@@ -152,9 +163,13 @@ class Hub:
         state = self._rooms.get(room)
         if state is None:
             return
+        newer = False
         for message_id, frame in state.held.pop(peer, ()):
             if message_id is None or message_id > after_id:
                 peer.send(frame)
+                newer = newer or message_id is not None
+        if after_id > 0 and not newer:
+            state.floors[peer] = after_id
 
     def leave(self, peer: Peer, room: str, now: float) -> bool:
         """Remove ``peer`` from ``room``; False when it was not there."""
@@ -163,6 +178,7 @@ class Hub:
             return False
         state.peers.discard(peer)
         state.held.pop(peer, None)
+        state.floors.pop(peer, None)
         self._joined[peer].discard(room)
         ident = peer.identity
         name, count = state.presence[ident.user_id]

@@ -77,6 +77,26 @@ class Metrics:
         self.published = Counter(
             "chatd_api_published", "Notifications sent through POST /api/publish", registry=r
         )
+        # Several nodes ([bus] backend = "redis"); zero on a node alone.
+        self.bus_sent = Counter(
+            "chatd_bus_events_sent", "Events published to the other nodes", registry=r
+        )
+        self.bus_received = Counter(
+            "chatd_bus_events_received", "Events received from the other nodes", registry=r
+        )
+        self.bus_gap_reads = Counter(
+            "chatd_bus_gap_reads",
+            "Room messages read from the store because they had not arrived (yet)",
+            registry=r,
+        )
+        self.bus_dropped = Counter(
+            "chatd_bus_events_dropped",
+            "Events dropped unpublished because the outbox was full while Redis was away",
+            registry=r,
+        )
+        self.bus_up = Gauge(
+            "chatd_bus_redis_up", "1 while the last exchange with Redis succeeded", registry=r
+        )
         self._children: dict[tuple[int, str], Counter] = {}
         self._gone: dict[int, float] = {}
 

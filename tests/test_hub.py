@@ -362,6 +362,31 @@ def test_held_presence_is_released_in_order(hub: Hub) -> None:
     assert alice.types() == ["user_connected", "room_message"]
 
 
+def test_a_message_the_replay_had_is_dropped_when_it_arrives_late(hub: Hub) -> None:
+    """With several nodes a room's message can reach a node after the replay
+    of a recovering connection already carried it (it was read from the
+    store while the live copy was still on its way): the connection gets it
+    once. The first newer message ends the check."""
+    alice, carol = connect(hub, 1), connect(hub, 3)
+    hub.join(carol, "general", NOW)
+    hub.join(alice, "general", NOW, hold=True)
+    hub.release(alice, "general", after_id=19)  # the replay went up to 19
+    hub.deliver(stored(msg_id=18), NOW)
+    hub.deliver(stored(msg_id=19), NOW)
+    hub.deliver(stored(msg_id=20), NOW)
+    assert [m["data"]["id"] for m in alice.received] == [20]
+    assert [m["data"]["id"] for m in carol.received if m["type"] == "room_message"] == [
+        18,
+        19,
+        20,
+    ]
+    # the sender's own copy (no id to compare) is never dropped
+    hub.join(alice, "random", NOW, hold=True)
+    hub.release(alice, "random", after_id=30)
+    hub.deliver(stored(msg_id=25, room="random", user_id=1), NOW, origin=alice, request_id="r")
+    assert alice.received[-1]["request_id"] == "r"
+
+
 def test_leaving_drops_what_was_held(hub: Hub) -> None:
     alice = connect(hub, 1)
     hub.join(alice, "general", NOW, hold=True)

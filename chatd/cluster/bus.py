@@ -169,9 +169,14 @@ class RedisBus:
     def message(
         self, stored: StoredMessage, origin: Peer | None = None, request_id: str | int | None = None
     ) -> None:
-        self._outbox.append(Event.of(self.node_id, stored))
-        self._outbox_ready.set()
+        self._publish(Event.of(self.node_id, stored))
         self._deliver(stored, origin, request_id)
+
+    def _publish(self, event: Event) -> None:
+        if len(self._outbox) == MAX_OUTBOX:
+            self._metrics.bus_dropped.inc()  # the deque drops the oldest
+        self._outbox.append(event)
+        self._outbox_ready.set()
 
     async def joined(self, peer: Peer, room: str, last_seq: int) -> list[Member]:
         self._rooms.track(room, last_seq)
@@ -220,6 +225,7 @@ class RedisBus:
     async def _fill(self, room: str, gap: tuple[int, int]) -> None:
         """Read seqs ``gap[0] < seq <= gap[1]`` of ``room`` from the store."""
         after, upto = gap
+        self._metrics.bus_gap_reads.inc(upto - after)
         found: list[StoredMessage] = []
         try:
             found = await self.store.after(room_channel(room), after, upto - after)
@@ -290,11 +296,16 @@ class RedisBus:
     def _announce(self, kind: str, user_id: int, username: str, room: str, publish: bool) -> None:
         self.hub.announce(kind, Identity(user_id, username, None), room, self._wall())
         if publish:
-            event = Event(
-                self.node_id, "p", user_id=user_id, username=username, message_type=kind, room=room
+            self._publish(
+                Event(
+                    self.node_id,
+                    "p",
+                    user_id=user_id,
+                    username=username,
+                    message_type=kind,
+                    room=room,
+                )
             )
-            self._outbox.append(event)
-            self._outbox_ready.set()
 
     async def _leases(self) -> None:
         """Renew this node's presence entries; reap those of dead nodes."""
@@ -320,11 +331,13 @@ class RedisBus:
 
     def _heard(self) -> None:
         self.last_heard = self._wall()
+        self._metrics.bus_up.set(1)
         if self._down:
             self._down = False
             log.warning("cluster: Redis is reachable again")
 
     def _lost(self, what: str, exc: BaseException) -> None:
+        self._metrics.bus_up.set(0)
         if not self._down:
             self._down = True
             log.warning("cluster: Redis unreachable (%s): %s", what, exc)
@@ -346,6 +359,7 @@ class RedisBus:
                     continue
                 backoff = 0.05
                 self._heard()
+                self._metrics.bus_sent.inc(len(batch))
                 for _ in batch:
                     self._outbox.popleft()
             self._drained.set()
@@ -381,6 +395,7 @@ class RedisBus:
         for event in events:
             if event.node == self.node_id:
                 continue
+            self._metrics.bus_received.inc()
             if event.kind == "m":
                 self._deliver(event.stored())
             elif event.kind == "p" and event.room is not None:
