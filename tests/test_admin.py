@@ -159,3 +159,104 @@ async def test_rooms_made_with_the_cli_work_at_once_in_a_running_server(config_f
             assert history["data"]["messages"] == [sent["data"]]
 
     assert "vault  private  members: 1, 2" in await listing(config_file)
+
+
+# --- the same commands on PostgreSQL ---------------------------------------------
+
+
+def pg_config(tmp_path: Path, dsn: str) -> Path:
+    """``write_config``'s file, storing in PostgreSQL at ``dsn``."""
+    path = write_config(tmp_path, tmp_path / "unused.db")
+    text = path.read_text().replace(
+        "[storage]\n", f'[storage]\nbackend = "postgres"\ndsn = "{dsn}"\n'
+    )
+    path.write_text(text)
+    return path
+
+
+def run_cli(
+    capsys: pytest.CaptureFixture[str], config_file: Path, *args: str
+) -> tuple[int, str, str]:
+    """``chatd GROUP ACTION --config FILE ARGS...`` in this process."""
+    from chatd.cli import main
+
+    group, action, *rest = args
+    code = main([group, action, "--config", str(config_file), *rest])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+async def test_user_and_room_commands_on_postgres(tmp_path, pg_dsn, capsys):
+    import psycopg
+
+    from chatd.store import RoomAccess
+    from chatd.store.postgres import open_postgres_store
+
+    config_file = pg_config(tmp_path, pg_dsn)
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        return run_cli(capsys, config_file, *args)
+
+    assert cli("room", "create", "lounge") == (0, "room lounge created (public, 0 members)\n", "")
+    assert cli("room", "create", "vault", "--private", "--member", "5", "--member", "1") == (
+        0,
+        "room vault created (private, 2 members)\n",
+        "",
+    )
+    code, out, err = cli("room", "create", "lounge", "--private")
+    assert (code, out) == (1, "") and err.count("\n") == 1
+    assert "lounge" in err and "already exists" in err
+    assert cli("room", "add-member", "vault", "7", "3") == (0, "room vault: added 7, 3\n", "")
+    code, out, err = cli("room", "add-member", "nowhere", "1")
+    assert (code, out) == (1, "") and "nowhere" in err and err.count("\n") == 1
+    assert cli("user", "add", "--user-id", "42", "--username", "zed") == (
+        0,
+        "user 42 (zed) added\n",
+        "",
+    )
+    assert cli("user", "add", "--user-id", "42", "--username", "Zed II")[0] == 0
+    assert cli("room", "create", "Zoo")[0] == 0
+    # The same listing as on SQLite (byte order: upper case first).
+    assert cli("room", "list") == (
+        0,
+        "Zoo  public\n"
+        "general  public\n"
+        "lounge  public\n"
+        "random  public\n"
+        "staff  private  members: 1, 2\n"
+        "vault  private  members: 1, 3, 5, 7\n",
+        "",
+    )
+    with psycopg.connect(pg_dsn) as db:
+        assert db.execute(PEOPLE).fetchall() == [(42, "Zed II")]
+    # A server on the same database sees it all.
+    async with open_postgres_store(pg_dsn) as store:
+        assert await store.room_access("vault", 3) == RoomAccess("vault", True, True, 0)
+        assert await store.room_access("vault", 2) == RoomAccess("vault", True, False, 0)
+        assert await store.user_exists(42)
+
+
+async def test_backup_on_postgres_points_to_pg_dump(tmp_path, pg_dsn):
+    config_file = pg_config(tmp_path, pg_dsn)
+    argv = [sys.executable, "-m", "chatd", "backup", "--config", str(config_file)]
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [*argv, "--to", str(tmp_path / "copy.db")],
+            cwd=REPO,
+            check=False,
+            capture_stdout=True,
+            capture_stderr=True,
+        )
+    err = one_line_failure(done, code=2)
+    assert "pg_dump" in err
+    assert not (tmp_path / "copy.db").exists()
+
+
+async def test_an_unreachable_postgres_is_one_line(tmp_path):
+    from tests.services import free_port
+
+    dsn = f"host=127.0.0.1 port={free_port()} user=nobody password=hunter2 dbname=chat"
+    config_file = pg_config(tmp_path, dsn)
+    err = one_line_failure(await chatd(config_file, "room", "list"))
+    assert err.startswith("chatd: database 127.0.0.1:")
+    assert "/chat: " in err and "hunter2" not in err
