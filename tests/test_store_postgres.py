@@ -437,6 +437,14 @@ async def test_reads_use_the_indexes(pg_dsn: str) -> None:
         assert "messages_direct_from" in plans[4] and "messages_direct_to" in plans[4]
 
 
+async def test_the_writer_session_cannot_hold_channels_for_long(pg_dsn: str) -> None:
+    async with open_postgres_store(pg_dsn) as store:
+        shown = await store.write(
+            lambda c: c.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+        )
+    assert shown == (pg.WRITER_IDLE_TIMEOUT,)
+
+
 def test_psycopg_is_not_imported_by_the_sqlite_side() -> None:
     import subprocess
     import sys

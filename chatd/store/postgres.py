@@ -39,7 +39,9 @@ thread: never a spin, never the Trio thread. Reads that fail that way raise
 ``ChatError(INTERNAL_ERROR, "Storage is unavailable; try again")``; a read
 that finds its pooled connection dead is retried once on a new one (reads are
 idempotent). Connections time out in a few seconds (``connect_timeout``, TCP
-keepalives, ``tcp_user_timeout``; a DSN's own values win).
+keepalives, ``tcp_user_timeout``; a DSN's own values win), and PostgreSQL ends
+a writer's session that stays idle inside a transaction for 10 s (a frozen
+node), so no node holds other nodes' channels for longer.
 
 **Read connections** are a small list, like SQLite's readers, not
 psycopg_pool: at most ``pool_size`` reads run at once anyway (a
@@ -83,6 +85,10 @@ CONNECT_TIMEOUT = 3
 #: The writer's wait before connecting again after a failed attempt: doubles
 #: from the first to the second with each failure in a row.
 BACKOFF = (0.05, 2.0)
+#: The writer's ``idle_in_transaction_session_timeout``: a node that stops
+#: in the middle of a transaction (frozen, paused) loses its session, and
+#: with it the channel locks every other node would wait for.
+WRITER_IDLE_TIMEOUT = "10s"
 #: ``pg_advisory_xact_lock`` key serializing ``dev_user`` across nodes.
 DEV_USER_LOCK = 0x636861746402
 #: Connection parameters used unless the DSN sets them.
@@ -204,7 +210,7 @@ class PostgresStore:
 
     def _open(self) -> None:
         try:
-            conn: Conn = psycopg.connect(self._conninfo, autocommit=True)
+            conn = self._connect_writer()
         except psycopg.Error as exc:
             detail = " ".join(str(exc).split())
             raise StorageError(f"database {describe(self._conninfo)}: {detail}") from None
@@ -214,6 +220,18 @@ class PostgresStore:
             conn.close()
             raise
         self._conn = conn
+
+    def _connect_writer(self) -> Conn:
+        conn: Conn = psycopg.connect(self._conninfo, autocommit=True)
+        try:
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (WRITER_IDLE_TIMEOUT,),
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     async def _start(self) -> None:
         await trio.to_thread.run_sync(self._open)
@@ -340,7 +358,7 @@ class PostgresStore:
         if delay > 0:
             time.sleep(delay)
         try:
-            conn: Conn = psycopg.connect(self._conninfo, autocommit=True)
+            conn = self._connect_writer()
         except psycopg.Error:
             low, high = BACKOFF
             self._failures += 1
