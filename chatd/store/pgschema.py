@@ -20,6 +20,9 @@ Differences from SQLite, each for a reason:
   timestamps compare in (a locale's collation may ignore punctuation).
 * Two partial indexes serve ``direct_since`` (direct messages to or from a
   user since a time) without reading the whole table.
+* ``messages_id_seq`` (the ``bigserial``'s) must keep ``CACHE 1``, the
+  default: with a cache, each session hands out numbers it reserved earlier,
+  and ids would no longer follow commit order across nodes.
 
 Migrations run in one transaction under ``pg_advisory_xact_lock``, so nodes
 starting at once take turns: the first migrates, the others find it done.
