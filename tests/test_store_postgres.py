@@ -25,7 +25,7 @@ import pytest
 import trio
 from psycopg import conninfo
 
-from chatd.errors import ChatError, ErrorCode
+from chatd.errors import ChatError, ErrorCode, StorageError
 from chatd.metrics import Metrics
 from chatd.store import NewMessage, StoredMessage
 from chatd.store import postgres as pg
@@ -384,13 +384,15 @@ async def test_a_connection_lost_while_idle_costs_no_error(postgres: Any, pg_dsn
             assert proxy.accepted == accepted + 2  # a new writer and a new reader
 
 
-async def test_unreachable_at_start_fails_fast(postgres: Any, pg_dsn: str) -> None:
+async def test_unreachable_at_start_fails_fast_in_one_line(postgres: Any, pg_dsn: str) -> None:
     async with tcp_proxy(postgres.host, postgres.port) as proxy:
         proxy.cut()
         dsn = conninfo.make_conninfo(pg_dsn, port=proxy.port)
-        with pytest.raises(psycopg.OperationalError):
+        with pytest.raises(StorageError) as caught:
             async with open_postgres_store(dsn):
                 pytest.fail("no store without a database")  # pragma: no cover
+    assert str(caught.value).startswith(f"database 127.0.0.1:{proxy.port}/")
+    assert "\n" not in str(caught.value)
 
 
 # --- the queries' plans ---------------------------------------------------------
