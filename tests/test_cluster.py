@@ -176,7 +176,7 @@ async def all_history(client: Client, *, room: str | None = None, with_user: int
     )
     pages, offset = [], 0
     while True:
-        reply = await client.request(type_, {**key, "limit": 3, "offset": offset})
+        reply = await ask(client, type_, {**key, "limit": 3, "offset": offset}, f"page{offset}")
         assert reply["type"] == "message_history", reply
         pages.append(reply["data"])
         offset += len(reply["data"]["messages"])
@@ -474,7 +474,7 @@ async def test_presence_counts_a_user_once_across_nodes(cluster_of):
             for log in logs:
                 assert presence_of(log, 12) == ["user_connected", "user_disconnected"]
             async with connect_to(cluster[1], 14, "uma") as uma:
-                assert member_ids(await join(uma)) == {10, 11}
+                assert member_ids(await join(uma)) == {10, 11, 14}
 
 
 # === 7. rate limits ==============================================================
