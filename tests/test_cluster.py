@@ -529,13 +529,39 @@ async def test_publish_on_one_node_reaches_members_on_another(cluster_of):
                 assert frame["data"]["content"] == "deployed"
                 assert frame["data"]["room"] == "general"
 
-            reply = await publish(cluster[0].port, {"user_id": 2, "content": "for bob"})
+            # Through the balancer, which sends it to node 0.
+            reply = await publish(cluster.port, {"user_id": 2, "content": "for bob"})
+            assert cluster.lb.routed == [0]
             assert reply.status == 200, reply
             frame = await next_frame(bob, ("notification",))
             assert frame["data"]["id"] == reply.json()["id"]
             assert frame["data"]["to_user_id"] == 2
             await alice.nothing_pending()
             await bob.nothing_pending()
+
+
+async def test_a_node_stopped_gracefully_says_at_once_that_its_users_left(cluster_of):
+    """A drain (SIGTERM) closes the node's connections: their users leave the
+    cluster's presence at once, not when the node's lease (a minute here)
+    runs out; the balancer then sends newcomers to the node still up."""
+    async with cluster_of(2, bus={"lease_seconds": 60}) as cluster:
+        async with (
+            connect_to(cluster[1], 2, "bob") as bob,
+            connect_to(cluster[0], 1, "alice") as alice,
+        ):
+            await join(bob)
+            await join(alice)
+            arrived = await bob.expect("user_connected", WAIT)
+            assert arrived["data"]["user_id"] == 1
+            await cluster[0].stop()
+            with pytest.raises(ConnectionClosed) as info:
+                await alice.recv(WAIT)
+            assert info.value.reason.code == 1001
+            left = await bob.expect("user_disconnected", WAIT)
+            assert left["data"]["user_id"] == 1
+            async with connect_to(cluster, 3, "carol") as carol:
+                assert cluster.lb.routed == [1]
+                assert member_ids(await join(carol)) == {2, 3}
 
 
 # === 9. faults ===================================================================
