@@ -211,13 +211,22 @@ async def test_three_nodes_started_at_once_on_an_empty_database_are_one_cluster(
             clients = [alice, bob, carol]
             for client in clients:
                 await join(client)
-            sent = [await said(client, f"from node {i}") for i, client in enumerate(clients)]
-            assert_increasing([m["id"] for m in sent])
             for i, client in enumerate(clients):
-                others = [m for j, m in enumerate(sent) if j != i]
-                seen = await room_messages(client, 2)
-                # Each receives the others' messages (its own came as its reply).
-                assert sorted(seen, key=lambda m: m["id"]) == others
+                data = {"room": "general", "content": f"from node {i}"}
+                await client.send("room_message", data, request_id=i)
+            seen = [
+                [await next_frame(client, ("room_message",)) for _ in range(3)]
+                for client in clients
+            ]
+            # Everyone sees the three in one order, each its own with its request id.
+            datas = [[f["data"] for f in frames] for frames in seen]
+            assert datas[0] == datas[1] == datas[2]
+            assert_increasing([m["id"] for m in datas[0]])
+            assert sorted(m["content"] for m in datas[0]) == [f"from node {i}" for i in range(3)]
+            for i, frames in enumerate(seen):
+                for frame in frames:
+                    own = frame["data"]["content"] == f"from node {i}"
+                    assert frame.get("request_id") == (i if own else None), frame
 
 
 # === 2. room messages ============================================================
