@@ -11,8 +11,8 @@ or, with ``processes=True``, as real ``python -m chatd --config FILE``
 processes: only those can be killed honestly (SIGKILL: no drain, no cleanup,
 presence left in Redis until its lease expires).
 
-``tcp_proxy(host, port)`` forwards a port (PostgreSQL's, say) and can
-``cut()`` every connection through it, then ``restore()``.
+``dsn_via(dsn, port)`` points a DSN at ``tests.services.tcp_proxy`` (which
+cuts PostgreSQL off and restores it).
 
 ``connect_to(target, user_id, username)`` opens a client on anything with a
 ``.port``: a node, the cluster (its load balancer) or a single ``ChatServer``;
@@ -150,40 +150,6 @@ class LoadBalancer(_Forwarder):
             return stream
         self.routed.append(-1)
         return None
-
-
-class TcpProxy(_Forwarder):
-    """Forwards to ``host:port`` until ``cut()``: then every open connection
-    is closed and new ones are closed at once, until ``restore()``."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__()
-        self.target = (host, port)
-        self.is_cut = False
-
-    async def upstream(self) -> trio.SocketStream | None:
-        if self.is_cut:
-            return None
-        return await trio.open_tcp_stream(*self.target)
-
-    def cut(self) -> None:
-        self.is_cut = True
-        for pipe in list(self.pipes):
-            pipe.cut()
-
-    def restore(self) -> None:
-        self.is_cut = False
-
-
-@asynccontextmanager
-async def tcp_proxy(host: str, port: int) -> AsyncIterator[TcpProxy]:
-    proxy = TcpProxy(host, port)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(proxy.serve)
-        try:
-            yield proxy
-        finally:
-            nursery.cancel_scope.cancel()
 
 
 def dsn_via(dsn: str, port: int) -> str:

@@ -31,10 +31,9 @@ from tests.cluster_harness import (
     connect_to,
     dsn_via,
     running_cluster,
-    tcp_proxy,
 )
 from tests.conftest import Client, running
-from tests.services import own_redis
+from tests.services import own_redis, tcp_proxy
 from tests.test_service import HttpReply, http_request
 
 PRESENCE = ("user_connected", "user_disconnected")
