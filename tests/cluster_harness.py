@@ -57,10 +57,15 @@ DROPPED = (
 class _Pipe:
     """One forwarded connection: both sockets, closed together."""
 
-    def __init__(self, a: trio.SocketStream, b: trio.SocketStream) -> None:
+    def __init__(
+        self, a: trio.SocketStream, b: trio.SocketStream, link: RedisLink | None = None
+    ) -> None:
         self.a = a
         self.b = b
         self.scope = trio.CancelScope()
+        self.link = link
+        #: Whether the client subscribed on this connection (Redis pub/sub).
+        self.subscriber = False
 
     def cut(self) -> None:
         """Close both ends now (tasks blocked on them wake up)."""
@@ -72,8 +77,14 @@ class _Pipe:
         """Forward both ways until either side ends, then close both."""
 
         async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
+            down = src is self.b
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 while data := await src.receive_some(65536):
+                    if self.link is not None:
+                        if not down and b"SUBSCRIBE" in data.upper():
+                            self.subscriber = True
+                        if down and self.subscriber:
+                            await self.link.gate()
                     await dst.send_all(data)
             nursery.cancel_scope.cancel()
 
@@ -89,6 +100,9 @@ class _Pipe:
 
 class _Forwarder:
     """Accepts on a port of its own; forwards each connection upstream."""
+
+    #: Set by a forwarder that holds pub/sub traffic (RedisLink).
+    link: RedisLink | None = None
 
     def __init__(self) -> None:
         self.port = 0
@@ -106,7 +120,7 @@ class _Forwarder:
         if server is None:
             await trio.aclose_forcefully(client)
             return
-        pipe = _Pipe(client, server)
+        pipe = _Pipe(client, server, self.link)
         self.pipes.add(pipe)
         try:
             await pipe.run()
@@ -150,6 +164,53 @@ class LoadBalancer(_Forwarder):
             return stream
         self.routed.append(-1)
         return None
+
+
+class RedisLink(_Forwarder):
+    """A node's way to Redis whose pub/sub deliveries can be held back: after
+    ``hold()``, what Redis sends on a connection that subscribed waits (in
+    order) until ``release()``; commands and their replies go on. A bus link
+    that lags, made deterministic."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__()
+        self.target = (host, port)
+        self.link = self
+        self.held = False
+        self._released = trio.Event()
+
+    async def upstream(self) -> trio.SocketStream | None:
+        return await trio.open_tcp_stream(*self.target)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def hold(self) -> None:
+        self.held = True
+        self._released = trio.Event()
+
+    def release(self) -> None:
+        self.held = False
+        self._released.set()
+
+    async def gate(self) -> None:
+        if self.held:
+            await self._released.wait()
+
+
+@asynccontextmanager
+async def redis_link(host: str, port: int) -> AsyncIterator[RedisLink]:
+    link = RedisLink(host, port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(link.serve)
+        try:
+            yield link
+        finally:
+            link.release()
+            for pipe in list(link.pipes):
+                pipe.cut()
+            nursery.cancel_scope.cancel()
 
 
 def dsn_via(dsn: str, port: int) -> str:
@@ -258,18 +319,22 @@ async def running_cluster(
     *,
     processes: bool = False,
     concurrent_start: bool = False,
+    per_node: list[dict[str, Any]] | None = None,
     **sections: Any,
 ) -> AsyncIterator[Cluster]:
     """Run ``nodes`` nodes of one cluster and a load balancer in front.
 
     Nodes start one after the other (``concurrent_start``: all at once, as a
-    deployment does). On exit the balancer closes its connections and the
-    nodes still running are stopped gracefully."""
+    deployment does). ``per_node[i]`` adds sections to node i's config only.
+    On exit the balancer closes its connections and the nodes still running
+    are stopped gracefully."""
     folder = Path(make_config().storage.sqlite_path).parent
     folder.mkdir(parents=True, exist_ok=True)
     members: list[Node] = []
     for index in range(nodes):
         merged = node_sections(sections, index, dsn, redis_url, prefix, folder)
+        if per_node is not None:
+            merged = deep_merge(merged, per_node[index])
         if processes:
             merged = deep_merge(merged, {"server": {"port": free_port()}})
         config = make_config(**merged)

@@ -15,8 +15,10 @@ the balancer (``target``).
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
+import warnings
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,6 +32,7 @@ from tests.cluster_harness import (
     Follower,
     connect_to,
     dsn_via,
+    redis_link,
     running_cluster,
 )
 from tests.conftest import Client, running
@@ -82,10 +85,17 @@ async def ask(
     frames arriving meanwhile (others' messages, presence) are skipped, and
     kept in ``log`` when given."""
     await client.send(type_, data, request_id=request_id)
+    skipped: list[dict] = []
     while True:
-        frame = await client.recv(WAIT)
+        try:
+            frame = await client.recv(WAIT)
+        except trio.TooSlowError:
+            raise AssertionError(
+                f"no reply to {type_} {request_id!r} within {WAIT}s; came meanwhile: {skipped}"
+            ) from None
         if frame.get("request_id") == request_id:
             return frame
+        skipped.append(frame)
         if log is not None:
             log.append(frame)
 
@@ -392,11 +402,18 @@ async def test_recovery_on_the_other_node_gets_exactly_what_was_missed(cluster_o
                 await alice.nothing_pending()
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="chatd bug (a race, so not strict): the same as "
+    "test_recovery_while_the_bus_lags_replays_each_message_once; fails about half the runs",
+)
 async def test_recovery_while_both_nodes_send_has_no_gap_and_no_duplicate(cluster_of):
-    """alice comes back (through the balancer) while carol on node 0 and
-    dave on node 1 keep sending: the replay and the live messages that follow
-    it are every message after since_id, once each, in order."""
-    count = 12
+    """alice comes back again and again (through the balancer, so on either
+    node) while carol on node 0 and dave on node 1 keep sending; each time she
+    rejoins with the last id she saw and reads a few messages. Together, the
+    replays and the live messages after them are every message after her
+    first since_id, once each, in order."""
+    count, rounds, per_round = 30, 5, 3
     async with cluster_of(2) as cluster:
         async with (
             connect_to(cluster[0], 3, "carol") as carol,
@@ -409,38 +426,88 @@ async def test_recovery_while_both_nodes_send_has_no_gap_and_no_duplicate(cluste
                 last = await said(carol, "last seen")
                 assert (await room_messages(alice, 1))[0]["id"] == last["id"]
 
-            halfway = trio.Event()
+            started = trio.Event()
             sent: list[dict] = []
 
             async def send(client: Client, name: str) -> None:
                 for i in range(count):
                     sent.append(await said(client, f"{name}{i}"))
-                    if i == count // 2:
-                        halfway.set()
+                    if i == 2:
+                        started.set()
 
             got: list[dict] = []
-            with trio.fail_after(WAIT * 2):
+            with trio.fail_after(WAIT * 3):
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(send, carol, "c")
                     nursery.start_soon(send, dave, "d")
-                    await halfway.wait()
+                    await started.wait()
+                    for _ in range(rounds):
+                        async with connect_to(cluster, 1, "alice") as alice:
+                            since = got[-1]["id"] if got else last["id"]
+                            await join(alice, since_id=since)
+                            got += await room_messages(alice, per_round)
                     async with connect_to(cluster, 1, "alice") as alice:
-                        await join(alice, since_id=last["id"])
-                        wanted = {f"c{count - 1}", f"d{count - 1}"}
+                        await join(alice, since_id=got[-1]["id"])
+                        wanted = {f"c{count - 1}", f"d{count - 1}"} - {m["content"] for m in got}
                         while wanted:
                             data = (await next_frame(alice, ("room_message",)))["data"]
                             got.append(data)
                             wanted.discard(data["content"])
                         history = (await all_history(alice, room="general"))[0]
-                        after = [m for m in history if m["id"] > last["id"]]
                         # Nothing more than what the history has.
                         await alice.nothing_pending()
 
+    assert set(cluster.lb.routed) == {0, 1}
     ids = [m["id"] for m in got]
     assert len(ids) == len(set(ids)), f"duplicates: {ids}"
     assert_increasing(ids)
-    assert got == after
-    assert len(after) == 2 * count
+    assert got == [m for m in history if m["id"] > last["id"]]
+    assert len(got) == 2 * count
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="chatd bug: a replay (join_room since_id) read from the store is followed by "
+    "the same messages again when this node's bus delivers them late",
+)
+async def test_recovery_while_the_bus_lags_replays_each_message_once(
+    make_config: Callable[..., Config], pg_dsn: str, redis: Any, redis_prefix: str
+) -> None:
+    """Node 0's pub/sub link to Redis lags (held back, then released): dave's
+    messages on node 1 are committed, and so in alice's replay when she rejoins
+    node 0 with since_id, before node 0 hears of them. When it does, alice
+    must not get them a second time; carol, on node 0 all along, gets each
+    once."""
+    async with redis_link(redis.host, redis.port) as link:
+        per_node = [{"bus": {"url": link.url}}, {}]
+        async with running_cluster(
+            make_config, pg_dsn, redis.url, redis_prefix, 2, per_node=per_node
+        ) as cluster:
+            async with (
+                connect_to(cluster[0], 3, "carol") as carol,
+                connect_to(cluster[1], 4, "dave") as dave,
+            ):
+                await join(carol)
+                await join(dave)
+                async with connect_to(cluster[0], 1, "alice") as alice:
+                    await join(alice)
+                    seen = await said(dave, "seen")
+                    assert await room_messages(alice, 1) == [seen]
+                assert await room_messages(carol, 1) == [seen]
+
+                link.hold()
+                missed = [await said(dave, f"missed{i}") for i in range(3)]
+                async with connect_to(cluster[0], 1, "alice") as alice:
+                    ack = await join(alice, since_id=seen["id"])
+                    assert ack["recovered"] is True
+                    assert await room_messages(alice, 3) == missed
+                    link.release()
+                    assert await room_messages(carol, 3) == missed
+                    live = await said(dave, "live")
+                    assert await room_messages(carol, 1) == [live]
+                    frames = await until_content(alice, "live")
+                    again = [f["data"]["id"] for f in frames if f["type"] == "room_message"]
+                    assert again == [live["id"]], f"alice got {again} after her replay"
 
 
 # === 6. presence =================================================================
@@ -575,6 +642,17 @@ async def test_a_node_stopped_gracefully_says_at_once_that_its_users_left(cluste
 # === 9. faults ===================================================================
 
 
+#: coredis leaves the memory streams of a connection that failed to connect
+#: unclosed (ResourceWarning when collected); chatd's publisher makes one per
+#: retry while Redis is down. Reported by
+#: test_a_redis_outage_leaves_no_unclosed_resource; ignored in the test of
+#: what clients see.
+COREDIS_LEAK = (
+    "ignore:Exception ignored in. <function MemoryObject:pytest.PytestUnraisableExceptionWarning"
+)
+
+
+@pytest.mark.filterwarnings(COREDIS_LEAK)
 async def test_messages_committed_while_redis_is_down_reach_the_other_node(
     make_config: Callable[..., Config], pg_dsn: str, redis_prefix: str
 ) -> None:
@@ -617,9 +695,34 @@ async def test_messages_committed_while_redis_is_down_reach_the_other_node(
                         await reader.wait_for([sent[-1]["id"]])
                 nursery.cancel_scope.cancel()
 
+    gc.collect()  # the leak above is collected under this test's filter
     ids = sorted(m["id"] for m in sent)
     for reader in readers:
         assert reader.ids == ids, f"reader {reader.user_id}: {reader.ids} != {ids}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="chatd bug: while Redis is down, each retry of the bus publisher "
+    "(chatd/cluster/bus.py _publisher -> coredis publish) leaves a coredis connection's "
+    "anyio memory streams unclosed (ResourceWarning)",
+)
+async def test_a_redis_outage_leaves_no_unclosed_resource(
+    make_config: Callable[..., Config], pg_dsn: str, redis_prefix: str
+) -> None:
+    with own_redis() as bus:
+        async with running_cluster(make_config, pg_dsn, bus.url, redis_prefix, 1) as cluster:
+            async with connect_to(cluster[0], 1, "alice") as alice:
+                await join(alice)
+                bus.stop()
+                await said(alice, "during")
+                await trio.to_thread.run_sync(bus.start)
+                await said(alice, "after")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gc.collect()
+    leaks = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not leaks, leaks[:4]
 
 
 async def test_presence_is_whole_again_after_a_redis_restart(
