@@ -402,11 +402,6 @@ async def test_recovery_on_the_other_node_gets_exactly_what_was_missed(cluster_o
                 await alice.nothing_pending()
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="chatd bug (a race, so not strict): the same as "
-    "test_recovery_while_the_bus_lags_replays_each_message_once; fails about half the runs",
-)
 async def test_recovery_while_both_nodes_send_has_no_gap_and_no_duplicate(cluster_of):
     """alice comes back again and again (through the balancer, so on either
     node) while carol on node 0 and dave on node 1 keep sending; each time she
@@ -465,11 +460,6 @@ async def test_recovery_while_both_nodes_send_has_no_gap_and_no_duplicate(cluste
     assert len(got) == 2 * count
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chatd bug: a replay (join_room since_id) read from the store is followed by "
-    "the same messages again when this node's bus delivers them late",
-)
 async def test_recovery_while_the_bus_lags_replays_each_message_once(
     make_config: Callable[..., Config], pg_dsn: str, redis: Any, redis_prefix: str
 ) -> None:
