@@ -693,9 +693,10 @@ async def test_messages_committed_while_redis_is_down_reach_the_other_node(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="chatd bug: while Redis is down, each retry of the bus publisher "
-    "(chatd/cluster/bus.py _publisher -> coredis publish) leaves a coredis connection's "
-    "anyio memory streams unclosed (ResourceWarning)",
+    reason="coredis 6.9 bug, triggered by chatd's retries while Redis is down: a "
+    "connection whose connect fails never closes the anyio memory streams its __init__ "
+    "made (coredis/connection/_base.py); they are freed, with a ResourceWarning each. "
+    "Upstream report to file; this test turns green when coredis closes them",
 )
 @pytest.mark.filterwarnings(COREDIS_LEAK)  # what is freed after the body: not counted twice
 async def test_a_redis_outage_leaves_no_unclosed_resource(
