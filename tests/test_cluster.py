@@ -691,6 +691,37 @@ async def test_messages_committed_while_redis_is_down_reach_the_other_node(
         assert reader.ids == ids, f"reader {reader.user_id}: {reader.ids} != {ids}"
 
 
+@pytest.mark.filterwarnings(COREDIS_LEAK)
+async def test_a_node_cut_off_from_redis_catches_up_from_the_store(
+    make_config: Callable[..., Config], pg_dsn: str, redis: Any, redis_prefix: str
+) -> None:
+    """Only node 1 loses Redis, while node 0 keeps publishing: the events are
+    gone for node 1 (its subscription was down), and nothing is sent after
+    it comes back, so no later message reveals the gap. Node 1 must read the
+    room from the store when its subscription returns, by itself."""
+    async with tcp_proxy(redis.host, redis.port) as link:
+        per_node = [{}, {"bus": {"url": f"redis://127.0.0.1:{link.port}/0"}}]
+        async with running_cluster(
+            make_config, pg_dsn, redis.url, redis_prefix, 2, per_node=per_node
+        ) as cluster:
+            async with (
+                connect_to(cluster[0], 1, "alice") as alice,
+                connect_to(cluster[1], 2, "bob") as bob,
+            ):
+                await join(alice)
+                await join(bob)
+                first = await said(alice, "before")
+                assert (await room_messages(bob, 1))[0]["id"] == first["id"]
+                link.cut()
+                missed = [(await said(alice, f"missed{i}"))["id"] for i in range(3)]
+                link.restore()
+                with trio.fail_after(WAIT * 3):  # coredis reconnects with a backoff
+                    got = [m["id"] for m in await room_messages(bob, 3)]
+                assert got == missed
+                await bob.nothing_pending()
+    gc.collect()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="coredis 6.9 bug, triggered by chatd's retries while Redis is down: a "
