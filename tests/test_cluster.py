@@ -719,6 +719,18 @@ async def test_a_node_cut_off_from_redis_catches_up_from_the_store(
                     got = [m["id"] for m in await room_messages(bob, 3)]
                 assert got == missed
                 await bob.nothing_pending()
+
+                # the same for a direct message to bob
+                link.cut()
+                await alice.send("direct_message", {"to_user_id": 2, "content": "psst"}, "dm")
+                with trio.fail_after(WAIT):
+                    own = await next_frame(alice, ("direct_message",))
+                assert own["request_id"] == "dm"
+                link.restore()
+                with trio.fail_after(WAIT * 3):
+                    dm = await next_frame(bob, ("direct_message",))
+                assert dm["data"]["id"] == own["data"]["id"]
+                await bob.nothing_pending()
     gc.collect()
 
 
