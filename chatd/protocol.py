@@ -15,6 +15,7 @@ transport frames and (maybe) compresses those bytes once per fan-out.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -301,7 +302,30 @@ def error_frame(err: ChatError, now: float, request_id: str | int | None = None)
     return encode("error", data, now, request_id=request_id)
 
 
+#: The last whole second formatted, and its text up to the milliseconds.
+#: A tuple, swapped in one assignment: the writer thread formats too.
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00.")
+
+
 def rfc3339(ts: float) -> str:
-    """UTC time with milliseconds and a ``Z``: ``2023-11-20T10:30:00.123Z``."""
-    moment = _dt.datetime.fromtimestamp(ts, _dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    """UTC time with milliseconds and a ``Z``: ``2023-11-20T10:30:00.123Z``.
+
+    Every message and frame carries one, so the second's text is formatted
+    once per second and only the milliseconds per call. The rounding is
+    ``datetime.fromtimestamp``'s (to the microsecond, half to even), then
+    truncated to the millisecond, as before the cache."""
+    global _second
+    frac, whole = math.modf(ts)
+    micros = round(frac * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second += 1
+        micros -= 1_000_000
+    elif micros < 0:
+        second -= 1
+        micros += 1_000_000
+    cached, prefix = _second
+    if second != cached:
+        prefix = _dt.datetime.fromtimestamp(second, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        _second = (second, prefix)
+    return f"{prefix}{micros // 1000:03d}Z"

@@ -7,7 +7,9 @@ when known), and the exact shape of what the server encodes.
 
 from __future__ import annotations
 
+import datetime
 import json
+import random
 from typing import Any
 
 import msgspec
@@ -472,3 +474,22 @@ def test_error_frame_from_decode_failure() -> None:
     assert data["data"]["code"] == "INVALID_FORMAT"
     assert data["data"]["details"] == {"field": "data.room"}
     assert data["request_id"] == "q"
+
+
+def _rfc3339_uncached(ts: float) -> str:
+    moment = datetime.datetime.fromtimestamp(ts, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def test_rfc3339_cached_second_matches_datetime() -> None:
+    """The per-second cache gives datetime's text exactly: around second and
+    millisecond boundaries, half-microsecond ties, back and forth in time."""
+    rng = random.Random(3339)
+    stamps = [1_700_000_000 + rng.random() * 5 for _ in range(5000)]
+    stamps += [rng.uniform(0, 4_000_000_000) for _ in range(5000)]
+    for base in (0, 1, 59, 1_700_476_199, 4_102_444_799):
+        for delta in (0.0, 0.0005, 0.0009995, 0.9994995, 0.9995, 0.9999994, 0.9999995, 0.9999999):
+            stamps += [base + delta, base - delta if base else base + delta]
+        stamps += [base + k / 1e6 + 5e-7 for k in range(0, 3000, 7)]
+    for ts in stamps + stamps[::-1]:
+        assert p.rfc3339(ts) == _rfc3339_uncached(ts), ts
