@@ -21,7 +21,7 @@ Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Protocol
 
 import msgspec
 
@@ -221,15 +221,19 @@ class Hub:
         kind, data, sender = live_shape(stored)
         if msg.room is not None:
             state = self._rooms.get(msg.room) or _Room()
-            peers: Iterable[Peer] = state.peers
+            peers: set[Peer] = state.peers
         else:
             assert msg.to_user_id is not None
             state = _Room()  # no holding for conversations
             users = self._users
             peers = users.get(msg.to_user_id, set()) | users.get(msg.user_id, set())
-        frame = OutFrame(encode(kind, data, now, user_id=sender))
         own = origin if request_id is not None and origin in self._joined else None
-        sent = state.send(frame, (p for p in peers if p is not own), stored.id)
+        sent = 0
+        # The shared frame is built only when someone besides the sender gets
+        # it (a sender alone in its room gets only its own copy).
+        if len(peers) > (own is not None and own in peers):
+            frame = OutFrame(encode(kind, data, now, user_id=sender))
+            sent = state.send(frame, (p for p in peers if p is not own), stored.id)
         self._metrics.frames_out(kind, sent + (own is not None))
         if own is not None:
             copy = OutFrame(encode(kind, data, now, user_id=sender, request_id=request_id))
@@ -253,27 +257,27 @@ def live_shape(stored: StoredMessage) -> Shape:
     return "direct_message", direct_message_out(stored), msg.user_id
 
 
-def _body(stored: StoredMessage) -> dict[str, Any]:
-    """The fields every stored message has on the wire, whatever its kind."""
-    msg = stored.message
-    return {
-        "id": stored.id,
-        "content": msg.content,
-        "message_type": msg.message_type,
-        "created_at": msg.created_at,
-        "media_url": msg.media_url,
-        "media_type": msg.media_type,
-        "duration": msg.duration,
-        "reply_to": msg.reply_to,
-        "data": _raw(msg.data),
-    }
+# message_out and direct_message_out spell out the fields every stored
+# message has on the wire (id .. data) rather than share a dict of them:
+# they run once per delivered message.
 
 
 def message_out(stored: StoredMessage) -> MessageOut:
     """A stored room message in its wire shape (live and in history)."""
     msg = stored.message
     return MessageOut(
-        room=msg.room or "", user_id=msg.user_id, username=msg.username, **_body(stored)
+        id=stored.id,
+        room=msg.room or "",
+        user_id=msg.user_id,
+        username=msg.username,
+        content=msg.content,
+        message_type=msg.message_type,
+        created_at=msg.created_at,
+        media_url=msg.media_url,
+        media_type=msg.media_type,
+        duration=msg.duration,
+        reply_to=msg.reply_to,
+        data=_raw(msg.data),
     )
 
 
@@ -282,10 +286,18 @@ def direct_message_out(stored: StoredMessage) -> DirectMessageOut:
     msg = stored.message
     assert msg.to_user_id is not None
     return DirectMessageOut(
+        id=stored.id,
         from_user_id=msg.user_id,
         from_username=msg.username,
         to_user_id=msg.to_user_id,
-        **_body(stored),
+        content=msg.content,
+        message_type=msg.message_type,
+        created_at=msg.created_at,
+        media_url=msg.media_url,
+        media_type=msg.media_type,
+        duration=msg.duration,
+        reply_to=msg.reply_to,
+        data=_raw(msg.data),
     )
 
 

@@ -18,13 +18,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import msgspec
+
 if TYPE_CHECKING:
     from chatd.config import RoomsConfig
 
 
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """A validated message, not yet stored. ``room`` for rooms, else a DM."""
+class NewMessage(msgspec.Struct, frozen=True, gc=False):
+    """A validated message, not yet stored. ``room`` for rooms, else a DM.
+
+    ``NewMessage`` and ``StoredMessage`` are made once per message on the hot
+    path: msgspec structs build about 4x faster than frozen dataclasses, and
+    (holding no containers) stay out of the cyclic garbage collector."""
 
     user_id: int
     username: str
@@ -41,8 +46,7 @@ class NewMessage:
     data: bytes | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
+class StoredMessage(msgspec.Struct, frozen=True, gc=False):
     """A committed message: what was sent, plus its ``id`` and its ``seq``
     (its position in its channel, from 1)."""
 
