@@ -314,13 +314,15 @@ class ChatServer:
         # The 101 is written by the connection itself, first, once chatd is
         # ready to deliver to it (see _session).
         accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
-        if trailing:
-            ws.receive_data(trailing)
+        # Bytes that came with the upgrade request go to the connection's
+        # reader, which parses frames before wsproto sees them.
         client = client_address(remote, request.headers, self.config.server.trusted_proxies)
         counts = self._per_address
         counts[client] = counts.get(client, 0) + 1
         try:
-            await self._session(stream, ws, accept, deflate, target.query, request, client)
+            await self._session(
+                stream, ws, accept, deflate, target.query, request, client, trailing
+            )
         finally:
             left = counts[client] - 1
             if left:
@@ -337,6 +339,7 @@ class ChatServer:
         query: str,
         request: h11.Request,
         remote: str,
+        trailing: bytes = b"",
     ) -> None:
         """Check limits and the token, then serve one session.
 
@@ -354,7 +357,7 @@ class ChatServer:
             full = "Too many connections from your address"
         if full is not None:
             log.warning("WS_REFUSED: IP=%s, Reason=%s", remote, full)
-            conn = self._connection(stream, ws, _ANONYMOUS, deflate)
+            conn = self._connection(stream, ws, _ANONYMOUS, deflate, trailing)
             conn.send_raw(accept)
             conn.close(CloseCode.TRY_AGAIN_LATER, full)
             await conn.run(Session(ctx, conn))
@@ -366,7 +369,7 @@ class ChatServer:
         except ChatError as err:
             log.info("WS_AUTH_FAILED: IP=%s, Reason=%s", remote, err.message)
             self.metrics.auth_failures.inc()
-            conn = self._connection(stream, ws, _ANONYMOUS, deflate)
+            conn = self._connection(stream, ws, _ANONYMOUS, deflate, trailing)
             conn.send_raw(accept)
             session = Session(ctx, conn)
             session.refuse(err)
@@ -374,7 +377,7 @@ class ChatServer:
             return
 
         batch = parse_qs(query).get("batch") == ["1"]
-        conn = self._connection(stream, ws, identity, deflate, batch=batch)
+        conn = self._connection(stream, ws, identity, deflate, trailing, batch=batch)
         session = Session(ctx, conn)
         started = ctx.monotonic()
         try:
@@ -409,6 +412,7 @@ class ChatServer:
         ws: WSConnection,
         identity: Identity,
         deflate: BoundedDeflate | None,
+        received: bytes = b"",
         *,
         batch: bool = False,
     ) -> WebSocketConnection:
@@ -425,6 +429,8 @@ class ChatServer:
             batch=batch,
             wall=self.wall,
             on_slow=self.metrics.slow_consumers.inc,
+            max_message_bytes=self.config.limits.max_frame_bytes,
+            received=received,
         )
 
 

@@ -9,6 +9,7 @@ client-side FrameProtocol builds (masked, compressed or fragmented).
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 
@@ -16,8 +17,9 @@ import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Event, Ping, TextMessage
 from wsproto.extensions import PerMessageDeflate
-from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, RsvBits
+from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, RsvBits, XorMaskerSimple
 
+from chatd.transport import frames
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.frames import COMPRESS_MIN_BYTES, OutFrame, deflate, frame_header
 
@@ -339,3 +341,15 @@ def test_bounded_deflate_ping_between_fragments() -> None:
     events = list(server.events())
     assert not any(isinstance(e, CloseConnection) for e in events), events
     assert "".join(e.data for e in events if isinstance(e, TextMessage)) == "q" * 2000
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 4, 5, 125, 126, 2047, 2048, 2049, 70_000])
+def test_unmask_matches_wsproto(n: int) -> None:
+    """Both ways (one big integer for small payloads, translate for large)
+    give wsproto's result, at every length modulo 4."""
+    payload = os.urandom(n)
+    key = os.urandom(4)
+    expected = bytes(XorMaskerSimple(key).process(bytearray(payload)))
+    assert frames.unmask(payload, key) == expected
+    assert frames.unmask(bytearray(payload), bytearray(key)) == expected
+    assert frames.unmask(frames.unmask(payload, key), key) == payload

@@ -920,6 +920,61 @@ async def test_ping_between_fragments_is_answered(server: ChatServer) -> None:
         assert (await client.expect("pong"))["request_id"] == "frag"
 
 
+async def test_mixed_frames_in_one_write_keep_their_order(server: ChatServer) -> None:
+    """The reader parses plain text frames itself and hands every other frame
+    to wsproto whole: in one write, whole messages, a fragmented one with a
+    ping between its fragments, a 126-length frame, an empty text and a
+    ping come back answered in the order sent."""
+    long_id = "L" * 60
+    frames = [
+        client_frame(OP_TEXT, frame_json("ping", request_id="a").encode()),
+        client_frame(OP_TEXT, frame_json("ping", request_id="b").encode()[:7], fin=False),
+        client_frame(OP_PING, b"p1"),
+        client_frame(OP_CONT, frame_json("ping", request_id="b").encode()[7:]),
+        client_frame(OP_TEXT, frame_json("ping", request_id=long_id, pad="x" * 200).encode()),
+        client_frame(OP_TEXT, frame_json("ping", request_id="d").encode()),
+        client_frame(OP_PING, b"p2"),
+        client_frame(OP_TEXT, frame_json("ping", request_id="e").encode()),
+    ]
+    async with raw_ws(server) as client:
+        await client.send_raw(b"".join(frames))
+        seen: list[Any] = []
+        while len(seen) < 6:
+            event = await client.next_event()
+            if isinstance(event, Pong):
+                seen.append(event.payload)
+            else:
+                assert isinstance(event, TextMessage)
+                seen.append(json.loads(event.data)["request_id"])
+        assert seen == ["a", b"p1", "b", long_id, "d", b"p2"]
+        assert (await client.expect("pong"))["request_id"] == "e"
+
+
+async def test_frames_split_at_every_byte_are_parsed(server: ChatServer) -> None:
+    """Frames that arrive a few bytes at a time (headers and masks cut
+    anywhere) are put together before they are parsed."""
+    data = b"".join(
+        client_frame(OP_TEXT, frame_json("ping", request_id=f"s{i}", pad="y" * n).encode())
+        for i, n in enumerate((0, 90, 130, 300))
+    ) + client_frame(OP_PING, b"end")
+    async with raw_ws(server) as client:
+        for k in range(0, len(data), 3):
+            await client.send_raw(data[k : k + 3])
+            await trio.sleep(0.001)
+        for i in range(4):
+            assert (await client.expect("pong"))["request_id"] == f"s{i}"
+        event = await client.next_event()
+        assert isinstance(event, Pong) and event.payload == b"end"
+
+
+async def test_invalid_utf8_after_valid_frames_closes_1007(server: ChatServer) -> None:
+    async with raw_ws(server) as client:
+        good = client_frame(OP_TEXT, frame_json("ping", request_id="ok").encode())
+        await client.send_raw(good + client_frame(OP_TEXT, b'{"type":"\xff"}'))
+        assert (await client.expect("pong"))["request_id"] == "ok"
+        assert await client.close_code() == 1007
+
+
 # === 5. slow consumer ==============================================================
 
 

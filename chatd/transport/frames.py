@@ -8,6 +8,9 @@ extension with ``server_no_context_takeover``, so each compressed message
 stands alone and one compressed frame serves all. Small payloads are sent
 uncompressed (RFC 7692 allows it per message): deflate would not shrink them.
 
+Inbound, ``unmask`` undoes a client frame's XOR mask for the reader's fast
+path (``websocket.py``), which parses the common client frame itself.
+
 Pure: no I/O, so it is unit-tested without a socket.
 """
 
@@ -21,6 +24,11 @@ FIN = 0x80
 RSV1 = 0x40
 #: Payloads shorter than this are not worth compressing.
 COMPRESS_MIN_BYTES = 128
+
+#: Payloads up to this size are unmasked as one big integer (about 2x faster
+#: than four ``translate`` calls for a chat message); larger ones by bytes.
+_UNMASK_INT_MAX = 2048
+_XOR_TABLES = [bytes(a ^ b for a in range(256)) for b in range(256)]
 
 _pristine = {bits: zlib.compressobj(6, zlib.DEFLATED, -bits, 8) for bits in range(9, 16)}
 
@@ -71,3 +79,16 @@ class OutFrame:
             frame = frame_header(len(body), rsv1=True) + body
             self._deflated[window_bits] = frame
         return frame
+
+
+def unmask(payload: bytes | bytearray, key: bytes | bytearray) -> bytes:
+    """``payload`` XOR the 4-byte masking ``key`` repeated (RFC 6455 5.3)."""
+    n = len(payload)
+    if n <= _UNMASK_INT_MAX:
+        stream = (bytes(key) * ((n >> 2) + 1))[:n]
+        mixed = int.from_bytes(payload, "little") ^ int.from_bytes(stream, "little")
+        return mixed.to_bytes(n, "little")
+    out = bytearray(payload)
+    for i in range(4):
+        out[i::4] = out[i::4].translate(_XOR_TABLES[key[i]])
+    return bytes(out)
