@@ -10,6 +10,7 @@ Never a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sqlite3
@@ -114,9 +115,24 @@ def _token(config: Config, ns: argparse.Namespace) -> int:
     return 0
 
 
+#: The cyclic collector's first threshold while serving (Python's default is
+#: 700). A message lives in several objects until its commit is acknowledged;
+#: with the default, the collector ran every few dozen messages and swept the
+#: long-lived generations too (about 7 µs a message, pauses of tens of ms).
+#: Objects freed by reference counting do not count towards it, so garbage
+#: held back is bounded (measured: no collection at all at 10,000 messages/s).
+GC_THRESHOLD = 10_000
+
+
 def _serve(config: Config, ns: argparse.Namespace) -> int:
     del ns
     setup_logging(config.logging.level)
+    # Everything imported so far lives as long as the process: out of the
+    # collector's sight, so that a full collection walks only what serving
+    # created.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
     try:
         trio.run(serve_until_signalled, config)
     except (OSError, StorageError, BaseExceptionGroup) as exc:

@@ -66,7 +66,11 @@ class Limiter:
     def take(self, now: float) -> float:
         """0 when allowed (tokens spent), else the seconds to wait, rounded up
         to a whole second so that ``retry_after`` is always enough."""
-        wait = max(bucket.wait_time(now) for bucket in self._buckets)
+        wait = 0.0
+        for bucket in self._buckets:  # a loop, not max(genexpr): once per message
+            bucket_wait = bucket.wait_time(now)
+            if bucket_wait > wait:
+                wait = bucket_wait
         if wait > 0.0:
             return float(max(1, math.ceil(wait)))
         for bucket in self._buckets:
