@@ -17,12 +17,12 @@ import random
 import threading
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import psycopg
 import pytest
 import trio
+from msgspec.structs import replace
 from psycopg import conninfo
 
 from chatd.errors import ChatError, ErrorCode, StorageError
