@@ -120,7 +120,8 @@ def _token(config: Config, ns: argparse.Namespace) -> int:
 #: with the default, the collector ran every few dozen messages and swept the
 #: long-lived generations too (about 7 µs a message, pauses of tens of ms).
 #: Objects freed by reference counting do not count towards it, so garbage
-#: held back is bounded (measured: no collection at all at 10,000 messages/s).
+#: held back is bounded (measured: no collection in 40,000 messages of the
+#: commit scenario, against 600 with the default).
 GC_THRESHOLD = 10_000
 
 
