@@ -113,7 +113,9 @@ async def test_concurrent_joins_and_leaves_announce_once(
 async def test_a_dead_nodes_users_are_reaped_once(
     node: Callable[..., RedisPresence], redis: Any, client: coredis.Redis[Any], redis_prefix: str
 ) -> None:
-    dead, live = node("dead"), node("live")
+    # the live node's lease is long: a stall of this (shared, loaded) machine
+    # must not let its entries run out too
+    dead, live = node("dead"), node("live", lease=60.0)
     await dead.join("lobby", 1, "ann")
     await dead.join("lobby", 2, "bob")
     await live.join("lobby", 2, "bob")  # bob is on both nodes
@@ -178,7 +180,9 @@ async def test_renew_keeps_entries_alive_past_the_lease(
 async def test_an_expired_user_not_yet_reaped_is_not_announced_twice(
     node: Callable[..., RedisPresence],
 ) -> None:
-    dead, live = node("dead"), node("live")
+    # the live node's lease is long: a stall of this (shared, loaded) machine
+    # must not let its entries run out too
+    dead, live = node("dead"), node("live", lease=60.0)
     await dead.join("lobby", 1, "ann")
 
     async def expired() -> bool:
