@@ -1,9 +1,10 @@
 """The PostgreSQL store: one message log that several chatd nodes share.
 
 It has the SQLite store's shape and semantics (``sqlite.py``): writes are
-queued by the Trio side and committed in groups by one writer thread, which
-hands the results back with one ``run_sync_soon``; there every callback runs in
-commit order inside one ``around_callbacks()`` block. A group that fails is
+queued by the Trio side and committed in groups by one writer thread
+(``writer.GroupWriter``, shared with SQLite), which hands the results back
+with one ``run_sync_soon``; there every callback runs in commit order inside
+one ``around_callbacks()`` block. A group that fails is
 rolled back and each of its operations run alone, so one bad operation fails
 only itself. Reads run on Trio worker threads. psycopg 3 is used through its
 synchronous API on threads: its async API runs only on asyncio (DESIGN D6).
@@ -53,8 +54,6 @@ dependency and its own maintenance threads to every deployment.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
@@ -73,13 +72,10 @@ from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
 from chatd.store.pgschema import migrate
 from chatd.store.schema import room_channel
 from chatd.store.sqlite import channel_of
+from chatd.store.writer import GroupWriter, Pending
 
 log = logging.getLogger("chatd.store")
 
-#: Most operations committed in one transaction.
-MAX_GROUP = 512
-#: Operations queued before ``append`` waits: bounds memory under overload.
-MAX_PENDING = 10_000
 #: Seconds to wait for a connection to PostgreSQL.
 CONNECT_TIMEOUT = 3
 #: The writer's wait before connecting again after a failed attempt: doubles
@@ -163,21 +159,10 @@ class _Lost(Exception):
         self.error = error
 
 
-class _Pending:
-    """One queued operation (or message) and what to do with its result."""
-
-    __slots__ = ("callback", "message", "op")
-
-    def __init__(
-        self, op: Operation | None, message: NewMessage | None, callback: Callable[[Any], None]
-    ) -> None:
-        self.op = op
-        self.message = message
-        self.callback = callback
-
-
-class PostgresStore:
+class PostgresStore(GroupWriter):
     """The shared store. Use ``open_postgres_store`` to run one."""
+
+    thread_name = "chatd-postgres-writer"
 
     def __init__(
         self,
@@ -186,18 +171,12 @@ class PostgresStore:
         metrics: Metrics | None = None,
         around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
+        super().__init__(metrics, around_callbacks)
         self.dsn = dsn
         self._conninfo = conninfo(dsn)
-        self._metrics = metrics
-        self._around = around_callbacks
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._space = trio.Semaphore(MAX_PENDING)
         self._readers: list[Conn] = []
         self._read_limiter = trio.CapacityLimiter(pool_size)
         self._closed = False
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stopped = trio.Event()
         #: Users known to be stored with this name: connects skip the write.
         self._users: dict[int, str] = {}
         # Owned by the writer thread:
@@ -235,73 +214,22 @@ class PostgresStore:
 
     async def _start(self) -> None:
         await trio.to_thread.run_sync(self._open)
-        self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(
-            target=self._run_writer, name="chatd-postgres-writer", daemon=True
-        )
-        self._thread.start()
+        self._start_writer()
 
     async def _stop(self) -> None:
         """Commit everything queued, then stop the writer and close."""
-        self._queue.put(None)
+        await self._stop_writer()
         with trio.CancelScope(shield=True):
-            await self._stopped.wait()
-            thread = self._thread
-            if thread is not None:
-                await trio.to_thread.run_sync(thread.join)
             self._closed = True
             readers, self._readers = self._readers, []
             await trio.to_thread.run_sync(_close_all, readers)
 
     # --- the writer thread --------------------------------------------------
 
-    def _run_writer(self) -> None:
-        assert self._token is not None
-        running = True
-        while running:
-            first = self._queue.get()
-            group: list[_Pending] = []
-            if first is None:
-                running = False
-            else:
-                group.append(first)
-            while running and len(group) < MAX_GROUP:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    running = False
-                else:
-                    group.append(item)
-            if group:
-                started = time.perf_counter()
-                results = self._commit_group(group)
-                if self._metrics is not None:
-                    self._metrics.commit_latency.observe(time.perf_counter() - started)
-                    self._metrics.group_size.observe(len(group))
-                try:
-                    self._token.run_sync_soon(self._finish, group, results)
-                except trio.RunFinishedError:  # pragma: no cover - Trio gone first
-                    log.error("store: %d results lost: Trio run finished", len(group))
+    def _close_writer(self) -> None:
         self._drop_connection()
-        try:
-            self._token.run_sync_soon(self._stopped.set)
-        except trio.RunFinishedError:  # pragma: no cover
-            pass
 
-    def _finish(self, group: list[_Pending], results: list[Any]) -> None:
-        """On the Trio thread: callbacks in commit order, all inside one
-        ``around_callbacks()`` block (the server corks its sockets there)."""
-        with self._around():
-            for pending, result in zip(group, results, strict=True):
-                self._space.release()
-                try:
-                    pending.callback(result)
-                except Exception:  # a callback bug must not stop later ones
-                    log.exception("store: callback failed")
-
-    def _commit_group(self, group: list[_Pending]) -> list[Any]:
+    def _commit_group(self, group: list[Pending]) -> list[Any]:
         """The group in one transaction; when that fails, each op alone. With
         the connection gone, every op not committed gets the error."""
         try:
@@ -326,7 +254,7 @@ class PostgresStore:
                 results.append(exc)
         return results
 
-    def _attempt(self, items: list[_Pending]) -> list[Any]:
+    def _attempt(self, items: list[Pending]) -> list[Any]:
         """Run ``items`` in one transaction. A lost connection raises _Lost
         (after one more try on a new connection if nothing can have been
         committed); any other failure rolls back and raises."""
@@ -382,7 +310,7 @@ class PostgresStore:
         except psycopg.Error:  # the connection went meanwhile: start afresh
             self._drop_connection()
 
-    def _transaction(self, conn: Conn, items: list[_Pending]) -> list[Any]:
+    def _transaction(self, conn: Conn, items: list[Pending]) -> list[Any]:
         """One transaction: lock the channels, take ids, number and insert
         the messages, run the other operations in order, commit."""
         messages = [p.message for p in items if p.message is not None]
@@ -442,29 +370,10 @@ class PostgresStore:
 
     # --- writing ------------------------------------------------------------
 
-    async def _enqueue(self, pending: _Pending) -> None:
-        try:
-            self._space.acquire_nowait()
-        except trio.WouldBlock:
-            await self._space.acquire()
-        self._queue.put(pending)
-
     async def write(self, op: Operation) -> Any:
         """Run ``op`` in the next group commit and return its result (or
         raise its exception, psycopg's own when the connection is lost)."""
-        done = trio.Event()
-        box: list[Any] = []
-
-        def callback(result: Any) -> None:
-            box.append(result)
-            done.set()
-
-        await self._enqueue(_Pending(op, None, callback))
-        with trio.CancelScope(shield=True):  # the write happens either way
-            await done.wait()
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0]
+        return await super().write(op)
 
     async def _change(self, op: Operation) -> Any:
         """``write``, with a lost connection reported as ``unavailable()``."""
@@ -474,7 +383,7 @@ class PostgresStore:
             raise unavailable() from exc
 
     async def append(self, message: NewMessage, on_done: Committed) -> None:
-        await self._enqueue(_Pending(None, message, on_done))
+        await self._enqueue(Pending(None, message, on_done))
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""

@@ -1,11 +1,9 @@
 """The SQLite store: one writer thread with group commit, pooled readers.
 
 Writes (messages, users, rooms) are operations: plain functions of a
-``sqlite3.Connection``. The Trio side puts them on a thread-safe queue; the
-writer thread takes whatever is waiting (up to ``MAX_GROUP``), runs it all in
-one transaction and commits once, then hands the results back to Trio with one
-``run_sync_soon`` call. There each operation's callback runs in commit order,
-before any waiting task wakes, so delivery order is commit order.
+``sqlite3.Connection``, committed in groups by the writer thread that
+``writer.GroupWriter`` runs (callbacks back on Trio in commit order). Here a
+group runs in one transaction and commits once.
 
 If an operation raises, or the commit itself fails, the group is rolled back
 and every operation of it is run again alone, in its own transaction, so one
@@ -20,9 +18,7 @@ aiosqlite is not used: it cannot run under Trio (DESIGN D1).
 from __future__ import annotations
 
 import logging
-import queue
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
@@ -37,13 +33,11 @@ from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
 from chatd.store.schema import connect, dm_channel, migrate, room_channel
+from chatd.store.writer import MAX_GROUP as MAX_GROUP
+from chatd.store.writer import GroupWriter, Pending
 
 log = logging.getLogger("chatd.store")
 
-#: Most operations committed in one transaction.
-MAX_GROUP = 512
-#: Operations queued before ``append`` waits: bounds memory under overload.
-MAX_PENDING = 10_000
 READERS = 4
 
 Operation = Callable[[sqlite3.Connection], Any]
@@ -53,18 +47,10 @@ _MESSAGE_COLUMNS = (
 )
 
 
-class _Pending:
-    """One queued operation and what to do with its result."""
-
-    __slots__ = ("callback", "op")
-
-    def __init__(self, op: Operation, callback: Callable[[Any], None]) -> None:
-        self.op = op
-        self.callback = callback
-
-
-class SqliteStore:
+class SqliteStore(GroupWriter):
     """The embedded store. Use ``open_sqlite_store`` to run one."""
+
+    thread_name = "chatd-sqlite-writer"
 
     def __init__(
         self,
@@ -73,18 +59,12 @@ class SqliteStore:
         metrics: Metrics | None = None,
         around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
+        super().__init__(metrics, around_callbacks)
         self.path = path
-        self._metrics = metrics
-        self._around = around_callbacks
         self._synchronous = synchronous
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._space = trio.Semaphore(MAX_PENDING)
         self._readers: list[sqlite3.Connection] = []
         self._read_limiter = trio.CapacityLimiter(READERS)
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
         self._writer_conn: sqlite3.Connection | None = None
-        self._stopped = trio.Event()
         #: Users known to be stored with this name: connects skip the write.
         self._users: dict[int, str] = {}
         #: Each channel's last seq; owned by the writer thread.
@@ -105,100 +85,31 @@ class SqliteStore:
 
     async def _start(self) -> None:
         await trio.to_thread.run_sync(self._open)
-        self._token = trio.lowlevel.current_trio_token()
-        self._thread = threading.Thread(
-            target=self._run_writer, name="chatd-sqlite-writer", daemon=True
-        )
-        self._thread.start()
+        self._start_writer()
 
     async def _stop(self) -> None:
         """Commit everything queued, then stop the writer and close."""
-        self._queue.put(None)
-        with trio.CancelScope(shield=True):
-            await self._stopped.wait()
-            thread = self._thread
-            if thread is not None:
-                await trio.to_thread.run_sync(thread.join)
-            for conn in self._readers:
-                conn.close()
+        await self._stop_writer()
+        for conn in self._readers:
+            conn.close()
 
     # --- the writer thread --------------------------------------------------
 
-    def _run_writer(self) -> None:
+    def _commit_group(self, group: list[Pending]) -> list[Any]:
         conn = self._writer_conn
-        assert conn is not None and self._token is not None
-        running = True
-        while running:
-            first = self._queue.get()
-            group: list[_Pending] = []
-            if first is None:
-                running = False
-            else:
-                group.append(first)
-            while running and len(group) < MAX_GROUP:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    running = False
-                else:
-                    group.append(item)
-            if group:
-                started = time.perf_counter()
-                results = _apply(conn, group, on_rollback=self._seqs.clear)
-                if self._metrics is not None:
-                    self._metrics.commit_latency.observe(time.perf_counter() - started)
-                    self._metrics.group_size.observe(len(group))
-                try:
-                    self._token.run_sync_soon(self._finish, group, results)
-                except trio.RunFinishedError:  # pragma: no cover - Trio gone first
-                    log.error("store: %d results lost: Trio run finished", len(group))
-        conn.close()
-        try:
-            self._token.run_sync_soon(self._stopped.set)
-        except trio.RunFinishedError:  # pragma: no cover
-            pass
+        assert conn is not None
+        return _apply(conn, group, on_rollback=self._seqs.clear)
 
-    def _finish(self, group: list[_Pending], results: list[Any]) -> None:
-        """On the Trio thread: callbacks in commit order, all inside one
-        ``around_callbacks()`` block (the server corks its sockets there)."""
-        with self._around():
-            for pending, result in zip(group, results, strict=True):
-                self._space.release()
-                try:
-                    pending.callback(result)
-                except Exception:  # a callback bug must not stop later ones
-                    log.exception("store: callback failed")
+    def _close_writer(self) -> None:
+        if self._writer_conn is not None:
+            self._writer_conn.close()
 
     # --- writing ------------------------------------------------------------
 
-    async def _enqueue(self, op: Operation, callback: Callable[[Any], None]) -> None:
-        try:
-            self._space.acquire_nowait()
-        except trio.WouldBlock:
-            await self._space.acquire()
-        self._queue.put(_Pending(op, callback))
-
-    async def write(self, op: Operation) -> Any:
-        """Run ``op`` in the next group commit and return its result."""
-        done = trio.Event()
-        box: list[Any] = []
-
-        def callback(result: Any) -> None:
-            box.append(result)
-            done.set()
-
-        await self._enqueue(op, callback)
-        with trio.CancelScope(shield=True):  # the write happens either way
-            await done.wait()
-        if isinstance(box[0], Exception):
-            raise box[0]
-        return box[0]
-
     async def append(self, message: NewMessage, on_done: Committed) -> None:
         seqs = self._seqs
-        await self._enqueue(lambda conn: insert_message(conn, message, seqs), on_done)
+        insert = lambda conn: insert_message(conn, message, seqs)  # noqa: E731
+        await self._enqueue(Pending(insert, None, on_done))
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
@@ -286,12 +197,12 @@ async def open_sqlite_store(
 
 
 def _apply(
-    conn: sqlite3.Connection, group: list[_Pending], on_rollback: Callable[[], None]
+    conn: sqlite3.Connection, group: list[Pending], on_rollback: Callable[[], None]
 ) -> list[Any]:
     """Run a group in one transaction; on failure, each op alone."""
     try:
         conn.execute("BEGIN IMMEDIATE")
-        results = [pending.op(conn) for pending in group]
+        results = [_run(pending, conn) for pending in group]
         conn.execute("COMMIT")
         return results
     except Exception as exc:
@@ -304,7 +215,7 @@ def _apply(
     for pending in group:
         try:
             conn.execute("BEGIN IMMEDIATE")
-            result = pending.op(conn)
+            result = _run(pending, conn)
             conn.execute("COMMIT")
         except Exception as exc:
             _rollback(conn)
@@ -313,6 +224,11 @@ def _apply(
             result = exc
         results.append(result)
     return results
+
+
+def _run(pending: Pending, conn: sqlite3.Connection) -> Any:
+    assert pending.op is not None  # messages come as operations here
+    return pending.op(conn)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,172 @@
+"""Group commit: what the SQLite and the PostgreSQL stores share.
+
+Writes (messages, and operations: plain functions of a connection) go on a
+thread-safe queue. One writer thread takes whatever is waiting (up to
+``MAX_GROUP``) and hands it to the store's ``_commit_group``, which commits it
+in one transaction and returns one result per item (a value, or the
+exception that kept that item from being committed). The results go back to
+Trio with one ``run_sync_soon`` call; there each item's callback runs in
+commit order, inside one ``around_callbacks()`` block (the server corks its
+sockets there), before any waiting task wakes. So delivery order is commit
+order, and nothing is acknowledged before its commit.
+
+``MAX_PENDING`` items may wait; past that, ``append`` and ``write`` wait for
+room (memory stays bounded under overload).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import trio
+
+from chatd.metrics import Metrics
+from chatd.store import NewMessage
+
+log = logging.getLogger("chatd.store")
+
+#: Most items committed in one transaction.
+MAX_GROUP = 512
+#: Items queued before ``append``/``write`` wait: bounds memory under overload.
+MAX_PENDING = 10_000
+
+
+class Pending:
+    """One queued item: an operation or a message, and its callback."""
+
+    __slots__ = ("callback", "message", "op")
+
+    def __init__(
+        self,
+        op: Callable[[Any], Any] | None,
+        message: NewMessage | None,
+        callback: Callable[[Any], None],
+    ) -> None:
+        self.op = op
+        self.message = message
+        self.callback = callback
+
+
+class GroupWriter:
+    """The queue, the writer thread and the callbacks of a store."""
+
+    #: The writer thread's name.
+    thread_name = "chatd-writer"
+
+    def __init__(
+        self,
+        metrics: Metrics | None,
+        around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
+    ) -> None:
+        self._metrics = metrics
+        self._around = around_callbacks
+        self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
+        self._space = trio.Semaphore(MAX_PENDING)
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stopped = trio.Event()
+
+    # --- what a store provides (on the writer thread) -------------------------
+
+    def _commit_group(self, group: list[Pending]) -> list[Any]:
+        """Commit ``group``; one result per item, in order."""
+        raise NotImplementedError
+
+    def _close_writer(self) -> None:
+        """The writer thread is done: close its connection."""
+        raise NotImplementedError
+
+    # --- lifecycle ------------------------------------------------------------
+
+    def _start_writer(self) -> None:
+        """Start the writer thread (from the Trio thread)."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread = threading.Thread(target=self._run_writer, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    async def _stop_writer(self) -> None:
+        """Commit everything queued, then stop the writer thread."""
+        self._queue.put(None)
+        with trio.CancelScope(shield=True):
+            await self._stopped.wait()
+            thread = self._thread
+            if thread is not None:
+                await trio.to_thread.run_sync(thread.join)
+
+    def _run_writer(self) -> None:
+        assert self._token is not None
+        running = True
+        while running:
+            first = self._queue.get()
+            group: list[Pending] = []
+            if first is None:
+                running = False
+            else:
+                group.append(first)
+            while running and len(group) < MAX_GROUP:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    running = False
+                else:
+                    group.append(item)
+            if group:
+                started = time.perf_counter()
+                results = self._commit_group(group)
+                if self._metrics is not None:
+                    self._metrics.commit_latency.observe(time.perf_counter() - started)
+                    self._metrics.group_size.observe(len(group))
+                try:
+                    self._token.run_sync_soon(self._finish, group, results)
+                except trio.RunFinishedError:  # pragma: no cover - Trio gone first
+                    log.error("store: %d results lost: Trio run finished", len(group))
+        self._close_writer()
+        try:
+            self._token.run_sync_soon(self._stopped.set)
+        except trio.RunFinishedError:  # pragma: no cover
+            pass
+
+    def _finish(self, group: list[Pending], results: list[Any]) -> None:
+        """On the Trio thread: callbacks in commit order, all inside one
+        ``around_callbacks()`` block."""
+        with self._around():
+            for pending, result in zip(group, results, strict=True):
+                self._space.release()
+                try:
+                    pending.callback(result)
+                except Exception:  # a callback bug must not stop later ones
+                    log.exception("store: callback failed")
+
+    # --- queueing -------------------------------------------------------------
+
+    async def _enqueue(self, pending: Pending) -> None:
+        try:
+            self._space.acquire_nowait()
+        except trio.WouldBlock:
+            await self._space.acquire()
+        self._queue.put(pending)
+
+    async def write(self, op: Callable[[Any], Any]) -> Any:
+        """Run ``op`` (a function of the writer's connection) in the next
+        group commit and return its result, or raise its exception."""
+        done = trio.Event()
+        box: list[Any] = []
+
+        def callback(result: Any) -> None:
+            box.append(result)
+            done.set()
+
+        await self._enqueue(Pending(op, None, callback))
+        with trio.CancelScope(shield=True):  # the write happens either way
+            await done.wait()
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
