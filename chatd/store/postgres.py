@@ -54,6 +54,7 @@ dependency and its own maintenance threads to every deployment.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
@@ -72,7 +73,7 @@ from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
 from chatd.store.pgschema import migrate
 from chatd.store.schema import room_channel
 from chatd.store.sqlite import channel_of
-from chatd.store.writer import GroupWriter, Pending
+from chatd.store.writer import GroupWriter, Pending, Queries, Reads
 
 log = logging.getLogger("chatd.store")
 
@@ -159,10 +160,11 @@ class _Lost(Exception):
         self.error = error
 
 
-class PostgresStore(GroupWriter):
+class PostgresStore(Reads, GroupWriter):
     """The shared store. Use ``open_postgres_store`` to run one."""
 
     thread_name = "chatd-postgres-writer"
+    queries: Queries = sys.modules[__name__]  # this module's functions
 
     def __init__(
         self,
@@ -443,45 +445,6 @@ class PostgresStore(GroupWriter):
                 raise
             keep.append(conn)
             return result
-
-    async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
-        result: RoomAccess | None = await self.read(lambda c: room_access(c, room, user_id))
-        return result
-
-    async def user_exists(self, user_id: int) -> bool:
-        if user_id in self._users:
-            return True
-        found: bool = await self.read(lambda c: user_exists(c, user_id))
-        return found
-
-    async def history(
-        self, channel: str, limit: int, offset: int
-    ) -> tuple[list[StoredMessage], int]:
-        result: tuple[list[StoredMessage], int] = await self.read(
-            lambda c: history(c, channel, limit, offset)
-        )
-        return result
-
-    async def since(
-        self, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool]:
-        result: tuple[list[StoredMessage], bool] = await self.read(
-            lambda c: since(c, channel, since_id, cap)
-        )
-        return result
-
-    async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
-        result: list[StoredMessage] = await self.read(lambda c: after(c, channel, after_seq, cap))
-        return result
-
-    async def direct_since(
-        self, user_ids: Sequence[int], created_at: str, cap: int
-    ) -> list[StoredMessage]:
-        ids = list(user_ids)
-        result: list[StoredMessage] = await self.read(
-            lambda c: direct_since(c, ids, created_at, cap)
-        )
-        return result
 
 
 @asynccontextmanager

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
@@ -34,7 +35,7 @@ from chatd.protocol import rfc3339
 from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
 from chatd.store.schema import connect, dm_channel, migrate, room_channel
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
-from chatd.store.writer import GroupWriter, Pending
+from chatd.store.writer import GroupWriter, Pending, Queries, Reads
 
 log = logging.getLogger("chatd.store")
 
@@ -47,10 +48,11 @@ _MESSAGE_COLUMNS = (
 )
 
 
-class SqliteStore(GroupWriter):
+class SqliteStore(Reads, GroupWriter):
     """The embedded store. Use ``open_sqlite_store`` to run one."""
 
     thread_name = "chatd-sqlite-writer"
+    queries: Queries = sys.modules[__name__]  # this module's functions
 
     def __init__(
         self,
@@ -131,45 +133,6 @@ class SqliteStore(GroupWriter):
                 return await trio.to_thread.run_sync(fn, conn)
             finally:
                 self._readers.append(conn)
-
-    async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
-        result: RoomAccess | None = await self.read(lambda c: room_access(c, room, user_id))
-        return result
-
-    async def history(
-        self, channel: str, limit: int, offset: int
-    ) -> tuple[list[StoredMessage], int]:
-        result: tuple[list[StoredMessage], int] = await self.read(
-            lambda c: history(c, channel, limit, offset)
-        )
-        return result
-
-    async def since(
-        self, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool]:
-        result: tuple[list[StoredMessage], bool] = await self.read(
-            lambda c: since(c, channel, since_id, cap)
-        )
-        return result
-
-    async def user_exists(self, user_id: int) -> bool:
-        if user_id in self._users:
-            return True
-        found: bool = await self.read(lambda c: user_exists(c, user_id))
-        return found
-
-    async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
-        result: list[StoredMessage] = await self.read(lambda c: after(c, channel, after_seq, cap))
-        return result
-
-    async def direct_since(
-        self, user_ids: Sequence[int], created_at: str, cap: int
-    ) -> list[StoredMessage]:
-        ids = list(user_ids)
-        result: list[StoredMessage] = await self.read(
-            lambda c: direct_since(c, ids, created_at, cap)
-        )
-        return result
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         await self.write(lambda conn: declare_rooms(conn, rooms))

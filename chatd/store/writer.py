@@ -1,4 +1,4 @@
-"""Group commit: what the SQLite and the PostgreSQL stores share.
+"""Group commit, and the reads: what the SQLite and PostgreSQL stores share.
 
 Writes (messages, and operations: plain functions of a connection) go on a
 thread-safe queue. One writer thread takes whatever is waiting (up to
@@ -20,14 +20,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from chatd.metrics import Metrics
-from chatd.store import NewMessage
+from chatd.store import NewMessage, RoomAccess, StoredMessage
 
 log = logging.getLogger("chatd.store")
 
@@ -170,3 +170,76 @@ class GroupWriter:
         if isinstance(box[0], Exception):
             raise box[0]
         return box[0]
+
+
+class Queries(Protocol):
+    """The read functions of a store's module, each of a connection."""
+
+    def room_access(self, conn: Any, room: str, user_id: int) -> RoomAccess | None: ...
+    def user_exists(self, conn: Any, user_id: int) -> bool: ...
+    def history(
+        self, conn: Any, channel: str, limit: int, offset: int
+    ) -> tuple[list[StoredMessage], int]: ...
+    def since(
+        self, conn: Any, channel: str, since_id: int, cap: int
+    ) -> tuple[list[StoredMessage], bool]: ...
+    def after(self, conn: Any, channel: str, after_seq: int, cap: int) -> list[StoredMessage]: ...
+    def direct_since(
+        self, conn: Any, user_ids: Sequence[int], created_at: str, cap: int
+    ) -> list[StoredMessage]: ...
+
+
+class Reads:
+    """The ``Store`` reads, on a store's ``read`` (a worker thread with a
+    pooled connection) and its module's query functions (``queries``)."""
+
+    queries: Queries
+    #: Users known to be stored (with this name): connects skip the write.
+    _users: dict[int, str]
+
+    async def read(self, fn: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
+        q = self.queries
+        result: RoomAccess | None = await self.read(lambda c: q.room_access(c, room, user_id))
+        return result
+
+    async def user_exists(self, user_id: int) -> bool:
+        if user_id in self._users:
+            return True
+        q = self.queries
+        found: bool = await self.read(lambda c: q.user_exists(c, user_id))
+        return found
+
+    async def history(
+        self, channel: str, limit: int, offset: int
+    ) -> tuple[list[StoredMessage], int]:
+        q = self.queries
+        result: tuple[list[StoredMessage], int] = await self.read(
+            lambda c: q.history(c, channel, limit, offset)
+        )
+        return result
+
+    async def since(
+        self, channel: str, since_id: int, cap: int
+    ) -> tuple[list[StoredMessage], bool]:
+        q = self.queries
+        result: tuple[list[StoredMessage], bool] = await self.read(
+            lambda c: q.since(c, channel, since_id, cap)
+        )
+        return result
+
+    async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
+        q = self.queries
+        result: list[StoredMessage] = await self.read(lambda c: q.after(c, channel, after_seq, cap))
+        return result
+
+    async def direct_since(
+        self, user_ids: Sequence[int], created_at: str, cap: int
+    ) -> list[StoredMessage]:
+        q, ids = self.queries, list(user_ids)
+        result: list[StoredMessage] = await self.read(
+            lambda c: q.direct_since(c, ids, created_at, cap)
+        )
+        return result
