@@ -130,9 +130,6 @@ def _limits(config: Config, bus: Bus) -> tuple[Limits, Limits]:
     )
 
 
-Handler = Callable[[p.ClientFrame], Awaitable[None]]
-
-
 class Session:
     """The protocol state of one authenticated connection."""
 
@@ -146,19 +143,6 @@ class Session:
         #: Messages queued for commit and not yet called back.
         self._inflight = 0
         self._closed = False
-        self._handlers: dict[str, Handler] = {
-            "join_room": self._join_room,
-            "leave_room": self._leave_room,
-            "room_message": self._room_message,
-            "direct_message": self._direct_message,
-            "room_history": self._room_history,
-            "dm_history": self._dm_history,
-            "ping": self._ping,
-            "auth": self._auth,
-            "message_batch": self._message_batch,
-        }
-        self._types = frozenset(self._handlers)
-        self._batch_types = self._types - {"message_batch"}
 
     # --- the one place frames come in and errors go out -----------------------
 
@@ -167,7 +151,7 @@ class Session:
         if self._closed:
             return
         try:
-            frame = p.decode_frame(raw, allowed=self._types)
+            frame = p.decode_frame(raw, allowed=_TYPES)
         except ChatError as err:
             self._fail(err, p.peek_request_id(raw))
             return
@@ -185,7 +169,7 @@ class Session:
             log.debug("WS_MESSAGE: Type=%s, UserID=%d, Room=%s", frame.type, uid, room)
         self.ctx.metrics.frame_in(frame.type)
         try:
-            await self._handlers[frame.type](frame)
+            await _HANDLERS[frame.type](self, frame)
         except ChatError as err:
             self._fail(err, frame.request_id)
 
@@ -425,7 +409,7 @@ class Session:
             if self._closed:
                 return
             try:
-                inner = p.decode_entry(entry, allowed=self._batch_types)
+                inner = p.decode_entry(entry, allowed=_BATCH_TYPES)
             except ChatError as err:
                 self._fail(err, entry.request_id)
                 continue
@@ -445,6 +429,23 @@ class Session:
         wait = await self.ctx.read_limits.take(self.identity.user_id)
         if wait > 0:
             raise ChatError(ErrorCode.RATE_LIMITED, "Too many requests", {"retry_after": int(wait)})
+
+
+#: The handler of each frame type: one table for every session (a table of
+#: bound methods per session cost ~2 KiB per idle connection).
+_HANDLERS: dict[str, Callable[[Session, p.ClientFrame], Awaitable[None]]] = {
+    "join_room": Session._join_room,
+    "leave_room": Session._leave_room,
+    "room_message": Session._room_message,
+    "direct_message": Session._direct_message,
+    "room_history": Session._room_history,
+    "dm_history": Session._dm_history,
+    "ping": Session._ping,
+    "auth": Session._auth,
+    "message_batch": Session._message_batch,
+}
+_TYPES = frozenset(_HANDLERS)
+_BATCH_TYPES = _TYPES - {"message_batch"}
 
 
 def validate_content(data: p.RoomMessage | p.DirectMessage, limits: LimitsConfig) -> None:
