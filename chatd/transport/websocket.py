@@ -1,14 +1,19 @@
 """One WebSocket connection: wsproto for the protocol, our own outbound path.
 
-Three tasks in one nursery:
+One task per connection, the connection's own (DESIGN D3; an idle connection
+holds no other task, nursery or buffer):
 
-* the **reader** feeds socket bytes to wsproto and hands each complete text
-  message to the session, in order, without a task switch per frame;
-* the **writer** drains the outbound buffer, everything pending in one
-  ``writev``, waiting for the socket to become writable when the kernel's
-  buffer is full;
-* the **heartbeat** sends a ping every ``ping_interval`` and drops the
-  connection after ``idle_timeout`` without a byte from the peer.
+* it **reads**: waits for the socket to become readable, feeds the bytes to
+  wsproto's frame parser and hands each complete text message to the session,
+  in order, without a task switch per frame;
+* a **writer** task exists only while there is something the kernel did not
+  take (or, with ``?batch=1``, frames to batch): it drains the outbound
+  buffer, everything pending in one ``writev``, waiting for the socket to
+  become writable when the kernel's buffer is full, and ends when the buffer
+  is empty;
+* the **heartbeat** is one timer in the run's shared heap (``timers.py``):
+  a ping every ``ping_interval``, the connection dropped after
+  ``idle_timeout`` without a byte from the peer.
 
 ``send`` never blocks and never switches task (DESIGN D3): while nothing is
 buffered it writes straight to the non-blocking socket; what the kernel does
@@ -29,12 +34,16 @@ turn into one ``message_batch`` frame (one frame alone is sent as it is).
 
 Closing: ``close(code)`` queues the close frame and gives the peer
 ``CLOSE_TIMEOUT`` seconds to answer before the socket is closed anyway.
+
+Memory: an idle connection keeps only this object, wsproto's frame parser
+(the handshake objects are dropped once upgraded), one cancel scope and one
+timer; the outbound deque and the writer's events are made when first needed.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -45,13 +54,14 @@ from typing import Protocol
 
 import trio
 from wsproto import WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from chatd.auth import Identity
 from chatd.errors import CloseCode
 from chatd.protocol import batch_payload
 from chatd.transport.frames import OutFrame, unmask
+from chatd.transport.timers import Timer, timers
 
 log = logging.getLogger("chatd.transport")
 
@@ -93,6 +103,36 @@ class MessageHandler(Protocol):
 class WebSocketConnection:
     """An accepted WebSocket on a Trio socket stream."""
 
+    __slots__ = (
+        "__weakref__",
+        "_batch",
+        "_batch_bytes",
+        "_close_timer",
+        "_closing",
+        "_dead",
+        "_fd",
+        "_head_started",
+        "_idle_timeout",
+        "_limit",
+        "_max_message_bytes",
+        "_next_ping",
+        "_on_slow",
+        "_out",
+        "_out_bytes",
+        "_ping_interval",
+        "_progress",
+        "_received",
+        "_scope",
+        "_stream",
+        "_wall",
+        "_window_bits",
+        "_writing",
+        "_ws",
+        "close_code",
+        "identity",
+        "last_seen",
+    )
+
     def __init__(
         self,
         stream: trio.SocketStream,
@@ -116,20 +156,27 @@ class WebSocketConnection:
         self.identity = identity
         self._stream = stream
         self._fd = stream.socket.fileno()
-        self._ws = ws
+        # Only the upgraded connection (its frame parser) is kept: the
+        # handshake's h11 state and request go with the WSConnection.
+        assert ws.connection is not None, "the upgrade was not accepted"
+        self._ws: Connection = ws.connection
         self._window_bits = window_bits
         self._limit = send_buffer_bytes
         self._ping_interval = ping_interval
         self._idle_timeout = idle_timeout
         self._max_message_bytes = max_message_bytes
         self._received = received
-        self._out: deque[bytes | memoryview] = deque()
+        self._next_ping = math.inf
+        #: What the kernel has not taken yet (made on first need).
+        self._out: deque[bytes | memoryview] | None = None
         self._out_bytes = 0
         #: The first buffered item was partly written: it must go out whole.
         self._head_started = False
-        self._wake = trio.Event()
-        #: Set (and replaced) by the writer each time it has written.
-        self._progress = trio.Event()
+        #: A writer task is running (or about to).
+        self._writing = False
+        #: Set (and dropped) by the writer each time it has written, when
+        #: someone waits for it.
+        self._progress: trio.Event | None = None
         self._closing = False
         #: With ``?batch=1``: frames waiting for the writer to batch them.
         self._batch: list[OutFrame] | None = [] if batch else None
@@ -138,6 +185,7 @@ class WebSocketConnection:
         self._on_slow = on_slow
         self._dead = False
         self._scope: trio.CancelScope | None = None
+        self._close_timer: Timer | None = None
         self.last_seen = trio.current_time()
         #: Close code sent or received, for logs and tests.
         self.close_code: int | None = None
@@ -157,7 +205,7 @@ class WebSocketConnection:
             self._too_slow()
             return
         batch.append(frame)
-        self._wake.set()
+        self._kick()
 
     def send_raw(self, data: bytes) -> None:
         """Queue bytes that are already framed (the handshake's 101)."""
@@ -188,6 +236,12 @@ class WebSocketConnection:
         if self._scope is not None:
             self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
+    def _buffer(self) -> deque[bytes | memoryview]:
+        out = self._out
+        if out is None:
+            out = self._out = deque()
+        return out
+
     def _write(self, data: bytes, *, force: bool = False) -> None:
         if self._dead:
             return
@@ -195,7 +249,7 @@ class WebSocketConnection:
             corked = _corked
             if corked is not None:  # written once, with the rest, at uncork
                 corked.append(self)
-                self._out.append(data)
+                self._buffer().append(data)
                 self._out_bytes += len(data)
                 return
             try:
@@ -208,32 +262,36 @@ class WebSocketConnection:
             if sent == len(data):
                 return
             self._head_started = sent > 0
-            self._out.append(memoryview(data)[sent:])
+            self._buffer().append(memoryview(data)[sent:])
             self._out_bytes += len(data) - sent
-            self._wake.set()
+            self._kick()
             return
         if not force and self._out_bytes + len(data) > self._limit:
             self._too_slow()
             return
         self._out.append(data)
         self._out_bytes += len(data)
-        self._wake.set()
+        if _corked is None:
+            # (While corked, a connection with data buffered either has its
+            # writer running or is in the corked list, flushed at uncork.)
+            self._kick()
 
     def _flush_now(self) -> None:
         """Write what is buffered in one ``writev`` now; the writer task gets
         what the kernel does not take."""
-        if self._dead or not self._out:
+        out = self._out
+        if self._dead or not out:
             return
         try:
-            sent = os.writev(self._fd, list(islice(self._out, WRITEV_MAX)))
+            sent = os.writev(self._fd, list(islice(out, WRITEV_MAX)))
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             self._abort(exc)
             return
         self._consume(sent)
-        if self._out:
-            self._wake.set()
+        if out:
+            self._kick()
 
     def _too_slow(self) -> None:
         log.warning(
@@ -243,14 +301,16 @@ class WebSocketConnection:
         )
         if self._on_slow is not None:
             self._on_slow()
-        keep = self._out[0] if self._head_started and self._out else None
-        self._out.clear()
+        out = self._out
+        keep = out[0] if self._head_started and out else None
+        if out:
+            out.clear()
         self._out_bytes = 0
         if self._batch is not None:
             self._batch = []
             self._batch_bytes = 0
-        if keep is not None:
-            self._out.append(keep)
+        if keep is not None and out is not None:
+            out.append(keep)
             self._out_bytes = len(keep)
         self.close(CloseCode.TRY_AGAIN_LATER, "Slow consumer")
 
@@ -259,28 +319,29 @@ class WebSocketConnection:
         if not self._dead and exc is not None:
             log.debug("WS_ABORT: UserID=%d: %s", self.identity.user_id, exc)
         self._dead = True
-        self._out.clear()
+        if self._out:
+            self._out.clear()
         self._out_bytes = 0
         if self._scope is not None:
             self._scope.cancel()
 
-    # --- the three tasks ------------------------------------------------------
+    # --- the connection's task ----------------------------------------------------
 
     async def run(self, handler: MessageHandler) -> None:
         """Serve the connection until it closes; the socket is closed after."""
+        self._next_ping = trio.current_time() + self._ping_interval
+        heartbeat = timers().schedule(self._next_ping, self)
         try:
-            async with trio.open_nursery() as nursery:
-                self._scope = nursery.cancel_scope
+            with trio.CancelScope() as scope:
+                self._scope = scope
                 if self._closing:  # closed before running (a refused token)
-                    self._scope.deadline = trio.current_time() + CLOSE_TIMEOUT
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._heartbeat)
+                    scope.deadline = trio.current_time() + CLOSE_TIMEOUT
                 await self._reader(handler)
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._flushed()
-                nursery.cancel_scope.cancel()
         finally:
             self._dead = True
+            heartbeat.cancel()
             await trio.aclose_forcefully(self._stream)
 
     async def _reader(self, handler: MessageHandler) -> None:
@@ -419,32 +480,57 @@ class WebSocketConnection:
                 pass
         return ws.state is ConnectionState.CLOSED
 
+    def _kick(self) -> None:
+        """Make sure a writer runs for what is buffered."""
+        if self._writing or self._dead:
+            return
+        self._writing = True
+        trio.lowlevel.spawn_system_task(self._writer, name="chatd.transport.writer")
+
     async def _writer(self) -> None:
-        while True:
-            self._flush_batch()
-            while not self._out:
-                self._wake = trio.Event()
-                await self._wake.wait()
+        """Write what is buffered (and batch what is waiting); end when the
+        buffer is empty. A system task: it must not raise."""
+        try:
+            while not self._dead:
                 self._flush_batch()
-            chunks = list(islice(self._out, WRITEV_MAX))
-            try:
-                sent = os.writev(self._fd, chunks)
-            except BlockingIOError:
-                sent = 0
-            except OSError as exc:
-                if exc.errno == errno.EINTR:  # pragma: no cover
+                out = self._out
+                if not out:
+                    return
+                chunks = list(islice(out, WRITEV_MAX))
+                try:
+                    sent = os.writev(self._fd, chunks)
+                except BlockingIOError:
+                    sent = 0
+                except InterruptedError:  # pragma: no cover
                     continue
-                self._abort(exc)
-                return
-            self._consume(sent)
-            progress, self._progress = self._progress, trio.Event()
+                except OSError as exc:
+                    self._abort(exc)
+                    return
+                self._consume(sent)
+                self._progressed()
+                if out:
+                    try:
+                        await trio.lowlevel.wait_writable(self._fd)
+                    except (trio.ClosedResourceError, trio.BusyResourceError) as exc:
+                        self._abort(exc)
+                        return
+        except Exception as exc:  # pragma: no cover - a bug; never crash the run
+            log.exception("WS_WRITER: UserID=%d", self.identity.user_id)
+            self._abort(exc)
+        finally:
+            self._writing = False
+            self._progressed()
+
+    def _progressed(self) -> None:
+        progress = self._progress
+        if progress is not None:
+            self._progress = None
             progress.set()
-            if self._out:
-                await trio.lowlevel.wait_writable(self._stream.socket)
 
     def _consume(self, sent: int) -> None:
         self._out_bytes -= sent
         out = self._out
+        assert out is not None
         while sent:
             head = out[0]
             if sent >= len(head):
@@ -460,20 +546,22 @@ class WebSocketConnection:
         """Return once everything queued has been handed to the kernel."""
         self._flush_batch()
         while self._out and not self._dead:
+            if self._progress is None:
+                self._progress = trio.Event()
             await self._progress.wait()
 
-    async def _heartbeat(self) -> None:
-        last_ping = trio.current_time()
-        while True:
-            next_ping = last_ping + self._ping_interval
-            deadline = self.last_seen + self._idle_timeout
-            await trio.sleep_until(min(next_ping, deadline))
-            now = trio.current_time()
-            if now >= self.last_seen + self._idle_timeout:
-                log.info("WS_IDLE: UserID=%d: no sign of life, dropping", self.identity.user_id)
-                self._abort()
-                return
-            if now >= next_ping:
-                last_ping = now
-                if self._ws.state is ConnectionState.OPEN and not self._closing:
-                    self._write_control(self._ws.send(Ping(b"chatd")))
+    # --- the heartbeat (called by the run's timer task) ---------------------------
+
+    def on_timer(self, now: float) -> float | None:
+        if self._dead:
+            return None
+        idle_deadline = self.last_seen + self._idle_timeout
+        if now >= idle_deadline:
+            log.info("WS_IDLE: UserID=%d: no sign of life, dropping", self.identity.user_id)
+            self._abort()
+            return None
+        if now >= self._next_ping:
+            self._next_ping = now + self._ping_interval
+            if self._ws.state is ConnectionState.OPEN and not self._closing:
+                self._write_control(self._ws.send(Ping(b"chatd")))
+        return min(self._next_ping, idle_deadline)
