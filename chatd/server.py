@@ -319,10 +319,14 @@ class ChatServer:
         client = client_address(remote, request.headers, self.config.server.trusted_proxies)
         counts = self._per_address
         counts[client] = counts.get(client, 0) + 1
+        # The session outlives the handshake: this frame keeps none of it
+        # (the request, wsproto's handshake state) while the session runs.
+        session = self._session(
+            stream, ws, accept, deflate, target.query, request, client, trailing
+        )
+        del request, ws, upgrade, target, extensions, accept, trailing
         try:
-            await self._session(
-                stream, ws, accept, deflate, target.query, request, client, trailing
-            )
+            await session
         finally:
             left = counts[client] - 1
             if left:
@@ -393,6 +397,7 @@ class ChatServer:
         self.metrics.connected(identity.user_id, started)
         conn.send_raw(accept)
         session.start()
+        del ws, accept, request, query, token, trailing  # see websocket()
         try:
             await conn.run(session)
         finally:

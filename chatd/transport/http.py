@@ -62,6 +62,22 @@ def peer_address(stream: trio.SocketStream) -> str:
 
 async def serve_connection(stream: trio.SocketStream, app: App) -> None:
     """Serve one TCP connection: HTTP requests, or one WebSocket."""
+    try:
+        websocket = await _serve_http(stream, app)
+        if websocket is not None:
+            # Run here, once _serve_http has returned: the h11 state and the
+            # request are not kept for the WebSocket's whole life (the app's
+            # handler keeps what it needs).
+            await websocket
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _serve_http(stream: trio.SocketStream, app: App) -> Awaitable[None] | None:
+    """Answer HTTP requests until the connection ends (None), or return the
+    app's WebSocket handler for an upgrade request, to be awaited."""
     remote = peer_address(stream)
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     try:
@@ -70,26 +86,22 @@ async def serve_connection(stream: trio.SocketStream, app: App) -> None:
             with trio.move_on_after(app.handshake_timeout):
                 request = await _next_request(stream, conn)
             if request is None:
-                return
+                return None
             if is_websocket_upgrade(request):
                 trailing, _ = conn.trailing_data
-                await app.websocket(stream, request, bytes(trailing), remote)
-                return
+                return app.websocket(stream, request, bytes(trailing), remote)
             body = None
             with trio.move_on_after(app.handshake_timeout):
                 body = await _read_body(stream, conn)
             if body is None:
-                return
+                return None
             await _respond(stream, conn, request, await app.http(request, body, remote))
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
+                return None
             conn.start_next_cycle()
     except h11.RemoteProtocolError as exc:
         await _send_error(stream, conn, exc.error_status_hint)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        await trio.aclose_forcefully(stream)
+    return None
 
 
 async def _next_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:

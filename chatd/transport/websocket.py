@@ -54,14 +54,15 @@ from typing import Protocol
 
 import trio
 from wsproto import WSConnection
-from wsproto.connection import Connection, ConnectionState
+from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from chatd.auth import Identity
 from chatd.errors import CloseCode
 from chatd.protocol import batch_payload
 from chatd.transport.frames import OutFrame, unmask
-from chatd.transport.timers import Timer, timers
+from chatd.transport.timers import timers
+from chatd.transport.wire import Wire
 
 log = logging.getLogger("chatd.transport")
 
@@ -107,7 +108,6 @@ class WebSocketConnection:
         "__weakref__",
         "_batch",
         "_batch_bytes",
-        "_close_timer",
         "_closing",
         "_dead",
         "_fd",
@@ -156,10 +156,9 @@ class WebSocketConnection:
         self.identity = identity
         self._stream = stream
         self._fd = stream.socket.fileno()
-        # Only the upgraded connection (its frame parser) is kept: the
-        # handshake's h11 state and request go with the WSConnection.
-        assert ws.connection is not None, "the upgrade was not accepted"
-        self._ws: Connection = ws.connection
+        # Only the frame parser is kept: the handshake's h11 state and
+        # request go with the WSConnection (see wire.py).
+        self._ws = Wire.take(ws)
         self._window_bits = window_bits
         self._limit = send_buffer_bytes
         self._ping_interval = ping_interval
@@ -185,7 +184,6 @@ class WebSocketConnection:
         self._on_slow = on_slow
         self._dead = False
         self._scope: trio.CancelScope | None = None
-        self._close_timer: Timer | None = None
         self.last_seen = trio.current_time()
         #: Close code sent or received, for logs and tests.
         self.close_code: int | None = None
