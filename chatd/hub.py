@@ -41,6 +41,9 @@ class Peer(Protocol):
         """Queue a frame; never blocks."""
 
 
+_NOWHERE: frozenset[str] = frozenset()
+
+
 class _Room:
     __slots__ = ("floors", "held", "peers", "presence")
 
@@ -94,14 +97,18 @@ class Hub:
         self._metrics = metrics or Metrics()
         self.on_presence: PresenceHook = on_presence or self.announce
         self._rooms: dict[str, _Room] = {}
-        self._joined: dict[Peer, set[str]] = {}
-        self._users: dict[int, set[Peer]] = {}
+        #: Every connected peer -> the rooms it joined (``_NOWHERE`` until
+        #: its first join: an idle connection costs no set of its own).
+        self._joined: dict[Peer, set[str] | frozenset[str]] = {}
+        #: user id -> that user's connections (a tuple: usually just one).
+        self._users: dict[int, tuple[Peer, ...]] = {}
 
     # --- sessions -----------------------------------------------------------
 
     def connect(self, peer: Peer) -> None:
-        self._joined[peer] = set()
-        self._users.setdefault(peer.identity.user_id, set()).add(peer)
+        self._joined[peer] = _NOWHERE
+        uid = peer.identity.user_id
+        self._users[uid] = (*self._users.get(uid, ()), peer)
 
     def disconnect(self, peer: Peer, now: float) -> None:
         for room in list(self._joined.get(peer, ())):
@@ -110,8 +117,10 @@ class Hub:
         uid = peer.identity.user_id
         peers = self._users.get(uid)
         if peers is not None:
-            peers.discard(peer)
-            if not peers:
+            rest = tuple(p for p in peers if p is not peer)
+            if rest:
+                self._users[uid] = rest
+            else:
                 del self._users[uid]
 
     def online(self, user_id: int) -> bool:
@@ -130,7 +139,10 @@ class Hub:
             state.held.setdefault(peer, [])
         if peer not in state.peers:
             state.peers.add(peer)
-            self._joined[peer].add(room)
+            rooms = self._joined[peer]
+            if not isinstance(rooms, set):
+                rooms = self._joined[peer] = set()
+            rooms.add(room)
             ident = peer.identity
             _, count = state.presence.get(ident.user_id, ("", 0))
             state.presence[ident.user_id] = (ident.username, count + 1)
@@ -179,7 +191,9 @@ class Hub:
         state.peers.discard(peer)
         state.held.pop(peer, None)
         state.floors.pop(peer, None)
-        self._joined[peer].discard(room)
+        rooms = self._joined[peer]
+        if isinstance(rooms, set):
+            rooms.discard(room)
         ident = peer.identity
         name, count = state.presence[ident.user_id]
         if not state.peers:
@@ -226,7 +240,7 @@ class Hub:
             assert msg.to_user_id is not None
             state = _Room()  # no holding for conversations
             users = self._users
-            peers = users.get(msg.to_user_id, set()) | users.get(msg.user_id, set())
+            peers = {*users.get(msg.to_user_id, ()), *users.get(msg.user_id, ())}
         own = origin if request_id is not None and origin in self._joined else None
         sent = 0
         # The shared frame is built only when someone besides the sender gets
