@@ -39,6 +39,7 @@ import signal
 import sys
 import time
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -86,6 +87,15 @@ def snapshot(server: Server, dump: Path, k: int) -> tuple[tracemalloc.Snapshot, 
     return tracemalloc.Snapshot.load(str(snap)), json.loads(types.read_text())
 
 
+def short(frame: tracemalloc.Frame) -> str:
+    name = frame.filename
+    for cut in ("site-packages/", f"{HERE.parent.name}/", "python3.11/"):
+        if cut in name:
+            name = name.split(cut, 1)[1]
+            break
+    return f"{name}:{frame.lineno}"
+
+
 def report(
     before: tuple[tracemalloc.Snapshot, dict[str, Any]],
     after: tuple[tracemalloc.Snapshot, dict[str, Any]],
@@ -97,14 +107,24 @@ def report(
     stats = snap1.compare_to(snap0, "traceback")
     total = sum(s.size_diff for s in stats)
     print(f"\ntracemalloc: {total / 1024 / n:.2f} KiB per connection traced (Python heap)")
-    print(f"top {top} by traceback (bytes per connection, blocks per connection):")
-    for s in stats[:top]:
-        print(f"\n  {s.size_diff / n:8.1f} B  {s.count_diff / n:6.2f} blocks")
-        for line in s.traceback.format()[-2 * 6 :]:
-            print("      " + line)
-    print(f"\ntop {top} by line:")
-    for s in snap1.compare_to(snap0, "lineno")[:top]:
-        print(f"  {s.size_diff / n:8.1f} B  {s.count_diff / n:6.2f}  {s.traceback[0]}")
+    # Grouped by the innermost chatd frame (what in chatd caused it) and the
+    # innermost frame (what allocated it): B per connection, blocks per connection.
+    by_site: Counter[tuple[str, str]] = Counter()
+    blocks: Counter[tuple[str, str]] = Counter()
+    by_chatd: Counter[str] = Counter()
+    for s in stats:
+        frames = list(s.traceback)
+        ours = next((short(f) for f in reversed(frames) if "chatd/" in f.filename), "-")
+        key = (ours, short(frames[-1]))
+        by_site[key] += s.size_diff
+        blocks[key] += s.count_diff
+        by_chatd[ours] += s.size_diff
+    print(f"top {top} by innermost chatd frame (B per connection):")
+    for site, size in by_chatd.most_common(top):
+        print(f"  {size / n:8.1f} B  {site}")
+    print(f"\ntop {top} by (innermost chatd frame, allocating frame):")
+    for key, size in by_site.most_common(top):
+        print(f"  {size / n:8.1f} B  {blocks[key] / n:6.2f}  {key[0]:40s} {key[1]}")
     print("\ngc-tracked objects by type (per connection: count, getsizeof bytes):")
     rows = []
     for name, size in types1["size"].items():
