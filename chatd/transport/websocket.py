@@ -96,6 +96,18 @@ def corked() -> Iterator[None]:
             conn._flush_now()
 
 
+def _read(fd: int) -> bytes | None:
+    """What the socket has (b"" at its end or on an error), None for nothing
+    yet. A function of its own: an exception raised in the reader's frame
+    would make Python keep a frame object for it as long as it lives."""
+    try:
+        return os.read(fd, RECEIVE_SIZE)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 class MessageHandler(Protocol):
     async def handle_text(self, raw: str) -> None: ...
     async def handle_binary(self) -> None: ...
@@ -427,13 +439,12 @@ class WebSocketConnection:
                     await trio.lowlevel.wait_readable(fd)
                 else:
                     await trio.lowlevel.checkpoint()
-                try:
-                    data = os.read(fd, RECEIVE_SIZE)
-                except BlockingIOError:
-                    drained = True
-                    continue
-            except (OSError, trio.ClosedResourceError):
+            except trio.ClosedResourceError:
                 return
+            data = _read(fd)
+            if data is None:
+                drained = True
+                continue
             if not data:
                 return
             drained = len(data) < RECEIVE_SIZE
