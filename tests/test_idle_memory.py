@@ -1,0 +1,238 @@
+"""What an idle WebSocket connection keeps (issue 5: 10,000 idle connections
+at most 10 KiB each; ``bench/idle_memory.py`` measures the resident memory).
+
+These pin the structure that keeps it small: nothing of the handshake is kept
+while a session runs, an idle connection is one task (its heartbeat is a
+timer in one shared heap, its writer runs only while the kernel's buffer is
+full), and the pieces that stand in for wsproto's behave like wsproto's.
+"""
+
+from __future__ import annotations
+
+import gc
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import h11
+import trio
+import trio.testing
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import Connection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request
+from wsproto.handshake import H11Handshake
+
+from chatd.auth import Identity
+from chatd.server import ChatServer
+from chatd.transport.frames import OutFrame
+from chatd.transport.timers import timers
+from chatd.transport.websocket import WebSocketConnection
+from chatd.transport.wire import Wire
+from tests.test_transport import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    client_frame,
+    raw_ws,
+)
+
+
+def _server_handshake_state(obj: object) -> bool:
+    """A server-side handshake object (the tests' clients have their own)."""
+    if isinstance(obj, (WSConnection, H11Handshake, Connection)):
+        return not obj.client
+    return isinstance(obj, h11.Connection) and obj.our_role is h11.SERVER
+
+
+async def test_open_sessions_keep_no_handshake_state(server: ChatServer) -> None:
+    async with (
+        raw_ws(server, user_id=1, username="alice") as alice,
+        raw_ws(server, user_id=2, username="bob") as bob,
+    ):
+        for client in (alice, bob):
+            await client.send_json("ping")
+            await client.expect("pong")
+        assert len(server.connections) == 2
+        gc.collect()
+        kept = [type(o).__name__ for o in gc.get_objects() if _server_handshake_state(o)]
+        assert kept == []
+
+
+def _tasks() -> Iterator[trio.lowlevel.Task]:
+    stack = [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        assert task is not None
+        yield task
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+
+
+async def test_an_idle_connection_is_one_task(server: ChatServer) -> None:
+    async with raw_ws(server, user_id=1, username="alice") as first:
+        await first.send_json("ping")
+        await first.expect("pong")
+        before = len(list(_tasks()))
+        async with (
+            raw_ws(server, user_id=2, username="bob") as bob,
+            raw_ws(server, user_id=3, username="carol") as carol,
+            raw_ws(server, user_id=4, username="dave") as dave,
+        ):
+            for client in (bob, carol, dave):
+                await client.send_json("ping")
+                await client.expect("pong")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(list(_tasks())) == before + 3
+            names = {t.name for t in _tasks()}
+            assert "chatd.transport.writer" not in names
+            assert "chatd.transport.timers" in names
+
+
+# --- the shared timers ------------------------------------------------------------
+
+
+class _Every:
+    def __init__(self, name: str, every: float, times: int, log: list[tuple[str, float]]) -> None:
+        self.name, self.every, self.times, self.log = name, every, times, log
+
+    def on_timer(self, now: float) -> float | None:
+        self.log.append((self.name, round(now - START[0])))
+        self.times -= 1
+        return now + self.every if self.times else None
+
+
+START = [0.0]
+
+
+async def test_timers_fire_in_order_reschedule_and_cancel(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    log: list[tuple[str, float]] = []
+    START[0] = start = trio.current_time()
+    heap = timers()
+    heap.schedule(start + 10, _Every("a", 10, 3, log))
+    dropped = heap.schedule(start + 15, _Every("b", 1, 5, log))
+    await trio.sleep(1)  # the task sleeps until 10 ...
+    heap.schedule(start + 5, _Every("c", 100, 1, log))  # ... and is woken for 5
+    dropped.cancel()
+    await trio.sleep(100)
+    assert log == [("c", 5), ("a", 10), ("a", 20), ("a", 30)]
+    assert len(heap) == 0
+
+
+# --- the writer exists only while the kernel's buffer is full -----------------------
+
+
+def _accepted() -> WSConnection:
+    ws = WSConnection(ConnectionType.SERVER)
+    client = WSConnection(ConnectionType.CLIENT)
+    ws.receive_data(client.send(Request(host="localhost", target="/ws/chat")))
+    assert isinstance(next(ws.events()), Request)
+    ws.send(AcceptConnection())
+    return ws
+
+
+async def test_writer_runs_only_while_the_buffer_is_full() -> None:
+    a, b = trio.socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    conn = WebSocketConnection(
+        trio.SocketStream(a),
+        _accepted(),
+        Identity(1, "alice", None),
+        window_bits=None,
+        send_buffer_bytes=1 << 22,
+        ping_interval=30,
+        idle_timeout=75,
+    )
+    peer = trio.SocketStream(b)
+    frame = OutFrame(b"x" * 60_000)
+    total = 0
+    for _ in range(20):
+        conn.send(frame)
+        total += len(frame.plain())
+    assert conn._writing and conn._out
+    received = 0
+    with trio.fail_after(10):
+        while received < total:
+            received += len(await peer.receive_some(1 << 20))
+        await trio.testing.wait_all_tasks_blocked()
+    assert not conn._writing and not conn._out and conn._out_bytes == 0
+    assert "chatd.transport.writer" not in {t.name for t in _tasks()}
+    conn.send(OutFrame(b"small"))  # straight to the socket again
+    assert not conn._writing
+    assert await peer.receive_some(100) == OutFrame(b"small").plain()
+    await peer.aclose()
+    await conn._stream.aclose()
+
+
+# --- Wire behaves like wsproto's Connection ----------------------------------------
+
+
+def _event(e: Any) -> tuple[Any, ...]:
+    return (type(e).__name__, *sorted((k, v) for k, v in vars(e).items()))
+
+
+def _both() -> tuple[Wire, Connection]:
+    wire = Wire.take(_accepted())
+    reference = _accepted().connection
+    assert reference is not None
+    return wire, reference
+
+
+CASES: dict[str, list[bytes]] = {
+    "text, fragmented, a ping in between": [
+        client_frame(OP_TEXT, b"hel", fin=False),
+        client_frame(OP_PING, b"p"),
+        client_frame(OP_CONT, "lo é".encode()),
+    ],
+    "binary and pong": [client_frame(OP_BINARY, b"\x00\x01"), client_frame(OP_PONG, b"x")],
+    "close": [client_frame(OP_CLOSE, b"\x03\xe8bye")],
+    "close without a code": [client_frame(OP_CLOSE, b"")],
+    "invalid close code": [client_frame(OP_CLOSE, b"\x03\xe7")],
+    "bad utf-8": [client_frame(OP_TEXT, b"\xff\xfe")],
+    "unmasked": [client_frame(OP_TEXT, b"hi", mask=False)],
+    "continuation first": [client_frame(OP_CONT, b"x")],
+    "split header": [client_frame(OP_TEXT, b"abc")[:1], client_frame(OP_TEXT, b"abc")[1:]],
+}
+
+
+def test_wire_events_and_states_are_wsprotos() -> None:
+    for name, chunks in CASES.items():
+        wire, reference = _both()
+        for chunk in chunks:
+            wire.receive_data(chunk)
+            reference.receive_data(chunk)
+            got = [_event(e) for e in wire.events()]
+            want = [_event(e) for e in reference.events()]
+            assert got == want, name
+            assert wire.state is reference.state, name
+
+
+def test_wire_sends_what_wsproto_sends() -> None:
+    wire, reference = _both()
+    for event in (Ping(b"chatd"), Pong(b"x")):
+        assert wire.send(event) == reference.send(event)
+    assert wire.send(CloseConnection(1013, "Slow consumer")) == reference.send(
+        CloseConnection(1013, "Slow consumer")
+    )
+    assert wire.state is reference.state
+    # The peer answers the close: both are closed.
+    answer = client_frame(OP_CLOSE, b"\x03\xf5")
+    wire.receive_data(answer)
+    reference.receive_data(answer)
+    assert [_event(e) for e in wire.events()] == [_event(e) for e in reference.events()]
+    assert wire.state is reference.state
+
+    # A close received first, then answered.
+    wire, reference = _both()
+    close = client_frame(OP_CLOSE, b"\x03\xe8")
+    wire.receive_data(close)
+    reference.receive_data(close)
+    (got,) = wire.events()
+    (want,) = reference.events()
+    assert isinstance(got, CloseConnection) and isinstance(want, CloseConnection)
+    assert wire.send(got.response()) == reference.send(want.response())
+    assert wire.state is reference.state
