@@ -117,9 +117,24 @@ async def test_timers_fire_in_order_reschedule_and_cancel(
     dropped = heap.schedule(start + 15, _Every("b", 1, 5, log))
     await trio.sleep(1)  # the task sleeps until 10 ...
     heap.schedule(start + 5, _Every("c", 100, 1, log))  # ... and is woken for 5
-    dropped.cancel()
+    heap.cancel(dropped)
     await trio.sleep(100)
     assert log == [("c", 5), ("a", 10), ("a", 20), ("a", 30)]
+    assert len(heap) == 0
+
+
+async def test_cancelled_timers_do_not_pile_up(autojump_clock: trio.testing.MockClock) -> None:
+    """Connections come and go faster than a ping interval: the timers of
+    the gone ones are dropped once they are half of the heap."""
+    log: list[tuple[str, float]] = []
+    START[0] = start = trio.current_time()
+    heap = timers()
+    live = [heap.schedule(start + 30, _Every(f"live{i}", 30, 1, log)) for i in range(100)]
+    for i in range(1000):
+        heap.cancel(heap.schedule(start + 30, _Every(f"gone{i}", 30, 1, log)))
+    assert len(heap) <= 2 * len(live) + 1
+    await trio.sleep(31)
+    assert sorted(name for name, _ in log) == sorted(f"live{i}" for i in range(100))
     assert len(heap) == 0
 
 

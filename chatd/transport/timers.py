@@ -29,7 +29,7 @@ class Timed(Protocol):
 
 
 class Timer:
-    """One target's place in the heap; ``cancel`` drops it lazily."""
+    """One target's place in the heap."""
 
     __slots__ = ("target", "when")
 
@@ -40,15 +40,15 @@ class Timer:
     def __lt__(self, other: Timer) -> bool:
         return self.when < other.when
 
-    def cancel(self) -> None:
-        self.target = None
-
 
 class TimerHeap:
     """The timers of one Trio run, and the task that fires them."""
 
     def __init__(self) -> None:
         self._heap: list[Timer] = []
+        #: Cancelled timers still in the heap (dropped when due, or all at
+        #: once when they are half of it: churn does not make it grow).
+        self._cancelled = 0
         #: The scope the task sleeps in (its deadline: the earliest timer).
         self._sleep: trio.CancelScope | None = None
 
@@ -62,6 +62,18 @@ class TimerHeap:
         sleep = self._sleep
         if sleep is not None and timer.when < sleep.deadline:
             sleep.deadline = timer.when
+
+    def cancel(self, timer: Timer) -> None:
+        """Never call ``timer``'s target again."""
+        if timer.target is None:
+            return
+        timer.target = None
+        self._cancelled += 1
+        heap = self._heap
+        if self._cancelled > 64 and 2 * self._cancelled > len(heap):
+            heap[:] = [t for t in heap if t.target is not None]
+            heapq.heapify(heap)
+            self._cancelled = 0
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -78,6 +90,7 @@ class TimerHeap:
                 timer = heapq.heappop(heap)
                 target = timer.target
                 if target is None:
+                    self._cancelled -= 1
                     continue
                 try:
                     when = target.on_timer(now)

@@ -340,7 +340,8 @@ class WebSocketConnection:
     async def run(self, handler: MessageHandler) -> None:
         """Serve the connection until it closes; the socket is closed after."""
         self._next_ping = trio.current_time() + self._ping_interval
-        heartbeat = timers().schedule(self._next_ping, self)
+        heap = timers()
+        heartbeat = heap.schedule(self._next_ping, self)
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
@@ -351,7 +352,7 @@ class WebSocketConnection:
                     await self._flushed()
         finally:
             self._dead = True
-            heartbeat.cancel()
+            heap.cancel(heartbeat)
             await trio.aclose_forcefully(self._stream)
 
     async def _reader(self, handler: MessageHandler) -> None:
