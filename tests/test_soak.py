@@ -195,11 +195,13 @@ async def test_soak_memory_and_descriptors_stay_bounded(tmp_path: Path) -> None:
             sockets, files = fd_kinds(proc.pid)
             return sockets <= base_sockets and files <= base_files + READERS
 
+        # (/healthz first: the server closes that request's socket a moment
+        # after the client has read the response.)
+        health = (await http_request(port, "GET", "/healthz")).json()
+        assert health["connections"] == 0, health
         with trio.move_on_after(10):
             while not settled():  # noqa: ASYNC110
                 await trio.sleep(0.1)
-        health = (await http_request(port, "GET", "/healthz")).json()
-        assert health["connections"] == 0, health
         after = fd_targets(proc.pid)
         assert settled(), "\n".join(["before:", *baseline_targets, "after:", *after])
         assert proc.poll() is None, log.read_text()
