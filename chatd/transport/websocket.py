@@ -3,9 +3,10 @@
 One task per connection, the connection's own (DESIGN D3; an idle connection
 holds no other task, nursery or buffer):
 
-* it **reads**: waits for the socket to become readable, feeds the bytes to
-  wsproto's frame parser and hands each complete text message to the session,
-  in order, without a task switch per frame;
+* it **reads**: waits for the socket to become readable, parses the common
+  client frame itself and feeds every other frame to wsproto's frame parser,
+  and hands each complete text message to the session, in order, without a
+  task switch per frame (see ``_reader``);
 * a **writer** task exists only while there is something the kernel did not
   take (or, with ``?batch=1``, frames to batch): it drains the outbound
   buffer, everything pending in one ``writev``, waiting for the socket to
