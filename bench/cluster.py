@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,15 +94,15 @@ async def run(args: argparse.Namespace) -> None:
     if rd is None:
         pg.stop()
         raise SystemExit(f"Redis: {why}")
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: list[trio.Process] = []
     try:
         dsn = pg.new_database()
         tmp = Path(tempfile.mkdtemp(prefix="chatd-cluster-bench-"))
         ports = []
         for index in range(2):
             path, port = node_config(tmp, index, dsn, rd.url, "bench")
-            procs.append(subprocess.Popen([sys.executable, "-m", "chatd", "--config", str(path)],
-                                          cwd=ROOT))  # fmt: skip
+            command = [sys.executable, "-m", "chatd", "--config", str(path)]
+            procs.append(await trio.lowlevel.open_process(command, cwd=ROOT))
             ports.append(port)
             await wait_ready(port)
         arrivals: dict[int, list[float]] = {}
@@ -127,8 +126,8 @@ async def run(args: argparse.Namespace) -> None:
                 for i in range(count):
                     due = start + i / args.rate
                     await trio.sleep(max(0.0, due - time.monotonic()))
-                    frame = {"type": "room_message",
-                             "data": {"room": "general", "content": f"t{time.monotonic()!r}"}}  # fmt: skip
+                    data = {"room": "general", "content": f"t{time.monotonic()!r}"}
+                    frame = {"type": "room_message", "data": data}
                     await pub.send_message(json.dumps(frame))
                 await trio.sleep(1.0)
             nursery.cancel_scope.cancel()
@@ -137,17 +136,18 @@ async def run(args: argparse.Namespace) -> None:
             if not lat:
                 print(f"node {index}: nothing arrived")
                 continue
-            p = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000  # noqa: E731
+            p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
             print(
                 f"node {index} ({'sender' if index == 0 else 'over Redis'}): {len(lat)} deliveries,"
-                f" p50 {statistics.median(lat) * 1000:.2f} ms, p99 {p(0.99):.2f} ms,"
+                f" p50 {statistics.median(lat) * 1000:.2f} ms, p99 {p99:.2f} ms,"
                 f" max {lat[-1] * 1000:.2f} ms"
             )
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            proc.wait(20)
+            with trio.move_on_after(20):
+                await proc.wait()
         rd.close()
         pg.stop()
 
