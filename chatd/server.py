@@ -35,13 +35,12 @@ from wsproto.utilities import RemoteProtocolError
 
 from chatd import __version__, routes
 from chatd.auth import MIN_SECRET_BYTES, Identity
-from chatd.bus import open_bus
+from chatd.bus import Bus, Limits, open_bus
 from chatd.config import Config, split_address
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.ratelimit import LimiterTable
 from chatd.session import Context, Session
 from chatd.store import NewMessage, Store, StoredMessage
 from chatd.store.sqlite import open_sqlite_store
@@ -85,7 +84,7 @@ class ChatServer:
         self._http: dict[trio.SocketStream, trio.CancelScope] = {}
         #: WebSocket connections open per client address.
         self._per_address: dict[str, int] = {}
-        self._api_limits = _api_limits(config)
+        self._api_limits: Limits | None = None
 
     @property
     def ctx(self) -> Context:
@@ -120,6 +119,7 @@ class ChatServer:
                 monotonic=trio.current_time,
                 metrics=self.metrics,
             )
+            self._api_limits = _api_limits(config, bus)
             listeners = await trio.open_tcp_listeners(config.server.port, host=config.server.host)
             self.port = listeners[0].socket.getsockname()[1]
             if config.server.metrics_listen:
@@ -198,7 +198,7 @@ class ChatServer:
             applied.api.messages_per_minute,
             applied.api.messages_per_hour,
         ):
-            self._api_limits = _api_limits(applied)
+            self._api_limits = _api_limits(applied, self.ctx.bus)
         log.info("reload: rooms, limits and API settings applied from %s", config.source)
 
     async def _serve_tcp(self, stream: trio.SocketStream) -> None:
@@ -247,7 +247,8 @@ class ChatServer:
                 raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": room})
         elif user_id is not None and not await ctx.store.user_exists(user_id):
             raise ChatError(ErrorCode.USER_NOT_FOUND, "User not found", {"user_id": user_id})
-        wait = self._api_limits.take(SYSTEM_USER.user_id, ctx.monotonic())
+        assert self._api_limits is not None
+        wait = await self._api_limits.take(SYSTEM_USER.user_id)
         if wait > 0:
             self.metrics.rate_limited.inc()
             raise ChatError(
@@ -515,6 +516,7 @@ class _MetricsOnly:
         await _reject(stream, 404)
 
 
-def _api_limits(config: Config) -> LimiterTable:
+def _api_limits(config: Config, bus: Bus) -> Limits:
+    """The system sender's limits: per node alone, cluster-wide with Redis."""
     api = config.api
-    return LimiterTable([(api.messages_per_minute, 60.0), (api.messages_per_hour, 3600.0)])
+    return bus.limits("api", [(api.messages_per_minute, 60.0), (api.messages_per_hour, 3600.0)])

@@ -605,6 +605,18 @@ async def test_publish_on_one_node_reaches_members_on_another(cluster_of):
             await bob.nothing_pending()
 
 
+async def test_the_publish_api_limit_counts_calls_on_every_node(cluster_of):
+    """The system sender's limit ([api] messages_per_minute) is one budget for
+    the cluster: two calls on node 0 and one on node 1 make three."""
+    api = {"keys": [KEY], "messages_per_minute": 2, "messages_per_hour": 100}
+    async with cluster_of(2, api=api) as cluster:
+        for node in (cluster[0], cluster[0]):
+            reply = await publish(node.port, {"room": "general", "content": "ok"})
+            assert reply.status == 200, reply
+        reply = await publish(cluster[1].port, {"room": "general", "content": "one too many"})
+        assert reply.status == 429, reply
+
+
 async def test_a_node_stopped_gracefully_says_at_once_that_its_users_left(cluster_of):
     """A drain (SIGTERM) closes the node's connections: their users leave the
     cluster's presence at once, not when the node's lease (a minute here)
