@@ -28,19 +28,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import chatd.store.sqlite
 from chatd.config import ROOM_NAME_PATTERN, Config
+from chatd.store import Admin
 from chatd.store.schema import connect, migrate
-from chatd.store.sqlite import (
-    add_members,
-    backup,
-    check_copy,
-    create_room,
-    declare_rooms,
-    list_rooms,
-    upsert_user,
-)
+from chatd.store.sqlite import backup, check_copy, declare_rooms
 
 Command = Callable[[Config, argparse.Namespace], int]
 
@@ -91,32 +85,6 @@ def _room_name(text: str) -> str:
     return text
 
 
-class Admin(Protocol):
-    """What the user and room commands change, on either store."""
-
-    def upsert_user(self, user_id: int, username: str) -> None: ...
-    def create_room(self, name: str, private: bool, members: tuple[int, ...]) -> bool: ...
-    def add_members(self, room: str, members: tuple[int, ...]) -> bool: ...
-    def list_rooms(self) -> list[tuple[str, bool, list[int]]]: ...
-
-
-class _SqliteAdmin:
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
-
-    def upsert_user(self, user_id: int, username: str) -> None:
-        upsert_user(self.conn, user_id, username)
-
-    def create_room(self, name: str, private: bool, members: tuple[int, ...]) -> bool:
-        return create_room(self.conn, name, private, members)
-
-    def add_members(self, room: str, members: tuple[int, ...]) -> bool:
-        return add_members(self.conn, room, members)
-
-    def list_rooms(self) -> list[tuple[str, bool, list[int]]]:
-        return list_rooms(self.conn)
-
-
 @contextmanager
 def _database(config: Config) -> Iterator[Admin]:
     if config.storage.backend == "postgres":
@@ -133,7 +101,7 @@ def _database(config: Config) -> Iterator[Admin]:
         conn.execute("BEGIN IMMEDIATE")
         try:
             declare_rooms(conn, config.rooms)
-            yield _SqliteAdmin(conn)
+            yield Admin(conn, chatd.store.sqlite)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
@@ -116,3 +116,35 @@ class Store(Protocol):
 
     async def dev_user(self, username: str) -> int:
         """The id of the (first) user with this name, or a new user's id."""
+
+
+class AdminOps(Protocol):
+    """A store module's functions behind ``chatd user`` and ``chatd room``."""
+
+    def upsert_user(self, conn: Any, user_id: int, username: str) -> None: ...
+    def create_room(
+        self, conn: Any, name: str, private: bool, members: tuple[int, ...]
+    ) -> bool: ...
+    def add_members(self, conn: Any, room: str, members: tuple[int, ...]) -> bool: ...
+    def list_rooms(self, conn: Any) -> list[tuple[str, bool, list[int]]]: ...
+
+
+class Admin:
+    """What the user and room commands change: a store module's functions
+    (``ops``) on one connection, inside the caller's transaction."""
+
+    def __init__(self, conn: Any, ops: AdminOps) -> None:
+        self.conn = conn
+        self.ops = ops
+
+    def upsert_user(self, user_id: int, username: str) -> None:
+        self.ops.upsert_user(self.conn, user_id, username)
+
+    def create_room(self, name: str, private: bool, members: tuple[int, ...]) -> bool:
+        return self.ops.create_room(self.conn, name, private, members)
+
+    def add_members(self, room: str, members: tuple[int, ...]) -> bool:
+        return self.ops.add_members(self.conn, room, members)
+
+    def list_rooms(self) -> list[tuple[str, bool, list[int]]]:
+        return self.ops.list_rooms(self.conn)

@@ -69,7 +69,7 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode, StorageError, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
+from chatd.store import Admin, Committed, NewMessage, RoomAccess, StoredMessage
 from chatd.store.pgschema import migrate
 from chatd.store.schema import room_channel
 from chatd.store.sqlite import channel_of
@@ -732,27 +732,8 @@ def _now(now: float | None) -> str:
 # --- ``chatd user ...`` and ``chatd room ...`` on PostgreSQL ------------------
 
 
-class PostgresAdmin:
-    """The CLI's changes, on one connection inside one transaction."""
-
-    def __init__(self, conn: Conn) -> None:
-        self.conn = conn
-
-    def upsert_user(self, user_id: int, username: str) -> None:
-        upsert_user(self.conn, user_id, username)
-
-    def create_room(self, name: str, private: bool, members: tuple[int, ...]) -> bool:
-        return create_room(self.conn, name, private, members)
-
-    def add_members(self, room: str, members: tuple[int, ...]) -> bool:
-        return add_members(self.conn, room, members)
-
-    def list_rooms(self) -> list[tuple[str, bool, list[int]]]:
-        return list_rooms(self.conn)
-
-
 @contextmanager
-def open_admin(dsn: str, rooms: RoomsConfig) -> Iterator[PostgresAdmin]:
+def open_admin(dsn: str, rooms: RoomsConfig) -> Iterator[Admin]:
     """Connect, migrate, declare the config's rooms (as a server does) and
     run the block in one transaction. Failures of PostgreSQL come out as one
     line: ``StorageError``."""
@@ -764,6 +745,6 @@ def open_admin(dsn: str, rooms: RoomsConfig) -> Iterator[PostgresAdmin]:
                 raise StorageError(f"database {describe(dsn)}: {exc}") from exc
             with conn.transaction():
                 declare_rooms(conn, rooms)
-                yield PostgresAdmin(conn)
+                yield Admin(conn, sys.modules[__name__])
     except psycopg.Error as exc:
         raise StorageError(f"database {describe(dsn)}: {' '.join(str(exc).split())}") from exc
