@@ -212,3 +212,6 @@ def setup_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    # coredis logs its own retries at INFO ("No matching script", the first
+    # use of each Lua script on a Redis): chatd reports what matters itself.
+    logging.getLogger("coredis").setLevel(max(logging.WARNING, logging.getLogger().level))
