@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -227,3 +227,24 @@ def redis_prefix() -> str:
     import uuid
 
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def client(redis: Any) -> AsyncIterator[Any]:
+    """A coredis client of the session's Redis, for one test."""
+    import coredis
+
+    async with coredis.Redis.from_url(redis.url) as c:
+        yield c
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll ``predicate`` (every 20 ms) until it is true, 10 s at most."""
+    try:
+        with trio.fail_after(10):
+            while True:
+                if await predicate():
+                    return
+                await trio.sleep(0.02)
+    except trio.TooSlowError:
+        raise AssertionError(f"timed out waiting for {what}") from None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import coredis
@@ -13,32 +12,14 @@ import trio
 
 from chatd.cluster.limits import RedisLimiter
 from chatd.ratelimit import Limiter
+from tests.conftest import wait_until
 from tests.services import free_port, own_redis
-
-
-@pytest.fixture
-async def client(redis: Any) -> AsyncIterator[coredis.Redis[Any]]:
-    async with coredis.Redis.from_url(redis.url) as c:
-        yield c
-
 
 # coredis 6.9 leaves the anyio memory streams of a connection that failed to
 # connect unclosed: they warn (ResourceWarning) when collected. Harmless, but
 # the suite turns warnings into errors: tests that make connections fail
 # ignore that one warning and collect the garbage before they end.
 leaky_failed_connects = pytest.mark.filterwarnings("ignore:Unclosed <MemoryObject:ResourceWarning")
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``predicate`` until it is true (10 s at most)."""
-    try:
-        with trio.fail_after(10):
-            while True:
-                if await predicate():
-                    return
-                await trio.sleep(0.02)
-    except trio.TooSlowError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def test_burst_allowed_then_refused_with_whole_seconds(

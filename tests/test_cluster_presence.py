@@ -4,7 +4,7 @@ only where leases must run out; leases of 1 s)."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import coredis
@@ -12,14 +12,9 @@ import pytest
 import trio
 
 from chatd.cluster.presence import RedisPresence
+from tests.conftest import wait_until
 
 LEASE = 1.0
-
-
-@pytest.fixture
-async def client(redis: Any) -> AsyncIterator[coredis.Redis[Any]]:
-    async with coredis.Redis.from_url(redis.url) as c:
-        yield c
 
 
 @pytest.fixture
@@ -34,18 +29,6 @@ def node(client: coredis.Redis[Any], redis_prefix: str) -> Callable[..., RedisPr
 
 async def keys(client: coredis.Redis[Any], prefix: str) -> set[bytes]:
     return set(await client.keys(f"{prefix}:*"))
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``predicate`` until it is true (10 s at most)."""
-    try:
-        with trio.fail_after(10):
-            while True:
-                if await predicate():
-                    return
-                await trio.sleep(0.05)
-    except trio.TooSlowError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 async def test_first_and_last_across_three_nodes(
