@@ -148,7 +148,6 @@ class RedisBus:
         self.client = client
         self.presence = RedisPresence(client, bus.prefix, self.node_id, bus.lease_seconds)
         self._prefix = bus.prefix
-        self._lease = bus.lease_seconds
         self._wall = wall
         self._metrics = metrics
         self._rooms: Sequencer[Item] = Sequencer()
@@ -232,6 +231,12 @@ class RedisBus:
         except Exception as exc:
             log.warning("cluster: cannot read room %s from the store: %s", room, exc)
             await trio.sleep(1.0)
+        self._filled(room, found)
+
+    def _filled(self, room: str, found: list[StoredMessage]) -> None:
+        """Deliver what a read from the store made deliverable; read again
+        when a gap is still open (the read failed, or messages arrived early
+        meanwhile)."""
         self._send(self._rooms.fill(room, [(m.seq, (m, None, None)) for m in found]))
         again = self._rooms.fetch_done(room)
         if again is not None and self._nursery is not None:
@@ -246,8 +251,7 @@ class RedisBus:
                 except Exception as exc:
                     log.warning("cluster: cannot catch up room %s: %s", room, exc)
                     break
-                self._send(self._rooms.fill(room, [(m.seq, (m, None, None)) for m in found]))
-                self._rooms.fetch_done(room)
+                self._filled(room, found)
                 if len(found) < CATCH_UP or self._rooms.last(room) is None:
                     break
                 last = found[-1].seq
@@ -379,7 +383,7 @@ class RedisBus:
         kind = message["type"]
         if kind == "subscribe":
             # (re)subscribed: whatever passed meanwhile is in the store
-            heard, self.last_heard = self.last_heard, self._wall()
+            heard = self.last_heard
             self._heard()
             if self._nursery is not None:
                 self._nursery.start_soon(self._resync, heard)
