@@ -99,7 +99,7 @@ async def open_bus(
     if config.bus.backend == "redis":
         from chatd.cluster.bus import open_redis_bus
 
-        async with open_redis_bus(config, hub, store, wall, monotonic, metrics) as bus:
+        async with open_redis_bus(config, hub, store, wall, metrics) as bus:
             yield bus
     else:
         yield LocalBus(hub, wall, monotonic)

@@ -446,11 +446,9 @@ async def open_redis_bus(
     hub: Hub,
     store: Store,
     wall: Callable[[], float],
-    monotonic: Callable[[], float],
     metrics: Metrics,
 ) -> AsyncIterator[RedisBus]:
     """Connect to Redis, subscribe, and run the bus for the block."""
-    del monotonic  # limits take Redis's clock
     client: coredis.Redis[bytes] = coredis.Redis.from_url(config.bus.url, decode_responses=False)
     async with client, trio.open_nursery() as nursery:
         bus = RedisBus(config, hub, store, client, wall, metrics)
