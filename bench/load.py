@@ -531,12 +531,18 @@ class Bench:
                 if m is None:
                     merged[seq] = [sent, last, count]
                 else:
+                    m[0] = max(m[0], sent)
                     m[1] = max(m[1], last)
                     m[2] += count
         members = conn["opened"]
         # messages sent inside the window
         in_window = {s: m for s, m in merged.items() if t0 <= m[0] <= t1}
         complete = [(m[1] - m[0]) / 1e6 for m in in_window.values() if m[2] >= members]
+        # the 20 slowest (ms, sent at s after t0): a stall shows as a run of
+        # neighbours, a slow path as scattered ones
+        worst = sorted(
+            ((m[1] - m[0]) / 1e6, (m[0] - t0) / 1e9) for m in in_window.values() if m[2] >= members
+        )[-20:][::-1]
         dur = (t1 - t0) / 1e9
         sent_total = replies[0]["sent"]
         res = {
@@ -546,6 +552,8 @@ class Bench:
             "measured": len(in_window),
             "complete": len(complete),
             "incomplete": len(in_window) - len(complete),
+            # received chunks whose probes were not consecutive (none expected)
+            "out_of_order": sum(r.get("out_of_order", 0) for r in replies),
             "p50_ms": pct(complete, 0.50),
             "p99_ms": pct(complete, 0.99),
             "p999_ms": pct(complete, 0.999),
@@ -554,6 +562,7 @@ class Bench:
             "machine_cpu": self.machine_cores,
             "softirq_cpu": self.softirq_cores,
             "loadgen_cpu": sum(r["cpu"] for r in replies) / dur,
+            "worst": [[round(ms, 2), round(at, 4)] for ms, at in worst],
         }
         log(
             f"  latency n={members} at {rate:,.0f} msgs/s: p50 {res['p50_ms']:.2f} ms,"

@@ -18,6 +18,7 @@ itself burnt for what it measured.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import resource
@@ -26,7 +27,7 @@ from collections import Counter
 from typing import Any
 
 import jwt
-from wsclient import COUNT, IDLE, LATENCY, MONO, OWN, Client, Stats, frame
+from wsclient import COUNT, IDLE, LATENCY, MONO, OWN, Client, Stats, frame, probe, probes
 
 CONNECT_TIMEOUT = 20.0
 JOIN_TIMEOUT = 60.0
@@ -154,7 +155,7 @@ class Worker:
     def reset(self) -> None:
         s = self.stats
         s.rx = s.other = s.own_rx = 0
-        s.latency = {}
+        s.lat_chunks = []
         s.own_lat = []
         self.cpu_window = 0.0
 
@@ -231,8 +232,10 @@ class Worker:
 
     async def latency(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """A fixed offered load: the publisher (if any) sends ``rate`` msgs/s,
-        each carrying its sequence number and send time; receivers keep, per
-        message, the latest arrival among this worker's clients."""
+        each carrying its sequence number and send time; receivers note each
+        received chunk's first and last probe, and after the window that
+        becomes, per message, the latest arrival among this worker's clients
+        and how many of them it reached."""
         self.reset()
         for c in self.clients:
             c.mode = LATENCY
@@ -241,6 +244,7 @@ class Worker:
         pub = self.clients[0] if cmd["publish"] and self.clients else None
         room = cmd["room"].encode()
         pad = cmd["size"]
+        sent_at: list[int] = []
 
         async def publish() -> None:
             nonlocal sent
@@ -253,7 +257,9 @@ class Worker:
                     break
                 due = int((now - start) * rate / 1e9) + 1
                 while sent < due:
-                    stamp = b"L%d:%d:" % (sent, MONO())
+                    at = MONO()
+                    sent_at.append(at)
+                    stamp = probe(sent, at)
                     content = stamp + b"x" * max(0, pad - len(stamp))
                     pub.send_text(
                         b'{"type":"room_message","data":{"room":"'
@@ -270,10 +276,17 @@ class Worker:
             tasks.append(asyncio.ensure_future(publish()))
         await asyncio.gather(*tasks)
         await self.drain({"quiet": 0.5, "limit": 5})
+        arrived, out_of_order = probes(self.stats.lat_chunks)
+        self.stats.lat_chunks = []
         return {
             "sent": sent,
             "cpu": self.cpu_window,
-            "latency": self.stats.latency,
+            # seq -> [send ns (0: published elsewhere), latest arrival, reached]
+            "latency": {
+                seq: [sent_at[seq] if seq < len(sent_at) else 0, last, count]
+                for seq, (last, count) in arrived.items()
+            },
+            "out_of_order": out_of_order,
             "open": sum(1 for c in self.clients if c.is_open),
         }
 
@@ -335,6 +348,10 @@ def worker_main(conn: Any, index: int, secret: str, cpus: set[int] | None = None
     if cpus:
         os.sched_setaffinity(0, cpus)
     worker = Worker(index, secret)
+    # The garbage collector runs between commands, never during one: a full
+    # collection over a phase's per-message records paused this process for
+    # ~20 ms mid-window, which the latency phase then reported as chatd's.
+    gc.disable()
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -356,5 +373,6 @@ def worker_main(conn: Any, index: int, secret: str, cpus: set[int] | None = None
                 else:
                     reply = await getattr(worker, op)(cmd)
                 conn.send(reply)
+                gc.collect()
 
     asyncio.run(serve())

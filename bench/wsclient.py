@@ -29,6 +29,7 @@ from collections import deque
 from typing import Any
 
 MONO = time.monotonic_ns
+RECV_SIZE = 65536
 TAIL = b"\x00\x00\xff\xff"
 ROOM_MESSAGE = b'{"type":"room_message"'
 REQUEST_ID = b'"request_id"'
@@ -60,6 +61,42 @@ def frame(payload: bytes, opcode: int = 1) -> bytes:
 CLOSE_1000 = struct.pack("!H", 1000)
 
 
+def probe(seq: int, sent_ns: int) -> bytes:
+    """The start of a latency probe's content."""
+    return b"L%d:%d:" % (seq, sent_ns)
+
+
+def probe_seq(payload: bytes | memoryview) -> int:
+    """The seq of the probe in a room_message payload (-1: none)."""
+    data = bytes(payload)
+    j = data.find(LAT_MARK)
+    if j < 0:
+        return -1
+    j += len(LAT_MARK)
+    return int(data[j : data.index(b":", j)])
+
+
+def probes(chunks: list[tuple[int, int, int, int]]) -> tuple[dict[int, list[int]], int]:
+    """Per seq [latest arrival ns, connections it reached], from the chunks
+    of every connection of a worker; and how many chunks were not a run of
+    consecutive seqs (counted, not used: a probe lost or out of order)."""
+    out: dict[int, list[int]] = {}
+    bad = 0
+    for now, first, last, n in chunks:
+        if last - first + 1 != n:
+            bad += 1
+            continue
+        for seq in range(first, last + 1):
+            rec = out.get(seq)
+            if rec is None:
+                out[seq] = [now, 1]
+            else:
+                rec[1] += 1
+                if now > rec[0]:
+                    rec[0] = now
+    return out, bad
+
+
 class Stats:
     """Per-worker counters shared by all its clients (one process, one thread)."""
 
@@ -67,7 +104,11 @@ class Stats:
         self.counting = False
         self.rx = 0  # room_message frames received while counting
         self.other = 0  # other text frames while counting
-        self.latency: dict[int, list[int]] = {}  # seq -> [send_ns, max_arrival_ns, count]
+        # latency probes, one entry per received chunk: (arrival_ns, first
+        # seq, last seq, frames); seqs arrive in order on each connection, so
+        # a chunk of n probes from a to a+n-1 is all that needs keeping
+        # (``probes`` turns them into per-seq results after the window).
+        self.lat_chunks: list[tuple[int, int, int, int]] = []
         self.own_lat: list[int] = []  # send -> own copy, ns (while counting)
         self.own_rx = 0
         self.last_rx_ns = 0
@@ -101,6 +142,11 @@ class Client(asyncio.Protocol):
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        # asyncio reads up to 256 KiB a time into a fresh bytes object: above
+        # glibc's mmap threshold, so every read was an mmap, page faults and
+        # an mremap/munmap (a fifth of this process's CPU at chatd's latency
+        # point). 64 KiB stays on the heap.
+        transport.max_size = RECV_SIZE
         key = base64.b64encode(os.urandom(16)).decode()
         ext = (
             "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
@@ -153,6 +199,8 @@ class Client(asyncio.Protocol):
         stats = self.stats
         mode = self.mode
         counting = stats.counting
+        lat_n = 0
+        lat_first = lat_last = b""
         while n - i >= 2:
             b0 = buf[i]
             ln = buf[i + 1] & 127
@@ -188,7 +236,7 @@ class Client(asyncio.Protocol):
                     rsv1 = b0 & 0x40
                 if rsv1:
                     payload = self.inflater.decompress((payload or buf[h:end]) + TAIL)
-                if mode == COUNT and payload is None:
+                if (mode == COUNT or mode == LATENCY) and payload is None:
                     is_rm = buf.startswith(ROOM_MESSAGE, h)
                 else:
                     if payload is None:
@@ -205,21 +253,15 @@ class Client(asyncio.Protocol):
                 if counting:
                     stats.rx += 1
                 stats.last_rx_ns = now
+                if mode == LATENCY and payload is None:
+                    payload = memoryview(buf)[h:end]
                 if mode == LATENCY:
+                    # only the chunk's first and last probe are parsed (below)
                     assert payload is not None
-                    j = payload.find(LAT_MARK)
-                    if j >= 0:
-                        j += len(LAT_MARK)
-                        e = payload.index(b":", j)
-                        e2 = payload.index(b":", e + 1)
-                        seq = int(payload[j:e])
-                        rec = stats.latency.get(seq)
-                        if rec is None:
-                            stats.latency[seq] = [int(payload[e + 1 : e2]), now, 1]
-                        else:
-                            rec[2] += 1
-                            if now > rec[1]:
-                                rec[1] = now
+                    if lat_n == 0:
+                        lat_first = payload
+                    lat_last = payload
+                    lat_n += 1
                 elif mode == OWN:
                     if payload is None:
                         payload = buf[h:end]
@@ -248,6 +290,10 @@ class Client(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.close()
         self.buf = buf[i:] if i < n else b""
+        if lat_n:
+            first, last = probe_seq(lat_first), probe_seq(lat_last)
+            if first >= 0 and last >= 0:
+                stats.lat_chunks.append((now, first, last, lat_n))
 
     # --- actions -------------------------------------------------------------
 
