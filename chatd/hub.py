@@ -8,6 +8,12 @@ recipient's connection: no task per recipient, no per-recipient encoding
 (DESIGN D3). The sender's own copy alone is encoded again, to echo its
 ``request_id``.
 
+A room message goes to its room through ``broadcast`` (the room's set of
+connections, the shared frame, and the sender's own copy): by default each
+connection's ``send`` at once; the server passes the transport's, which
+joins a commit group's consecutive messages to one room into one buffer
+written once to each member (``chatd.transport.websocket.broadcast``).
+
 A connection that joins a room to recover missed messages is *held* in it:
 the room's frames for that connection are kept back, in order, until the
 replay from storage has been sent, then released, skipping the messages the
@@ -78,6 +84,27 @@ class _Room:
         return count
 
 
+class Broadcast(Protocol):
+    """Send ``frame`` to every one of ``peers`` but ``own``, and ``own_frame``
+    to ``own`` (whether or not it is in ``peers``). ``peers`` is a room's own
+    set: the same object for every message to that room."""
+
+    def __call__(
+        self, peers: set[Peer], frame: OutFrame, own: Peer | None, own_frame: OutFrame | None
+    ) -> None: ...
+
+
+def broadcast_each(
+    peers: set[Peer], frame: OutFrame, own: Peer | None, own_frame: OutFrame | None
+) -> None:
+    """Each connection's ``send``, at once."""
+    for peer in peers:
+        if peer is not own:
+            peer.send(frame)
+    if own is not None and own_frame is not None:
+        own.send(own_frame)
+
+
 #: Called when a user's first connection on this node joins a room
 #: ("user_connected") or its last one leaves ("user_disconnected"), with
 #: the user, the room and ``now``.
@@ -92,10 +119,14 @@ class Hub:
     relay first asks whether the user is on another node too."""
 
     def __init__(
-        self, metrics: Metrics | None = None, on_presence: PresenceHook | None = None
+        self,
+        metrics: Metrics | None = None,
+        on_presence: PresenceHook | None = None,
+        broadcast: Broadcast = broadcast_each,
     ) -> None:
         self._metrics = metrics or Metrics()
         self.on_presence: PresenceHook = on_presence or self.announce
+        self._broadcast = broadcast
         self._rooms: dict[str, _Room] = {}
         #: Every connected peer -> the rooms it joined (``_NOWHERE`` until
         #: its first join: an idle connection costs no set of its own).
@@ -242,15 +273,22 @@ class Hub:
             users = self._users
             peers = {*users.get(msg.to_user_id, ()), *users.get(msg.user_id, ())}
         own = origin if request_id is not None and origin in self._joined else None
-        sent = 0
+        others = len(peers) - (own is not None and own in peers)
         # The shared frame is built only when someone besides the sender gets
         # it (a sender alone in its room gets only its own copy).
-        if len(peers) > (own is not None and own in peers):
-            frame = OutFrame(encode(kind, data, now, user_id=sender))
-            sent = state.send(frame, (p for p in peers if p is not own), stored.id)
-        self._metrics.frames_out(kind, sent + (own is not None))
+        frame = OutFrame(encode(kind, data, now, user_id=sender)) if others else None
+        copy = None
         if own is not None:
             copy = OutFrame(encode(kind, data, now, user_id=sender, request_id=request_id))
+        if frame is not None and msg.room is not None and not state.held and not state.floors:
+            self._broadcast(peers, frame, own, copy)
+            self._metrics.frames_out(kind, others + (own is not None))
+            return
+        sent = 0
+        if frame is not None:
+            sent = state.send(frame, (p for p in peers if p is not own), stored.id)
+        self._metrics.frames_out(kind, sent + (own is not None))
+        if own is not None and copy is not None:
             # Held like the rest, but never skipped at release: a replay
             # lacks the request_id the sender is waiting for.
             state.send(copy, (own,), None)

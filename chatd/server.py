@@ -46,7 +46,7 @@ from chatd.store import NewMessage, Store, StoredMessage
 from chatd.store.sqlite import open_sqlite_store
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.http import Response, serve_connection
-from chatd.transport.websocket import WebSocketConnection, corked
+from chatd.transport.websocket import WebSocketConnection, broadcast, corked
 from chatd.web import load_assets
 
 log = logging.getLogger("chatd")
@@ -104,7 +104,7 @@ class ChatServer:
         self, *, task_status: trio.TaskStatus[ChatServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
-        hub = Hub(self.metrics)
+        hub = Hub(self.metrics, broadcast=broadcast)  # type: ignore[arg-type]
         async with (
             open_store(config, self.metrics) as store,
             open_bus(config, hub, store, self.wall, trio.current_time, self.metrics) as bus,

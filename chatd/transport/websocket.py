@@ -24,6 +24,11 @@ dropped and it is closed with 1013, and no other connection waits for it.
 
 Deliveries of one commit group run ``corked()``: each member's frames of the
 whole group leave in one ``writev`` at the end, not one write per message.
+And the group's consecutive messages to one room are a *run*
+(``broadcast``): their frames are joined once into one buffer, which each
+member's buffer takes in one step, instead of one step per member per
+message. The run ends before anything else is written to any connection,
+so every connection still gets its frames in commit order.
 
 Data frames are built once by the hub (``frames.OutFrame``) and written as
 they are; wsproto builds only the control frames (ping, pong, close), so the
@@ -92,9 +97,83 @@ def corked() -> Iterator[None]:
     try:
         yield
     finally:
+        if _run is not None:
+            _end_run()
         _corked = None
         for conn in pending:
             conn._flush_now()
+
+
+class _Run:
+    """Consecutive messages to one room within a corked block: the room's
+    set of connections, each message's shared frame, and its sender and the
+    sender's own copy (None when it has none)."""
+
+    __slots__ = ("copies", "frames", "owns", "peers")
+
+    def __init__(self, peers: set[WebSocketConnection]) -> None:
+        self.peers = peers
+        self.frames: list[OutFrame] = []
+        self.owns: list[WebSocketConnection | None] = []
+        self.copies: list[OutFrame | None] = []
+
+
+#: The run being gathered (None: none).
+_run: _Run | None = None
+
+
+def broadcast(
+    peers: set[WebSocketConnection],
+    frame: OutFrame,
+    own: WebSocketConnection | None,
+    own_frame: OutFrame | None,
+) -> None:
+    """``frame`` to every one of ``peers`` but ``own``, ``own_frame`` to
+    ``own`` (the hub's ``Broadcast``). While corked, gathered into the run of
+    ``peers``' room, written when it ends."""
+    global _run
+    if _corked is None:
+        for conn in peers:
+            if conn is not own:
+                conn.send(frame)
+        if own is not None and own_frame is not None:
+            own.send(own_frame)
+        return
+    run = _run
+    if run is None or run.peers is not peers:
+        if run is not None:
+            _end_run()
+        run = _run = _Run(peers)
+    run.frames.append(frame)
+    run.owns.append(own)
+    run.copies.append(own_frame)
+
+
+def _end_run() -> None:
+    """Write the run: the joined frames to each member (one join per
+    compression setting), message by message to the run's senders."""
+    global _run
+    run = _run
+    assert run is not None
+    _run = None
+    frames, owns = run.frames, run.owns
+    joined: dict[int | None, bytes] = {}
+    senders = {conn for conn in owns if conn is not None}
+    if not senders:
+        for conn in run.peers:
+            conn._send_run(frames, joined)
+        return
+    for conn in run.peers:
+        if conn not in senders:
+            conn._send_run(frames, joined)
+    for conn in senders:
+        member = conn in run.peers
+        for frame, own, copy in zip(frames, owns, run.copies, strict=True):
+            if own is conn:
+                if copy is not None:
+                    conn.send(copy)
+            elif member:
+                conn.send(frame)
 
 
 def _read(fd: int) -> bytes | None:
@@ -205,6 +284,8 @@ class WebSocketConnection:
 
     def send(self, frame: OutFrame) -> None:
         """Queue one data frame for this connection."""
+        if _run is not None:  # a run's frames go first: they were sent first
+            _end_run()
         if self._closing:
             return
         batch = self._batch
@@ -217,6 +298,25 @@ class WebSocketConnection:
             return
         batch.append(frame)
         self._kick()
+
+    def _send_run(self, frames: list[OutFrame], joined: dict[int | None, bytes]) -> None:
+        """Queue a run's frames; ``joined`` keeps their joined bytes for each
+        compression setting, shared by the run's members."""
+        if self._closing:
+            return
+        if self._batch is not None:
+            for frame in frames:
+                self.send(frame)
+            return
+        bits = self._window_bits
+        data = joined.get(bits)
+        if data is None:
+            if len(frames) == 1:
+                data = frames[0].wire(bits)
+            else:
+                data = b"".join([frame.wire(bits) for frame in frames])
+            joined[bits] = data
+        self._write(data)
 
     def send_raw(self, data: bytes) -> None:
         """Queue bytes that are already framed (the handshake's 101)."""
@@ -254,6 +354,8 @@ class WebSocketConnection:
         return out
 
     def _write(self, data: bytes, *, force: bool = False) -> None:
+        if _run is not None:  # (control frames, the 101: after the run too)
+            _end_run()
         if self._dead:
             return
         if not self._out:
