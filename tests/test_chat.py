@@ -56,6 +56,40 @@ async def test_two_users_see_each_others_messages_in_order(server):
     assert bobs_own[0]["request_id"] == "b"
 
 
+async def test_a_member_of_two_rooms_gets_every_message_in_commit_order(server):
+    """Bursts into two rooms and direct messages, committed together in
+    groups: a connection in both rooms gets them all in id (commit) order,
+    each sender its own copies with their request_ids."""
+    async with (
+        connect(server, 1, "alice") as alice,
+        connect(server, 2, "bob") as bob,
+        connect(server, 3, "carol") as carol,
+    ):
+        await alice.join("general")
+        await bob.join("random")
+        await carol.join("general")
+        await carol.join("random")
+        await alice.expect("user_connected")
+        await bob.expect("user_connected")
+        for i in range(30):
+            await alice.send("room_message", {"room": "general", "content": f"g{i}"}, request_id=i)
+            await bob.send("room_message", {"room": "random", "content": f"r{i}"}, request_id=i)
+            if i % 3 == 0:
+                await alice.send("direct_message", {"to_user_id": 3, "content": f"d{i}"})
+        frames = [await carol.recv() for _ in range(70)]
+        mine = [await alice.recv() for _ in range(40)]
+    assert all(f["type"] in ("room_message", "direct_message") for f in frames)
+    ids = [f["data"]["id"] for f in frames]
+    assert ids == sorted(ids) and len(set(ids)) == 70
+    contents = [f["data"]["content"] for f in frames]
+    for prefix in "grd":
+        got = [int(c[1:]) for c in contents if c[0] == prefix]
+        assert got == sorted(got)
+    own = [f for f in mine if f["type"] == "room_message"]
+    assert [f["request_id"] for f in own] == list(range(30))
+    assert [f["data"]["id"] for f in mine] == sorted(f["data"]["id"] for f in mine)
+
+
 async def test_request_id_is_echoed_on_every_reply(server):
     async with connect(server) as alice:
         ack = await alice.request("join_room", {"room": "general"}, request_id="join-1")

@@ -27,8 +27,9 @@ whole group leave in one ``writev`` at the end, not one write per message.
 And the group's consecutive messages to one room are a *run*
 (``broadcast``): their frames are joined once into one buffer, which each
 member's buffer takes in one step, instead of one step per member per
-message. The run ends before anything else is written to any connection,
-so every connection still gets its frames in commit order.
+message. A run lives inside one synchronous corked block, where every
+write to a connection goes through ``send`` or ``close``: both end the run
+first, so every connection still gets its frames in the order sent.
 
 Data frames are built once by the hub (``frames.OutFrame``) and written as
 they are; wsproto builds only the control frames (ping, pong, close), so the
@@ -338,6 +339,8 @@ class WebSocketConnection:
 
     def close(self, code: int, reason: str = "") -> None:
         """Start the closing handshake with ``code``."""
+        if _run is not None:  # frames sent before the close go before it
+            _end_run()
         if self._closing or self._dead:
             return
         self._closing = True
@@ -354,8 +357,6 @@ class WebSocketConnection:
         return out
 
     def _write(self, data: bytes, *, force: bool = False) -> None:
-        if _run is not None:  # (control frames, the 101: after the run too)
-            _end_run()
         if self._dead:
             return
         if not self._out:
