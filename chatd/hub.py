@@ -27,6 +27,7 @@ Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Protocol
 
 import msgspec
@@ -123,10 +124,15 @@ class Hub:
         metrics: Metrics | None = None,
         on_presence: PresenceHook | None = None,
         broadcast: Broadcast = broadcast_each,
+        batch: Callable[[], AbstractContextManager[None]] = nullcontext,
     ) -> None:
         self._metrics = metrics or Metrics()
         self.on_presence: PresenceHook = on_presence or self.announce
         self._broadcast = broadcast
+        #: Deliveries made together run inside ``batch()`` (the server's
+        #: is the transport's ``corked``: one write per connection for all
+        #: of them, consecutive messages to a room as one run).
+        self.batch = batch
         self._rooms: dict[str, _Room] = {}
         #: Every connected peer -> the rooms it joined (``_NOWHERE`` until
         #: its first join: an idle connection costs no set of its own).

@@ -104,7 +104,7 @@ class ChatServer:
         self, *, task_status: trio.TaskStatus[ChatServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
-        hub = Hub(self.metrics, broadcast=broadcast)  # type: ignore[arg-type]
+        hub = Hub(self.metrics, broadcast=broadcast, batch=corked)  # type: ignore[arg-type]
         async with (
             open_store(config, self.metrics) as store,
             open_bus(config, hub, store, self.wall, trio.current_time, self.metrics) as bus,

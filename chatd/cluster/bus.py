@@ -237,7 +237,8 @@ class RedisBus:
         """Deliver what a read from the store made deliverable; read again
         when a gap is still open (the read failed, or messages arrived early
         meanwhile)."""
-        self._send(self._rooms.fill(room, [(m.seq, (m, None, None)) for m in found]))
+        with self.hub.batch():
+            self._send(self._rooms.fill(room, [(m.seq, (m, None, None)) for m in found]))
         again = self._rooms.fetch_done(room)
         if again is not None and self._nursery is not None:
             self._nursery.start_soon(self._fill, room, again)
@@ -263,8 +264,9 @@ class RedisBus:
             except Exception as exc:
                 log.warning("cluster: cannot catch up direct messages: %s", exc)
                 return
-            for stored in missed:
-                self._deliver(stored)
+            with self.hub.batch():
+                for stored in missed:
+                    self._deliver(stored)
 
     # --- presence -------------------------------------------------------------
 
@@ -396,14 +398,17 @@ class RedisBus:
         except msgspec.DecodeError:
             log.warning("cluster: undecodable event on %s ignored", self.channel)
             return
-        for event in events:
-            if event.node == self.node_id:
-                continue
-            self._metrics.bus_received.inc()
-            if event.kind == "m":
-                self._deliver(event.stored())
-            elif event.kind == "p" and event.room is not None:
-                self._announce(event.message_type, event.user_id, event.username, event.room, False)
+        with self.hub.batch():  # a batch of events: one write per connection
+            for event in events:
+                if event.node == self.node_id:
+                    continue
+                self._metrics.bus_received.inc()
+                if event.kind == "m":
+                    self._deliver(event.stored())
+                elif event.kind == "p" and event.room is not None:
+                    self._announce(
+                        event.message_type, event.user_id, event.username, event.room, False
+                    )
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
