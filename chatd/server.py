@@ -104,6 +104,8 @@ class ChatServer:
         self, *, task_status: trio.TaskStatus[ChatServer] = trio.TASK_STATUS_IGNORED
     ) -> None:
         config = self.config
+        # (ignore: the hub types its peers as Peer; this server's are all
+        # WebSocketConnections, which the transport's broadcast takes)
         hub = Hub(self.metrics, broadcast=broadcast, batch=corked)  # type: ignore[arg-type]
         async with (
             open_store(config, self.metrics) as store,
