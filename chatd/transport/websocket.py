@@ -131,15 +131,8 @@ def broadcast(
 ) -> None:
     """``frame`` to every one of ``peers`` but ``own``, ``own_frame`` to
     ``own`` (the hub's ``Broadcast``). While corked, gathered into the run of
-    ``peers``' room, written when it ends."""
+    ``peers``' room, written when it ends; otherwise a run of one, now."""
     global _run
-    if _corked is None:
-        for conn in peers:
-            if conn is not own:
-                conn.send(frame)
-        if own is not None and own_frame is not None:
-            own.send(own_frame)
-        return
     run = _run
     if run is None or run.peers is not peers:
         if run is not None:
@@ -148,6 +141,8 @@ def broadcast(
     run.frames.append(frame)
     run.owns.append(own)
     run.copies.append(own_frame)
+    if _corked is None:
+        _end_run()
 
 
 def _end_run() -> None:
