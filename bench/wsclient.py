@@ -66,14 +66,17 @@ def probe(seq: int, sent_ns: int) -> bytes:
     return b"L%d:%d:" % (seq, sent_ns)
 
 
+def seq_at(data: bytes, mark: int) -> int:
+    """The seq of the probe whose ``LAT_MARK`` starts at ``mark``."""
+    j = mark + len(LAT_MARK)
+    return int(data[j : data.index(b":", j)])
+
+
 def probe_seq(payload: bytes | memoryview) -> int:
     """The seq of the probe in a room_message payload (-1: none)."""
     data = bytes(payload)
     j = data.find(LAT_MARK)
-    if j < 0:
-        return -1
-    j += len(LAT_MARK)
-    return int(data[j : data.index(b":", j)])
+    return -1 if j < 0 else seq_at(data, j)
 
 
 def probes(chunks: list[tuple[int, int, int, int]]) -> tuple[dict[int, list[int]], int]:
@@ -326,16 +329,9 @@ class Client(asyncio.Protocol):
         if self.mode == LATENCY:
             if buf.count(LAT_MARK, 0, i) != frames:
                 return False
-            first = buf.find(LAT_MARK, 0, i) + len(LAT_MARK)
-            last = buf.rfind(LAT_MARK, 0, i) + len(LAT_MARK)
-            stats.lat_chunks.append(
-                (
-                    now,
-                    int(buf[first : buf.index(b":", first)]),
-                    int(buf[last : buf.index(b":", last)]),
-                    frames,
-                )
-            )
+            first = seq_at(buf, buf.find(LAT_MARK, 0, i))
+            last = seq_at(buf, buf.rfind(LAT_MARK, 0, i))
+            stats.lat_chunks.append((now, first, last, frames))
         if stats.counting:
             stats.rx += frames
         stats.last_rx_ns = now

@@ -155,10 +155,6 @@ def _end_run() -> None:
     frames, owns = run.frames, run.owns
     joined: dict[int | None, bytes] = {}
     senders = {conn for conn in owns if conn is not None}
-    if not senders:
-        for conn in run.peers:
-            conn._send_run(frames, joined)
-        return
     for conn in run.peers:
         if conn not in senders:
             conn._send_run(frames, joined)
