@@ -1,4 +1,4 @@
-// Drives the seed's WebSocketClient, unchanged, against a running chatd.
+// Drives the reference WebSocketClient, unchanged, against a running chatd.
 //
 // The class hard-codes ws://localhost:8080; the only thing this harness
 // changes is the global WebSocket, which it wraps to point that address at the

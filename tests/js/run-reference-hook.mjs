@@ -1,7 +1,8 @@
-// Drives the seed's useWebSocket React hook, unchanged, against a running
-// chatd: rendered with react-test-renderer, it connects (through the seed's
-// WebSocketClient), joins a room, sends a room message and a direct message,
-// and asks for history; the hook's own handlers collect what comes back.
+// Drives the protocol document's useWebSocket React hook, unchanged, against
+// a running chatd: rendered with react-test-renderer, it connects (through the
+// reference WebSocketClient), joins a room, sends a room message and a direct
+// message, and asks for history; the hook's own handlers collect what comes
+// back.
 // Like run-reference-client.mjs, it only wraps the global WebSocket so that the
 // client's hard-coded ws://localhost:8080 reaches the test server.
 // Prints one JSON line: the hook's `messages` state at the end.
