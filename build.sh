@@ -27,8 +27,8 @@ venv() {
     fi
 }
 
-# The seed's React hook runs in the tests under Node.js: install React there
-# (pinned by tests/js/package-lock.json) when npm is available.
+# The protocol document's React hook runs in the tests under Node.js: install
+# React there (pinned by tests/js/package-lock.json) when npm is available.
 js() {
     command -v npm >/dev/null 2>&1 || return 0
     local stamp=tests/js/node_modules/.chatd-lock

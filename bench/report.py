@@ -4,7 +4,7 @@
 
 Everything in the page comes from the JSON (and, when present, the py-spy
 raw profile next to it and the hand-written ``bench/analysis.md``, included
-as it is): numbers, ratios chatd/peer, the issue's targets met or missed.
+as it is): numbers, ratios chatd/peer, the targets met or missed.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
         + ".",
         "",
     ]
-    L += ["## Targets of issue 5", ""] + targets(res) + [""]
+    L += ["## Targets", ""] + targets(res) + [""]
     L += ["## Machine and versions", ""]
     L += [
         f"- CPU: {m['cpu']}, `nproc` = {m['nproc']}; kernel {m['kernel']}",

@@ -1,9 +1,9 @@
 """The browser client served at ``/``: static files shipped inside the package
 (and so inside the zipapp), read once at start.
 
-``index.html`` loads the seed's ``WebSocketClient`` class unchanged
-(``seed-websocket-client.js``) and ``app.js``, which builds the page on it.
-No build step, no third-party code.
+``index.html`` loads the reference ``WebSocketClient`` class, the protocol
+document's, unchanged (``websocket-client.js``) and ``app.js``, which builds
+the page on it. No build step, no third-party code.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-// The chatd page, built on the seed's WebSocketClient (seed-websocket-client.js,
-// loaded unchanged before this file). No build step, no third-party code.
+// The chatd page, built on the reference WebSocketClient (websocket-client.js,
+// the protocol document's class, loaded unchanged before this file). No build
+// step, no third-party code.
 //
 // Everything shown comes from the network and is shown as text: the DOM is
 // built with createElement/textContent only, never innerHTML.
@@ -9,12 +10,12 @@ const PAGE_SIZE = 50;
 const TOKEN_KEY = 'chatd.token';
 const $ = (id) => document.getElementById(id);
 
-// The seed's class hard-codes ws://localhost:8080. ChatClient overrides
-// connect() only, with the seed's body unchanged except for two things: the URL
-// comes from `location` (ws: or wss: as the page, the token URL-encoded), and
+// The reference class hard-codes ws://localhost:8080. ChatClient overrides
+// connect() only, with the reference body unchanged except for two things: the
+// URL comes from `location` (ws: or wss: as the page, the token URL-encoded), and
 // onopen / onclose also call this.onOpen / this.onClose, so that the page can
 // re-join its rooms after a reconnection and show the connection state.
-// Reconnecting (5 attempts, growing delays) is still the seed's handleReconnect.
+// Reconnecting (5 attempts, growing delays) is still the reference handleReconnect.
 class ChatClient extends WebSocketClient {
     connect() {
         const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
@@ -101,7 +102,7 @@ function login(token) {
 
 function logout(message) {
     if (client) {
-        client.maxReconnectAttempts = 0; // the seed reconnects on every close
+        client.maxReconnectAttempts = 0; // the reference client reconnects on every close
         client.onOpen = client.onClose = null;
         client.messageHandlers.clear();
         client.disconnect();

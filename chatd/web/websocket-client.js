@@ -1,5 +1,5 @@
-// The seed's WebSocketClient, copied unchanged from
-// shared/spec/websocket-protocol.fr.md (section "Client JavaScript/React").
+// The reference WebSocketClient, copied unchanged from the protocol document
+// (its section "Client JavaScript/React"; docs/protocol.md describes it).
 // The browser page (index.html, app.js) is built on it; tests/js runs it too.
 class WebSocketClient {
     constructor(token) {

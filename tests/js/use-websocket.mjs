@@ -1,6 +1,6 @@
-// The seed's useWebSocket hook, copied unchanged from
-// shared/spec/websocket-protocol.fr.md (section "Hook React pour WebSocket").
-// It expects the seed's WebSocketClient class as a global.
+// The protocol document's useWebSocket hook, copied unchanged (its section
+// "Hook React pour WebSocket"; docs/protocol.md describes it).
+// It expects the reference WebSocketClient class as a global.
 import { useEffect, useRef, useState } from 'react';
 
 export const useWebSocket = (token) => {

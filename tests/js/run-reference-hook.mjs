@@ -1,8 +1,9 @@
-// Drives the seed's useWebSocket React hook, unchanged, against a running
-// chatd: rendered with react-test-renderer, it connects (through the seed's
-// WebSocketClient), joins a room, sends a room message and a direct message,
-// and asks for history; the hook's own handlers collect what comes back.
-// Like run-seed-client.mjs, it only wraps the global WebSocket so that the
+// Drives the protocol document's useWebSocket React hook, unchanged, against
+// a running chatd: rendered with react-test-renderer, it connects (through the
+// reference WebSocketClient), joins a room, sends a room message and a direct
+// message, and asks for history; the hook's own handlers collect what comes
+// back.
+// Like run-reference-client.mjs, it only wraps the global WebSocket so that the
 // client's hard-coded ws://localhost:8080 reaches the test server.
 // Prints one JSON line: the hook's `messages` state at the end.
 import { readFileSync } from "node:fs";
@@ -21,10 +22,10 @@ globalThis.WebSocket = class extends NativeWebSocket {
   }
 };
 globalThis.IS_REACT_ACT_ENVIRONMENT = true;
-const source = readFileSync(new URL("../../chatd/web/seed-websocket-client.js", import.meta.url), "utf8");
+const source = readFileSync(new URL("../../chatd/web/websocket-client.js", import.meta.url), "utf8");
 globalThis.WebSocketClient = new Function(`${source}\nreturn WebSocketClient;`)();
 console.log = () => {};
-const { useWebSocket } = await import("./seed-use-websocket.mjs");
+const { useWebSocket } = await import("./use-websocket.mjs");
 
 let hook = null;
 function App() {

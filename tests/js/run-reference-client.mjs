@@ -1,4 +1,4 @@
-// Drives the seed's WebSocketClient, unchanged, against a running chatd.
+// Drives the reference WebSocketClient, unchanged, against a running chatd.
 //
 // The class hard-codes ws://localhost:8080; the only thing this harness
 // changes is the global WebSocket, which it wraps to point that address at the
@@ -16,7 +16,7 @@ globalThis.WebSocket = class extends NativeWebSocket {
   }
 };
 
-const source = readFileSync(new URL("../../chatd/web/seed-websocket-client.js", import.meta.url), "utf8");
+const source = readFileSync(new URL("../../chatd/web/websocket-client.js", import.meta.url), "utf8");
 const WebSocketClient = new Function(`${source}\nreturn WebSocketClient;`)();
 console.log = () => {}; // the class logs in French on every open/close
 
