@@ -12,16 +12,11 @@ import time
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
 
-from tests.conftest import SECRET, Client, connect, make_token, running
-
-
-async def closed_with(client: Client, code: int) -> None:
-    """The next thing on the connection is its close, with ``code``."""
-    with pytest.raises(ConnectionClosed) as info:
-        await client.recv()
-    assert info.value.reason.code == code
+from tests.helpers.clients import closed_with, connect
+from tests.helpers.clocks import WallClock
+from tests.helpers.servers import running
+from tests.helpers.tokens import SECRET, hand_made_token, make_token
 
 
 async def test_two_users_see_each_others_messages_in_order(server):
@@ -151,21 +146,11 @@ async def test_bad_tokens_get_auth_failed_then_4001(server, db_path, token):
 
 
 async def test_wrong_signature_and_alg_none_are_refused(server):
-    import base64
-    import json
-
     import jwt
 
     forged = jwt.encode({"user_id": 1, "exp": int(time.time()) + 60}, "x" * 32, algorithm="HS256")
-
-    def b64(obj: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-
-    unsigned = (
-        b64({"alg": "none", "typ": "JWT"})
-        + "."
-        + b64({"user_id": 1, "exp": int(time.time()) + 60})
-        + "."
+    unsigned = hand_made_token(
+        {"alg": "none", "typ": "JWT"}, {"user_id": 1, "exp": int(time.time()) + 60}, None
     )
     for token in (forged, unsigned):
         async with connect(server, token=token) as client:
@@ -295,16 +280,6 @@ async def test_rate_limit_refuses_and_recovers(make_config, db_path, slow_autoju
     with sqlite3.connect(db_path) as db:
         contents = [r[0] for r in db.execute("SELECT content FROM messages ORDER BY id")]
     assert contents == ["ok0", "ok1", "ok2", "later"]
-
-
-class WallClock:
-    """A wall clock the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
 
 
 async def test_expired_token_is_refused_on_join_and_send(make_config):

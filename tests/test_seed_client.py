@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import connect, make_token
+from tests.helpers.clients import connect
+from tests.helpers.tokens import make_token
 
 JS = Path(__file__).parent / "js"
 HARNESS = JS / "run-seed-client.mjs"

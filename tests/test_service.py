@@ -9,19 +9,11 @@ The in-process tests run on the real server over TCP; the signal tests start
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
-import socket
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import h11
 import pytest
 import trio
 import trio.testing
@@ -29,66 +21,17 @@ from trio_websocket import ConnectionClosed
 
 from chatd.config import Config
 from chatd.server import ChatServer
-from tests.conftest import SECRET, Client, connect, make_token, ws_open
-from tests.test_transport import closed_with
+from tests.helpers.clients import Client, closed_with, connect, room_history_ids
+from tests.helpers.http_client import HttpReply, http_request
+from tests.helpers.servers import (
+    chatd_process,
+    config_text,
+    free_port,
+    wait_for_log,
+    wait_healthy,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-
-# --- helpers: one HTTP request over h11 -----------------------------------------
-
-
-@dataclass
-class HttpReply:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
-async def http_request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes = b"",
-    headers: list[tuple[str, str]] | None = None,
-    *,
-    time_limit: float | None = 10.0,
-) -> HttpReply:
-    """Send one request on a new connection (``Connection: close``) and read
-    the whole response. ``time_limit`` None: no deadline (on an autojump clock,
-    a deadline with nothing else pending is where time jumps to)."""
-    conn = h11.Connection(h11.CLIENT)
-    head = [("host", f"127.0.0.1:{port}"), ("connection", "close"), *(headers or [])]
-    if body or method in ("POST", "PUT"):
-        head.append(("content-length", str(len(body))))
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        with trio.fail_after(math.inf if time_limit is None else time_limit):
-            out = conn.send(h11.Request(method=method, target=path, headers=head))
-            if body:
-                out += conn.send(h11.Data(data=body))
-            out += conn.send(h11.EndOfMessage())
-            await stream.send_all(out)
-            response: h11.Response | None = None
-            chunks: list[bytes] = []
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    response = event
-                elif isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    break
-                else:  # pragma: no cover - ConnectionClosed before the end
-                    raise AssertionError(f"unexpected {event!r}")
-    assert response is not None
-    hdrs = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
-    return HttpReply(response.status_code, hdrs, b"".join(chunks))
-
+pytestmark = pytest.mark.usefixtures("collect_garbage")
 
 # === 1. /healthz and /readyz ====================================================
 
@@ -178,9 +121,7 @@ async def test_drain_readyz_503_clients_keep_working_then_1001(
 
                     # After the grace every client gets 1001.
                     for client in (alice, bob, carol):
-                        with pytest.raises(ConnectionClosed) as info:
-                            await client.recv(wait=2 * grace)
-                        assert closed_with(info) == 1001
+                        await closed_with(client, 1001, wait=2 * grace)
                     assert trio.current_time() - stopped >= grace
         # No deadline here either: the store commits on its thread while
         # run() finishes, and time would jump to the deadline.
@@ -191,125 +132,6 @@ async def test_drain_readyz_503_clients_keep_working_then_1001(
 
 
 # === 3. the real process: SIGTERM and SIGHUP ====================================
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-def config_text(
-    port: int,
-    db: Path,
-    *,
-    public: tuple[str, ...] = ("general", "random"),
-    max_content_length: int | str = 4000,
-    shutdown_timeout: float = 3.0,
-    drain_grace: float = 0.0,
-    api_keys: tuple[str, ...] = (),
-) -> str:
-    rooms = ", ".join(json.dumps(r) for r in public)
-    length = json.dumps(max_content_length)
-    return (
-        "[server]\n"
-        'host = "127.0.0.1"\n'
-        f"port = {port}\n"
-        f"shutdown_timeout_seconds = {shutdown_timeout}\n"
-        f"drain_grace_seconds = {drain_grace}\n"
-        "[auth]\n"
-        f'jwt_secret = "{SECRET}"\n'
-        "[storage]\n"
-        f"sqlite_path = {json.dumps(str(db))}\n"
-        "[rooms]\n"
-        f"public = [{rooms}]\n"
-        "[limits]\n"
-        "messages_per_minute = 100000\n"
-        "messages_per_hour = 1000000\n"
-        "reads_per_minute = 10000\n"
-        f"max_content_length = {length}\n"
-        "[api]\n"
-        f"keys = {json.dumps(list(api_keys))}\n"
-    )
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONWARNINGS", None)
-    env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-@asynccontextmanager
-async def chatd_process(config: Path, log: Path) -> AsyncIterator[trio.Process]:
-    """``python -m chatd --config config``, its stderr (the log) appended to
-    ``log``; killed at the end if still running."""
-    with log.open("ab") as err:
-        proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "chatd", "--config", str(config)],
-            cwd=str(ROOT),
-            env=_child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
-
-
-async def wait_healthy(proc: trio.Process, port: int, log: Path) -> None:
-    with trio.fail_after(10):
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"chatd exited: {await trio.Path(log).read_text()}")
-            try:
-                if (await http_request(port, "GET", "/healthz")).status == 200:
-                    return
-            except OSError:
-                pass
-            await trio.sleep(0.05)
-
-
-async def wait_for_log(log: Path, text: str, count: int = 1) -> None:
-    with trio.fail_after(5):
-        while (await trio.Path(log).read_text()).count(text) < count:  # noqa: ASYNC110
-            await trio.sleep(0.02)
-
-
-def url(port: int, user_id: int, username: str) -> str:
-    return f"ws://127.0.0.1:{port}/ws/chat?token={make_token(user_id, username)}"
-
-
-@asynccontextmanager
-async def client_at(port: int, user_id: int, username: str) -> AsyncIterator[Client]:
-    async with ws_open(url(port, user_id, username)) as ws:
-        yield Client(ws)
-
-
-async def room_history_ids(client: Client, room: str) -> tuple[list[int], int]:
-    """Every id of the room, oldest first, paging with offset; and the total."""
-    pages: list[list[int]] = []
-    offset = 0
-    total = -1
-    while True:
-        reply = await client.request("room_history", {"room": room, "limit": 100, "offset": offset})
-        assert reply["type"] == "message_history", reply
-        data = reply["data"]
-        ids = [m["id"] for m in data["messages"]]
-        assert ids == sorted(ids)
-        pages.append(ids)
-        total = data["total"]
-        offset += len(ids)
-        if not data["has_more"]:
-            break
-        assert ids, "has_more with an empty page"
-    return [i for page in reversed(pages) for i in page], total
 
 
 async def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message(
@@ -328,7 +150,7 @@ async def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message(
     enough = [trio.Event() for _ in range(3)]
 
     async def talker(i: int) -> None:
-        async with client_at(port, i + 1, f"user{i + 1}") as client:
+        async with connect(port, i + 1, f"user{i + 1}") as client:
             await client.join("general")
             joined[i].set()
             n = 0
@@ -379,7 +201,7 @@ async def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message(
     # Start again on the same database: every acknowledged id is there.
     async with chatd_process(config, log) as proc:
         await wait_healthy(proc, port, log)
-        async with client_at(port, 9, "reader") as reader:
+        async with connect(port, 9, "reader") as reader:
             ids, total = await room_history_ids(reader, "general")
         assert len(ids) == total
         assert len(ids) == len(set(ids)), "an id repeats in the history"
@@ -414,7 +236,7 @@ async def test_sighup_reloads_rooms_and_limits_and_keeps_connections(tmp_path: P
     async with chatd_process(config, log) as proc:
         await wait_healthy(proc, port, log)
         with trio.fail_after(20):
-            async with client_at(port, 1, "alice") as alice:
+            async with connect(port, 1, "alice") as alice:
                 # Before: no room "news"; at most 100 characters.
                 refused = await alice.request("join_room", {"room": "news"})
                 assert refused["type"] == "error"
@@ -469,7 +291,7 @@ async def test_sighup_reloads_rooms_and_limits_and_keeps_connections(tmp_path: P
                 too_long = await post(alice, 250)
                 assert too_long["data"]["code"] == "MESSAGE_TOO_LONG"
                 assert too_long["data"]["details"]["max_length"] == 200
-                async with client_at(port, 2, "bob") as bob:
+                async with connect(port, 2, "bob") as bob:
                     assert (await bob.join("news"))["data"]["room"] == "news"
                     joined = await alice.expect("user_connected")
                     assert joined["data"] == {"user_id": 2, "username": "bob", "room": "news"}
@@ -479,10 +301,7 @@ async def test_sighup_reloads_rooms_and_limits_and_keeps_connections(tmp_path: P
                 await alice.nothing_pending()
 
                 proc.send_signal(signal.SIGTERM)
-                with pytest.raises(ConnectionClosed) as info:
-                    while True:
-                        await alice.recv(wait=10)
-                assert closed_with(info) == 1001
+                await closed_with(alice, 1001, wait=10, skip=True)
             with trio.fail_after(8):
                 assert await proc.wait() == 0
 
@@ -496,7 +315,7 @@ async def test_sigterm_drains_then_second_sigterm_stops_at_once(tmp_path: Path) 
     async with chatd_process(config, log) as proc:
         await wait_healthy(proc, port, log)
         with trio.fail_after(15):
-            async with client_at(port, 1, "alice") as alice:
+            async with connect(port, 1, "alice") as alice:
                 await alice.join("general")
                 proc.send_signal(signal.SIGTERM)
                 await wait_for_log(log, "SIGTERM: shutting down")
@@ -521,17 +340,9 @@ async def test_sigterm_drains_then_second_sigterm_stops_at_once(tmp_path: Path) 
     config.write_text(config_text(port, db))
     async with chatd_process(config, log) as proc:
         await wait_healthy(proc, port, log)
-        async with client_at(port, 2, "bob") as bob:
+        async with connect(port, 2, "bob") as bob:
             ids, _ = await room_history_ids(bob, "general")
         assert ids == [message_id]
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(8):
             assert await proc.wait() == 0
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    import gc
-
-    yield
-    gc.collect()

@@ -13,10 +13,9 @@ PostgreSQL refuses to run as root: as root, its directory is given to the
 user. Each test gets a fresh database (``new_database``) and its own Redis
 key prefix, so tests never see each other's data.
 
-``tcp_proxy(host, port)`` puts a TCP forwarder of the test's own between a
-client and a server, which the test can cut (every connection closed, new
-ones refused) and restore: a server that becomes unreachable, without
-stopping the server other tests share.
+``unavailable(reason)`` skips a test whose server cannot start (or fails it
+under ``CHATD_REQUIRE_SERVICES=1``, as CI sets). To cut a test off from a
+server and restore it, see ``tests.helpers.proxies``.
 """
 
 from __future__ import annotations
@@ -31,18 +30,11 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import trio
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.helpers.servers import free_port
 
 
 def _wait_port(port: int, timeout: float = 20.0) -> bool:
@@ -232,6 +224,15 @@ def redis_server() -> tuple[Redis | None, str]:
     return server, ""
 
 
+def unavailable(reason: str) -> None:
+    """Skip, saying why; under CHATD_REQUIRE_SERVICES=1 (CI), fail instead."""
+    import pytest  # here: bench/ imports this module without pytest's help
+
+    if os.environ.get("CHATD_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"CHATD_REQUIRE_SERVICES=1 but {reason}")
+    pytest.skip(reason)
+
+
 @contextlib.contextmanager
 def own_redis() -> Iterator[Redis]:
     """A Redis server of one test's own (for tests that stop and restart it)."""
@@ -246,100 +247,3 @@ def own_redis() -> Iterator[Redis]:
         yield server
     finally:
         server.close()
-
-
-class TcpProxy:
-    """Forwards TCP connections on 127.0.0.1:``port`` to the server; ``cut()``
-    closes every connection and refuses new ones (the port stops listening),
-    ``restore()`` listens on the same port again. Both act at once: the
-    sockets are closed before ``cut()`` returns."""
-
-    def __init__(self, nursery: trio.Nursery, host: str, port: int) -> None:
-        self.host = host
-        self.target_port = port
-        #: Where clients connect (fixed by the first ``restore()``).
-        self.port = 0
-        #: Connections accepted so far.
-        self.accepted = 0
-        self._nursery = nursery
-        self._listener: trio.socket.SocketType | None = None
-        self._serving = trio.CancelScope()
-        self._links: dict[trio.CancelScope, list[trio.SocketStream]] = {}
-
-    @property
-    def cut_off(self) -> bool:
-        return self._listener is None
-
-    def cut(self) -> None:
-        """Close every connection and stop listening."""
-        self._serving.cancel()
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-        for scope, streams in list(self._links.items()):
-            scope.cancel()
-            for stream in streams:
-                stream.socket.close()
-
-    def restore(self) -> None:
-        """Listen (again) and forward new connections."""
-        if self._listener is not None:
-            return
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(128)
-        self.port = sock.getsockname()[1]
-        self._listener = trio.socket.from_stdlib_socket(sock)
-        self._serving = trio.CancelScope()
-        self._nursery.start_soon(self._serve, self._listener, self._serving)
-
-    async def _serve(self, listener: trio.socket.SocketType, scope: trio.CancelScope) -> None:
-        with scope:
-            while True:
-                try:
-                    conn, _ = await listener.accept()
-                except (OSError, trio.ClosedResourceError):  # closed by cut()
-                    return
-                self.accepted += 1
-                link = trio.CancelScope()
-                client = trio.SocketStream(conn)
-                self._links[link] = [client]
-                self._nursery.start_soon(self._link, link, client)
-
-    async def _link(self, scope: trio.CancelScope, client: trio.SocketStream) -> None:
-        try:
-            with scope:
-                try:
-                    upstream = await trio.open_tcp_stream(self.host, self.target_port)
-                except OSError:
-                    return
-                self._links[scope].append(upstream)
-                async with upstream, trio.open_nursery() as nursery:
-                    nursery.start_soon(_pump, client, upstream, nursery.cancel_scope)
-                    nursery.start_soon(_pump, upstream, client, nursery.cancel_scope)
-        finally:
-            del self._links[scope]
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(client)
-
-
-async def _pump(src: trio.SocketStream, dst: trio.SocketStream, done: trio.CancelScope) -> None:
-    try:
-        while data := await src.receive_some(65536):
-            await dst.send_all(data)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    done.cancel()
-
-
-@contextlib.asynccontextmanager
-async def tcp_proxy(host: str, port: int) -> AsyncIterator[TcpProxy]:
-    """A ``TcpProxy`` to ``host:port`` for the block (listening at once)."""
-    async with trio.open_nursery() as nursery:
-        proxy = TcpProxy(nursery, host, port)
-        proxy.restore()
-        try:
-            yield proxy
-        finally:
-            proxy.cut()
