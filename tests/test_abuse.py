@@ -1,6 +1,8 @@
-"""Transport abuse not covered by ``tests/test_transport.py`` (which has the
-handshake timeout, oversized heads, compression bombs, 1007, 1002, the slow
-consumer and the size guard on finite fragmented messages):
+"""Transport abuse not covered elsewhere (the handshake timeout is in
+``tests/test_handshake.py``, oversized heads in ``tests/test_http.py``,
+compression bombs and the size guard on finite fragmented messages in
+``tests/test_frame_limits.py``, 1007 and 1002 in ``tests/test_frame_errors.py``,
+the slow consumer in ``tests/test_slow_consumer.py``):
 
 * an endless fragmented message (continuation frames forever, never a FIN),
   plain and compressed: closed 1009 at the first fragment past

@@ -15,7 +15,7 @@ same database, and:
 The short form (CI) kills once after about a second of traffic. ``CHATD_LONG=1``
 kills five times, after eight seconds of traffic each, with more clients.
 SIGTERM (a drain: nothing in flight is lost at all, exit 0) is
-``tests/test_service.py::test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message``.
+``tests/test_signals.py::test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message``.
 """
 
 from __future__ import annotations

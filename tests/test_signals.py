@@ -1,137 +1,29 @@
-"""The service around the chat: /healthz, /readyz, the drain on stop, and the
-real process's signals (SIGTERM: drain and exit 0 keeping every acknowledged
-message; SIGHUP: reload rooms and limits without dropping a connection).
+"""The real process's signals: ``python -m chatd --config FILE`` as a
+subprocess, talked to over TCP. SIGTERM mid-traffic drains and exits 0,
+keeping every acknowledged message; a second SIGTERM during the drain stops
+at once; SIGHUP reloads rooms, limits and API keys without dropping a
+connection, and a broken file is logged once and leaves the last good
+config in place.
 
-The in-process tests run on the real server over TCP; the signal tests start
-``python -m chatd --config FILE`` as a subprocess and talk to it over TCP.
+SIGKILL (nothing acknowledged is lost either) is ``tests/test_kill.py``.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-import trio.testing
 from trio_websocket import ConnectionClosed
 
-from chatd.config import Config
-from chatd.server import ChatServer
 from tests.helpers.clients import Client, closed_with, connect, room_history_ids
 from tests.helpers.http_client import HttpReply, http_request
-from tests.helpers.servers import (
-    chatd_process,
-    config_text,
-    free_port,
-    wait_for_log,
-    wait_healthy,
-)
+from tests.helpers.servers import chatd_process, config_text, free_port, wait_for_log, wait_healthy
 
 pytestmark = pytest.mark.usefixtures("collect_garbage")
-
-# === 1. /healthz and /readyz ====================================================
-
-
-async def test_healthz_is_200_json_with_connection_count(server: ChatServer) -> None:
-    reply = await http_request(server.port, "GET", "/healthz")
-    assert reply.status == 200
-    assert reply.headers["content-type"] == "application/json"
-    body = reply.json()
-    assert body["status"] == "ok"
-    assert isinstance(body["version"], str) and body["version"]
-    assert body["connections"] == 0
-    async with connect(server, 1, "alice") as alice:
-        await alice.nothing_pending()
-        assert (await http_request(server.port, "GET", "/healthz")).json()["connections"] == 1
-
-
-async def test_readyz_is_200_ready(server: ChatServer) -> None:
-    reply = await http_request(server.port, "GET", "/readyz")
-    assert reply.status == 200
-    assert reply.headers["content-type"] == "application/json"
-    assert reply.json() == {"status": "ready"}
-
-
-async def test_readyz_post_is_405(server: ChatServer) -> None:
-    reply = await http_request(server.port, "POST", "/readyz")
-    assert reply.status == 405
-
-
-# === 2. the drain ===============================================================
-
-
-async def test_drain_readyz_503_clients_keep_working_then_1001(
-    slow_autojump_clock: trio.testing.MockClock, make_config: Callable[..., Config]
-) -> None:
-    grace = 30.0
-    config = make_config(server={"drain_grace_seconds": grace})
-    returned = trio.Event()
-    node = ChatServer(config)
-
-    async def serve(*, task_status: trio.TaskStatus[ChatServer]) -> None:
-        await node.run(task_status=task_status)
-        returned.set()
-
-    # No deadline while starting: on this clock, time would jump to it.
-    async with trio.open_nursery() as nursery:
-        srv: ChatServer = await nursery.start(serve)
-        port = srv.port
-        async with connect(srv, 1, "alice") as alice, connect(srv, 2, "bob") as bob:
-            await alice.join("general")
-            await bob.join("general")
-            await alice.expect("user_connected")
-            assert (await http_request(port, "GET", "/readyz")).status == 200
-
-            with trio.fail_after(300):
-                srv.stop()
-                stopped = trio.current_time()
-                reply = await http_request(port, "GET", "/readyz")
-                assert reply.status == 503
-                assert reply.json() == {"status": "draining"}
-                # /healthz still answers: the process is alive.
-                assert (await http_request(port, "GET", "/healthz")).status == 200
-
-                # Existing clients keep working: a message round-trips.
-                await alice.send(
-                    "room_message", {"room": "general", "content": "still here"}, request_id=1
-                )
-                own = await alice.expect("room_message")
-                assert own["request_id"] == 1
-                got = await bob.expect("room_message")
-                assert got["data"]["id"] == own["data"]["id"]
-                assert got["data"]["content"] == "still here"
-
-                # New connections are still accepted during the grace.
-                async with connect(srv, 3, "carol") as carol:
-                    await carol.join("general")
-                    await alice.expect("user_connected")
-                    await bob.expect("user_connected")
-                    await carol.send(
-                        "room_message", {"room": "general", "content": "late"}, request_id="c"
-                    )
-                    assert (await carol.expect("room_message"))["request_id"] == "c"
-                    assert (await alice.expect("room_message"))["data"]["content"] == "late"
-                    assert (await bob.expect("room_message"))["data"]["content"] == "late"
-                    assert trio.current_time() - stopped < grace
-                    assert not returned.is_set()
-
-                    # After the grace every client gets 1001.
-                    for client in (alice, bob, carol):
-                        await closed_with(client, 1001, wait=2 * grace)
-                    assert trio.current_time() - stopped >= grace
-        # No deadline here either: the store commits on its thread while
-        # run() finishes, and time would jump to the deadline.
-        await returned.wait()
-    assert returned.is_set()
-    with pytest.raises(OSError):
-        await trio.open_tcp_stream("127.0.0.1", port)
-
-
-# === 3. the real process: SIGTERM and SIGHUP ====================================
 
 
 async def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message(
@@ -210,6 +102,48 @@ async def test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message(
         assert not missing, f"acknowledged but not stored: {sorted(missing)}"
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(shutdown_timeout + 3):
+            assert await proc.wait() == 0
+
+
+async def test_sigterm_drains_then_second_sigterm_stops_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "chatd.toml"
+    db = tmp_path / "data" / "chatd.db"
+    config.write_text(config_text(port, db, drain_grace=30.0))
+    log = tmp_path / "chatd.log"
+    async with chatd_process(config, log) as proc:
+        await wait_healthy(proc, port, log)
+        with trio.fail_after(15):
+            async with connect(port, 1, "alice") as alice:
+                await alice.join("general")
+                proc.send_signal(signal.SIGTERM)
+                await wait_for_log(log, "SIGTERM: shutting down")
+                ready = await http_request(port, "GET", "/readyz")
+                assert ready.status == 503
+                assert ready.json() == {"status": "draining"}
+                # Still serving during the grace.
+                sent = await alice.request("room_message", {"room": "general", "content": "x"})
+                assert sent["type"] == "room_message", sent
+                message_id = sent["data"]["id"]
+                assert proc.poll() is None
+                # A second SIGTERM: stop now, not after 30 s.
+                proc.send_signal(signal.SIGTERM)
+                with trio.fail_after(8):
+                    status = await proc.wait()
+                assert status == 0, await trio.Path(log).read_text()
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        await alice.recv(wait=5)
+        assert "second SIGTERM: stopping now" in await trio.Path(log).read_text()
+
+    config.write_text(config_text(port, db))
+    async with chatd_process(config, log) as proc:
+        await wait_healthy(proc, port, log)
+        async with connect(port, 2, "bob") as bob:
+            ids, _ = await room_history_ids(bob, "general")
+        assert ids == [message_id]
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(8):
             assert await proc.wait() == 0
 
 
@@ -304,45 +238,3 @@ async def test_sighup_reloads_rooms_and_limits_and_keeps_connections(tmp_path: P
                 await closed_with(alice, 1001, wait=10, skip=True)
             with trio.fail_after(8):
                 assert await proc.wait() == 0
-
-
-async def test_sigterm_drains_then_second_sigterm_stops_at_once(tmp_path: Path) -> None:
-    port = free_port()
-    config = tmp_path / "chatd.toml"
-    db = tmp_path / "data" / "chatd.db"
-    config.write_text(config_text(port, db, drain_grace=30.0))
-    log = tmp_path / "chatd.log"
-    async with chatd_process(config, log) as proc:
-        await wait_healthy(proc, port, log)
-        with trio.fail_after(15):
-            async with connect(port, 1, "alice") as alice:
-                await alice.join("general")
-                proc.send_signal(signal.SIGTERM)
-                await wait_for_log(log, "SIGTERM: shutting down")
-                ready = await http_request(port, "GET", "/readyz")
-                assert ready.status == 503
-                assert ready.json() == {"status": "draining"}
-                # Still serving during the grace.
-                sent = await alice.request("room_message", {"room": "general", "content": "x"})
-                assert sent["type"] == "room_message", sent
-                message_id = sent["data"]["id"]
-                assert proc.poll() is None
-                # A second SIGTERM: stop now, not after 30 s.
-                proc.send_signal(signal.SIGTERM)
-                with trio.fail_after(8):
-                    status = await proc.wait()
-                assert status == 0, await trio.Path(log).read_text()
-                with pytest.raises(ConnectionClosed):
-                    while True:
-                        await alice.recv(wait=5)
-        assert "second SIGTERM: stopping now" in await trio.Path(log).read_text()
-
-    config.write_text(config_text(port, db))
-    async with chatd_process(config, log) as proc:
-        await wait_healthy(proc, port, log)
-        async with connect(port, 2, "bob") as bob:
-            ids, _ = await room_history_ids(bob, "general")
-        assert ids == [message_id]
-        proc.send_signal(signal.SIGTERM)
-        with trio.fail_after(8):
-            assert await proc.wait() == 0
