@@ -337,6 +337,8 @@ async def test_presence_counts_a_user_once_across_tabs(server):
 
 
 async def test_logs_use_the_seed_format_and_never_show_tokens(make_config, caplog):
+    """The log lines have the protocol document's format (``WS_CONNECT``,
+    ``WS_MESSAGE``, ``WS_DISCONNECT``); no token, secret or content in them."""
     caplog.set_level(logging.DEBUG, logger="chatd")
     token = make_token(7, "grace")
     async with running(make_config()) as server:

@@ -31,6 +31,8 @@ async def dm(client: Client, to: int, content: str, request_id: Any = None) -> d
 
 
 async def test_dm_reaches_every_device_of_both_users_in_the_seed_shape(server):
+    """A DM reaches every connection of both users (the request id on the
+    sender's only), its data in the protocol document's outgoing shape."""
     async with (
         connect(server, 1, "alice") as alice1,
         connect(server, 1, "alice") as alice2,

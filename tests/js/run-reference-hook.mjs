@@ -21,10 +21,10 @@ globalThis.WebSocket = class extends NativeWebSocket {
   }
 };
 globalThis.IS_REACT_ACT_ENVIRONMENT = true;
-const source = readFileSync(new URL("../../chatd/web/seed-websocket-client.js", import.meta.url), "utf8");
+const source = readFileSync(new URL("../../chatd/web/websocket-client.js", import.meta.url), "utf8");
 globalThis.WebSocketClient = new Function(`${source}\nreturn WebSocketClient;`)();
 console.log = () => {};
-const { useWebSocket } = await import("./seed-use-websocket.mjs");
+const { useWebSocket } = await import("./use-websocket.mjs");
 
 let hook = null;
 function App() {

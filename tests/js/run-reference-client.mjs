@@ -16,7 +16,7 @@ globalThis.WebSocket = class extends NativeWebSocket {
   }
 };
 
-const source = readFileSync(new URL("../../chatd/web/seed-websocket-client.js", import.meta.url), "utf8");
+const source = readFileSync(new URL("../../chatd/web/websocket-client.js", import.meta.url), "utf8");
 const WebSocketClient = new Function(`${source}\nreturn WebSocketClient;`)();
 console.log = () => {}; // the class logs in French on every open/close
 
