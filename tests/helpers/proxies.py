@@ -99,10 +99,6 @@ class Forwarder:
         """Called with each chunk before it is passed on (``down``: from
         upstream to the client); may wait to hold it back."""
 
-    @property
-    def cut_off(self) -> bool:
-        return self._listener is None
-
     def cut(self) -> None:
         """Close every connection and stop listening."""
         self._serving.cancel()
