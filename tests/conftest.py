@@ -1,5 +1,6 @@
 """Shared fixtures: a real chatd server in-process on a free port, real
-SQLite files under ``tmp_path``, and a small JSON client on trio-websocket.
+SQLite files under ``tmp_path``, real PostgreSQL and Redis servers for the
+tests of several nodes. The helpers the tests call are in ``tests/helpers/``.
 
 Rules of this suite: every test talks to the real server over TCP; a test
 that involves timing runs on ``autojump_clock`` (or ``slow_autojump_clock``
@@ -8,44 +9,23 @@ when the server's SQLite thread is involved) and never sleeps for real.
 
 from __future__ import annotations
 
-import json
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import gc
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jwt
 import pytest
 import trio
 import trio.testing
-from trio_websocket import WebSocketConnection, open_websocket_url
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chatd.config import Config, from_dict
 from chatd.server import ChatServer
+from tests.helpers.servers import SMALL_FRAME_BYTES, deep_merge, running, write_config
+from tests.helpers.tokens import SECRET
 
-SECRET = "test-secret-that-is-at-least-32-bytes-long"
-
-
-def make_token(
-    user_id: Any = 1, username: Any = "alice", *, ttl: float = 3600, **claims: Any
-) -> str:
-    """A token signed with the tests' secret (``claims`` override)."""
-    now = int(time.time())
-    body: dict[str, Any] = {"user_id": user_id, "username": username, "iat": now, "exp": now + ttl}
-    body.update(claims)
-    body = {k: v for k, v in body.items() if v is not None}
-    return jwt.encode(body, SECRET, algorithm="HS256")
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
+# bench/cluster.py imports SECRET and make_token from here (the tests do not).
+from tests.helpers.tokens import make_token as make_token  # isort: skip
 
 
 @pytest.fixture
@@ -70,105 +50,23 @@ def make_config(db_path: Path) -> Callable[..., Config]:
     return make
 
 
-@asynccontextmanager
-async def running(config: Config, **kwargs: Any) -> AsyncIterator[ChatServer]:
-    """Run a server for the block; stop it gracefully after."""
-    async with trio.open_nursery() as nursery:
-        server: ChatServer = await nursery.start(ChatServer(config, **kwargs).run)
-        try:
-            yield server
-        finally:
-            server.stop()
-
-
 @pytest.fixture
 async def server(make_config: Callable[..., Config]) -> AsyncIterator[ChatServer]:
     async with running(make_config()) as srv:
         yield srv
 
 
-class Client:
-    """A JSON-speaking test client over one trio-websocket connection."""
-
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-
-    async def send(
-        self, type_: str, data: Any = None, request_id: Any = None, **extra: Any
-    ) -> None:
-        frame: dict[str, Any] = {"type": type_, "data": {} if data is None else data, **extra}
-        if request_id is not None:
-            frame["request_id"] = request_id
-        await self.ws.send_message(json.dumps(frame))
-
-    async def send_raw(self, text: str | bytes) -> None:
-        await self.ws.send_message(text)
-
-    async def recv(self, wait: float = 5.0) -> dict[str, Any]:
-        with trio.fail_after(wait):
-            message = await self.ws.get_message()
-        frame: dict[str, Any] = json.loads(message)
-        return frame
-
-    async def expect(self, type_: str, wait: float = 5.0) -> dict[str, Any]:
-        """The next frame, which must be of ``type_``."""
-        frame = await self.recv(wait)
-        assert frame["type"] == type_, frame
-        return frame
-
-    async def request(self, type_: str, data: Any = None, request_id: Any = None) -> dict[str, Any]:
-        await self.send(type_, data, request_id)
-        return await self.recv()
-
-    async def join(self, room: str = "general") -> dict[str, Any]:
-        frame = await self.request("join_room", {"room": room})
-        assert frame["type"] == "join_room_ack", frame
-        return frame
-
-    async def nothing_pending(self) -> None:
-        """Assert that nothing is waiting: a ping's pong is the next frame."""
-        frame = await self.request("ping", {}, request_id="__barrier__")
-        assert frame["type"] == "pong" and frame.get("request_id") == "__barrier__", frame
+@pytest.fixture
+async def small_server(make_config: Callable[..., Config]) -> AsyncIterator[ChatServer]:
+    """A server whose ``max_frame_bytes`` is ``SMALL_FRAME_BYTES`` (2048)."""
+    async with running(make_config(limits={"max_frame_bytes": SMALL_FRAME_BYTES})) as srv:
+        yield srv
 
 
-def ws_url(server: ChatServer, token: str | None = None, **query: str) -> str:
-    params = dict(query)
-    if token is not None:
-        params["token"] = token
-    qs = "&".join(f"{k}={v}" for k, v in params.items())
-    return f"ws://127.0.0.1:{server.port}/ws/chat" + (f"?{qs}" if qs else "")
-
-
-@asynccontextmanager
-async def ws_open(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
-    """``open_websocket_url`` that also closes its TCP stream at the end.
-
-    trio-websocket 0.12.2 leaves the client socket open when the *server*
-    closes first (``WebSocketConnection._aclose`` returns early once a close
-    reason is set), which surfaces later as a ResourceWarning, an error under
-    ``filterwarnings = error``.
-    """
-    async with open_websocket_url(url, **kwargs) as ws:
-        try:
-            yield ws
-        finally:
-            stream = ws._stream
-    await trio.aclose_forcefully(stream)
-
-
-@asynccontextmanager
-async def connect(
-    server: ChatServer,
-    user_id: int = 1,
-    username: str = "alice",
-    *,
-    token: str | None = None,
-    **kwargs: Any,
-) -> AsyncIterator[Client]:
-    """Open a client as ``user_id`` (or with an explicit ``token``)."""
-    url = ws_url(server, token if token is not None else make_token(user_id, username))
-    async with ws_open(url, **kwargs) as ws:
-        yield Client(ws)
+@pytest.fixture
+def config_file(tmp_path: Path, db_path: Path) -> Path:
+    """``write_config``'s file: the same database and secret as ``make_config``."""
+    return write_config(tmp_path, db_path)
 
 
 @pytest.fixture
@@ -178,26 +76,33 @@ def slow_autojump_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.05)
 
 
+@pytest.fixture
+def collect_garbage() -> Iterator[None]:
+    """Collect after the test, so that a socket left open is reported
+    (ResourceWarning, an error here) by the test that leaked it. A module
+    asks for it for all its tests with
+    ``pytestmark = pytest.mark.usefixtures("collect_garbage")``."""
+    yield
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    """An RSA key (2048 bits) for the RS256 tests, one per module."""
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
 # --- real PostgreSQL and Redis, for the tests of several nodes ----------------
-
-
-def _unavailable(reason: str) -> None:
-    """Skip, saying why; under CHATD_REQUIRE_SERVICES=1 (CI), fail instead."""
-    import os
-
-    if os.environ.get("CHATD_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"CHATD_REQUIRE_SERVICES=1 but {reason}")
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def postgres() -> Any:
     """A PostgreSQL server for the whole run (skips when none can start)."""
-    from tests.services import postgres_server
+    from tests.helpers.services import postgres_server, unavailable
 
     server, reason = postgres_server()
     if server is None:
-        _unavailable(reason)
+        unavailable(reason)
     yield server
     server.stop()
 
@@ -205,11 +110,11 @@ def postgres() -> Any:
 @pytest.fixture(scope="session")
 def redis() -> Any:
     """A Redis server for the whole run (skips when none can start)."""
-    from tests.services import redis_server
+    from tests.helpers.services import redis_server, unavailable
 
     server, reason = redis_server()
     if server is None:
-        _unavailable(reason)
+        unavailable(reason)
     yield server
     server.close()
 
@@ -236,15 +141,3 @@ async def client(redis: Any) -> AsyncIterator[Any]:
 
     async with coredis.Redis.from_url(redis.url) as c:
         yield c
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Poll ``predicate`` (every 20 ms) until it is true, 10 s at most."""
-    try:
-        with trio.fail_after(10):
-            while True:
-                if await predicate():
-                    return
-                await trio.sleep(0.02)
-    except trio.TooSlowError:
-        raise AssertionError(f"timed out waiting for {what}") from None

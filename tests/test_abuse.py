@@ -1,6 +1,8 @@
-"""Transport abuse not covered by ``tests/test_transport.py`` (which has the
-handshake timeout, oversized heads, compression bombs, 1007, 1002, the slow
-consumer and the size guard on finite fragmented messages):
+"""Transport abuse not covered elsewhere (the handshake timeout is in
+``tests/test_handshake.py``, oversized heads in ``tests/test_http.py``,
+compression bombs and the size guard on finite fragmented messages in
+``tests/test_frame_limits.py``, 1007 and 1002 in ``tests/test_frame_errors.py``,
+the slow consumer in ``tests/test_slow_consumer.py``):
 
 * an endless fragmented message (continuation frames forever, never a FIN),
   plain and compressed: closed 1009 at the first fragment past
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,16 +30,12 @@ from wsproto.events import CloseConnection, Pong
 
 from chatd.config import Config
 from chatd.server import ChatServer
-from tests.conftest import Client, running
-from tests.test_transport import OP_CONT, OP_PING, OP_TEXT, client_frame, connect, raw_ws
+from tests.helpers.clients import Client, connect
+from tests.helpers.raw import OP_CONT, OP_PING, OP_TEXT, client_frame, raw_ws
+from tests.helpers.servers import SMALL_FRAME_BYTES, running
 
-MAX = 2048
-
-
-@pytest.fixture
-async def small_server(make_config: Callable[..., Config]) -> AsyncIterator[ChatServer]:
-    async with running(make_config(limits={"max_frame_bytes": MAX})) as srv:
-        yield srv
+#: The ``small_server`` fixture's ``max_frame_bytes``.
+MAX = SMALL_FRAME_BYTES
 
 
 # === endless fragmented messages ===================================================

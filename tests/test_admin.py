@@ -12,16 +12,9 @@ import pytest
 import trio
 
 from chatd.config import load
-from tests.conftest import connect, running
-from tests.test_direct import REPO, write_config
-
-#: Users, without the system sender (user 0, made by migration 2).
-PEOPLE = "SELECT id, username FROM users WHERE id > 0 ORDER BY id"
-
-
-@pytest.fixture
-def config_file(tmp_path: Path, db_path: Path) -> Path:
-    return write_config(tmp_path, db_path)
+from tests.helpers.clients import connect
+from tests.helpers.servers import REPO, free_port, one_line_failure, running, write_config
+from tests.helpers.store import PEOPLE
 
 
 async def chatd(config_file: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -38,15 +31,6 @@ def ok(done: subprocess.CompletedProcess[bytes]) -> str:
     assert done.returncode == 0, done.stderr
     assert done.stderr == b""
     return done.stdout.decode()
-
-
-def one_line_failure(done: subprocess.CompletedProcess[bytes], code: int = 1) -> str:
-    assert done.returncode == code, (done.stdout, done.stderr)
-    err = done.stderr.decode()
-    assert err.startswith("chatd: ") and err.endswith("\n") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    assert done.stdout == b""
-    return err
 
 
 async def listing(config_file: Path) -> list[str]:
@@ -253,8 +237,6 @@ async def test_backup_on_postgres_points_to_pg_dump(tmp_path, pg_dsn):
 
 
 async def test_an_unreachable_postgres_is_one_line(tmp_path):
-    from tests.services import free_port
-
     dsn = f"host=127.0.0.1 port={free_port()} user=nobody password=hunter2 dbname=chat"
     config_file = pg_config(tmp_path, dsn)
     err = one_line_failure(await chatd(config_file, "room", "list"))

@@ -8,9 +8,6 @@ pyjwt refuses to make them.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import time
 from pathlib import Path
@@ -25,6 +22,7 @@ from chatd import auth
 from chatd.auth import Identity, Verifier
 from chatd.config import Config, from_dict
 from chatd.errors import ChatError, CloseCode, ErrorCode
+from tests.helpers.tokens import b64url, hand_made_token
 
 SECRET = "auth-test-secret-" + "s" * 64  # >= 64 bytes: enough for HS512 too
 OTHER_SECRET = "another-secret-that-is-at-least-32-bytes!!"
@@ -44,19 +42,6 @@ def claims(**extra: Any) -> dict[str, Any]:
     body: dict[str, Any] = {"user_id": 1, "username": "alice", "iat": now, "exp": now + 3600}
     body.update(extra)
     return {k: v for k, v in body.items() if v is not None}
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def hand_made(header: dict[str, Any], body: dict[str, Any], key: bytes | None) -> str:
-    """A JWT assembled by hand; HMAC-SHA256 with ``key``, or no signature."""
-    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(body).encode())}"
-    signature = (
-        b"" if key is None else hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
-    )
-    return f"{signing_input}.{b64(signature)}"
 
 
 def assert_refused(verifier: Verifier, token: str | None) -> ChatError:
@@ -202,20 +187,20 @@ def test_wrong_signature_refused(verifier: Verifier) -> None:
 
 def test_tampered_payload_refused(verifier: Verifier) -> None:
     header, _, signature = sign(claims()).split(".")
-    forged = b64(json.dumps(claims(user_id=2)).encode())
+    forged = b64url(json.dumps(claims(user_id=2)).encode())
     assert_refused(verifier, f"{header}.{forged}.{signature}")
 
 
 @pytest.mark.parametrize("alg", ["none", "None", "NONE"])
 def test_alg_none_refused(verifier: Verifier, alg: str) -> None:
-    token = hand_made({"alg": alg, "typ": "JWT"}, claims(), key=None)
+    token = hand_made_token({"alg": alg, "typ": "JWT"}, claims(), key=None)
     assert token.endswith(".")
     assert_refused(verifier, token)
 
 
 def test_hand_made_hs256_is_valid(verifier: Verifier) -> None:
     """The hand-made builder is right: the same token with the real secret passes."""
-    token = hand_made({"alg": "HS256", "typ": "JWT"}, claims(), key=SECRET.encode())
+    token = hand_made_token({"alg": "HS256", "typ": "JWT"}, claims(), key=SECRET.encode())
     assert verifier.verify(token).user_id == 1
 
 
@@ -287,11 +272,6 @@ def test_audience_ignored_when_not_configured(verifier: Verifier) -> None:
 # --- RS256 -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
 @pytest.fixture
 def rs_config(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> Config:
     pem = rsa_key.public_key().public_bytes(
@@ -318,12 +298,14 @@ def test_rs256_other_key_refused(rs_config: Config) -> None:
 def test_rs256_key_confusion_refused(rs_config: Config) -> None:
     """An HS256 token whose HMAC key is the server's public PEM text."""
     assert rs_config.public_key.startswith("-----BEGIN PUBLIC KEY-----")
-    token = hand_made({"alg": "HS256", "typ": "JWT"}, claims(), key=rs_config.public_key.encode())
+    token = hand_made_token(
+        {"alg": "HS256", "typ": "JWT"}, claims(), key=rs_config.public_key.encode()
+    )
     assert_refused(Verifier(rs_config), token)
 
 
 def test_rs256_alg_none_refused(rs_config: Config) -> None:
-    assert_refused(Verifier(rs_config), hand_made({"alg": "none"}, claims(), key=None))
+    assert_refused(Verifier(rs_config), hand_made_token({"alg": "none"}, claims(), key=None))
 
 
 def test_rs256_hs256_token_with_secret_refused(rs_config: Config) -> None:

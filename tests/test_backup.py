@@ -9,24 +9,18 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import pytest
 import trio
 
 from chatd.config import Config, load
 from chatd.store.schema import connect as db_connect
 from chatd.store.schema import migrate
 from chatd.store.sqlite import backup
-from tests.conftest import connect, running
-from tests.test_direct import REPO, write_config
+from tests.helpers.clients import connect
+from tests.helpers.servers import REPO, one_line_failure, running
+from tests.helpers.store import sqlite_rows
 
 BULK = 20_000  # messages stored before the server starts: the copy takes several steps
-
-
-@pytest.fixture
-def config_file(tmp_path: Path, db_path: Path) -> Path:
-    return write_config(tmp_path, db_path)
 
 
 async def chatd_backup(config_file: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
@@ -35,14 +29,6 @@ async def chatd_backup(config_file: Path, *args: str) -> subprocess.CompletedPro
         return await trio.run_process(
             argv, cwd=REPO, check=False, capture_stdout=True, capture_stderr=True
         )
-
-
-def one_line_failure(done: subprocess.CompletedProcess[bytes]) -> str:
-    assert done.returncode == 1, (done.stdout, done.stderr)
-    err = done.stderr.decode()
-    assert err.startswith("chatd: ") and err.endswith("\n") and err.count("\n") == 1, err
-    assert done.stdout == b""
-    return err
 
 
 def seed(db_path: Path, count: int = BULK) -> None:
@@ -58,14 +44,6 @@ def seed(db_path: Path, count: int = BULK) -> None:
             [(seq, f"bulk {seq} " + "x" * 200) for seq in range(1, count + 1)],
         )
         conn.execute("COMMIT")
-    finally:
-        conn.close()
-
-
-def rows(path: Path, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute(sql, params).fetchall()
     finally:
         conn.close()
 
@@ -136,24 +114,24 @@ async def test_backup_while_the_server_commits(
     assert leftovers(target.parent) == []
     assert names(target.parent) == [target.name]  # no -wal, -shm, temp file
 
-    assert rows(target, "PRAGMA integrity_check") == [("ok",)]
-    assert rows(target, "PRAGMA journal_mode") == [("delete",)]  # one self-contained file
-    (count,) = rows(target, "SELECT count(*) FROM messages")[0]
+    assert sqlite_rows(target, "PRAGMA integrity_check") == [("ok",)]
+    assert sqlite_rows(target, "PRAGMA journal_mode") == [("delete",)]  # one self-contained file
+    (count,) = sqlite_rows(target, "SELECT count(*) FROM messages")[0]
     assert int(match[3]) == count
     general = "SELECT id FROM messages WHERE channel = 'r:general' ORDER BY id"
-    copied = [r[0] for r in rows(target, general)]
+    copied = [r[0] for r in sqlite_rows(target, general)]
     # One consistent snapshot: every message acknowledged before the backup,
     # then a prefix of those committed during it, and nothing after it.
     assert copied[: len(before)] == before
     assert copied == (before + during)[: len(copied)]
-    assert rows(target, "SELECT count(*), max(seq) FROM messages WHERE channel = 'r:random'") == [
-        (BULK, BULK)
-    ]
+    assert sqlite_rows(
+        target, "SELECT count(*), max(seq) FROM messages WHERE channel = 'r:random'"
+    ) == [(BULK, BULK)]
     assert count == BULK + len(copied)
-    live = rows(
+    live = sqlite_rows(
         db_path, f"SELECT id, content FROM messages WHERE id IN ({','.join(map(str, copied))})"
     )
-    assert rows(
+    assert sqlite_rows(
         target, "SELECT id, content FROM messages WHERE channel = 'r:general' ORDER BY id"
     ) == sorted(live)
     # The copy is a chatd database: the server starts on it.
@@ -182,8 +160,10 @@ async def test_an_existing_file_is_replaced_only_with_force(
         assert done.returncode == 0 and done.stderr == b"", done.stderr
         assert done.stdout.decode().endswith(" bytes, 1 messages\n")
         assert leftovers(tmp_path) == []
-        assert rows(target, "PRAGMA integrity_check") == [("ok",)]
-        assert rows(target, "SELECT id, content FROM messages") == [(sent["data"]["id"], "keep me")]
+        assert sqlite_rows(target, "PRAGMA integrity_check") == [("ok",)]
+        assert sqlite_rows(target, "SELECT id, content FROM messages") == [
+            (sent["data"]["id"], "keep me")
+        ]
 
 
 async def test_clear_one_line_failures(tmp_path: Path, db_path: Path, config_file: Path) -> None:

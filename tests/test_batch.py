@@ -14,8 +14,10 @@ from typing import Any
 
 from trio_websocket import open_websocket_url
 
-from tests.conftest import Client, connect, make_token, running, ws_url
-from tests.test_chat import WallClock, closed_with
+from tests.helpers.clients import Client, closed_with, connect, ws_url
+from tests.helpers.clocks import WallClock
+from tests.helpers.servers import running
+from tests.helpers.tokens import make_token
 
 
 def entry(type_: str, data: Any, request_id: Any = None) -> dict[str, Any]:

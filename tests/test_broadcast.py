@@ -25,7 +25,7 @@ from wsproto.events import AcceptConnection, Request
 from chatd.auth import Identity
 from chatd.transport.frames import OutFrame
 from chatd.transport.websocket import WebSocketConnection, broadcast, corked
-from tests.test_transport import OP_CLOSE, OP_TEXT, parse_frames
+from tests.helpers.raw import OP_CLOSE, OP_TEXT, parse_frames
 
 
 def _accepted() -> WSConnection:

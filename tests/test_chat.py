@@ -12,16 +12,11 @@ import time
 
 import pytest
 import trio
-from trio_websocket import ConnectionClosed
 
-from tests.conftest import SECRET, Client, connect, make_token, running
-
-
-async def closed_with(client: Client, code: int) -> None:
-    """The next thing on the connection is its close, with ``code``."""
-    with pytest.raises(ConnectionClosed) as info:
-        await client.recv()
-    assert info.value.reason.code == code
+from tests.helpers.clients import closed_with, connect
+from tests.helpers.clocks import WallClock
+from tests.helpers.servers import running
+from tests.helpers.tokens import SECRET, hand_made_token, make_token
 
 
 async def test_two_users_see_each_others_messages_in_order(server):
@@ -151,21 +146,11 @@ async def test_bad_tokens_get_auth_failed_then_4001(server, db_path, token):
 
 
 async def test_wrong_signature_and_alg_none_are_refused(server):
-    import base64
-    import json
-
     import jwt
 
     forged = jwt.encode({"user_id": 1, "exp": int(time.time()) + 60}, "x" * 32, algorithm="HS256")
-
-    def b64(obj: dict) -> str:
-        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-
-    unsigned = (
-        b64({"alg": "none", "typ": "JWT"})
-        + "."
-        + b64({"user_id": 1, "exp": int(time.time()) + 60})
-        + "."
+    unsigned = hand_made_token(
+        {"alg": "none", "typ": "JWT"}, {"user_id": 1, "exp": int(time.time()) + 60}, None
     )
     for token in (forged, unsigned):
         async with connect(server, token=token) as client:
@@ -297,16 +282,6 @@ async def test_rate_limit_refuses_and_recovers(make_config, db_path, slow_autoju
     assert contents == ["ok0", "ok1", "ok2", "later"]
 
 
-class WallClock:
-    """A wall clock the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = 0.0
-
-    def __call__(self) -> float:
-        return time.time() + self.offset
-
-
 async def test_expired_token_is_refused_on_join_and_send(make_config):
     wall = WallClock()
     async with running(make_config(), wall=wall) as server:
@@ -362,6 +337,8 @@ async def test_presence_counts_a_user_once_across_tabs(server):
 
 
 async def test_logs_use_the_seed_format_and_never_show_tokens(make_config, caplog):
+    """The log lines have the protocol document's format (``WS_CONNECT``,
+    ``WS_MESSAGE``, ``WS_DISCONNECT``); no token, secret or content in them."""
     caplog.set_level(logging.DEBUG, logger="chatd")
     token = make_token(7, "grace")
     async with running(make_config()) as server:

@@ -1,7 +1,7 @@
-"""Several nodes look like one server (issue 7), end to end.
+"""Several nodes look like one server, end to end.
 
 Every test runs two or three real chatd nodes on one PostgreSQL database and
-one Redis prefix (``tests/cluster_harness.py``), with clients placed on chosen
+one Redis prefix (``tests/helpers/cluster.py``), with clients placed on chosen
 nodes so that every path crosses from one node to another, and some through
 the round-robin load balancer. Each node has its own SQLite path, so a node
 that kept to SQLite or to its own process would fail these tests: nothing
@@ -27,17 +27,12 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from chatd.config import Config
-from tests.cluster_harness import (
-    Cluster,
-    Follower,
-    connect_to,
-    dsn_via,
-    redis_link,
-    running_cluster,
-)
-from tests.conftest import Client, running
-from tests.services import own_redis, tcp_proxy
-from tests.test_service import HttpReply, http_request
+from tests.helpers.clients import Client
+from tests.helpers.cluster import Cluster, Follower, connect_to, running_cluster
+from tests.helpers.http_client import HttpReply, http_request
+from tests.helpers.proxies import dsn_via, redis_link, tcp_proxy
+from tests.helpers.servers import running
+from tests.helpers.services import own_redis
 
 PRESENCE = ("user_connected", "user_disconnected")
 KEY = "cluster-publish-key-0123456789"

@@ -12,8 +12,9 @@ import trio
 
 from chatd.cluster.limits import RedisLimiter
 from chatd.ratelimit import Limiter
-from tests.conftest import wait_until
-from tests.services import free_port, own_redis
+from tests.helpers.servers import free_port
+from tests.helpers.services import own_redis
+from tests.helpers.waits import wait_until
 
 # coredis 6.9 leaves the anyio memory streams of a connection that failed to
 # connect unclosed: they warn (ResourceWarning) when collected. Harmless, but

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from chatd.cluster.presence import RedisPresence
-from tests.conftest import wait_until
+from tests.helpers.waits import wait_until
 
 LEASE = 1.0
 

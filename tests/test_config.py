@@ -17,9 +17,9 @@ import pytest
 
 from chatd.config import Config, from_dict, load
 from chatd.errors import ConfigError
+from tests.helpers.servers import REPO, free_port
 
-MAIN = Path(__file__).resolve().parent.parent
-EXAMPLE = MAIN / "chatd.toml.example"
+EXAMPLE = REPO / "chatd.toml.example"
 SECRET = "config-test-secret-of-at-least-32-bytes!"
 SRC = "t.toml"
 
@@ -284,7 +284,7 @@ def test_file_errors_name_the_file(tmp_path: Path) -> None:
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "chatd", *args],
-        cwd=MAIN,
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
@@ -361,8 +361,6 @@ def test_cli_help(command: list[str]) -> None:
 def test_cli_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
     """A node whose PostgreSQL cannot be reached at start says so in one
     line (no traceback) and exits 1, for systemd to try again."""
-    from tests.services import free_port
-
     path = tmp_path / "node.toml"
     path.write_text(
         "[server]\nport = 0\n"

@@ -13,7 +13,7 @@ import pytest
 
 from chatd.config import Config, load
 from chatd.store.schema import connect, migrate
-from tests.test_direct import REPO
+from tests.helpers.servers import REPO
 
 DEPLOY = REPO / "deploy"
 UNIT = DEPLOY / "chatd.service"

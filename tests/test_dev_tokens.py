@@ -3,9 +3,8 @@ refused by the config on a non-loopback host."""
 
 from __future__ import annotations
 
-import gc
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import jwt
@@ -14,9 +13,12 @@ import pytest
 from chatd.config import Config, from_dict
 from chatd.errors import ConfigError
 from chatd.server import ChatServer
-from tests.conftest import SECRET, running
-from tests.test_service import HttpReply, http_request
-from tests.test_transport import connect
+from tests.helpers.clients import connect
+from tests.helpers.http_client import HttpReply, http_request
+from tests.helpers.servers import running
+from tests.helpers.tokens import SECRET
+
+pytestmark = pytest.mark.usefixtures("collect_garbage")
 
 
 async def dev_token(port: int, body: Any) -> HttpReply:
@@ -155,9 +157,3 @@ def test_config_refuses_dev_tokens_on_a_public_host(host: str) -> None:
 def test_config_allows_dev_tokens_on_loopback(host: str) -> None:
     config = from_dict(_doc(host=host, dev_tokens=True), source="chatd.toml")
     assert config.server.dev_tokens is True
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import sqlite3
 import sys
-from pathlib import Path
 from typing import Any
 
 import trio
 
-from tests.conftest import SECRET, Client, connect, make_token, running
-from tests.test_chat import WallClock, closed_with
+from tests.helpers.clients import Client, closed_with, connect
+from tests.helpers.clocks import WallClock
+from tests.helpers.servers import REPO, running, write_config
+from tests.helpers.tokens import make_token
 
-REPO = Path(__file__).resolve().parent.parent
 DM_KEYS = {
     "id",
     "from_user_id",
@@ -24,25 +24,6 @@ DM_KEYS = {
 }
 
 
-def write_config(tmp_path: Path, db_path: Path) -> Path:
-    """A TOML config on the same database and secret as ``make_config``."""
-    path = tmp_path / "chatd.toml"
-    path.write_text(
-        "[server]\n"
-        'host = "127.0.0.1"\n'
-        "port = 0\n"
-        "[auth]\n"
-        f'jwt_secret = "{SECRET}"\n'
-        "[storage]\n"
-        f'sqlite_path = "{db_path}"\n'
-        "[rooms]\n"
-        'public = ["general", "random"]\n'
-        "[rooms.private]\n"
-        "staff = [1, 2]\n"
-    )
-    return path
-
-
 async def dm(client: Client, to: int, content: str, request_id: Any = None) -> dict[str, Any]:
     """Send a text DM; return the sender's own copy (or the error)."""
     data = {"to_user_id": to, "content": content, "message_type": "text"}
@@ -50,6 +31,8 @@ async def dm(client: Client, to: int, content: str, request_id: Any = None) -> d
 
 
 async def test_dm_reaches_every_device_of_both_users_in_the_seed_shape(server):
+    """A DM reaches every connection of both users (the request id on the
+    sender's only), its data in the protocol document's outgoing shape."""
     async with (
         connect(server, 1, "alice") as alice1,
         connect(server, 1, "alice") as alice2,

@@ -180,7 +180,8 @@ def masked_header(length: int, *, fin: bool = True, opcode: int = 0x1) -> bytes:
     return struct.pack("!BBQ", first, 0x80 | 127, length)
 
 
-def closed_with(conn: Connection, code: int) -> None:
+def last_event_is_close(conn: Connection, code: int) -> None:
+    """The last event ``conn`` has for us is a close with ``code``."""
     events = list(conn.events())
     assert events, "no event"
     assert isinstance(events[-1], CloseConnection), events
@@ -190,7 +191,7 @@ def closed_with(conn: Connection, code: int) -> None:
 def test_size_guard_refuses_at_the_header() -> None:
     conn = guarded()
     conn.receive_data(masked_header(2**30))  # 1 GB declared, no payload sent
-    closed_with(conn, CloseReason.MESSAGE_TOO_BIG)
+    last_event_is_close(conn, CloseReason.MESSAGE_TOO_BIG)
 
 
 def test_size_guard_limit_is_inclusive() -> None:
@@ -199,7 +200,7 @@ def test_size_guard_limit_is_inclusive() -> None:
     conn.receive_data(bytes(cli.send_data("a" * 1024)))
     assert texts(list(conn.events())) == ["a" * 1024]
     conn.receive_data(bytes(cli.send_data("a" * 1025)))
-    closed_with(conn, CloseReason.MESSAGE_TOO_BIG)
+    last_event_is_close(conn, CloseReason.MESSAGE_TOO_BIG)
 
 
 def test_size_guard_counts_continuation_frames() -> None:
@@ -211,7 +212,7 @@ def test_size_guard_counts_continuation_frames() -> None:
     assert any(isinstance(e, TextMessage) for e in first)
     assert not any(isinstance(e, CloseConnection) for e in first)
     conn.receive_data(bytes(masked_header(500, fin=True, opcode=0x0)))  # header only
-    closed_with(conn, CloseReason.MESSAGE_TOO_BIG)
+    last_event_is_close(conn, CloseReason.MESSAGE_TOO_BIG)
 
 
 def test_size_guard_resets_per_message() -> None:
@@ -266,7 +267,7 @@ def test_bounded_deflate_limit_is_inclusive() -> None:
     server.receive_data(bytes(cli.send_data("z" * 4096)))
     assert texts(list(server.events())) == ["z" * 4096]
     server.receive_data(bytes(cli.send_data("z" * 4097)))
-    closed_with(server, CloseReason.MESSAGE_TOO_BIG)
+    last_event_is_close(server, CloseReason.MESSAGE_TOO_BIG)
 
 
 def test_bounded_deflate_refuses_compression_bomb() -> None:
@@ -274,7 +275,7 @@ def test_bounded_deflate_refuses_compression_bomb() -> None:
     bomb = bytes(cli.send_data(b"\x00" * 10_000_000))
     assert len(bomb) < 20_000  # ~10 KB on the wire passes the SizeGuard
     server.receive_data(bomb)
-    closed_with(server, CloseReason.MESSAGE_TOO_BIG)
+    last_event_is_close(server, CloseReason.MESSAGE_TOO_BIG)
     # zlib was asked for at most max_bytes + 1 bytes, never the 10 MB.
     assert bounded._inflated == MAX + 1
 
@@ -295,7 +296,7 @@ def test_bounded_deflate_counts_across_fragments() -> None:
     first = list(server.events())
     assert not any(isinstance(e, CloseConnection) for e in first)
     server.receive_data(bytes(cli.send_data("q" * 3000, fin=True)))
-    closed_with(server, CloseReason.MESSAGE_TOO_BIG)
+    last_event_is_close(server, CloseReason.MESSAGE_TOO_BIG)
 
 
 def test_bounded_deflate_fragments_within_limit() -> None:
@@ -324,7 +325,7 @@ def test_bounded_deflate_corrupt_data() -> None:
     header = bytes(wire[:2]) + b"\x00\x00\x00\x00"
     junk = b"\xff" * (wire[1] & 0x7F)
     server.receive_data(header + junk)
-    closed_with(server, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
+    last_event_is_close(server, CloseReason.INVALID_FRAME_PAYLOAD_DATA)
 
 
 def test_bounded_deflate_window_bits() -> None:

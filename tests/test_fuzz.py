@@ -21,8 +21,9 @@ from types import ModuleType
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-TARGET = ROOT / "fuzz" / "fuzz_frames.py"
+from tests.helpers.servers import REPO
+
+TARGET = REPO / "fuzz" / "fuzz_frames.py"
 RUNS = 1_000_000 if os.environ.get("CHATD_LONG") == "1" else 10_000
 
 
@@ -78,7 +79,7 @@ def test_plain_python_smoke_run() -> None:
 )
 def test_atheris_bounded_run(tmp_path: Path) -> None:
     corpus = tmp_path / "corpus"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
     env.pop("PYTHONWARNINGS", None)
     subprocess.run(
         [sys.executable, str(TARGET), "--seeds", str(corpus)], check=True, env=env, timeout=60

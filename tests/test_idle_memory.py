@@ -1,4 +1,4 @@
-"""What an idle WebSocket connection keeps (issue 5: 10,000 idle connections
+"""What an idle WebSocket connection keeps (the goal: 10,000 idle connections
 at most 10 KiB each; ``bench/idle_memory.py`` measures the resident memory).
 
 These pin the structure that keeps it small: nothing of the handshake is kept
@@ -28,7 +28,7 @@ from chatd.transport.frames import OutFrame
 from chatd.transport.timers import timers
 from chatd.transport.websocket import WebSocketConnection
 from chatd.transport.wire import Wire
-from tests.test_transport import (
+from tests.helpers.raw import (
     OP_BINARY,
     OP_CLOSE,
     OP_CONT,

@@ -15,7 +15,7 @@ same database, and:
 The short form (CI) kills once after about a second of traffic. ``CHATD_LONG=1``
 kills five times, after eight seconds of traffic each, with more clients.
 SIGTERM (a drain: nothing in flight is lost at all, exit 0) is
-``tests/test_service.py::test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message``.
+``tests/test_signals.py::test_sigterm_mid_traffic_exits_0_and_keeps_every_acknowledged_message``.
 """
 
 from __future__ import annotations
@@ -30,16 +30,9 @@ from pathlib import Path
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from tests.conftest import Client
-from tests.test_service import (
-    chatd_process,
-    client_at,
-    config_text,
-    free_port,
-    room_history_ids,
-    url,
-    wait_healthy,
-)
+from tests.helpers.clients import Client, connect, room_history_ids, ws_url
+from tests.helpers.servers import chatd_process, config_text, free_port, wait_healthy
+from tests.helpers.tokens import make_token
 
 LONG = os.environ.get("CHATD_LONG") == "1"
 CYCLES = 5 if LONG else 1
@@ -55,7 +48,7 @@ async def killable_client(port: int, user_id: int) -> AsyncIterator[Client]:
     server makes trio-websocket's own close raise before it closes it)."""
     stream = None
     try:
-        async with open_websocket_url(url(port, user_id, f"user{user_id}")) as ws:
+        async with open_websocket_url(ws_url(port, make_token(user_id, f"user{user_id}"))) as ws:
             stream = ws._stream
             yield Client(ws)
     finally:
@@ -155,7 +148,7 @@ async def test_sigkill_mid_traffic_loses_nothing_acknowledged(tmp_path: Path) ->
 
     async with chatd_process(config, log) as proc:
         await wait_healthy(proc, port, log)
-        async with client_at(port, 999, "reader") as reader:
+        async with connect(port, 999, "reader") as reader:
             ids, total = await room_history_ids(reader, "general")
             assert len(ids) == total
             assert len(ids) == len(set(ids)), "an id repeats in the history"

@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Client, connect, running
+from tests.helpers.clients import Client, connect
+from tests.helpers.servers import running
 
 
 def msg(**fields: Any) -> dict[str, Any]:

@@ -6,21 +6,22 @@ on the main port or on ``[server] metrics_listen``.
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
-from trio_websocket import ConnectionClosed
 from wsproto.events import CloseConnection
 
 from chatd.config import Config
 from chatd.server import ChatServer
-from tests.conftest import running
-from tests.test_service import http_request
-from tests.test_transport import closed_with, connect, raw_ws
+from tests.helpers.clients import closed_with, connect
+from tests.helpers.http_client import http_request
+from tests.helpers.raw import raw_ws
+from tests.helpers.servers import running
+
+pytestmark = pytest.mark.usefixtures("collect_garbage")
 
 
 class Samples:
@@ -199,9 +200,7 @@ async def test_every_figure_moves_under_a_real_load(make_config: Callable[..., C
                 async with connect(srv, token="not-a-jwt") as intruder:
                     refused = await intruder.expect("error")
                     assert refused["data"]["code"] == "AUTH_FAILED"
-                    with pytest.raises(ConnectionClosed) as info:
-                        await intruder.recv()
-                    assert closed_with(info) == 4001
+                    await closed_with(intruder, 4001)
 
                 # bob goes and comes back within the reconnect window.
                 s5 = await scrape_until(port, lambda s: s("chatd_connections") == 3)
@@ -340,12 +339,6 @@ async def test_metrics_on_main_port_by_default(server: ChatServer) -> None:
     assert samples("chatd_connections") == 1
     assert samples("chatd_frames_in_total", type="ping") == 1
     assert samples("chatd_frames_out_total", type="pong") == 1
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()
 
 
 def test_reconnect_window_counts_and_forgets() -> None:

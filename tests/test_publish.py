@@ -5,11 +5,10 @@ frames out, and the stored history.
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -18,9 +17,11 @@ import trio.testing
 
 from chatd.config import Config
 from chatd.server import ChatServer
-from tests.conftest import Client, running
-from tests.test_service import HttpReply, http_request
-from tests.test_transport import connect
+from tests.helpers.clients import Client, connect
+from tests.helpers.http_client import HttpReply, http_request
+from tests.helpers.servers import running
+
+pytestmark = pytest.mark.usefixtures("collect_garbage")
 
 KEY = "publish-key-0123456789abcdef"
 OTHER_KEY = "second-key-fedcba9876543210"
@@ -478,12 +479,6 @@ async def test_curl_example_reaches_a_browser_like_client(api_server: ChatServer
         assert frame["data"]["id"] == answer["id"]
         assert frame["data"]["content"] == "hi"
         assert frame["data"]["room"] == "general"
-
-
-@pytest.fixture(autouse=True)
-def _collect_garbage() -> Iterator[None]:
-    yield
-    gc.collect()
 
 
 async def test_reload_with_unchanged_limits_keeps_users_rate_limits(

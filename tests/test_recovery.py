@@ -6,7 +6,8 @@ from typing import Any
 
 import trio
 
-from tests.conftest import Client, connect, running
+from tests.helpers.clients import Client, connect
+from tests.helpers.servers import running
 
 
 async def post(client: Client, contents: list[str], room: str = "general") -> list[dict]:

@@ -3,8 +3,8 @@ one real in-process server per test.
 
 The server runs in a thread of its own (its own ``trio.run``) for the whole
 test; each hypothesis example is one WebSocket connection that sends a short
-random sequence of frames: frames of every type with mutated fields (from
-``tests/test_properties.py``), valid frames that really join, post, read and
+random sequence of frames: frames of every type with mutated fields (the
+strategies of ``tests/helpers/fuzzing.py``), valid frames that really join, post, read and
 re-authenticate, raw text that is not JSON, and binary frames. After each
 frame a ping (the barrier) must get its pong: the connection is still usable
 after any error that does not close it. Every frame that carried a request id
@@ -37,9 +37,9 @@ from hypothesis import strategies as st
 from chatd.config import Config
 from chatd.errors import ErrorCode
 from chatd.server import ChatServer
-from tests.conftest import make_token
-from tests.test_properties import json_values, mutated_frames
-from tests.test_transport import ws_open
+from tests.helpers.clients import ws_open
+from tests.helpers.fuzzing import json_values, mutated_frames
+from tests.helpers.tokens import make_token
 
 LONG = os.environ.get("CHATD_LONG") == "1"
 EXAMPLES = 2000 if LONG else 100

@@ -31,15 +31,10 @@ import trio
 from trio_websocket import open_websocket_url
 
 from chatd.store.sqlite import READERS
-from tests.conftest import Client
-from tests.test_service import (
-    chatd_process,
-    config_text,
-    free_port,
-    http_request,
-    url,
-    wait_healthy,
-)
+from tests.helpers.clients import Client, ws_url
+from tests.helpers.http_client import http_request
+from tests.helpers.servers import chatd_process, config_text, free_port, wait_healthy
+from tests.helpers.tokens import make_token
 
 LONG = os.environ.get("CHATD_LONG") == "1"
 SOAK_SECONDS = float(os.environ.get("CHATD_SOAK_SECONDS", "300" if LONG else "8"))
@@ -98,7 +93,7 @@ async def session(port: int, user_id: int, *, drop: bool) -> AsyncIterator[Clien
         # bound its wait for one (60 s by default). And the room's traffic
         # from others must never fill its queue: its reader would block, and
         # its close wait for that reader.
-        address = url(port, user_id, f"soak{user_id}")
+        address = ws_url(port, make_token(user_id, f"soak{user_id}"))
         async with open_websocket_url(
             address, disconnect_timeout=0.5, message_queue_size=1_000_000
         ) as ws:

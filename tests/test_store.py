@@ -13,8 +13,8 @@ import itertools
 import math
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, closing, contextmanager
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,23 +34,7 @@ from chatd.store.sqlite import (
     history,
     open_sqlite_store,
 )
-
-CREATED = "2024-05-01T12:00:00Z"
-
-#: Users, without the system sender (user 0, made by migration 2).
-PEOPLE = "SELECT id, username FROM users WHERE id > 0 ORDER BY id"
-
-
-def msg(i: int, room: str | None = "general", user: int = 1, **kw: Any) -> NewMessage:
-    return NewMessage(
-        user_id=user,
-        username=f"user{user}",
-        content=f"message {i}",
-        message_type="text",
-        created_at=CREATED,
-        room=room,
-        **kw,
-    )
+from tests.helpers.store import CREATED, PEOPLE, Recorder, fill, msg, writer_held
 
 
 @pytest.fixture
@@ -63,55 +47,6 @@ def plain(path: str) -> Iterator[sqlite3.Connection]:
     """A plain sqlite3 connection, always closed (ResourceWarning is an error)."""
     with closing(sqlite3.connect(path, isolation_level=None)) as conn:
         yield conn
-
-
-class Recorder:
-    """A ``Committed`` callback that records what it got, and on which thread."""
-
-    def __init__(self) -> None:
-        self.results: list[StoredMessage | Exception] = []
-        self.threads: set[int] = set()
-        self.in_trio: list[bool] = []
-
-    def __call__(self, result: StoredMessage | Exception) -> None:
-        self.threads.add(threading.get_ident())
-        try:
-            trio.lowlevel.current_trio_token()
-            self.in_trio.append(True)
-        except RuntimeError:
-            self.in_trio.append(False)
-        self.results.append(result)
-
-    @property
-    def stored(self) -> list[StoredMessage]:
-        return [r for r in self.results if isinstance(r, StoredMessage)]
-
-
-@asynccontextmanager
-async def writer_held(store: SqliteStore) -> AsyncIterator[threading.Event]:
-    """Hold the writer thread inside one operation until the block ends (or
-    the yielded gate is set): everything queued meanwhile waits behind it."""
-    entered = threading.Event()
-    gate = threading.Event()
-
-    def block(conn: sqlite3.Connection) -> str:
-        entered.set()
-        gate.wait()
-        return "released"
-
-    async with trio.open_nursery() as nursery:
-        box: list[Any] = []
-
-        async def run() -> None:
-            box.append(await store.write(block))
-
-        nursery.start_soon(run)
-        await trio.to_thread.run_sync(entered.wait)
-        try:
-            yield gate
-        finally:
-            gate.set()
-    assert box == ["released"]
 
 
 async def trace(store: SqliteStore) -> list[str]:
@@ -490,14 +425,6 @@ async def test_reply_to_in_a_direct_conversation(path: str) -> None:
 
 
 # --- history ---------------------------------------------------------------
-
-
-async def fill(store: SqliteStore, room: str, n: int, user: int = 1) -> list[int]:
-    rec = Recorder()
-    for i in range(n):
-        await store.append(msg(i, room=room, user=user), rec)
-    await store.flush()
-    return [r.id for r in rec.stored]
 
 
 async def test_history_of_an_empty_room(path: str) -> None:

@@ -26,12 +26,20 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode
 from chatd.metrics import Metrics
 from chatd.store import NewMessage, RoomAccess, StoredMessage
-from chatd.store.postgres import PostgresStore, open_postgres_store
+from chatd.store.postgres import open_postgres_store
 from chatd.store.schema import dm_channel, room_channel
-from chatd.store.sqlite import SqliteStore, open_sqlite_store
-from tests.test_store import CREATED, Recorder, msg, writer_held
+from chatd.store.sqlite import open_sqlite_store
+from tests.helpers.store import (
+    CREATED,
+    AnyStore,
+    Recorder,
+    fill,
+    group_sizes,
+    msg,
+    stored,
+    writer_held,
+)
 
-AnyStore = SqliteStore | PostgresStore
 Backend = tuple[str, str]
 
 GENERAL = room_channel("general")
@@ -63,41 +71,8 @@ async def store(backend: Backend) -> AsyncIterator[AnyStore]:
         yield opened
 
 
-async def fill(store: AnyStore, room: str, n: int, user: int = 1) -> list[int]:
-    rec = Recorder()
-    for i in range(n):
-        await store.append(msg(i, room=room, user=user), rec)
-    await store.flush()
-    assert len(rec.stored) == n
-    return [r.id for r in rec.stored]
-
-
-async def stored(store: AnyStore, message: NewMessage) -> StoredMessage | Exception:
-    """Append one message and wait for its callback."""
-    done = trio.Event()
-    box: list[StoredMessage | Exception] = []
-
-    def callback(result: StoredMessage | Exception) -> None:
-        box.append(result)
-        done.set()
-
-    await store.append(message, callback)
-    await done.wait()
-    return box[0]
-
-
 def ids(messages: list[StoredMessage]) -> list[int]:
     return [m.id for m in messages]
-
-
-def group_sizes(metrics: Metrics) -> tuple[float, float, float]:
-    """Groups committed, operations in them, and groups of at most 4."""
-    get = metrics.registry.get_sample_value
-    return (
-        get("chatd_store_group_size_count") or 0.0,
-        get("chatd_store_group_size_sum") or 0.0,
-        get("chatd_store_group_size_bucket", {"le": "4.0"}) or 0.0,
-    )
 
 
 # --- append -------------------------------------------------------------------
@@ -158,7 +133,7 @@ async def test_closing_commits_everything_queued(backend: Backend) -> None:
 
 async def test_flush_returns_after_earlier_appends_commit(store: AnyStore) -> None:
     rec = Recorder()
-    async with writer_held(store) as gate:  # type: ignore[arg-type]
+    async with writer_held(store) as gate:
         for i in range(20):
             await store.append(msg(i), rec)
         assert rec.results == []
@@ -217,7 +192,7 @@ async def test_reply_to_across_channels_is_refused_and_the_rest_of_the_group_com
         rec = Recorder()
         last = trio.Event()
         before = group_sizes(metrics)
-        async with writer_held(store):  # type: ignore[arg-type]
+        async with writer_held(store):
             for m in group[:-1]:
                 await store.append(m, rec)
             await store.append(group[-1], lambda r: (rec(r), last.set()))
@@ -267,7 +242,7 @@ async def test_a_failing_operation_fails_only_itself(store: AnyStore) -> None:
         except ValueError as exc:
             errors.append(exc)
 
-    async with trio.open_nursery() as nursery, writer_held(store):  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery, writer_held(store):
         for i in range(5):
             await store.append(msg(i), rec)
         nursery.start_soon(run_bad)

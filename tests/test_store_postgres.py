@@ -5,9 +5,10 @@ Every test gets a fresh database of a real PostgreSQL (the ``pg_dsn``
 fixture; skipped, saying why, when none can start). Two ``PostgresStore``
 instances on one database are two nodes: separate writer threads and
 connections, as two processes would have. Unreachability is a ``tcp_proxy``
-between the store and the server that the test cuts and restores. Where a
-test must know that a writer is waiting for a lock, it asks PostgreSQL
-(``pg_stat_activity``); nothing sleeps for a fixed time.
+(``tests/helpers/proxies.py``) between the store and the server that the test
+cuts and restores. Where a test must know that a writer is waiting for a
+lock, it asks PostgreSQL (``pg_stat_activity``); nothing sleeps for a fixed
+time.
 """
 
 from __future__ import annotations
@@ -32,9 +33,8 @@ from chatd.store import postgres as pg
 from chatd.store.pgschema import MIGRATIONS, migrate
 from chatd.store.postgres import PostgresStore, open_postgres_store
 from chatd.store.schema import dm_channel, room_channel
-from tests.services import tcp_proxy
-from tests.test_store import Recorder, msg, writer_held
-from tests.test_store_contract import fill, group_sizes, stored
+from tests.helpers.proxies import tcp_proxy
+from tests.helpers.store import Recorder, fill, group_sizes, msg, stored, writer_held
 
 GENERAL = room_channel("general")
 
@@ -164,7 +164,7 @@ async def test_a_second_node_waits_for_the_channel_and_commits_after(pg_dsn: str
             try:
                 # a's next group: a message to general, then the hold: a has
                 # locked general's row and taken its id, and does not commit.
-                async with writer_held(a):  # type: ignore[arg-type]
+                async with writer_held(a):
                     await a.append(msg(10), record("a"))
                     nursery.start_soon(a.write, hold)
                     await trio.testing.wait_all_tasks_blocked()
@@ -207,12 +207,12 @@ async def test_ids_are_taken_only_once_every_channel_is_locked(pg_dsn: str) -> N
 
         async with trio.open_nursery() as nursery:
             try:
-                async with writer_held(a):  # type: ignore[arg-type]
+                async with writer_held(a):
                     await a.append(msg(0, room="a"), record("a"))
                     nursery.start_soon(a.write, hold)
                     await trio.testing.wait_all_tasks_blocked()
                 await trio.to_thread.run_sync(entered.wait)  # a holds r:a
-                async with writer_held(b):  # type: ignore[arg-type]
+                async with writer_held(b):
                     await b.append(msg(1, room="x"), record("b:x"))
                     await b.append(msg(2, room="a"), record("b:a"))
                 await until(lambda: lock_waiters(pg_dsn) == 1)  # b waits for r:a
@@ -306,7 +306,7 @@ async def test_a_failing_statement_fails_only_its_operation_and_seqs_stay_dense(
             except psycopg.errors.UniqueViolation as exc:
                 errors.append(exc)
 
-        async with trio.open_nursery() as nursery, writer_held(store):  # type: ignore[arg-type]
+        async with trio.open_nursery() as nursery, writer_held(store):
             for i in range(10):
                 await store.append(msg(i, room=("general", "random")[i % 2]), rec)
             nursery.start_soon(bad)

@@ -18,21 +18,19 @@ refused with ``AUTH_FAILED``.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Callable
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
-from trio_websocket import ConnectionClosed
 
 from chatd import cli
 from chatd.config import Config, from_dict
 from chatd.errors import ConfigError
-from tests.conftest import SECRET, Client, connect, make_token, running
-from tests.test_transport import closed_with
-from tests.test_transport import connect as connect_closing
+from tests.helpers.clients import Client, closed_with, connect
+from tests.helpers.servers import running
+from tests.helpers.store import sqlite_rows
+from tests.helpers.tokens import SECRET, make_token
 
 HOSTILE = [
     "'; DROP TABLE messages; --",
@@ -72,19 +70,14 @@ PRINTABLE_NAMES = [
 UNPRINTABLE_NAMES = ["\u202eevil", "a\u200db", "a\u0000b", "\u200f", "tab\there"]
 
 
-def rows(db_path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with closing(sqlite3.connect(db_path)) as db:
-        return db.execute(sql, args).fetchall()
-
-
 def assert_untouched(db_path: Path, messages: int) -> None:
     """Every table is there and the counts are those expected."""
-    tables = {name for (name,) in rows(db_path, "SELECT name FROM sqlite_master")}
+    tables = {name for (name,) in sqlite_rows(db_path, "SELECT name FROM sqlite_master")}
     assert {"users", "rooms", "room_members", "messages"} <= tables
-    assert rows(db_path, "SELECT count(*) FROM messages") == [(messages,)]
-    rooms = {name for (name,) in rows(db_path, "SELECT name FROM rooms")}
+    assert sqlite_rows(db_path, "SELECT count(*) FROM messages") == [(messages,)]
+    rooms = {name for (name,) in sqlite_rows(db_path, "SELECT name FROM rooms")}
     assert rooms == {"general", "random", "staff", "général", "日本"}
-    assert rows(db_path, "SELECT count(*) FROM users WHERE id > 0")[0][0] >= 1
+    assert sqlite_rows(db_path, "SELECT count(*) FROM users WHERE id > 0")[0][0] >= 1
 
 
 @pytest.fixture
@@ -113,7 +106,7 @@ async def test_room_messages_come_back_byte_for_byte(config: Config, db_path: Pa
                 assert (await bob.expect("room_message"))["data"]["content"] == text
             stored = await history(bob, "room_history", {"room": "general"})
     assert [m["content"] for m in stored] == HOSTILE
-    in_db = [c for (c,) in rows(db_path, "SELECT content FROM messages ORDER BY id")]
+    in_db = [c for (c,) in sqlite_rows(db_path, "SELECT content FROM messages ORDER BY id")]
     assert [c.encode("utf-8") for c in in_db] == [t.encode("utf-8") for t in HOSTILE]
     assert_untouched(db_path, len(HOSTILE))
 
@@ -130,7 +123,7 @@ async def test_direct_messages_come_back_byte_for_byte(config: Config, db_path: 
             from_bob = await history(alice, "dm_history", {"with_user": 2})
     assert [m["content"] for m in from_alice] == HOSTILE
     assert from_bob == from_alice
-    in_db = [c for (c,) in rows(db_path, "SELECT content FROM messages ORDER BY id")]
+    in_db = [c for (c,) in sqlite_rows(db_path, "SELECT content FROM messages ORDER BY id")]
     assert [c.encode("utf-8") for c in in_db] == [t.encode("utf-8") for t in HOSTILE]
     assert_untouched(db_path, len(HOSTILE))
 
@@ -147,8 +140,8 @@ async def test_usernames_from_tokens_are_stored_as_they_are(
             assert sent["data"]["username"] == name and sent["data"]["room"] == "général"
             (message,) = await history(client, "room_history", {"room": "général"})
             assert message["username"] == name
-    assert rows(db_path, "SELECT username FROM users WHERE id = 7") == [(name,)]
-    assert rows(db_path, "SELECT username FROM messages") == [(name,)]
+    assert sqlite_rows(db_path, "SELECT username FROM users WHERE id = 7") == [(name,)]
+    assert sqlite_rows(db_path, "SELECT username FROM messages") == [(name,)]
     assert_untouched(db_path, 1)
 
 
@@ -157,12 +150,10 @@ async def test_usernames_with_control_or_format_characters_are_refused(
     config: Config, db_path: Path, name: str
 ) -> None:
     async with running(config) as srv:
-        async with connect_closing(srv, token=make_token(7, name)) as client:
+        async with connect(srv, token=make_token(7, name)) as client:
             assert (await client.expect("error"))["data"]["code"] == "AUTH_FAILED"
-            with pytest.raises(ConnectionClosed) as info:
-                await client.recv()
-            assert closed_with(info) == 4001
-    assert rows(db_path, "SELECT count(*) FROM users WHERE id > 0") == [(0,)]
+            await closed_with(client, 4001)
+    assert sqlite_rows(db_path, "SELECT count(*) FROM users WHERE id > 0") == [(0,)]
 
 
 LONE_SURROGATES = [
@@ -195,7 +186,7 @@ async def test_lone_surrogates_are_refused_and_nothing_is_stored(
             assert (await alice.expect("room_message"))["data"]["content"] == "😀"
             (message,) = await history(alice, "room_history", {"room": "general"})
             assert message["content"] == "\U0001f600"
-    assert rows(db_path, "SELECT content FROM messages") == [("😀",)]
+    assert sqlite_rows(db_path, "SELECT content FROM messages") == [("😀",)]
     assert_untouched(db_path, 1)
 
 
@@ -266,5 +257,6 @@ def test_a_room_named_like_an_injection_cannot_be_created(
     assert info.value.code == 2
     assert "a room name is 1 to 64" in capsys.readouterr().err
     assert (
-        not db_path.exists() or rows(db_path, "SELECT name FROM rooms WHERE name = ?", room) == []
+        not db_path.exists()
+        or sqlite_rows(db_path, "SELECT name FROM rooms WHERE name = ?", room) == []
     )

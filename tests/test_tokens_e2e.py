@@ -19,10 +19,6 @@ creates a user row.
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
@@ -35,14 +31,15 @@ import pytest
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from trio_websocket import ConnectionClosed
 
 from chatd.auth import MAX_TOKEN_LENGTH
 from chatd.config import Config
 from chatd.server import ChatServer
 from chatd.transport.http import MAX_HEAD_BYTES
-from tests.conftest import SECRET, running
-from tests.test_transport import RawHttp, closed_with, connect
+from tests.helpers.clients import closed_with, connect
+from tests.helpers.http_client import RawHttp
+from tests.helpers.servers import running
+from tests.helpers.tokens import SECRET, hand_made_token
 
 
 def user_rows(db_path: Path) -> list[tuple[int, str]]:
@@ -54,28 +51,13 @@ async def assert_refused(server: ChatServer, token: str) -> None:
     async with connect(server, token=token) as client:
         frame = await client.expect("error")
         assert frame["data"]["code"] == "AUTH_FAILED", frame
-        with pytest.raises(ConnectionClosed) as info:
-            await client.recv()
-        assert closed_with(info) == 4001
+        await closed_with(client, 4001)
 
 
 async def assert_accepted(server: ChatServer, token: str, user_id: int) -> None:
     async with connect(server, token=token) as client:
         ack = await client.join("general")
         assert [m["user_id"] for m in ack["data"]["members"]] == [user_id]
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def hand_made(header: dict[str, Any], body: dict[str, Any], key: bytes | None) -> str:
-    """A JWT built by hand (pyjwt refuses to make the forgeries)."""
-    signing = b64(json.dumps(header).encode()) + "." + b64(json.dumps(body).encode())
-    if key is None:
-        return signing + "."
-    mac = hmac.new(key, signing.encode(), hashlib.sha256).digest()
-    return signing + "." + b64(mac)
 
 
 def claims(**extra: Any) -> dict[str, Any]:
@@ -86,11 +68,6 @@ def claims(**extra: Any) -> dict[str, Any]:
 
 
 # --- RS256 -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
 @pytest.fixture
@@ -132,13 +109,13 @@ async def test_rs256_server_refuses_forgeries(
     assert public_pem.startswith(b"-----BEGIN PUBLIC KEY-----")
     body = claims()
     if forge == "key-confusion":
-        token = hand_made({"alg": "HS256", "typ": "JWT"}, body, public_pem)
+        token = hand_made_token({"alg": "HS256", "typ": "JWT"}, body, public_pem)
     elif forge == "key-confusion-no-newline":
-        token = hand_made({"alg": "HS256", "typ": "JWT"}, body, public_pem.strip())
+        token = hand_made_token({"alg": "HS256", "typ": "JWT"}, body, public_pem.strip())
     elif forge == "alg-none":
-        token = hand_made({"alg": "none", "typ": "JWT"}, body, None)
+        token = hand_made_token({"alg": "none", "typ": "JWT"}, body, None)
     elif forge == "alg-none-rs256-header":
-        token = hand_made({"alg": "RS256", "typ": "JWT"}, body, None)
+        token = hand_made_token({"alg": "RS256", "typ": "JWT"}, body, None)
     elif forge == "hs256-shared-secret":
         token = jwt.encode(body, SECRET, algorithm="HS256")
     else:
@@ -166,7 +143,7 @@ async def test_issuer_and_audience_accepted(strict_server: ChatServer, db_path: 
     token = jwt.encode(claims(iss=ISSUER, aud=["other", AUDIENCE]), SECRET, algorithm="HS256")
     await assert_accepted(strict_server, token, 5)
     # The hand-made signing of the refused cases below is a valid signature.
-    token = hand_made(
+    token = hand_made_token(
         {"alg": "HS256", "typ": "JWT"}, claims(iss=ISSUER, aud=AUDIENCE), SECRET.encode()
     )
     await assert_accepted(strict_server, token, 5)
@@ -198,7 +175,7 @@ async def test_wrong_issuer_or_audience_refused(
     strict_server: ChatServer, db_path: Path, extra: dict[str, Any]
 ) -> None:
     # Signed by hand: pyjwt will not encode some of these (an iss list).
-    token = hand_made({"alg": "HS256", "typ": "JWT"}, claims(**extra), SECRET.encode())
+    token = hand_made_token({"alg": "HS256", "typ": "JWT"}, claims(**extra), SECRET.encode())
     await assert_refused(strict_server, token)
     assert user_rows(db_path) == []
 

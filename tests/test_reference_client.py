@@ -1,10 +1,11 @@
-"""The seed's JavaScript ``WebSocketClient`` and React ``useWebSocket``,
-unchanged, against chatd.
+"""The reference ``WebSocketClient`` (JavaScript) and its React hook
+``useWebSocket``, unchanged, against chatd.
 
-Runs the class from ``chatd/web/seed-websocket-client.js`` and the hook from
-``tests/js/seed-use-websocket.mjs`` (verbatim copies of the spec's) in Node.js
-with its built-in WebSocket; the hook is rendered with react-test-renderer
-(``tests/js/package.json``, installed by ``./build.sh test`` when npm is there).
+Runs the class from ``chatd/web/websocket-client.js`` and the hook from
+``tests/js/use-websocket.mjs`` (verbatim copies of the protocol document's)
+in Node.js with its built-in WebSocket; the hook is rendered with
+react-test-renderer (``tests/js/package.json``, installed by ``./build.sh
+test`` when npm is there).
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from pathlib import Path
 import pytest
 import trio
 
-from tests.conftest import connect, make_token
+from tests.helpers.clients import connect
+from tests.helpers.tokens import make_token
 
 JS = Path(__file__).parent / "js"
-HARNESS = JS / "run-seed-client.mjs"
+HARNESS = JS / "run-reference-client.mjs"
+HOOK_HARNESS = JS / "run-reference-hook.mjs"
 
 
 def node_command() -> list[str]:
     node = shutil.which("node")
     if node is None:
-        pytest.skip("Node.js is not installed: the seed's JavaScript client cannot run")
+        pytest.skip("Node.js is not installed: the reference JavaScript client cannot run")
     probe = subprocess.run(
         [node, "-e", "process.exit(typeof WebSocket === 'function' ? 0 : 1)"], check=False
     )
@@ -37,6 +40,7 @@ def node_command() -> list[str]:
 
 
 async def test_seed_websocket_client_works_unchanged(server):
+    """The reference ``WebSocketClient`` joins, posts and reads the history."""
     command = [*node_command(), str(HARNESS)]
     env = {**os.environ, "CHATD_PORT": str(server.port), "CHATD_TOKEN": make_token(9, "zoe")}
     result = await trio.run_process(
@@ -56,6 +60,8 @@ async def test_seed_websocket_client_works_unchanged(server):
 
 
 async def test_seed_use_websocket_hook_works_unchanged(server):
+    """The reference ``useWebSocket`` hook sends to a room and to a user and
+    reads the history."""
     command = node_command()
     if not (JS / "node_modules" / "react-test-renderer").is_dir():
         pytest.skip("React is not installed in tests/js (./build.sh test installs it with npm)")
@@ -68,7 +74,7 @@ async def test_seed_use_websocket_hook_works_unchanged(server):
         "CHATD_PEER": "8",
     }
     result = await trio.run_process(
-        [*command, str(JS / "run-seed-hook.mjs")],
+        [*command, str(HOOK_HARNESS)],
         env=env,
         capture_stdout=True,
         capture_stderr=True,

@@ -1,4 +1,4 @@
-"""Several chatd nodes as one cluster, for the tests of issue 7.
+"""Several chatd nodes as one cluster.
 
 ``running_cluster(make_config, dsn, redis_url, prefix, nodes=2, **sections)``
 runs ``nodes`` chatd nodes on one PostgreSQL database and one Redis prefix,
@@ -11,8 +11,9 @@ or, with ``processes=True``, as real ``python -m chatd --config FILE``
 processes: only those can be killed honestly (SIGKILL: no drain, no cleanup,
 presence left in Redis until its lease expires).
 
-``dsn_via(dsn, port)`` points a DSN at ``tests.services.tcp_proxy`` (which
-cuts PostgreSQL off and restores it).
+The load balancer (``LoadBalancer``) is a ``tests.helpers.proxies.Forwarder``;
+``tests.helpers.proxies`` also has what cuts PostgreSQL or Redis off from a
+node and restores it.
 
 ``connect_to(target, user_id, username)`` opens a client on anything with a
 ``.port``: a node, the cluster (its load balancer) or a single ``ChatServer``;
@@ -37,9 +38,10 @@ from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 from chatd.config import Config
 from chatd.server import ChatServer
-from tests.conftest import Client, deep_merge, make_token
-from tests.services import free_port
-from tests.test_service import chatd_process, wait_healthy
+from tests.helpers.clients import Client, ws_url
+from tests.helpers.proxies import Forwarder
+from tests.helpers.servers import chatd_process, deep_merge, free_port, wait_healthy
+from tests.helpers.tokens import make_token
 
 #: What a dropped connection raises (the node died, the balancer cut it).
 DROPPED = (
@@ -49,177 +51,6 @@ DROPPED = (
     trio.ClosedResourceError,
     OSError,
 )
-
-
-# --- forwarding bytes ---------------------------------------------------------
-
-
-class _Pipe:
-    """One forwarded connection: both sockets, closed together."""
-
-    def __init__(
-        self, a: trio.SocketStream, b: trio.SocketStream, link: RedisLink | None = None
-    ) -> None:
-        self.a = a
-        self.b = b
-        self.scope = trio.CancelScope()
-        self.link = link
-        #: Whether the client subscribed on this connection (Redis pub/sub).
-        self.subscriber = False
-
-    def cut(self) -> None:
-        """Close both ends now (tasks blocked on them wake up)."""
-        self.a.socket.close()
-        self.b.socket.close()
-        self.scope.cancel()
-
-    async def run(self) -> None:
-        """Forward both ways until either side ends, then close both."""
-
-        async def pump(src: trio.SocketStream, dst: trio.SocketStream) -> None:
-            down = src is self.b
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                while data := await src.receive_some(65536):
-                    if self.link is not None:
-                        if not down and b"SUBSCRIBE" in data.upper():
-                            self.subscriber = True
-                        if down and self.subscriber:
-                            await self.link.gate()
-                    await dst.send_all(data)
-            nursery.cancel_scope.cancel()
-
-        try:
-            with self.scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(pump, self.a, self.b)
-                    nursery.start_soon(pump, self.b, self.a)
-        finally:
-            await trio.aclose_forcefully(self.a)
-            await trio.aclose_forcefully(self.b)
-
-
-class _Forwarder:
-    """Accepts on a port of its own; forwards each connection upstream."""
-
-    #: Set by a forwarder that holds pub/sub traffic (RedisLink).
-    link: RedisLink | None = None
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.pipes: set[_Pipe] = set()
-
-    async def upstream(self) -> trio.SocketStream | None:
-        raise NotImplementedError
-
-    async def _handle(self, client: trio.SocketStream) -> None:
-        try:
-            server = await self.upstream()
-        except BaseException:
-            await trio.aclose_forcefully(client)
-            raise
-        if server is None:
-            await trio.aclose_forcefully(client)
-            return
-        pipe = _Pipe(client, server, self.link)
-        self.pipes.add(pipe)
-        try:
-            await pipe.run()
-        finally:
-            self.pipes.discard(pipe)
-
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(trio.serve_listeners, self._handle, listeners)
-                task_status.started()
-        finally:
-            for listener in listeners:
-                await trio.aclose_forcefully(listener)
-
-
-class LoadBalancer(_Forwarder):
-    """Round robin over the nodes, one TCP connection at a time. A node that
-    refuses the connection (dead) is skipped, as a real balancer would."""
-
-    def __init__(self, nodes: list[Node]) -> None:
-        super().__init__()
-        self.nodes = nodes
-        self._next = 0
-        #: The index of the node each accepted connection went to (-1: none).
-        self.routed: list[int] = []
-
-    async def upstream(self) -> trio.SocketStream | None:
-        count = len(self.nodes)
-        start = self._next
-        self._next = (self._next + 1) % count
-        for step in range(count):
-            node = self.nodes[(start + step) % count]
-            try:
-                stream = await trio.open_tcp_stream("127.0.0.1", node.port)
-            except OSError:
-                continue
-            self.routed.append(node.index)
-            return stream
-        self.routed.append(-1)
-        return None
-
-
-class RedisLink(_Forwarder):
-    """A node's way to Redis whose pub/sub deliveries can be held back: after
-    ``hold()``, what Redis sends on a connection that subscribed waits (in
-    order) until ``release()``; commands and their replies go on. A bus link
-    that lags, made deterministic."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__()
-        self.target = (host, port)
-        self.link = self
-        self.held = False
-        self._released = trio.Event()
-
-    async def upstream(self) -> trio.SocketStream | None:
-        return await trio.open_tcp_stream(*self.target)
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def hold(self) -> None:
-        self.held = True
-        self._released = trio.Event()
-
-    def release(self) -> None:
-        self.held = False
-        self._released.set()
-
-    async def gate(self) -> None:
-        if self.held:
-            await self._released.wait()
-
-
-@asynccontextmanager
-async def redis_link(host: str, port: int) -> AsyncIterator[RedisLink]:
-    link = RedisLink(host, port)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(link.serve)
-        try:
-            yield link
-        finally:
-            link.release()
-            for pipe in list(link.pipes):
-                pipe.cut()
-            nursery.cancel_scope.cancel()
-
-
-def dsn_via(dsn: str, port: int) -> str:
-    """``dsn`` with its host and port replaced by 127.0.0.1:``port``."""
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    info = conninfo_to_dict(dsn)
-    info.update(host="127.0.0.1", port=str(port))
-    return make_conninfo(**info)
 
 
 # --- nodes --------------------------------------------------------------------
@@ -260,6 +91,33 @@ class Node:
         return self.log.read_text(errors="replace") if self.log is not None else ""
 
     _stopped: trio.Event = field(default_factory=trio.Event, repr=False)
+
+
+class LoadBalancer(Forwarder):
+    """Round robin over the nodes, one TCP connection at a time. A node that
+    refuses the connection (dead) is skipped, as a real balancer would."""
+
+    def __init__(self, nursery: trio.Nursery, nodes: list[Node]) -> None:
+        super().__init__(nursery)
+        self.nodes = nodes
+        self._next = 0
+        #: The index of the node each accepted connection went to (-1: none).
+        self.routed: list[int] = []
+
+    async def upstream(self) -> trio.SocketStream | None:
+        count = len(self.nodes)
+        start = self._next
+        self._next = (self._next + 1) % count
+        for step in range(count):
+            node = self.nodes[(start + step) % count]
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", node.port)
+            except OSError:
+                continue
+            self.routed.append(node.index)
+            return stream
+        self.routed.append(-1)
+        return None
 
 
 @dataclass(eq=False)
@@ -339,11 +197,11 @@ async def running_cluster(
             merged = deep_merge(merged, {"server": {"port": free_port()}})
         config = make_config(**merged)
         members.append(Node(index, config.bus.node_id, config))
-    lb = LoadBalancer(members)
-    cluster = Cluster(members, lb)
 
     async with contextlib.AsyncExitStack() as stack:
         nursery = await stack.enter_async_context(trio.open_nursery())
+        lb = LoadBalancer(nursery, members)
+        cluster = Cluster(members, lb)
         if processes:
             for node in members:
                 await stack.enter_async_context(_process_node(node, folder))
@@ -364,12 +222,11 @@ async def running_cluster(
             else:
                 for node in members:
                     await nursery.start(serve, node)
-        await nursery.start(lb.serve)
+        lb.restore()  # listening from now on
         try:
             yield cluster
         finally:
-            for pipe in list(lb.pipes):
-                pipe.cut()
+            lb.cut()
             with trio.CancelScope(shield=True):
                 for node in members:
                     await node.stop()
@@ -406,11 +263,6 @@ async def _process_node(node: Node, folder: Path) -> AsyncIterator[Node]:
 # --- clients ------------------------------------------------------------------
 
 
-def url_of(target: Any, user_id: int, username: str, token: str | None = None) -> str:
-    token = token if token is not None else make_token(user_id, username)
-    return f"ws://127.0.0.1:{target.port}/ws/chat?token={token}"
-
-
 @asynccontextmanager
 async def connect_to(
     target: Any, user_id: int = 1, username: str = "alice", **kwargs: Any
@@ -419,10 +271,12 @@ async def connect_to(
     balancer, a ChatServer). When the block itself ended well, a connection
     the other side dropped (a killed node) closes without an error."""
     token = kwargs.pop("token", None)
+    if token is None:
+        token = make_token(user_id, username)
     stream = None
     finished = False
     try:
-        async with open_websocket_url(url_of(target, user_id, username, token), **kwargs) as ws:
+        async with open_websocket_url(ws_url(target, token), **kwargs) as ws:
             stream = ws._stream
             yield Client(ws)
             finished = True

@@ -1,0 +1,138 @@
+"""Driving a store (SQLite or PostgreSQL) directly, below the server:
+messages to append (``msg``), a commit callback that records what it got
+(``Recorder``), the writer thread held so that a group is queued
+deterministically (``writer_held``), rooms filled (``fill``), one message
+appended and awaited (``stored``), the group-size histogram (``group_sizes``),
+and rows read straight from a SQLite file (``sqlite_rows``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, closing
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from chatd.store import NewMessage, StoredMessage
+from chatd.store.postgres import PostgresStore
+from chatd.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from chatd.metrics import Metrics
+
+#: Either store: what the contract tests and ``writer_held`` accept.
+AnyStore = SqliteStore | PostgresStore
+
+#: The ``created_at`` of every message ``msg`` makes.
+CREATED = "2024-05-01T12:00:00Z"
+
+#: Users, without the system sender (user 0, made by migration 2).
+PEOPLE = "SELECT id, username FROM users WHERE id > 0 ORDER BY id"
+
+
+def msg(i: int, room: str | None = "general", user: int = 1, **kw: Any) -> NewMessage:
+    """Text message number ``i`` from ``user`` to ``room`` (``room`` None and
+    ``to_user_id``: a direct message)."""
+    return NewMessage(
+        user_id=user,
+        username=f"user{user}",
+        content=f"message {i}",
+        message_type="text",
+        created_at=CREATED,
+        room=room,
+        **kw,
+    )
+
+
+class Recorder:
+    """A ``Committed`` callback that records what it got, and on which thread."""
+
+    def __init__(self) -> None:
+        self.results: list[StoredMessage | Exception] = []
+        self.threads: set[int] = set()
+        self.in_trio: list[bool] = []
+
+    def __call__(self, result: StoredMessage | Exception) -> None:
+        self.threads.add(threading.get_ident())
+        try:
+            trio.lowlevel.current_trio_token()
+            self.in_trio.append(True)
+        except RuntimeError:
+            self.in_trio.append(False)
+        self.results.append(result)
+
+    @property
+    def stored(self) -> list[StoredMessage]:
+        return [r for r in self.results if isinstance(r, StoredMessage)]
+
+
+@asynccontextmanager
+async def writer_held(store: AnyStore) -> AsyncIterator[threading.Event]:
+    """Hold the writer thread inside one operation until the block ends (or
+    the yielded gate is set): everything queued meanwhile waits behind it."""
+    entered = threading.Event()
+    gate = threading.Event()
+
+    def block(conn: Any) -> str:
+        entered.set()
+        gate.wait()
+        return "released"
+
+    async with trio.open_nursery() as nursery:
+        box: list[Any] = []
+
+        async def run() -> None:
+            box.append(await store.write(block))
+
+        nursery.start_soon(run)
+        await trio.to_thread.run_sync(entered.wait)
+        try:
+            yield gate
+        finally:
+            gate.set()
+    assert box == ["released"]
+
+
+async def fill(store: AnyStore, room: str, n: int, user: int = 1) -> list[int]:
+    """Append ``n`` messages to ``room`` and flush; their ids, in order."""
+    rec = Recorder()
+    for i in range(n):
+        await store.append(msg(i, room=room, user=user), rec)
+    await store.flush()
+    assert len(rec.stored) == n
+    return [r.id for r in rec.stored]
+
+
+async def stored(store: AnyStore, message: NewMessage) -> StoredMessage | Exception:
+    """Append one message and wait for its callback."""
+    done = trio.Event()
+    box: list[StoredMessage | Exception] = []
+
+    def callback(result: StoredMessage | Exception) -> None:
+        box.append(result)
+        done.set()
+
+    await store.append(message, callback)
+    await done.wait()
+    return box[0]
+
+
+def group_sizes(metrics: Metrics) -> tuple[float, float, float]:
+    """Groups committed, operations in them, and groups of at most 4."""
+    get = metrics.registry.get_sample_value
+    return (
+        get("chatd_store_group_size_count") or 0.0,
+        get("chatd_store_group_size_sum") or 0.0,
+        get("chatd_store_group_size_bucket", {"le": "4.0"}) or 0.0,
+    )
+
+
+def sqlite_rows(path: Path | str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """``sql``'s rows, read from the SQLite file ``path`` on a connection of
+    their own (always closed: a ResourceWarning is an error)."""
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute(sql, args).fetchall()
