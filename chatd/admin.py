@@ -36,8 +36,6 @@ from chatd.store import Admin
 from chatd.store.schema import connect, migrate
 from chatd.store.sqlite import backup, check_copy, declare_rooms
 
-Command = Callable[[Config, argparse.Namespace], int]
-
 
 def add_commands(
     commands: Any, config_arg: Callable[[argparse.ArgumentParser], None], user_id: Any

@@ -5,12 +5,16 @@ token's own ``alg`` alone, so ``alg: none`` and key confusion are refused),
 then ``exp``/``nbf``/``iat`` with the leeway, and ``iss``/``aud`` when
 configured. The claims then name the user: ``user_id`` (an integer), else
 ``sub`` when it is a decimal string; ``username`` is the display name.
+
+``bearer`` reads an ``Authorization: Bearer`` header, for both the WebSocket
+handshake (a token) and the publish API (an API key).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,3 +135,14 @@ def issue(config: Config, user_id: int, username: str, ttl: float, now: float | 
     if config.auth.audience:
         claims["aud"] = config.auth.audience
     return jwt.encode(claims, config.auth.jwt_secret, algorithm=hmac[0])
+
+
+def bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The credentials of an ``Authorization: Bearer ...`` header (the
+    scheme in any case), or None when there is none."""
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, credentials = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and credentials.strip():
+                return credentials.strip()
+    return None

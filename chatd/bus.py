@@ -2,28 +2,30 @@
 
 A ``Bus`` takes each committed message (in commit order, on the Trio thread)
 and gets it to every connection that should see it, on this node and on the
-others; it learns where users are present in a room; and it keeps the rate
-limits that count a user once, wherever the user is connected.
+others; it is told when a user's presence in a room begins or ends on this
+node and announces it wherever it must; and it keeps the rate limits that
+count a user once, wherever the user is connected.
 
 ``LocalBus`` is the bus of a node alone, the default: delivery is the hub's
-fan-out, presence is the hub's own, rate limits are token buckets in memory.
-``chatd.cluster.bus.RedisBus`` is the bus of several nodes sharing Redis.
+fan-out, presence is announced to the room at once, rate limits are token
+buckets in memory. ``chatd.cluster.bus.RedisBus`` is the bus of several
+nodes sharing Redis. ``chatd.backends.open_bus`` makes the one the config
+asks for.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from typing import Generic, Protocol, TypeVar
 
+from chatd.auth import Identity
 from chatd.hub import Hub, Peer
-from chatd.metrics import Metrics
 from chatd.protocol import Member
 from chatd.ratelimit import LimiterTable
-from chatd.store import Store, StoredMessage
+from chatd.store import StoredMessage
 
-if TYPE_CHECKING:
-    from chatd.config import Config
+P = TypeVar("P", bound=Peer)
+P_contra = TypeVar("P_contra", bound=Peer, contravariant=True)
 
 
 class Limits(Protocol):
@@ -44,62 +46,52 @@ class LocalLimits:
         return self.table.take(key, self._clock())
 
 
-class Bus(Protocol):
-    #: Whether a join must hold the room's frames until its ack is sent
-    #: (``joined`` awaits something).
-    holds_joins: bool
+class Bus(Protocol[P_contra]):
+    """Delivery, presence and rate limits: this node alone, or the cluster."""
 
     def message(
-        self, stored: StoredMessage, origin: Peer | None = None, request_id: str | int | None = None
+        self,
+        stored: StoredMessage,
+        origin: P_contra | None = None,
+        request_id: str | int | None = None,
     ) -> None:
         """Deliver a committed message everywhere; ``origin``'s copy carries
         ``request_id``. Called in commit order; never blocks."""
 
-    async def joined(self, peer: Peer, room: str, last_seq: int) -> list[Member]:
+    async def joined(self, peer: P_contra, room: str, last_seq: int, first: bool) -> list[Member]:
         """``peer`` has just joined ``room`` on this node (the store said
-        ``last_seq`` at the join); return the room's online members."""
+        ``last_seq`` at the join; ``first``: its user's first connection
+        there, to announce); return the room's online members."""
+
+    def left(self, ident: Identity, room: str) -> None:
+        """The user's last connection in ``room`` on this node has left."""
 
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
         """Rate limits named ``name`` (buckets of (capacity, period))."""
 
 
-class LocalBus:
+class LocalBus(Generic[P]):
     """The bus of one node alone."""
 
-    #: Whether a join must hold the room's frames until the ack is sent.
-    holds_joins = False
-
-    def __init__(self, hub: Hub, wall: Callable[[], float], monotonic: Callable[[], float]) -> None:
+    def __init__(
+        self, hub: Hub[P], wall: Callable[[], float], monotonic: Callable[[], float]
+    ) -> None:
         self.hub = hub
         self._wall = wall
         self._monotonic = monotonic
 
     def message(
-        self, stored: StoredMessage, origin: Peer | None = None, request_id: str | int | None = None
+        self, stored: StoredMessage, origin: P | None = None, request_id: str | int | None = None
     ) -> None:
         self.hub.deliver(stored, self._wall(), origin, request_id)
 
-    async def joined(self, peer: Peer, room: str, last_seq: int) -> list[Member]:
+    async def joined(self, peer: P, room: str, last_seq: int, first: bool) -> list[Member]:
+        if first:
+            self.hub.announce("user_connected", peer.identity, room, self._wall())
         return self.hub.members(room)
+
+    def left(self, ident: Identity, room: str) -> None:
+        self.hub.announce("user_disconnected", ident, room, self._wall())
 
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
         return LocalLimits(limits, self._monotonic)
-
-
-@asynccontextmanager
-async def open_bus(
-    config: Config,
-    hub: Hub,
-    store: Store,
-    wall: Callable[[], float],
-    monotonic: Callable[[], float],
-    metrics: Metrics,
-) -> AsyncIterator[Bus]:
-    """The bus the config asks for, running for the block."""
-    if config.bus.backend == "redis":
-        from chatd.cluster.bus import open_redis_bus
-
-        async with open_redis_bus(config, hub, store, wall, metrics) as bus:
-            yield bus
-    else:
-        yield LocalBus(hub, wall, monotonic)

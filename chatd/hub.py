@@ -4,20 +4,27 @@ The hub knows every open session (``Peer``), the connections of each user,
 which rooms each connection has joined, and how many connections each user
 has in each room (several tabs of one user are one presence). It turns a
 committed message into one ``OutFrame`` and hands that same frame to every
-recipient's connection: no task per recipient, no per-recipient encoding
-(DESIGN D3). The sender's own copy alone is encoded again, to echo its
-``request_id``.
+recipient's connection: no task per recipient, no per-recipient encoding.
+The sender's own copy alone is encoded again, to echo its ``request_id``.
 
-A room message goes to its room through ``broadcast`` (the room's set of
-connections, the shared frame, and the sender's own copy): by default each
-connection's ``send`` at once; the server passes the transport's, which
-joins a commit group's consecutive messages to one room into one buffer
-written once to each member (``chatd.transport.websocket.broadcast``).
+The hub is generic in its peer type and is given its ``Broadcaster`` when it
+is made: a room message goes to its room through ``broadcast`` (the room's
+set of connections, the shared frame, and the sender's own copy), and
+deliveries made together run inside ``corked()``. The server passes the
+transport's ``Fanout``, which joins a commit group's consecutive messages to
+one room into one buffer written once to each member; ``SendEach`` (each
+connection's ``send``, at once) serves tests and anything without sockets.
 
-A connection that joins a room to recover missed messages is *held* in it:
-the room's frames for that connection are kept back, in order, until the
-replay from storage has been sent, then released, skipping the messages the
-replay already carried (except the sender's own copies, which carry its
+Presence is counted here and reported, not acted on: ``join`` says whether
+the user's first connection entered the room, ``leave`` and ``disconnect``
+where its last one left. The caller (the session) tells the bus, which
+announces it (``announce``), on this node alone or across the cluster.
+
+A connection that joins a room is *held* in it until ``release``: the
+room's frames for that connection are kept back, in order, until its
+``join_room_ack`` (and, when it recovers missed messages, the replay from
+storage) has been sent, then released, skipping the messages the replay
+already carried (except the sender's own copies, which carry its
 ``request_id``). So nothing is lost or reordered between the stored past and
 the live present.
 
@@ -26,9 +33,9 @@ Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -42,31 +49,35 @@ from chatd.transport.frames import OutFrame
 class Peer(Protocol):
     """One connection as the hub sees it."""
 
-    identity: Identity
+    @property
+    def identity(self) -> Identity:
+        """Who is connected (fixed for the connection's life)."""
 
     def send(self, frame: OutFrame) -> None:
         """Queue a frame; never blocks."""
 
 
+P = TypeVar("P", bound=Peer)
+
 _NOWHERE: frozenset[str] = frozenset()
 
 
-class _Room:
+class _Room(Generic[P]):
     __slots__ = ("floors", "held", "peers", "presence")
 
     def __init__(self) -> None:
-        self.peers: set[Peer] = set()
+        self.peers: set[P] = set()
         #: user id -> (username, number of that user's connections in the room)
         self.presence: dict[int, tuple[str, int]] = {}
         #: connections being caught up: (message id or None, frame) kept back
-        self.held: dict[Peer, list[tuple[int | None, OutFrame]]] = {}
+        self.held: dict[P, list[tuple[int | None, OutFrame]]] = {}
         #: caught-up connections: the last message id their replay carried,
         #: until a newer message reaches them (a message can reach a node
         #: late, after the replay that already had it; ids per room increase
         #: in delivery order, so the first newer one ends the check)
-        self.floors: dict[Peer, int] = {}
+        self.floors: dict[P, int] = {}
 
-    def send(self, frame: OutFrame, peers: Iterable[Peer], message_id: int | None = None) -> int:
+    def send(self, frame: OutFrame, peers: Iterable[P], message_id: int | None = None) -> int:
         """Send (or hold) ``frame`` for each of ``peers``; return how many."""
         held = self.held
         floors = self.floors
@@ -85,71 +96,66 @@ class _Room:
         return count
 
 
-class Broadcast(Protocol):
-    """Send ``frame`` to every one of ``peers`` but ``own``, and ``own_frame``
-    to ``own`` (whether or not it is in ``peers``). ``peers`` is a room's own
-    set: the same object for every message to that room."""
+class Broadcaster(Protocol[P]):
+    """How the hub's deliveries reach connections."""
 
-    def __call__(
-        self, peers: set[Peer], frame: OutFrame, own: Peer | None, own_frame: OutFrame | None
-    ) -> None: ...
-
-
-def broadcast_each(
-    peers: set[Peer], frame: OutFrame, own: Peer | None, own_frame: OutFrame | None
-) -> None:
-    """Each connection's ``send``, at once."""
-    for peer in peers:
-        if peer is not own:
-            peer.send(frame)
-    if own is not None and own_frame is not None:
-        own.send(own_frame)
-
-
-#: Called when a user's first connection on this node joins a room
-#: ("user_connected") or its last one leaves ("user_disconnected"), with
-#: the user, the room and ``now``.
-PresenceHook = Callable[[str, Identity, str, float], None]
-
-
-class Hub:
-    """Rooms, their connected members, and every user's connections.
-
-    Presence changes on this node go to ``on_presence``; alone, a node
-    announces them to the room at once (``announce``); in a cluster, the
-    relay first asks whether the user is on another node too."""
-
-    def __init__(
-        self,
-        metrics: Metrics | None = None,
-        on_presence: PresenceHook | None = None,
-        broadcast: Broadcast = broadcast_each,
-        batch: Callable[[], AbstractContextManager[None]] = nullcontext,
+    def broadcast(
+        self, peers: set[P], frame: OutFrame, own: P | None, own_frame: OutFrame | None
     ) -> None:
+        """``frame`` to every one of ``peers`` but ``own``, and ``own_frame``
+        to ``own`` (whether or not it is in ``peers``). ``peers`` is a
+        room's own set: the same object for every message to that room."""
+
+    def corked(self) -> AbstractContextManager[None]:
+        """A block whose deliveries are written together at its end."""
+
+
+class SendEach(Generic[P]):
+    """Each connection's ``send``, at once; ``corked`` does nothing."""
+
+    def broadcast(
+        self, peers: set[P], frame: OutFrame, own: P | None, own_frame: OutFrame | None
+    ) -> None:
+        for peer in peers:
+            if peer is not own:
+                peer.send(frame)
+        if own is not None and own_frame is not None:
+            own.send(own_frame)
+
+    @contextmanager
+    def corked(self) -> Iterator[None]:
+        yield
+
+
+class Hub(Generic[P]):
+    """Rooms, their connected members, and every user's connections."""
+
+    def __init__(self, fanout: Broadcaster[P], metrics: Metrics | None = None) -> None:
+        self._fanout = fanout
         self._metrics = metrics or Metrics()
-        self.on_presence: PresenceHook = on_presence or self.announce
-        self._broadcast = broadcast
-        #: Deliveries made together run inside ``batch()`` (the server's
-        #: is the transport's ``corked``: one write per connection for all
-        #: of them, consecutive messages to a room as one run).
-        self.batch = batch
-        self._rooms: dict[str, _Room] = {}
+        self._rooms: dict[str, _Room[P]] = {}
         #: Every connected peer -> the rooms it joined (``_NOWHERE`` until
         #: its first join: an idle connection costs no set of its own).
-        self._joined: dict[Peer, set[str] | frozenset[str]] = {}
+        self._joined: dict[P, set[str] | frozenset[str]] = {}
         #: user id -> that user's connections (a tuple: usually just one).
-        self._users: dict[int, tuple[Peer, ...]] = {}
+        self._users: dict[int, tuple[P, ...]] = {}
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Deliveries made together (a commit group, a batch of remote
+        events): one write per connection for all of them."""
+        return self._fanout.corked()
 
     # --- sessions -----------------------------------------------------------
 
-    def connect(self, peer: Peer) -> None:
+    def connect(self, peer: P) -> None:
         self._joined[peer] = _NOWHERE
         uid = peer.identity.user_id
         self._users[uid] = (*self._users.get(uid, ()), peer)
 
-    def disconnect(self, peer: Peer, now: float) -> None:
-        for room in list(self._joined.get(peer, ())):
-            self.leave(peer, room, now)
+    def disconnect(self, peer: P) -> list[str]:
+        """Forget ``peer``; return the rooms its user has left with it (its
+        last connection there)."""
+        gone = [room for room in list(self._joined.get(peer, ())) if self.leave(peer, room)]
         self._joined.pop(peer, None)
         uid = peer.identity.user_id
         peers = self._users.get(uid)
@@ -159,33 +165,29 @@ class Hub:
                 self._users[uid] = rest
             else:
                 del self._users[uid]
-
-    def online(self, user_id: int) -> bool:
-        return user_id in self._users
+        return gone
 
     # --- rooms --------------------------------------------------------------
 
-    def join(self, peer: Peer, room: str, now: float, *, hold: bool = False) -> list[Member]:
-        """Add ``peer`` to ``room``; return who is online there. Announces
-        the user to the others when this is its first connection there.
-        With ``hold``, the room's frames for ``peer`` wait for ``release``."""
+    def join(self, peer: P, room: str) -> bool:
+        """Add ``peer`` to ``room``, held (its frames there wait for
+        ``release``). True when it is its user's first connection there:
+        the others are to be told."""
         state = self._rooms.get(room)
         if state is None:
             state = self._rooms[room] = _Room()
-        if hold:
-            state.held.setdefault(peer, [])
-        if peer not in state.peers:
-            state.peers.add(peer)
-            rooms = self._joined[peer]
-            if not isinstance(rooms, set):
-                rooms = self._joined[peer] = set()
-            rooms.add(room)
-            ident = peer.identity
-            _, count = state.presence.get(ident.user_id, ("", 0))
-            state.presence[ident.user_id] = (ident.username, count + 1)
-            if count == 0:
-                self.on_presence("user_connected", ident, room, now)
-        return self.members(room)
+        state.held.setdefault(peer, [])
+        if peer in state.peers:
+            return False
+        state.peers.add(peer)
+        rooms = self._joined[peer]
+        if not isinstance(rooms, set):
+            rooms = self._joined[peer] = set()
+        rooms.add(room)
+        ident = peer.identity
+        _, count = state.presence.get(ident.user_id, ("", 0))
+        state.presence[ident.user_id] = (ident.username, count + 1)
+        return count == 0
 
     def members(self, room: str) -> list[Member]:
         """The users with a connection in ``room`` on this node."""
@@ -206,7 +208,7 @@ class Hub:
         """Every user with a connection on this node."""
         return list(self._users)
 
-    def release(self, peer: Peer, room: str, after_id: int) -> None:
+    def release(self, peer: P, room: str, after_id: int) -> None:
         """Send what was held for ``peer`` in ``room``, skipping messages with
         an id up to ``after_id`` (the replay already sent them)."""
         state = self._rooms.get(room)
@@ -220,11 +222,11 @@ class Hub:
         if after_id > 0 and not newer:
             state.floors[peer] = after_id
 
-    def leave(self, peer: Peer, room: str, now: float) -> bool:
-        """Remove ``peer`` from ``room``; False when it was not there."""
-        state = self._rooms.get(room)
-        if state is None or peer not in state.peers:
-            return False
+    def leave(self, peer: P, room: str) -> bool:
+        """Remove ``peer`` from ``room`` (where it must be, ``is_in``). True
+        when it was its user's last connection there: the others are to be
+        told."""
+        state = self._rooms[room]
         state.peers.discard(peer)
         state.held.pop(peer, None)
         state.floors.pop(peer, None)
@@ -237,17 +239,16 @@ class Hub:
             del self._rooms[room]
         if count > 1:
             state.presence[ident.user_id] = (name, count - 1)
-        else:
-            del state.presence[ident.user_id]
-            self.on_presence("user_disconnected", ident, room, now)
+            return False
+        del state.presence[ident.user_id]
         return True
 
-    def is_in(self, peer: Peer, room: str) -> bool:
+    def is_in(self, peer: P, room: str) -> bool:
         return room in self._joined.get(peer, ())
 
     def announce(self, kind: str, ident: Identity, room: str, now: float) -> None:
-        """Send a presence event to the room's connections on this node,
-        except the user's own."""
+        """Send a presence event (``user_connected``, ``user_disconnected``)
+        to the room's connections on this node, except the user's own."""
         state = self._rooms.get(room)
         if state is None:
             return
@@ -262,7 +263,7 @@ class Hub:
         self,
         stored: StoredMessage,
         now: float,
-        origin: Peer | None = None,
+        origin: P | None = None,
         request_id: str | int | None = None,
     ) -> None:
         """Fan a committed message out: a room message to every connection in
@@ -272,7 +273,7 @@ class Hub:
         kind, data, sender = live_shape(stored)
         if msg.room is not None:
             state = self._rooms.get(msg.room) or _Room()
-            peers: set[Peer] = state.peers
+            peers: set[P] = state.peers
         else:
             assert msg.to_user_id is not None
             state = _Room()  # no holding for conversations
@@ -287,7 +288,7 @@ class Hub:
         if own is not None:
             copy = OutFrame(encode(kind, data, now, user_id=sender, request_id=request_id))
         if frame is not None and msg.room is not None and not state.held and not state.floors:
-            self._broadcast(peers, frame, own, copy)
+            self._fanout.broadcast(peers, frame, own, copy)
             self._metrics.frames_out(kind, others + (own is not None))
             return
         sent = 0

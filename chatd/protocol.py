@@ -106,18 +106,6 @@ class MessageBatch(_Data, frozen=True, kw_only=True):
     messages: Annotated[list[BatchEntry], Meta(max_length=MAX_BATCH)]
 
 
-ClientData = (
-    JoinRoom
-    | LeaveRoom
-    | RoomMessage
-    | DirectMessage
-    | RoomHistory
-    | DmHistory
-    | Ping
-    | Auth
-    | MessageBatch
-)
-
 #: The frame types a client may send, and the struct each one's data must fit.
 CLIENT_TYPES: dict[str, type[Any]] = {
     "join_room": JoinRoom,

@@ -2,8 +2,9 @@
 development tokens, and the browser page.
 
 Every route answers JSON (the page's static files aside) and none raises: a
-bad request gets its status and a one-line ``{"error": ...}``. The node the
-routes serve is passed in (``ChatServer``); this module holds no state.
+bad request gets its status and a one-line ``{"error": ...}``. The routes see
+the node through ``Node``, the few things they need of it; this module holds
+no state.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
-from typing import TYPE_CHECKING, Annotated, Any
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Protocol
 from urllib.parse import urlsplit
 
 import h11
@@ -20,15 +22,16 @@ import trio
 from msgspec import Meta
 
 from chatd import __version__
-from chatd.auth import issue
+from chatd.auth import bearer, issue
+from chatd.config import Config
 from chatd.errors import ChatError, ErrorCode
-from chatd.metrics import CONTENT_TYPE
+from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.protocol import Id, RoomName
+from chatd.store import StoredMessage
 from chatd.transport.http import Response
+from chatd.transport.http import json_error as _error
+from chatd.transport.http import json_response as _json
 from chatd.web import SECURITY_HEADERS
-
-if TYPE_CHECKING:
-    from chatd.server import ChatServer
 
 log = logging.getLogger("chatd")
 
@@ -36,16 +39,41 @@ log = logging.getLogger("chatd")
 READY_TIMEOUT = 2.0
 
 
-def _json(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
-    return Response(status, msgspec.json.encode(body), headers=headers or [])
+class Node(Protocol):
+    """What the routes need of the node they serve."""
 
+    @property
+    def config(self) -> Config: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def draining(self) -> bool:
+        """From a stop on: /readyz says 503, the API refuses."""
 
-def _error(status: int, message: str, **extra: Any) -> Response:
-    return _json(status, {"error": message, **extra})
+    @property
+    def assets(self) -> dict[str, tuple[str, bytes]]:
+        """The page's static files by path: (content type, bytes)."""
+
+    @property
+    def wall(self) -> Callable[[], float]:
+        """The clock of timestamps and token expiry."""
+
+    def connection_count(self) -> int: ...
+
+    def ready(self) -> Awaitable[None]:
+        """Return once the store has committed a write (raise if it cannot)."""
+
+    def publish(
+        self, content: str, room: str | None, user_id: int | None, data: dict[str, Any] | None
+    ) -> Awaitable[StoredMessage]:
+        """The publish API's service (``publish.publish``)."""
+
+    def dev_user(self, username: str) -> Awaitable[int]:
+        """The id of the user with this name, made up if there is none."""
 
 
 async def handle(
-    node: ChatServer, request: h11.Request, body: bytes, remote: str, *, metrics_only: bool = False
+    node: Node, request: h11.Request, body: bytes, remote: str, *, metrics_only: bool = False
 ) -> Response:
     """Answer one HTTP request."""
     path = urlsplit(request.target.decode("latin-1")).path
@@ -74,26 +102,26 @@ async def handle(
     return response
 
 
-async def _healthz(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+async def _healthz(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
     return _json(
-        200, {"status": "ok", "version": __version__, "connections": len(node.connections)}
+        200, {"status": "ok", "version": __version__, "connections": node.connection_count()}
     )
 
 
-async def _readyz(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+async def _readyz(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
     """Ready: not draining, and the store commits a write within 2 s."""
     if node.draining:
         return _json(503, {"status": "draining"})
     with trio.move_on_after(READY_TIMEOUT):
         try:
-            await node.ctx.store.flush()
+            await node.ready()
         except Exception as exc:
             return _json(503, {"status": "store unavailable", "error": str(exc)})
         return _json(200, {"status": "ready"})
     return _json(503, {"status": "store unavailable", "error": "write timed out"})
 
 
-async def _metrics(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+async def _metrics(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
     return Response(200, node.metrics.exposition(), CONTENT_TYPE)
 
 
@@ -107,12 +135,12 @@ class PublishRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data: dict[str, Any] | None = None
 
 
-async def _publish(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+async def _publish(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
     """A backend sends a notification to a room or a user."""
     keys = node.config.api.keys
     if not keys:
         return _error(404, "the publish API is off: set [api] keys")
-    given = _bearer(request)
+    given = bearer(request.headers)
     if given is None or not any(hmac.compare_digest(given, key) for key in keys):
         return _json(401, {"error": "missing or wrong API key"}, [("www-authenticate", "Bearer")])
     if node.draining:
@@ -149,15 +177,6 @@ _STATUS = {
 }
 
 
-def _bearer(request: h11.Request) -> str | None:
-    for name, value in request.headers:
-        if name == b"authorization":
-            scheme, _, credentials = value.decode("latin-1").partition(" ")
-            if scheme.lower() == "bearer" and credentials.strip():
-                return credentials.strip()
-    return None
-
-
 # --- POST /dev/token ----------------------------------------------------------
 
 
@@ -165,7 +184,7 @@ class DevTokenRequest(msgspec.Struct, kw_only=True):
     username: Annotated[str, Meta(min_length=1, max_length=64)]
 
 
-async def _dev_token(node: ChatServer, request: h11.Request, body: bytes, remote: str) -> Response:
+async def _dev_token(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
     """Development only: a token for any name, to loopback clients."""
     if not node.config.server.dev_tokens:
         return _error(404, "not found")
@@ -180,7 +199,7 @@ async def _dev_token(node: ChatServer, request: h11.Request, body: bytes, remote
         return _error(400, f"invalid request: {exc}")
     if not want.username.isprintable():
         return _error(400, "username has control characters")
-    user_id = await node.dev_user_id(want.username)
+    user_id = await node.dev_user(want.username)
     token = issue(node.config, user_id, want.username, 86400.0, node.wall())
     return _json(200, {"token": token, "user_id": user_id, "username": want.username})
 

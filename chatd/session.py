@@ -9,49 +9,57 @@ close code (``AUTH_FAILED``: 4001) then closes the connection. Too many invalid
 frames in a short time close it with 1008. A ``message_batch`` is unpacked and
 each entry dispatched as if it had come alone.
 
-A message (room or direct) is validated, rate-limited and queued for the next
-group commit; the store calls back after the commit and the bus delivers it
-then, in commit order, the sender's copy with its ``request_id``. Reads that
-follow a write on the same connection first wait for that write's commit, so a
-client always reads its own writes.
+A message (room or direct) is validated (``content.validate``),
+rate-limited and posted (``messages.Messages``): committed in the store's
+next group, then delivered by the bus, in commit order, the sender's copy
+with its ``request_id``; a message the store refuses comes back here
+(``failed``) as the sender's ``error``. Reads that follow a write on the
+same connection first wait for that write's commit, so a client always reads
+its own writes.
+
+A join holds the room's frames for this connection (``Hub.join``) until its
+``join_room_ack`` and any replay of missed messages have been sent, then
+releases them; the bus is told of a presence that begins (``Bus.joined``) or
+ends (``Bus.left``), and announces it.
 
 No I/O here: the session talks to the transport through ``ClientPeer``, to
 storage through the ``Store`` interface, and reads time through the two
-clocks in its ``Context``.
+clocks in its ``Context``; its tests drive it with fakes of all three.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from chatd import protocol as p
 from chatd.auth import Identity, Verifier
 from chatd.bus import Bus, Limits
-from chatd.config import Config, LimitsConfig
+from chatd.config import Config
+from chatd.content import validate
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub, direct_message_out, live_shape, message_out
+from chatd.messages import Messages
 from chatd.metrics import Metrics
 from chatd.ratelimit import TokenBucket
-from chatd.store import NewMessage, RoomAccess, Store, StoredMessage
-from chatd.store.schema import dm_channel, room_channel
+from chatd.store import NewMessage, RoomAccess, Store, StoredMessage, dm_channel, room_channel
 from chatd.transport.frames import OutFrame
 
 log = logging.getLogger("chatd")
-
-MAX_REACTION_LENGTH = 32
-_MEDIA_TYPE = re.compile(
-    r"^[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,62}/[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,62}\Z"
-)
 
 
 class ClientPeer(Protocol):
     """The transport side of one connection, as the session drives it."""
 
-    identity: Identity
+    @property
+    def identity(self) -> Identity:
+        """Who connected (the hub's view; fixed for the connection's life)."""
+
+    @property
+    def open(self) -> bool:
+        """Whether data frames still flow both ways (not closing, not gone)."""
 
     def send(self, frame: OutFrame) -> None:
         """Queue a frame; never blocks."""
@@ -60,16 +68,21 @@ class ClientPeer(Protocol):
         """Send a close frame, then end the connection."""
 
 
+S = TypeVar("S", bound=ClientPeer)
+
+
 @dataclass
-class Context:
+class Context(Generic[S]):
     """What every session shares. ``reload`` swaps in a new config's limits
     (sessions read ``ctx.config`` on every request)."""
 
     config: Config
-    hub: Hub
+    hub: Hub[S]
     store: Store
     #: Delivery, presence and rate limits: this node alone, or the cluster.
-    bus: Bus
+    bus: Bus[S]
+    #: Commit, then deliver.
+    messages: Messages[S]
     verifier: Verifier
     #: Seconds since the epoch, for timestamps and token expiry.
     wall: Callable[[], float]
@@ -79,77 +92,81 @@ class Context:
     message_limits: Limits
     #: Per-user read limits (reads_per_minute).
     read_limits: Limits
+    #: The publish API's limits (the system sender's messages).
+    api_limits: Limits
     metrics: Metrics
 
     @classmethod
     def create(
         cls,
         config: Config,
-        hub: Hub,
+        hub: Hub[S],
         store: Store,
-        bus: Bus,
+        bus: Bus[S],
         *,
         wall: Callable[[], float],
         monotonic: Callable[[], float],
         metrics: Metrics,
-    ) -> Context:
-        message_limits, read_limits = _limits(config, bus)
+    ) -> Context[S]:
+        specs = _limit_specs(config)
         return cls(
             config=config,
             hub=hub,
             store=store,
             bus=bus,
+            messages=Messages(store, bus, metrics, monotonic),
             verifier=Verifier(config),
             wall=wall,
             monotonic=monotonic,
-            message_limits=message_limits,
-            read_limits=read_limits,
+            message_limits=bus.limits("messages", specs["messages"]),
+            read_limits=bus.limits("reads", specs["reads"]),
+            api_limits=bus.limits("api", specs["api"]),
             metrics=metrics,
         )
 
     def reload(self, config: Config) -> None:
-        """Use ``config`` from now on; rate limits restart when they changed."""
-        old = self.config.limits
+        """Use ``config`` from now on; a rate limit restarts (its buckets
+        full) only when its own settings changed."""
+        old, new = _limit_specs(self.config), _limit_specs(config)
         self.config = config
-        new = config.limits
-        if (old.messages_per_minute, old.messages_per_hour, old.reads_per_minute) != (
-            new.messages_per_minute,
-            new.messages_per_hour,
-            new.reads_per_minute,
-        ):
-            self.message_limits, self.read_limits = _limits(config, self.bus)
+        bus = self.bus
+        if old["messages"] != new["messages"]:
+            self.message_limits = bus.limits("messages", new["messages"])
+        if old["reads"] != new["reads"]:
+            self.read_limits = bus.limits("reads", new["reads"])
+        if old["api"] != new["api"]:
+            self.api_limits = bus.limits("api", new["api"])
 
 
-def _limits(config: Config, bus: Bus) -> tuple[Limits, Limits]:
-    limits = config.limits
-    return (
-        bus.limits(
-            "messages", [(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)]
-        ),
-        bus.limits("reads", [(limits.reads_per_minute, 60.0)]),
-    )
+def _limit_specs(config: Config) -> dict[str, list[tuple[int, float]]]:
+    """Each rate limit's buckets, (capacity, period), by its name."""
+    limits, api = config.limits, config.api
+    return {
+        "messages": [(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)],
+        "reads": [(limits.reads_per_minute, 60.0)],
+        "api": [(api.messages_per_minute, 60.0), (api.messages_per_hour, 3600.0)],
+    }
 
 
-class Session:
+class Session(Generic[S]):
     """The protocol state of one authenticated connection."""
 
-    def __init__(self, ctx: Context, peer: ClientPeer) -> None:
+    def __init__(self, ctx: Context[S], peer: S) -> None:
         self.ctx = ctx
         self.peer = peer
+        #: The token's user; ``auth`` replaces it (same user, later expiry).
         self.identity = peer.identity
         self._invalid = TokenBucket(
             ctx.config.limits.invalid_frames_per_minute, 60.0, ctx.monotonic()
         )
-        #: Messages queued for commit and not yet called back.
-        self._inflight = 0
-        self._closed = False
+        #: The store's ticket of this connection's latest message.
+        self._last_write = 0
 
     # --- the one place frames come in and errors go out -----------------------
 
     async def handle_text(self, raw: str) -> None:
-        """Handle one complete text message from the client."""
-        if self._closed:
-            return
+        """Handle one complete text message from the client (the transport
+        hands on messages only while the connection is open)."""
         try:
             frame = p.decode_frame(raw, allowed=_TYPES)
         except ChatError as err:
@@ -173,8 +190,12 @@ class Session:
         except ChatError as err:
             self._fail(err, frame.request_id)
 
+    def failed(self, err: ChatError, request_id: str | int | None) -> None:
+        """A message of this session was not stored (``messages.Origin``)."""
+        self._fail(err, request_id)
+
     def _fail(self, err: ChatError, request_id: str | int | None) -> None:
-        if self._closed:
+        if not self.peer.open:
             return
         metrics = self.ctx.metrics
         metrics.error(err.code.value)
@@ -182,9 +203,9 @@ class Session:
             metrics.rate_limited.inc()
         self._send(p.error_frame(err, self.ctx.wall(), request_id), "error")
         if err.close is not None:
-            self._close(err.close, err.message)
+            self.peer.close(err.close, err.message)
         elif err.code is ErrorCode.INVALID_FORMAT and self._invalid.take(self.ctx.monotonic()) > 0:
-            self._close(CloseCode.POLICY_VIOLATION, "Too many invalid frames")
+            self.peer.close(CloseCode.POLICY_VIOLATION, "Too many invalid frames")
 
     def _send(self, payload: bytes, type_: str) -> None:
         self.ctx.metrics.frames_out(type_)
@@ -192,10 +213,6 @@ class Session:
 
     def _reply(self, type_: str, data: Any, frame: p.ClientFrame) -> None:
         self._send(p.encode(type_, data, self.ctx.wall(), request_id=frame.request_id), type_)
-
-    def _close(self, code: int, reason: str) -> None:
-        self._closed = True
-        self.peer.close(code, reason)
 
     # --- lifecycle ------------------------------------------------------------
 
@@ -205,8 +222,9 @@ class Session:
 
     def end(self) -> None:
         """The connection is gone: leave every room."""
-        self._closed = True
-        self.ctx.hub.disconnect(self.peer, self.ctx.wall())
+        ctx = self.ctx
+        for room in ctx.hub.disconnect(self.peer):
+            ctx.bus.left(self.peer.identity, room)
 
     def refuse(self, err: ChatError) -> None:
         """Report a failure before the session started (a bad token)."""
@@ -219,47 +237,49 @@ class Session:
         self._check_token()
         await self._read_limit()
         access = await self._check_room(data.room)
-        if self._closed:
+        peer = self.peer
+        if not peer.open:
             return
         ctx = self.ctx
         hub = ctx.hub
+        room = data.room
         since_id = data.since_id
-        # Frames of the room wait until the ack (and any replay) has gone
-        # out, when anything is awaited in between.
-        hold = since_id is not None or ctx.bus.holds_joins
-        hub.join(self.peer, data.room, ctx.wall(), hold=hold)
+        # The room's frames for this connection wait until the ack (and any
+        # replay) has gone out.
+        first = hub.join(peer, room)
         missed: list[StoredMessage] = []
         try:
-            members = await ctx.bus.joined(self.peer, data.room, access.last_seq)
+            members = await ctx.bus.joined(peer, room, access.last_seq, first)
             ack: dict[str, Any] = {
-                "room": data.room,
+                "room": room,
                 "success": True,
                 "message": "Joined room successfully",
                 "members": members,
             }
             if since_id is not None:
                 missed, ack["recovered"] = await ctx.store.since(
-                    room_channel(data.room), since_id, ctx.config.limits.recovery_max_messages
+                    room_channel(room), since_id, ctx.config.limits.recovery_max_messages
                 )
         except BaseException:
-            hub.release(self.peer, data.room, since_id or 0)
+            hub.release(peer, room, since_id or 0)
             raise
-        if since_id is None:
-            self._reply("join_room_ack", ack, frame)
-            if hold:
-                hub.release(self.peer, data.room, 0)
-            return
         self._reply("join_room_ack", ack, frame)
-        now = self.ctx.wall()
+        if since_id is None:
+            hub.release(peer, room, 0)
+            return
+        now = ctx.wall()
         for stored in missed:
             kind, shape, sender = live_shape(stored)
             self._send(p.encode(kind, shape, now, user_id=sender), kind)
-        hub.release(self.peer, data.room, missed[-1].id if missed else since_id)
+        hub.release(peer, room, missed[-1].id if missed else since_id)
 
     async def _leave_room(self, frame: p.ClientFrame) -> None:
         data: p.LeaveRoom = frame.data
-        if not self.ctx.hub.leave(self.peer, data.room, self.ctx.wall()):
+        ctx = self.ctx
+        if not ctx.hub.is_in(self.peer, data.room):
             raise ChatError(ErrorCode.PERMISSION_DENIED, "Not in this room", {"room": data.room})
+        if ctx.hub.leave(self.peer, data.room):
+            ctx.bus.left(self.peer.identity, data.room)
         self._reply("leave_room_ack", {"room": data.room, "success": True}, frame)
 
     async def _check_room(self, room: str) -> RoomAccess:
@@ -300,15 +320,16 @@ class Session:
         room: str | None = None,
         to_user_id: int | None = None,
     ) -> None:
-        """Validate, rate-limit and queue a message; deliver after commit."""
-        validate_content(data, self.ctx.config.limits)
+        """Validate, rate-limit and post a message (delivered after commit)."""
+        ctx = self.ctx
+        validate(data, ctx.config.limits)
         await self._message_limit()
         message = NewMessage(
             user_id=self.identity.user_id,
             username=self.identity.username,
             content=data.content,
             message_type=data.message_type,
-            created_at=p.rfc3339(self.ctx.wall()),
+            created_at=p.rfc3339(ctx.wall()),
             room=room,
             to_user_id=to_user_id,
             media_url=data.media_url,
@@ -316,27 +337,7 @@ class Session:
             duration=data.duration,
             reply_to=data.reply_to,
         )
-        ctx = self.ctx
-        received = ctx.monotonic()
-
-        def committed(result: StoredMessage | Exception) -> None:
-            self._inflight -= 1
-            if isinstance(result, Exception):
-                self._write_failed(result, request_id)
-            else:
-                ctx.bus.message(result, self.peer, request_id)
-                ctx.metrics.messages.inc()
-                ctx.metrics.delivery_latency.observe(ctx.monotonic() - received)
-
-        self._inflight += 1
-        await self.ctx.store.append(message, committed)
-
-    def _write_failed(self, exc: Exception, request_id: str | int | None) -> None:
-        if isinstance(exc, ChatError):
-            self._fail(exc, request_id)
-        else:
-            err = ChatError(ErrorCode.INTERNAL_ERROR, "The message could not be stored; not sent")
-            self._fail(err, request_id)
+        self._last_write = await ctx.messages.post(message, self, request_id)
 
     async def _check_user(self, user_id: int) -> None:
         if not await self.ctx.store.user_exists(user_id):
@@ -367,10 +368,11 @@ class Session:
     ) -> None:
         """Answer ``message_history`` with one page of ``channel``."""
         data: p.RoomHistory | p.DmHistory = frame.data
-        if self._inflight:  # read this connection's own writes
-            await self.ctx.store.flush()
+        store = self.ctx.store
+        if not store.committed(self._last_write):  # read this connection's own writes
+            await store.flush()
         limit = p.clamp_limit(data.limit, self.ctx.config.limits.max_history_page)
-        messages, total = await self.ctx.store.history(channel, limit, data.offset)
+        messages, total = await store.history(channel, limit, data.offset)
         reply = {
             key: value,
             "messages": [shape(m) for m in messages],
@@ -396,7 +398,6 @@ class Session:
                 close=CloseCode.AUTH_FAILED,
             )
         self.identity = identity
-        self.peer.identity = identity
         expires = p.rfc3339(identity.expires_at) if identity.expires_at is not None else None
         self._reply("auth_ack", {"user_id": identity.user_id, "expires_at": expires}, frame)
 
@@ -406,7 +407,7 @@ class Session:
         if len(data.messages) > most:
             raise invalid_format(f"A batch has at most {most} entries", "data.messages")
         for entry in data.messages:
-            if self._closed:
+            if not self.peer.open:
                 return
             try:
                 inner = p.decode_entry(entry, allowed=_BATCH_TYPES)
@@ -433,7 +434,7 @@ class Session:
 
 #: The handler of each frame type: one table for every session (a table of
 #: bound methods per session cost ~2 KiB per idle connection).
-_HANDLERS: dict[str, Callable[[Session, p.ClientFrame], Awaitable[None]]] = {
+_HANDLERS: dict[str, Callable[[Session[Any], p.ClientFrame], Awaitable[None]]] = {
     "join_room": Session._join_room,
     "leave_room": Session._leave_room,
     "room_message": Session._room_message,
@@ -446,62 +447,3 @@ _HANDLERS: dict[str, Callable[[Session, p.ClientFrame], Awaitable[None]]] = {
 }
 _TYPES = frozenset(_HANDLERS)
 _BATCH_TYPES = _TYPES - {"message_batch"}
-
-
-def validate_content(data: p.RoomMessage | p.DirectMessage, limits: LimitsConfig) -> None:
-    """The rules of each ``message_type`` (protocol-decisions.md, Messages).
-
-    ``media_url``, ``media_type`` and ``duration`` are checked wherever they
-    appear, on every kind: a text message cannot smuggle a ``javascript:``
-    URL any more than an image can."""
-    kind = data.message_type
-    max_length = limits.max_content_length
-    if len(data.content) > max_length:
-        raise ChatError(
-            ErrorCode.MESSAGE_TOO_LONG,
-            f"Content is longer than {max_length} characters",
-            {"max_length": max_length},
-        )
-    if data.media_url is not None:
-        check_media_url(data.media_url)
-    elif kind in ("image", "audio"):
-        raise invalid_format(f"An {kind} message needs media_url", "data.media_url")
-    if data.media_type is not None:
-        family = data.media_type.partition("/")[0].lower()
-        if not _MEDIA_TYPE.match(data.media_type) or (
-            kind in ("image", "audio") and family != kind
-        ):
-            raise invalid_format(
-                "media_type must be a MIME type (image/* for images)", "data.media_type"
-            )
-    elif kind == "image":
-        raise invalid_format("An image message needs media_type image/*", "data.media_type")
-    max_duration = limits.max_audio_seconds
-    if (data.duration is None and kind == "audio") or (
-        data.duration is not None and data.duration > max_duration
-    ):
-        raise invalid_format(
-            f"An audio message needs a duration of 0 to {max_duration:g} seconds",
-            "data.duration",
-        )
-    if kind == "text":
-        if not data.content.strip():
-            raise invalid_format("A text message needs content", "data.content")
-    elif kind == "reaction":
-        if data.reply_to is None:
-            raise invalid_format("A reaction needs reply_to", "data.reply_to")
-        if not data.content or len(data.content) > MAX_REACTION_LENGTH:
-            raise invalid_format(
-                f"A reaction is 1 to {MAX_REACTION_LENGTH} characters", "data.content"
-            )
-
-
-def check_media_url(url: str) -> None:
-    """A path starting with one ``/``, or an http(s) URL with a host."""
-    if url.startswith("/") and not url.startswith("//"):
-        ok = True
-    else:
-        scheme, sep, rest = url.lower().partition("://")
-        ok = bool(sep) and scheme in ("http", "https") and bool(rest) and rest[0] not in "/?#"
-    if not ok or any(ch.isspace() or ord(ch) < 32 for ch in url):
-        raise invalid_format("media_url must be a /path or an http(s) URL", "data.media_url")

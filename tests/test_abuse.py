@@ -100,7 +100,7 @@ async def assert_closed_1013(client: Client, reason: str) -> None:
 async def wait_for_count(server: ChatServer, address: str, count: int) -> None:
     """Until the server counts ``count`` WebSocket connections from ``address``."""
     with trio.fail_after(5):
-        while server._per_address.get(address, 0) != count:  # noqa: ASYNC110
+        while server.gate.per_address.get(address, 0) != count:  # noqa: ASYNC110
             await trio.sleep(0.01)
 
 
@@ -144,9 +144,9 @@ async def test_max_connections_in_all_gives_1013_server_full(
                 await assert_closed_1013(extra, "Server full")
             await alice.nothing_pending()
             await bob.nothing_pending()
-            assert len(srv.connections) == 2
+            assert len(srv.gate.connections) == 2
         with trio.fail_after(5):
-            while srv.connections:  # noqa: ASYNC110
+            while srv.gate.connections:  # noqa: ASYNC110
                 await trio.sleep(0.01)
         async with connect(srv, 3, "carol") as carol:
             await carol.nothing_pending()
@@ -183,7 +183,7 @@ async def test_behind_a_trusted_proxy_the_forwarded_address_is_counted(
             ):
                 await carol.nothing_pending()
                 await dave.nothing_pending()
-                assert srv._per_address.get("127.0.0.1", 0) == 0
+                assert srv.gate.per_address.get("127.0.0.1", 0) == 0
             await alice.nothing_pending()
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "WS_CONNECT: UserID=1, IP=203.0.113.5" in text

@@ -1,7 +1,14 @@
 """chatd.hub.Hub: rooms, presence, fan-out, holding for recovery, direct messages.
 
 The hub is pure logic, so it is driven with fake peers that record the frames
-handed to them (the only stand-in in these tests).
+handed to them (the only stand-in in these tests), through ``SendEach``.
+
+The hub reports presence (``join`` says whether it is the user's first
+connection in the room, ``leave`` and ``disconnect`` where its last one left)
+and holds a joining connection until ``release``; announcing is the bus's
+job. ``join``, ``leave`` and ``disconnect`` below do what a session and the
+bus of a node alone do around the hub's own calls, so that the frames the
+members see can be checked.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ from typing import Any
 import pytest
 
 from chatd.auth import Identity
-from chatd.hub import Hub
+from chatd.hub import Hub, SendEach
 from chatd.protocol import Member
 from chatd.store import NewMessage, StoredMessage
 from chatd.transport.frames import OutFrame
@@ -41,15 +48,43 @@ class FakePeer:
         self.frames.clear()
 
 
+AnyHub = Hub[FakePeer]
+
+
 @pytest.fixture
-def hub() -> Hub:
-    return Hub()
+def hub() -> AnyHub:
+    return Hub(SendEach())
 
 
-def connect(hub: Hub, user_id: int, username: str | None = None) -> FakePeer:
+def connect(hub: AnyHub, user_id: int, username: str | None = None) -> FakePeer:
     peer = FakePeer(user_id, username)
     hub.connect(peer)
     return peer
+
+
+def join(hub: AnyHub, peer: FakePeer, room: str, now: float = NOW) -> list[Member]:
+    """A session's join with nothing to replay: join (held), announce a
+    first presence (``LocalBus.joined``), release; the room's members."""
+    if hub.join(peer, room):
+        hub.announce("user_connected", peer.identity, room, now)
+    members = hub.members(room)
+    hub.release(peer, room, 0)
+    return members
+
+
+def leave(hub: AnyHub, peer: FakePeer, room: str) -> bool:
+    """A session's leave_room; False when ``peer`` was not in ``room``."""
+    if not hub.is_in(peer, room):
+        return False
+    if hub.leave(peer, room):
+        hub.announce("user_disconnected", peer.identity, room, NOW)
+    return True
+
+
+def disconnect(hub: AnyHub, peer: FakePeer) -> None:
+    """A session's end."""
+    for room in hub.disconnect(peer):
+        hub.announce("user_disconnected", peer.identity, room, NOW)
 
 
 def stored(
@@ -71,46 +106,46 @@ def stored(
 # --- join / members ----------------------------------------------------------------
 
 
-def test_join_returns_online_members(hub: Hub) -> None:
+def test_join_returns_online_members(hub: AnyHub) -> None:
     alice = connect(hub, 1, "alice")
-    assert hub.join(alice, "general", NOW) == [Member(1, "alice")]
+    assert join(hub, alice, "general") == [Member(1, "alice")]
     bob = connect(hub, 2, "bob")
-    members = hub.join(bob, "general", NOW)
+    members = join(hub, bob, "general")
     assert sorted((m.user_id, m.username) for m in members) == [(1, "alice"), (2, "bob")]
     assert hub.is_in(alice, "general") and hub.is_in(bob, "general")
     assert not hub.is_in(alice, "random")
 
 
-def test_members_are_per_room(hub: Hub) -> None:
+def test_members_are_per_room(hub: AnyHub) -> None:
     alice, bob = connect(hub, 1), connect(hub, 2)
-    hub.join(alice, "general", NOW)
-    assert hub.join(bob, "random", NOW) == [Member(2, "u2")]
+    join(hub, alice, "general")
+    assert join(hub, bob, "random") == [Member(2, "u2")]
 
 
-def test_two_connections_of_one_user_are_one_member(hub: Hub) -> None:
+def test_two_connections_of_one_user_are_one_member(hub: AnyHub) -> None:
     tab1, tab2 = connect(hub, 1, "alice"), connect(hub, 1, "alice")
-    hub.join(tab1, "general", NOW)
-    assert hub.join(tab2, "general", NOW) == [Member(1, "alice")]
+    join(hub, tab1, "general")
+    assert join(hub, tab2, "general") == [Member(1, "alice")]
 
 
-def test_join_twice_is_harmless(hub: Hub) -> None:
+def test_join_twice_is_harmless(hub: AnyHub) -> None:
     alice, bob = connect(hub, 1), connect(hub, 2)
-    hub.join(bob, "general", NOW)
-    hub.join(alice, "general", NOW)
-    hub.join(alice, "general", NOW)
+    join(hub, bob, "general")
+    join(hub, alice, "general")
+    join(hub, alice, "general")
     assert bob.types() == ["user_connected"]
-    assert hub.leave(alice, "general", NOW) is True
+    assert leave(hub, alice, "general") is True
     assert bob.types() == ["user_connected", "user_disconnected"]
 
 
 # --- presence ---------------------------------------------------------------------
 
 
-def test_presence_frame_shape(hub: Hub) -> None:
+def test_presence_frame_shape(hub: AnyHub) -> None:
     bob = connect(hub, 2)
-    hub.join(bob, "general", NOW)
+    join(hub, bob, "general")
     alice = connect(hub, 1, "alice")
-    hub.join(alice, "general", 0.0)
+    join(hub, alice, "general", now=0.0)
     assert bob.received == [
         {
             "type": "user_connected",
@@ -121,105 +156,105 @@ def test_presence_frame_shape(hub: Hub) -> None:
     ]
 
 
-def test_user_connected_only_on_first_connection(hub: Hub) -> None:
+def test_user_connected_only_on_first_connection(hub: AnyHub) -> None:
     bob = connect(hub, 2)
-    hub.join(bob, "general", NOW)
+    join(hub, bob, "general")
     tab1, tab2 = connect(hub, 1), connect(hub, 1)
-    hub.join(tab1, "general", NOW)
-    hub.join(tab2, "general", NOW)
+    join(hub, tab1, "general")
+    join(hub, tab2, "general")
     assert bob.types() == ["user_connected"]
 
 
-def test_user_disconnected_only_on_last_connection(hub: Hub) -> None:
+def test_user_disconnected_only_on_last_connection(hub: AnyHub) -> None:
     bob = connect(hub, 2)
-    hub.join(bob, "general", NOW)
+    join(hub, bob, "general")
     tab1, tab2 = connect(hub, 1), connect(hub, 1)
-    hub.join(tab1, "general", NOW)
-    hub.join(tab2, "general", NOW)
+    join(hub, tab1, "general")
+    join(hub, tab2, "general")
     bob.clear()
-    assert hub.leave(tab1, "general", NOW) is True
+    assert leave(hub, tab1, "general") is True
     assert bob.frames == []
-    assert sorted(m.user_id for m in hub.join(bob, "general", NOW)) == [1, 2]
-    hub.disconnect(tab2, NOW)
+    assert sorted(m.user_id for m in join(hub, bob, "general")) == [1, 2]
+    disconnect(hub, tab2)
     assert bob.types() == ["user_disconnected"]
     assert bob.received[0]["data"] == {"user_id": 1, "username": "u1", "room": "general"}
     assert bob.received[0]["user_id"] == 1
 
 
-def test_user_never_gets_its_own_presence(hub: Hub) -> None:
+def test_user_never_gets_its_own_presence(hub: AnyHub) -> None:
     tab1, tab2 = connect(hub, 1), connect(hub, 1)
-    hub.join(tab1, "general", NOW)
-    hub.join(tab2, "general", NOW)
+    join(hub, tab1, "general")
+    join(hub, tab2, "general")
     bob = connect(hub, 2)
-    hub.join(bob, "general", NOW)
-    hub.leave(tab1, "general", NOW)
-    hub.disconnect(tab2, NOW)
+    join(hub, bob, "general")
+    leave(hub, tab1, "general")
+    disconnect(hub, tab2)
     assert tab1.types() == ["user_connected"]  # bob's, not its own
     assert tab2.types() == ["user_connected"]
     assert all(m["data"]["user_id"] == 2 for m in tab1.received + tab2.received)
 
 
-def test_presence_only_to_that_room(hub: Hub) -> None:
+def test_presence_only_to_that_room(hub: AnyHub) -> None:
     in_general, in_random = connect(hub, 2), connect(hub, 3)
-    hub.join(in_general, "general", NOW)
-    hub.join(in_random, "random", NOW)
+    join(hub, in_general, "general")
+    join(hub, in_random, "random")
     alice = connect(hub, 1)
-    hub.join(alice, "general", NOW)
+    join(hub, alice, "general")
     assert in_general.types() == ["user_connected"]
     assert in_random.frames == []
 
 
-def test_presence_is_one_shared_frame(hub: Hub) -> None:
+def test_presence_is_one_shared_frame(hub: AnyHub) -> None:
     others = [connect(hub, uid) for uid in (2, 3, 4)]
     for peer in others:
-        hub.join(peer, "general", NOW)
+        join(hub, peer, "general")
     for peer in others:
         peer.clear()
-    hub.join(connect(hub, 1), "general", NOW)
+    join(hub, connect(hub, 1), "general")
     assert others[0].frames[0] is others[1].frames[0] is others[2].frames[0]
 
 
 # --- leave / disconnect -------------------------------------------------------------
 
 
-def test_leave_when_not_in_room(hub: Hub) -> None:
+def test_leave_when_not_in_room(hub: AnyHub) -> None:
     alice, bob = connect(hub, 1), connect(hub, 2)
-    assert hub.leave(alice, "general", NOW) is False  # room has no one
-    hub.join(bob, "general", NOW)
+    assert leave(hub, alice, "general") is False  # room has no one
+    join(hub, bob, "general")
     bob.clear()
-    assert hub.leave(alice, "general", NOW) is False  # room exists, alice not in it
+    assert leave(hub, alice, "general") is False  # room exists, alice not in it
     assert bob.frames == []
-    hub.join(alice, "general", NOW)
-    assert hub.leave(alice, "general", NOW) is True
-    assert hub.leave(alice, "general", NOW) is False
+    join(hub, alice, "general")
+    assert leave(hub, alice, "general") is True
+    assert leave(hub, alice, "general") is False
     assert not hub.is_in(alice, "general")
 
 
-def test_disconnect_leaves_all_rooms(hub: Hub) -> None:
+def test_disconnect_leaves_all_rooms(hub: AnyHub) -> None:
     alice, bob, carol = connect(hub, 1), connect(hub, 2), connect(hub, 3)
-    hub.join(bob, "general", NOW)
-    hub.join(carol, "random", NOW)
+    join(hub, bob, "general")
+    join(hub, carol, "random")
     for room in ("general", "random", "staff"):
-        hub.join(alice, room, NOW)
+        join(hub, alice, room)
     bob.clear()
     carol.clear()
-    hub.disconnect(alice, NOW)
+    disconnect(hub, alice)
     assert bob.types() == ["user_disconnected"]
     assert carol.types() == ["user_disconnected"]
     assert carol.received[0]["data"]["room"] == "random"
     for room in ("general", "random", "staff"):
         assert not hub.is_in(alice, room)
-    assert hub.join(bob, "general", NOW) == [Member(2, "u2")]
+    assert join(hub, bob, "general") == [Member(2, "u2")]
     # A room whose last peer left starts afresh.
     dave = connect(hub, 4)
-    assert hub.join(dave, "staff", NOW) == [Member(4, "u4")]
+    assert join(hub, dave, "staff") == [Member(4, "u4")]
 
 
-def test_disconnect_then_messages_not_delivered(hub: Hub) -> None:
+def test_disconnect_then_messages_not_delivered(hub: AnyHub) -> None:
     alice, bob = connect(hub, 1), connect(hub, 2)
-    hub.join(alice, "general", NOW)
-    hub.join(bob, "general", NOW)
-    hub.disconnect(bob, NOW)
+    join(hub, alice, "general")
+    join(hub, bob, "general")
+    disconnect(hub, bob)
     alice.clear()
     bob.clear()
     hub.deliver(stored(), NOW)
@@ -230,12 +265,12 @@ def test_disconnect_then_messages_not_delivered(hub: Hub) -> None:
 # --- deliver_room --------------------------------------------------------------------
 
 
-def test_deliver_room_one_shared_frame(hub: Hub) -> None:
+def test_deliver_room_one_shared_frame(hub: AnyHub) -> None:
     members = [connect(hub, uid) for uid in (1, 2, 3)]
     outsider = connect(hub, 4)
     for peer in members:
-        hub.join(peer, "general", NOW)
-    hub.join(outsider, "random", NOW)
+        join(hub, peer, "general")
+    join(hub, outsider, "random")
     for peer in [*members, outsider]:
         peer.clear()
     hub.deliver(stored(user_id=2), 0.0)
@@ -260,10 +295,10 @@ def test_deliver_room_one_shared_frame(hub: Hub) -> None:
 
 
 @pytest.mark.parametrize("request_id", ["req-1", 0, 42])
-def test_deliver_room_origin_gets_own_copy(hub: Hub, request_id: str | int) -> None:
+def test_deliver_room_origin_gets_own_copy(hub: AnyHub, request_id: str | int) -> None:
     origin, tab2, bob = connect(hub, 1), connect(hub, 1), connect(hub, 2)
     for peer in (origin, tab2, bob):
-        hub.join(peer, "general", NOW)
+        join(hub, peer, "general")
     for peer in (origin, tab2, bob):
         peer.clear()
     hub.deliver(stored(user_id=1), NOW, origin=origin, request_id=request_id)
@@ -278,10 +313,10 @@ def test_deliver_room_origin_gets_own_copy(hub: Hub, request_id: str | int) -> N
     assert own == shared
 
 
-def test_deliver_room_origin_without_request_id_shares_frame(hub: Hub) -> None:
+def test_deliver_room_origin_without_request_id_shares_frame(hub: AnyHub) -> None:
     origin, bob = connect(hub, 1), connect(hub, 2)
-    hub.join(origin, "general", NOW)
-    hub.join(bob, "general", NOW)
+    join(hub, origin, "general")
+    join(hub, bob, "general")
     origin.clear()
     bob.clear()
     hub.deliver(stored(user_id=1), NOW, origin=origin, request_id=None)
@@ -289,12 +324,12 @@ def test_deliver_room_origin_without_request_id_shares_frame(hub: Hub) -> None:
     assert "request_id" not in origin.received[0]
 
 
-def test_deliver_room_origin_gone(hub: Hub) -> None:
+def test_deliver_room_origin_gone(hub: AnyHub) -> None:
     """The sender disconnected before the commit: others still get it, nothing for it."""
     origin, bob = connect(hub, 1), connect(hub, 2)
-    hub.join(origin, "general", NOW)
-    hub.join(bob, "general", NOW)
-    hub.disconnect(origin, NOW)
+    join(hub, origin, "general")
+    join(hub, bob, "general")
+    disconnect(hub, origin)
     origin.clear()
     bob.clear()
     hub.deliver(stored(user_id=1), NOW, origin=origin, request_id="r")
@@ -302,15 +337,15 @@ def test_deliver_room_origin_gone(hub: Hub) -> None:
     assert bob.types() == ["room_message"]
 
 
-def test_deliver_room_to_empty_room(hub: Hub) -> None:
+def test_deliver_room_to_empty_room(hub: AnyHub) -> None:
     alice = connect(hub, 1)
     hub.deliver(stored(room="nobody-here"), NOW)
     assert alice.frames == []
 
 
-def test_deliver_room_media_fields(hub: Hub) -> None:
+def test_deliver_room_media_fields(hub: AnyHub) -> None:
     alice = connect(hub, 1)
-    hub.join(alice, "general", NOW)
+    join(hub, alice, "general")
     alice.clear()
     msg = StoredMessage(
         5,
@@ -337,10 +372,10 @@ def test_deliver_room_media_fields(hub: Hub) -> None:
 # --- holding during recovery -----------------------------------------------------
 
 
-def test_held_peer_gets_nothing_until_release(hub: Hub) -> None:
+def test_held_peer_gets_nothing_until_release(hub: AnyHub) -> None:
     alice, bob = connect(hub, 1), connect(hub, 2)
-    hub.join(alice, "general", NOW)
-    hub.join(bob, "general", NOW, hold=True)
+    join(hub, alice, "general")
+    hub.join(bob, "general")
     hub.deliver(stored(msg_id=11), NOW)
     hub.deliver(stored(msg_id=12), NOW)
     assert bob.frames == []
@@ -351,25 +386,25 @@ def test_held_peer_gets_nothing_until_release(hub: Hub) -> None:
     assert [m["data"]["id"] for m in bob.received] == [12, 13]
 
 
-def test_held_presence_is_released_in_order(hub: Hub) -> None:
+def test_held_presence_is_released_in_order(hub: AnyHub) -> None:
     alice = connect(hub, 1)
-    hub.join(alice, "general", NOW, hold=True)
+    hub.join(alice, "general")
     carol = connect(hub, 3)
-    hub.join(carol, "general", NOW)
+    join(hub, carol, "general")
     hub.deliver(stored(msg_id=20, user_id=3), NOW)
     assert alice.frames == []
     hub.release(alice, "general", after_id=5)
     assert alice.types() == ["user_connected", "room_message"]
 
 
-def test_a_message_the_replay_had_is_dropped_when_it_arrives_late(hub: Hub) -> None:
+def test_a_message_the_replay_had_is_dropped_when_it_arrives_late(hub: AnyHub) -> None:
     """With several nodes a room's message can reach a node after the replay
     of a recovering connection already carried it (it was read from the
     store while the live copy was still on its way): the connection gets it
     once. The first newer message ends the check."""
     alice, carol = connect(hub, 1), connect(hub, 3)
-    hub.join(carol, "general", NOW)
-    hub.join(alice, "general", NOW, hold=True)
+    join(hub, carol, "general")
+    hub.join(alice, "general")
     hub.release(alice, "general", after_id=19)  # the replay went up to 19
     hub.deliver(stored(msg_id=18), NOW)
     hub.deliver(stored(msg_id=19), NOW)
@@ -381,17 +416,17 @@ def test_a_message_the_replay_had_is_dropped_when_it_arrives_late(hub: Hub) -> N
         20,
     ]
     # the sender's own copy (no id to compare) is never dropped
-    hub.join(alice, "random", NOW, hold=True)
+    hub.join(alice, "random")
     hub.release(alice, "random", after_id=30)
     hub.deliver(stored(msg_id=25, room="random", user_id=1), NOW, origin=alice, request_id="r")
     assert alice.received[-1]["request_id"] == "r"
 
 
-def test_leaving_drops_what_was_held(hub: Hub) -> None:
+def test_leaving_drops_what_was_held(hub: AnyHub) -> None:
     alice = connect(hub, 1)
-    hub.join(alice, "general", NOW, hold=True)
+    hub.join(alice, "general")
     hub.deliver(stored(msg_id=30, user_id=2), NOW)
-    hub.leave(alice, "general", NOW)
+    leave(hub, alice, "general")
     hub.release(alice, "general", after_id=0)
     assert alice.frames == []
 
@@ -413,7 +448,7 @@ def direct(from_id: int = 1, to_id: int = 2, msg_id: int = 40) -> StoredMessage:
     )
 
 
-def test_direct_message_reaches_every_device_of_both(hub: Hub) -> None:
+def test_direct_message_reaches_every_device_of_both(hub: AnyHub) -> None:
     a1, a2, b1, b2, c = (
         connect(hub, 1),
         connect(hub, 1),
@@ -441,22 +476,80 @@ def test_direct_message_reaches_every_device_of_both(hub: Hub) -> None:
     assert c.frames == []
 
 
-def test_direct_message_to_an_offline_user_reaches_the_senders_devices(hub: Hub) -> None:
+def test_direct_message_to_an_offline_user_reaches_the_senders_devices(hub: AnyHub) -> None:
     a1, a2 = connect(hub, 1), connect(hub, 1)
     hub.deliver(direct(to_id=9), NOW)
     assert a1.types() == a2.types() == ["direct_message"]
 
 
-def test_direct_message_to_self_arrives_once_per_device(hub: Hub) -> None:
+def test_direct_message_to_self_arrives_once_per_device(hub: AnyHub) -> None:
     a1 = connect(hub, 1)
     hub.deliver(direct(from_id=1, to_id=1), NOW)
     assert a1.types() == ["direct_message"]
 
 
-def test_online_tracks_connections(hub: Hub) -> None:
+def test_users_are_those_with_a_connection(hub: AnyHub) -> None:
     tab1, tab2 = connect(hub, 1), connect(hub, 1)
-    assert hub.online(1)
-    hub.disconnect(tab1, NOW)
-    assert hub.online(1)
-    hub.disconnect(tab2, NOW)
-    assert not hub.online(1)
+    bob = connect(hub, 2)
+    assert sorted(hub.users()) == [1, 2]
+    disconnect(hub, tab1)
+    assert sorted(hub.users()) == [1, 2]
+    disconnect(hub, tab2)
+    disconnect(hub, bob)
+    assert hub.users() == []
+
+
+# --- what the hub reports: presence that begins and ends ----------------------------
+
+
+def test_join_says_whether_it_is_the_users_first_connection_there(hub: AnyHub) -> None:
+    tab1, tab2 = connect(hub, 1), connect(hub, 1)
+    assert hub.join(tab1, "general") is True
+    assert hub.join(tab2, "general") is False
+    assert hub.join(tab1, "general") is False  # again: already there
+    assert hub.join(tab2, "random") is True
+
+
+def test_leave_says_whether_it_was_the_users_last_connection_there(hub: AnyHub) -> None:
+    tab1, tab2 = connect(hub, 1), connect(hub, 1)
+    hub.join(tab1, "general")
+    hub.join(tab2, "general")
+    assert hub.leave(tab1, "general") is False
+    assert hub.presence() == [("general", 1)]
+    assert hub.leave(tab2, "general") is True
+    assert hub.presence() == [] and not hub.has_room("general")
+
+
+def test_disconnect_returns_the_rooms_its_user_left(hub: AnyHub) -> None:
+    tab1, tab2 = connect(hub, 1), connect(hub, 1)
+    for room in ("general", "random", "staff"):
+        hub.join(tab1, room)
+    hub.join(tab2, "random")
+    assert sorted(hub.disconnect(tab1)) == ["general", "staff"]
+    assert hub.disconnect(tab2) == ["random"]
+    assert hub.disconnect(tab2) == []  # gone already
+
+
+def test_a_join_is_held_until_released(hub: AnyHub) -> None:
+    """Frames of the room wait for the joiner's ack: nothing reaches it
+    between ``join`` and ``release``, then everything does, in order."""
+    alice, bob = connect(hub, 1), connect(hub, 2)
+    join(hub, bob, "general")
+    hub.join(alice, "general")
+    hub.deliver(stored(msg_id=1, user_id=2), NOW)
+    hub.deliver(stored(msg_id=2, user_id=2), NOW)
+    assert alice.frames == []
+    hub.release(alice, "general", 0)
+    assert [m["data"]["id"] for m in alice.received] == [1, 2]
+
+
+def test_presence_is_announced_only_to_others_in_the_room(hub: AnyHub) -> None:
+    alice, bob, carol = connect(hub, 1), connect(hub, 2), connect(hub, 3)
+    join(hub, alice, "general")
+    join(hub, bob, "general")
+    join(hub, carol, "random")
+    for peer in (alice, bob, carol):
+        peer.clear()
+    hub.announce("user_connected", Identity(1, "alice", None), "general", NOW)
+    assert alice.frames == [] and carol.frames == []
+    assert bob.types() == ["user_connected"]

@@ -4,7 +4,8 @@ at most 10 KiB each; ``bench/idle_memory.py`` measures the resident memory).
 These pin the structure that keeps it small: nothing of the handshake is kept
 while a session runs, an idle connection is one task (its heartbeat is a
 timer in one shared heap, its writer runs only while the kernel's buffer is
-full), and the pieces that stand in for wsproto's behave like wsproto's.
+full). That the ``Wire`` standing in for wsproto's ``Connection`` behaves
+like it is tested in ``test_wire.py``.
 """
 
 from __future__ import annotations
@@ -12,30 +13,22 @@ from __future__ import annotations
 import gc
 import socket
 from collections.abc import Iterator
-from typing import Any
 
 import h11
 import trio
 import trio.testing
-from wsproto import ConnectionType, WSConnection
+from wsproto import WSConnection
 from wsproto.connection import Connection
-from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request
 from wsproto.handshake import H11Handshake
 
 from chatd.auth import Identity
 from chatd.server import ChatServer
+from chatd.transport.fanout import Fanout
 from chatd.transport.frames import OutFrame
 from chatd.transport.timers import timers
 from chatd.transport.websocket import WebSocketConnection
-from chatd.transport.wire import Wire
 from tests.helpers.raw import (
-    OP_BINARY,
-    OP_CLOSE,
-    OP_CONT,
-    OP_PING,
-    OP_PONG,
-    OP_TEXT,
-    client_frame,
+    accepted_server,
     raw_ws,
 )
 
@@ -55,7 +48,7 @@ async def test_open_sessions_keep_no_handshake_state(server: ChatServer) -> None
         for client in (alice, bob):
             await client.send_json("ping")
             await client.expect("pong")
-        assert len(server.connections) == 2
+        assert len(server.gate.connections) == 2
         gc.collect()
         kept = [type(o).__name__ for o in gc.get_objects() if _server_handshake_state(o)]
         assert kept == []
@@ -141,22 +134,14 @@ async def test_cancelled_timers_do_not_pile_up(autojump_clock: trio.testing.Mock
 # --- the writer exists only while the kernel's buffer is full -----------------------
 
 
-def _accepted() -> WSConnection:
-    ws = WSConnection(ConnectionType.SERVER)
-    client = WSConnection(ConnectionType.CLIENT)
-    ws.receive_data(client.send(Request(host="localhost", target="/ws/chat")))
-    assert isinstance(next(ws.events()), Request)
-    ws.send(AcceptConnection())
-    return ws
-
-
 async def test_writer_runs_only_while_the_buffer_is_full() -> None:
     a, b = trio.socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     conn = WebSocketConnection(
         trio.SocketStream(a),
-        _accepted(),
+        accepted_server(),
         Identity(1, "alice", None),
+        Fanout(),
         window_bits=None,
         send_buffer_bytes=1 << 22,
         ping_interval=30,
@@ -181,73 +166,3 @@ async def test_writer_runs_only_while_the_buffer_is_full() -> None:
     assert await peer.receive_some(100) == OutFrame(b"small").plain()
     await peer.aclose()
     await conn._stream.aclose()
-
-
-# --- Wire behaves like wsproto's Connection ----------------------------------------
-
-
-def _event(e: Any) -> tuple[Any, ...]:
-    return (type(e).__name__, *sorted((k, v) for k, v in vars(e).items()))
-
-
-def _both() -> tuple[Wire, Connection]:
-    wire = Wire.take(_accepted())
-    reference = _accepted().connection
-    assert reference is not None
-    return wire, reference
-
-
-CASES: dict[str, list[bytes]] = {
-    "text, fragmented, a ping in between": [
-        client_frame(OP_TEXT, b"hel", fin=False),
-        client_frame(OP_PING, b"p"),
-        client_frame(OP_CONT, "lo é".encode()),
-    ],
-    "binary and pong": [client_frame(OP_BINARY, b"\x00\x01"), client_frame(OP_PONG, b"x")],
-    "close": [client_frame(OP_CLOSE, b"\x03\xe8bye")],
-    "close without a code": [client_frame(OP_CLOSE, b"")],
-    "invalid close code": [client_frame(OP_CLOSE, b"\x03\xe7")],
-    "bad utf-8": [client_frame(OP_TEXT, b"\xff\xfe")],
-    "unmasked": [client_frame(OP_TEXT, b"hi", mask=False)],
-    "continuation first": [client_frame(OP_CONT, b"x")],
-    "split header": [client_frame(OP_TEXT, b"abc")[:1], client_frame(OP_TEXT, b"abc")[1:]],
-}
-
-
-def test_wire_events_and_states_are_wsprotos() -> None:
-    for name, chunks in CASES.items():
-        wire, reference = _both()
-        for chunk in chunks:
-            wire.receive_data(chunk)
-            reference.receive_data(chunk)
-            got = [_event(e) for e in wire.events()]
-            want = [_event(e) for e in reference.events()]
-            assert got == want, name
-            assert wire.state is reference.state, name
-
-
-def test_wire_sends_what_wsproto_sends() -> None:
-    wire, reference = _both()
-    for event in (Ping(b"chatd"), Pong(b"x")):
-        assert wire.send(event) == reference.send(event)
-    assert wire.send(CloseConnection(1013, "Slow consumer")) == reference.send(
-        CloseConnection(1013, "Slow consumer")
-    )
-    assert wire.state is reference.state
-    # The peer answers the close: both are closed.
-    answer = client_frame(OP_CLOSE, b"\x03\xf5")
-    wire.receive_data(answer)
-    reference.receive_data(answer)
-    assert [_event(e) for e in wire.events()] == [_event(e) for e in reference.events()]
-    assert wire.state is reference.state
-
-    # A close received first, then answered.
-    wire, reference = _both()
-    close = client_frame(OP_CLOSE, b"\x03\xe8")
-    wire.receive_data(close)
-    reference.receive_data(close)
-    (got,) = wire.events()
-    (want,) = reference.events()
-    assert isinstance(got, CloseConnection) and isinstance(want, CloseConnection)
-    assert wire.send(got.response()) == reference.send(want.response())
-    assert wire.state is reference.state

@@ -46,7 +46,7 @@ async def test_slow_consumer_is_closed_others_get_everything(
             await bob.expect("user_connected")
 
             def stalled_conn() -> Any:
-                return next((c for c in srv.connections if c.identity.user_id == 3), None)
+                return next((c for c in srv.gate.connections if c.identity.user_id == 3), None)
 
             sent = 0
             with trio.fail_after(120):

@@ -25,8 +25,8 @@ import trio.testing
 
 from chatd.errors import ChatError, ErrorCode
 from chatd.protocol import clamp_limit
-from chatd.store import NewMessage, RoomAccess, StoredMessage
-from chatd.store.schema import MIGRATIONS, dm_channel, room_channel
+from chatd.store import NewMessage, RoomAccess, StoredMessage, dm_channel, room_channel
+from chatd.store.schema import MIGRATIONS
 from chatd.store.sqlite import (
     MAX_GROUP,
     SqliteStore,

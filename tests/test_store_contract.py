@@ -25,9 +25,8 @@ import trio
 from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode
 from chatd.metrics import Metrics
-from chatd.store import NewMessage, RoomAccess, StoredMessage
+from chatd.store import NewMessage, RoomAccess, StoredMessage, dm_channel, room_channel
 from chatd.store.postgres import open_postgres_store
-from chatd.store.schema import dm_channel, room_channel
 from chatd.store.sqlite import open_sqlite_store
 from tests.helpers.store import (
     CREATED,

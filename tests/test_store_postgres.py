@@ -28,11 +28,10 @@ from psycopg import conninfo
 
 from chatd.errors import ChatError, ErrorCode, StorageError
 from chatd.metrics import Metrics
-from chatd.store import NewMessage, StoredMessage
+from chatd.store import NewMessage, StoredMessage, dm_channel, room_channel
 from chatd.store import postgres as pg
 from chatd.store.pgschema import MIGRATIONS, migrate
 from chatd.store.postgres import PostgresStore, open_postgres_store
-from chatd.store.schema import dm_channel, room_channel
 from tests.helpers.proxies import tcp_proxy
 from tests.helpers.store import Recorder, fill, group_sizes, msg, stored, writer_held
 

@@ -240,4 +240,4 @@ async def test_1mb_token_refused_with_431_at_the_http_layer(
                 assert response.status == 431, response
                 assert await http.at_eof()
     assert user_rows(db_path) == []
-    assert len(server.connections) == 0
+    assert len(server.gate.connections) == 0

@@ -33,7 +33,7 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import coredis
 import msgspec
@@ -48,8 +48,7 @@ from chatd.hub import Hub, Peer
 from chatd.metrics import Metrics
 from chatd.protocol import Member, rfc3339
 from chatd.sequencer import Sequencer
-from chatd.store import NewMessage, Store, StoredMessage
-from chatd.store.schema import room_channel
+from chatd.store import NewMessage, Store, StoredMessage, room_channel
 
 log = logging.getLogger("chatd.cluster")
 
@@ -122,19 +121,18 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[Event]).decode
 
-Item = tuple[StoredMessage, Peer | None, str | int | None]
+P = TypeVar("P", bound=Peer)
+Item = tuple[StoredMessage, P | None, str | int | None]
 PresenceOp = tuple[str, Identity, str] | trio.Event
 
 
-class RedisBus:
+class RedisBus(Generic[P]):
     """Delivery, presence and rate limits shared by the nodes of a cluster."""
-
-    holds_joins = True
 
     def __init__(
         self,
         config: Config,
-        hub: Hub,
+        hub: Hub[P],
         store: Store,
         client: coredis.Redis[bytes],
         wall: Callable[[], float],
@@ -150,7 +148,7 @@ class RedisBus:
         self._prefix = bus.prefix
         self._wall = wall
         self._metrics = metrics
-        self._rooms: Sequencer[Item] = Sequencer()
+        self._rooms: Sequencer[Item[P]] = Sequencer()
         self._dm_seen: set[int] = set()
         self._dm_order: deque[int] = deque()
         self._outbox: deque[Event] = deque(maxlen=MAX_OUTBOX)
@@ -161,12 +159,11 @@ class RedisBus:
         self.last_heard = wall()
         self._down = False
         self._nursery: trio.Nursery | None = None
-        hub.on_presence = self._on_presence
 
     # --- the Bus interface ----------------------------------------------------
 
     def message(
-        self, stored: StoredMessage, origin: Peer | None = None, request_id: str | int | None = None
+        self, stored: StoredMessage, origin: P | None = None, request_id: str | int | None = None
     ) -> None:
         self._publish(Event.of(self.node_id, stored))
         self._deliver(stored, origin, request_id)
@@ -177,8 +174,10 @@ class RedisBus:
         self._outbox.append(event)
         self._outbox_ready.set()
 
-    async def joined(self, peer: Peer, room: str, last_seq: int) -> list[Member]:
+    async def joined(self, peer: P, room: str, last_seq: int, first: bool) -> list[Member]:
         self._rooms.track(room, last_seq)
+        if first:
+            self._share("user_connected", peer.identity, room)
         done = trio.Event()
         self._ops_in.send_nowait(done)  # after this node's earlier presence changes
         await done.wait()
@@ -190,13 +189,18 @@ class RedisBus:
             self._lost("presence", exc)
             return self.hub.members(room)
 
+    def left(self, ident: Identity, room: str) -> None:
+        if not self.hub.has_room(room):
+            self._rooms.forget(room)
+        self._share("user_disconnected", ident, room)
+
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
         return RedisLimiter(self.client, self._prefix, limits, name)
 
     # --- delivery on this node --------------------------------------------------
 
     def _deliver(
-        self, stored: StoredMessage, origin: Peer | None = None, request_id: str | int | None = None
+        self, stored: StoredMessage, origin: P | None = None, request_id: str | int | None = None
     ) -> None:
         room = stored.message.room
         if room is None:
@@ -210,7 +214,7 @@ class RedisBus:
         if gap is not None and self._nursery is not None:
             self._nursery.start_soon(self._fill, room, gap)
 
-    def _send(self, items: list[Item]) -> None:
+    def _send(self, items: list[Item[P]]) -> None:
         now = self._wall()
         for stored, origin, request_id in items:
             self.hub.deliver(stored, now, origin, request_id)
@@ -270,9 +274,9 @@ class RedisBus:
 
     # --- presence -------------------------------------------------------------
 
-    def _on_presence(self, kind: str, ident: Identity, room: str, now: float) -> None:
-        if kind == "user_disconnected" and not self.hub.has_room(room):
-            self._rooms.forget(room)
+    def _share(self, kind: str, ident: Identity, room: str) -> None:
+        """Queue a presence change on this node for Redis (in order); it is
+        announced once Redis says whether it changes the cluster's view."""
         try:
             self._ops_in.send_nowait((kind, ident, room))
         except trio.WouldBlock:
@@ -324,7 +328,7 @@ class RedisBus:
                     for member in self.hub.members(room):
                         if member.user_id == user_id:
                             ident = Identity(user_id, member.username, None)
-                            self._on_presence("user_connected", ident, room, self._wall())
+                            self._share("user_connected", ident, room)
                 with trio.fail_after(REDIS_TIMEOUT):
                     gone = await self.presence.reap()
                 for room, user_id, username in gone:
@@ -448,16 +452,17 @@ class RedisBus:
 @asynccontextmanager
 async def open_redis_bus(
     config: Config,
-    hub: Hub,
+    hub: Hub[P],
     store: Store,
     wall: Callable[[], float],
     metrics: Metrics,
-) -> AsyncIterator[RedisBus]:
+) -> AsyncIterator[RedisBus[P]]:
     """Connect to Redis, subscribe, and run the bus for the block."""
     client: coredis.Redis[bytes] = coredis.Redis.from_url(config.bus.url, decode_responses=False)
     async with client, trio.open_nursery() as nursery:
-        bus = RedisBus(config, hub, store, client, wall, metrics)
+        bus: RedisBus[P] = RedisBus(config, hub, store, client, wall, metrics)
         await nursery.start(bus.run)
+        log.info("cluster %r over Redis, this node is %s", config.bus.prefix, bus.node_id)
         try:
             yield bus
         finally:

@@ -24,6 +24,17 @@ if TYPE_CHECKING:
     from chatd.config import RoomsConfig
 
 
+def room_channel(room: str) -> str:
+    """The channel of a room's messages."""
+    return f"r:{room}"
+
+
+def dm_channel(a: int, b: int) -> str:
+    """The channel of the conversation between two users (either order)."""
+    low, high = sorted((a, b))
+    return f"d:{low}:{high}"
+
+
 class NewMessage(msgspec.Struct, frozen=True, gc=False):
     """A validated message, not yet stored. ``room`` for rooms, else a DM.
 
@@ -72,9 +83,14 @@ Committed = Callable[[StoredMessage | Exception], None]
 
 
 class Store(Protocol):
-    async def append(self, message: NewMessage, on_done: Committed) -> None:
+    async def append(self, message: NewMessage, on_done: Committed) -> int:
         """Queue ``message`` for the next group commit (waits only when the
-        queue is full). ``on_done`` runs after the commit, in commit order."""
+        queue is full); return its ticket. ``on_done`` runs after the
+        commit, in commit order."""
+
+    def committed(self, ticket: int) -> bool:
+        """Whether the write with this ticket (0: none) is committed (or
+        failed): a session reads its own writes by flushing only when not."""
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""

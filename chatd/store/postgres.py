@@ -4,10 +4,10 @@ It has the SQLite store's shape and semantics (``sqlite.py``): writes are
 queued by the Trio side and committed in groups by one writer thread
 (``writer.GroupWriter``, shared with SQLite), which hands the results back
 with one ``run_sync_soon``; there every callback runs in commit order inside
-one ``around_callbacks()`` block. A group that fails is
-rolled back and each of its operations run alone, so one bad operation fails
-only itself. Reads run on Trio worker threads. psycopg 3 is used through its
-synchronous API on threads: its async API runs only on asyncio (DESIGN D6).
+one corked block. A group that fails is rolled back and each of its
+operations run alone, so one bad operation fails only itself. Reads run on
+Trio worker threads. psycopg 3 is used through its synchronous API on
+threads: its async API runs only on asyncio.
 
 **Seqs and ids in commit order, whichever node commits.** Every channel (a
 room, or one direct conversation) has a row in ``channels`` holding its last
@@ -57,7 +57,7 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager, contextmanager, nullcontext
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
@@ -69,11 +69,10 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode, StorageError, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.store import Admin, Committed, NewMessage, RoomAccess, StoredMessage
+from chatd.store import Admin, Committed, NewMessage, RoomAccess, StoredMessage, room_channel
 from chatd.store.pgschema import migrate
-from chatd.store.schema import room_channel
 from chatd.store.sqlite import channel_of
-from chatd.store.writer import GroupWriter, Pending, Queries, Reads
+from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
 log = logging.getLogger("chatd.store")
 
@@ -171,9 +170,9 @@ class PostgresStore(Reads, GroupWriter):
         dsn: str,
         pool_size: int = 4,
         metrics: Metrics | None = None,
-        around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
+        cork: Cork | None = None,
     ) -> None:
-        super().__init__(metrics, around_callbacks)
+        super().__init__(metrics, cork)
         self.dsn = dsn
         self._conninfo = conninfo(dsn)
         self._readers: list[Conn] = []
@@ -384,8 +383,8 @@ class PostgresStore(Reads, GroupWriter):
         except CONNECTION_ERRORS as exc:
             raise unavailable() from exc
 
-    async def append(self, message: NewMessage, on_done: Committed) -> None:
-        await self._enqueue(Pending(None, message, on_done))
+    async def append(self, message: NewMessage, on_done: Committed) -> int:
+        return await self._enqueue(Pending(None, message, on_done))
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
@@ -452,11 +451,11 @@ async def open_postgres_store(
     dsn: str,
     pool_size: int = 4,
     metrics: Metrics | None = None,
-    around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
+    cork: Cork | None = None,
 ) -> AsyncIterator[PostgresStore]:
     """Run a store for the duration of the block (connecting and migrating
     first); on exit, commit what is queued and close."""
-    store = PostgresStore(dsn, pool_size, metrics, around_callbacks)
+    store = PostgresStore(dsn, pool_size, metrics, cork)
     await store._start()
     try:
         yield store

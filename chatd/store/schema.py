@@ -60,15 +60,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-def room_channel(room: str) -> str:
-    return f"r:{room}"
-
-
-def dm_channel(a: int, b: int) -> str:
-    low, high = sorted((a, b))
-    return f"d:{low}:{high}"
-
-
 def connect(
     path: str, *, synchronous: str = "normal", readonly: bool = False
 ) -> sqlite3.Connection:

@@ -12,7 +12,7 @@ bad operation fails only itself. Nothing is acknowledged that is not on disk.
 Reads run on Trio worker threads, each borrowing one of a few read-only
 connections (WAL lets them read while the writer writes).
 
-aiosqlite is not used: it cannot run under Trio (DESIGN D1).
+aiosqlite is not used: it cannot run under Trio (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,10 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage
-from chatd.store.schema import connect, dm_channel, migrate, room_channel
+from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage, dm_channel, room_channel
+from chatd.store.schema import connect, migrate
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
-from chatd.store.writer import GroupWriter, Pending, Queries, Reads
+from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
 log = logging.getLogger("chatd.store")
 
@@ -59,9 +59,9 @@ class SqliteStore(Reads, GroupWriter):
         path: str,
         synchronous: str = "normal",
         metrics: Metrics | None = None,
-        around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
+        cork: Cork | None = None,
     ) -> None:
-        super().__init__(metrics, around_callbacks)
+        super().__init__(metrics, cork)
         self.path = path
         self._synchronous = synchronous
         self._readers: list[sqlite3.Connection] = []
@@ -108,10 +108,10 @@ class SqliteStore(Reads, GroupWriter):
 
     # --- writing ------------------------------------------------------------
 
-    async def append(self, message: NewMessage, on_done: Committed) -> None:
+    async def append(self, message: NewMessage, on_done: Committed) -> int:
         seqs = self._seqs
         insert = lambda conn: insert_message(conn, message, seqs)  # noqa: E731
-        await self._enqueue(Pending(insert, None, on_done))
+        return await self._enqueue(Pending(insert, None, on_done))
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
@@ -147,11 +147,11 @@ async def open_sqlite_store(
     path: str,
     synchronous: str = "normal",
     metrics: Metrics | None = None,
-    around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
+    cork: Cork | None = None,
 ) -> AsyncIterator[SqliteStore]:
     """Run a store for the duration of the block; on exit, commit what is
     queued and close."""
-    store = SqliteStore(path, synchronous, metrics, around_callbacks)
+    store = SqliteStore(path, synchronous, metrics, cork)
     await store._start()
     try:
         yield store

@@ -6,9 +6,14 @@ thread-safe queue. One writer thread takes whatever is waiting (up to
 in one transaction and returns one result per item (a value, or the
 exception that kept that item from being committed). The results go back to
 Trio with one ``run_sync_soon`` call; there each item's callback runs in
-commit order, inside one ``around_callbacks()`` block (the server corks its
-sockets there), before any waiting task wakes. So delivery order is commit
-order, and nothing is acknowledged before its commit.
+commit order, inside one ``cork.corked()`` block (the server passes its
+``Fanout``: each connection's frames of the group leave in one write),
+before any waiting task wakes. So delivery order is commit order, and
+nothing is acknowledged before its commit.
+
+Every queued item gets a *ticket*, its place in the queue (1, 2, ...);
+``committed(ticket)`` says whether it has been committed (or failed), so a
+session can read its own writes by waiting only when one is still queued.
 
 ``MAX_PENDING`` items may wait; past that, ``append`` and ``write`` wait for
 room (memory stays bounded under overload).
@@ -53,19 +58,27 @@ class Pending:
         self.callback = callback
 
 
+class Cork(Protocol):
+    """What a commit group's callbacks run inside (the node's fan-out)."""
+
+    def corked(self) -> AbstractContextManager[None]: ...
+
+
 class GroupWriter:
     """The queue, the writer thread and the callbacks of a store."""
 
     #: The writer thread's name.
     thread_name = "chatd-writer"
 
-    def __init__(
-        self,
-        metrics: Metrics | None,
-        around_callbacks: Callable[[], AbstractContextManager[None]] = nullcontext,
-    ) -> None:
+    def __init__(self, metrics: Metrics | None, cork: Cork | None = None) -> None:
         self._metrics = metrics
-        self._around = around_callbacks
+        self._around: Callable[[], AbstractContextManager[None]] = (
+            cork.corked if cork is not None else nullcontext
+        )
+        #: Tickets handed out, and tickets whose item is done (committed or
+        #: failed): items finish in queue order.
+        self._queued = 0
+        self._done = 0
         self._queue: queue.SimpleQueue[Pending | None] = queue.SimpleQueue()
         self._space = trio.Semaphore(MAX_PENDING)
         self._thread: threading.Thread | None = None
@@ -136,7 +149,8 @@ class GroupWriter:
 
     def _finish(self, group: list[Pending], results: list[Any]) -> None:
         """On the Trio thread: callbacks in commit order, all inside one
-        ``around_callbacks()`` block."""
+        corked block."""
+        self._done += len(group)
         with self._around():
             for pending, result in zip(group, results, strict=True):
                 self._space.release()
@@ -147,12 +161,19 @@ class GroupWriter:
 
     # --- queueing -------------------------------------------------------------
 
-    async def _enqueue(self, pending: Pending) -> None:
+    async def _enqueue(self, pending: Pending) -> int:
+        """Queue ``pending`` (waiting for room); return its ticket."""
         try:
             self._space.acquire_nowait()
         except trio.WouldBlock:
             await self._space.acquire()
+        self._queued += 1
         self._queue.put(pending)
+        return self._queued
+
+    def committed(self, ticket: int) -> bool:
+        """Whether the item with this ticket (0: none) is done."""
+        return ticket <= self._done
 
     async def write(self, op: Callable[[Any], Any]) -> Any:
         """Run ``op`` (a function of the writer's connection) in the next

@@ -2,10 +2,15 @@
 
 A request that asks to upgrade to WebSocket is handed, with any bytes that
 came after it, to the app's ``websocket`` handler (which gives it to wsproto
-through ``initiate_upgrade_connection``, DESIGN D2). Any other request is
-answered by the app's ``http`` handler; keep-alive is honoured. The whole
+through ``initiate_upgrade_connection``). The handler answers at once: a
+``Response`` refuses the upgrade (404, 400), written here like any other and
+followed by the end of the connection; anything else is the WebSocket's
+life, awaited once this module has dropped its h11 state. Any other request
+is answered by the app's ``http`` handler; keep-alive is honoured. The whole
 request must arrive within the handshake timeout, and its head may not pass
 ``MAX_HEAD_BYTES``, so a stalled or bloated client is cut off early.
+
+All HTTP that chatd writes is written here, by h11.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from typing import Protocol
+from typing import Any, Protocol
 
 import h11
+import msgspec
 import trio
 
 MAX_HEAD_BYTES = 16384
@@ -31,14 +37,30 @@ class Response:
     headers: list[tuple[str, str]] = field(default_factory=list)
 
 
-class App(Protocol):
-    handshake_timeout: float
+def json_response(status: int, body: Any, headers: list[tuple[str, str]] | None = None) -> Response:
+    """``body`` as JSON."""
+    return Response(status, msgspec.json.encode(body), headers=headers or [])
 
-    def http(self, request: h11.Request, body: bytes, remote: str) -> Awaitable[Response]: ...
+
+def json_error(status: int, message: str, **extra: Any) -> Response:
+    """A one-line JSON error: ``{"error": message, ...extra}``."""
+    return json_response(status, {"error": message, **extra})
+
+
+class App(Protocol):
+    """What a listener serves: plain HTTP requests and WebSocket upgrades."""
+
+    @property
+    def handshake_timeout(self) -> float: ...
+
+    def http(self, request: h11.Request, body: bytes, remote: str) -> Awaitable[Response]:
+        """Answer one request."""
 
     def websocket(
         self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
-    ) -> Awaitable[None]: ...
+    ) -> Response | Awaitable[None]:
+        """A refusal, or the WebSocket's life on ``stream`` (``trailing``:
+        the bytes that came after the request)."""
 
 
 def is_websocket_upgrade(request: h11.Request) -> bool:
@@ -89,7 +111,12 @@ async def _serve_http(stream: trio.SocketStream, app: App) -> Awaitable[None] | 
                 return None
             if is_websocket_upgrade(request):
                 trailing, _ = conn.trailing_data
-                return app.websocket(stream, request, bytes(trailing), remote)
+                upgraded = app.websocket(stream, request, bytes(trailing), remote)
+                if not isinstance(upgraded, Response):
+                    return upgraded
+                upgraded.headers.append(("connection", "close"))
+                await _respond(stream, conn, request, upgraded)
+                return None
             body = None
             with trio.move_on_after(app.handshake_timeout):
                 body = await _read_body(stream, conn)

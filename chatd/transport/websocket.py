@@ -1,7 +1,7 @@
 """One WebSocket connection: wsproto for the protocol, our own outbound path.
 
-One task per connection, the connection's own (DESIGN D3; an idle connection
-holds no other task, nursery or buffer):
+One task per connection, the connection's own (an idle connection holds no
+other task, nursery or buffer):
 
 * it **reads**: waits for the socket to become readable, parses the common
   client frame itself and feeds every other frame to wsproto's frame parser,
@@ -16,24 +16,27 @@ holds no other task, nursery or buffer):
   a ping every ``ping_interval``, the connection dropped after
   ``idle_timeout`` without a byte from the peer.
 
-``send`` never blocks and never switches task (DESIGN D3): while nothing is
-buffered it writes straight to the non-blocking socket; what the kernel does
-not take goes to the buffer, in order, for the writer. A peer whose buffer
-passes ``send_buffer_bytes`` is too slow: what it has not started receiving is
+``send`` never blocks and never switches task: while nothing is buffered it
+writes straight to the non-blocking socket; what the kernel does not take
+goes to the buffer, in order, for the writer. A peer whose buffer passes
+``send_buffer_bytes`` is too slow: what it has not started receiving is
 dropped and it is closed with 1013, and no other connection waits for it.
 
-Deliveries of one commit group run ``corked()``: each member's frames of the
-whole group leave in one ``writev`` at the end, not one write per message.
-And the group's consecutive messages to one room are a *run*
-(``broadcast``): their frames are joined once into one buffer, which each
-member's buffer takes in one step, instead of one step per member per
-message. A run lives inside one synchronous corked block, where every
-write to a connection goes through ``send`` or ``close``: both end the run
-first, so every connection still gets its frames in the order sent.
+Each connection is handed the node's ``Fanout`` (``fanout.py``), which
+corks the writes of a commit group (each member's frames of the group leave
+in one ``writev``) and gathers a room's consecutive messages into runs. A
+pending run is the fan-out's; ``send`` and ``close`` end it before anything
+else is written, so every connection gets its frames in the order sent.
 
 Data frames are built once by the hub (``frames.OutFrame``) and written as
 they are; wsproto builds only the control frames (ping, pong, close), so the
 two never interleave within a message.
+
+The connection's life is one state, ``self.state`` (``wire.State``: OPEN,
+LOCAL_CLOSING, REMOTE_CLOSING, CLOSED, GONE), kept and changed by the
+``Wire`` alone; this module only reads it. Beside it the connection keeps
+its outbound buffer and whether a writer task is draining it, which are the
+buffer's business, not the connection's life.
 
 Batching: a client that connected with ``?batch=1`` gets its frames through
 the writer task instead, which wraps everything that piled up since its last
@@ -54,22 +57,21 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from itertools import islice
 from typing import Protocol
 
 import trio
 from wsproto import WSConnection
-from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from chatd.auth import Identity
 from chatd.errors import CloseCode
 from chatd.protocol import batch_payload
+from chatd.transport.fanout import Fanout
 from chatd.transport.frames import OutFrame, unmask
 from chatd.transport.timers import timers
-from chatd.transport.wire import Wire
+from chatd.transport.wire import CLOSED, GONE, OPEN, REMOTE_CLOSING, State, Wire
 
 log = logging.getLogger("chatd.transport")
 
@@ -77,95 +79,6 @@ RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 5.0
 #: Most buffers handed to one ``writev`` (Linux IOV_MAX is 1024).
 WRITEV_MAX = 512
-
-
-#: Connections written to while corked (None: not corked).
-_corked: list[WebSocketConnection] | None = None
-
-
-@contextmanager
-def corked() -> Iterator[None]:
-    """Within the block, data for a connection with nothing buffered is
-    buffered instead of written; at the end each such connection writes all
-    of it in one ``writev``. The store runs each commit group's deliveries
-    corked: one system call per member per group, not per message."""
-    global _corked
-    if _corked is not None:  # already corked: the outer block flushes
-        yield
-        return
-    pending: list[WebSocketConnection] = []
-    _corked = pending
-    try:
-        yield
-    finally:
-        if _run is not None:
-            _end_run()
-        _corked = None
-        for conn in pending:
-            conn._flush_now()
-
-
-class _Run:
-    """Consecutive messages to one room within a corked block: the room's
-    set of connections, each message's shared frame, and its sender and the
-    sender's own copy (None when it has none)."""
-
-    __slots__ = ("copies", "frames", "owns", "peers")
-
-    def __init__(self, peers: set[WebSocketConnection]) -> None:
-        self.peers = peers
-        self.frames: list[OutFrame] = []
-        self.owns: list[WebSocketConnection | None] = []
-        self.copies: list[OutFrame | None] = []
-
-
-#: The run being gathered (None: none).
-_run: _Run | None = None
-
-
-def broadcast(
-    peers: set[WebSocketConnection],
-    frame: OutFrame,
-    own: WebSocketConnection | None,
-    own_frame: OutFrame | None,
-) -> None:
-    """``frame`` to every one of ``peers`` but ``own``, ``own_frame`` to
-    ``own`` (the hub's ``Broadcast``). While corked, gathered into the run of
-    ``peers``' room, written when it ends; otherwise a run of one, now."""
-    global _run
-    run = _run
-    if run is None or run.peers is not peers:
-        if run is not None:
-            _end_run()
-        run = _run = _Run(peers)
-    run.frames.append(frame)
-    run.owns.append(own)
-    run.copies.append(own_frame)
-    if _corked is None:
-        _end_run()
-
-
-def _end_run() -> None:
-    """Write the run: the joined frames to each member (one join per
-    compression setting), message by message to the run's senders."""
-    global _run
-    run = _run
-    assert run is not None
-    _run = None
-    frames, owns = run.frames, run.owns
-    joined: dict[int | None, bytes] = {}
-    senders = {conn for conn in owns if conn is not None}
-    for conn in run.peers:
-        if conn not in senders:
-            conn._send_run(frames, joined)
-    for conn in senders:
-        member = conn in run.peers
-        for frame, own, copy in zip(frames, owns, run.copies, strict=True):
-            if own is conn:
-                if copy is not None:
-                    conn.send(copy)
-            elif member:
-                conn.send(frame)
 
 
 def _read(fd: int) -> bytes | None:
@@ -192,8 +105,7 @@ class WebSocketConnection:
         "__weakref__",
         "_batch",
         "_batch_bytes",
-        "_closing",
-        "_dead",
+        "_fanout",
         "_fd",
         "_head_started",
         "_idle_timeout",
@@ -222,6 +134,7 @@ class WebSocketConnection:
         stream: trio.SocketStream,
         ws: WSConnection,
         identity: Identity,
+        fanout: Fanout[WebSocketConnection],
         *,
         window_bits: int | None,
         send_buffer_bytes: int,
@@ -237,7 +150,10 @@ class WebSocketConnection:
         itself (the server passes its ``max_frame_bytes``); None leaves
         every frame to wsproto. ``received``: bytes read with the upgrade
         request, before the connection existed."""
+        #: Who is connected (fixed for the connection's life: a refreshed
+        #: token names the same user).
         self.identity = identity
+        self._fanout = fanout
         self._stream = stream
         self._fd = stream.socket.fileno()
         # Only the frame parser is kept: the handshake's h11 state and
@@ -260,25 +176,34 @@ class WebSocketConnection:
         #: Set (and dropped) by the writer each time it has written, when
         #: someone waits for it.
         self._progress: trio.Event | None = None
-        self._closing = False
         #: With ``?batch=1``: frames waiting for the writer to batch them.
         self._batch: list[OutFrame] | None = [] if batch else None
         self._batch_bytes = 0
         self._wall = wall
         self._on_slow = on_slow
-        self._dead = False
         self._scope: trio.CancelScope | None = None
         self.last_seen = trio.current_time()
         #: Close code sent or received, for logs and tests.
         self.close_code: int | None = None
 
+    @property
+    def state(self) -> State:
+        """Where the connection is in its life (``wire.State``)."""
+        return self._ws.state
+
+    @property
+    def open(self) -> bool:
+        """Whether data frames still flow both ways."""
+        return self._ws.state is OPEN
+
     # --- sending (synchronous, never blocks) ------------------------------------
 
     def send(self, frame: OutFrame) -> None:
         """Queue one data frame for this connection."""
-        if _run is not None:  # a run's frames go first: they were sent first
-            _end_run()
-        if self._closing:
+        fanout = self._fanout
+        if fanout.run is not None:  # a run's frames go first: they were sent first
+            fanout.end_run()
+        if self._ws.state is not OPEN:
             return
         batch = self._batch
         if batch is None:
@@ -291,10 +216,11 @@ class WebSocketConnection:
         batch.append(frame)
         self._kick()
 
-    def _send_run(self, frames: list[OutFrame], joined: dict[int | None, bytes]) -> None:
-        """Queue a run's frames; ``joined`` keeps their joined bytes for each
-        compression setting, shared by the run's members."""
-        if self._closing:
+    def send_joined(self, frames: list[OutFrame], joined: dict[int | None, bytes]) -> None:
+        """Queue a run's frames (``fanout.Fanout``); ``joined`` keeps their
+        joined bytes for each compression setting, shared by the run's
+        members."""
+        if self._ws.state is not OPEN:
             return
         if self._batch is not None:
             for frame in frames:
@@ -329,15 +255,16 @@ class WebSocketConnection:
         self._write(frame.wire(self._window_bits), force=True)
 
     def close(self, code: int, reason: str = "") -> None:
-        """Start the closing handshake with ``code``."""
-        if _run is not None:  # frames sent before the close go before it
-            _end_run()
-        if self._closing or self._dead:
+        """Start the closing handshake with ``code`` (from OPEN; once closing,
+        closed or gone, nothing more happens)."""
+        fanout = self._fanout
+        if fanout.run is not None:  # frames sent before the close go before it
+            fanout.end_run()
+        ws = self._ws
+        if not ws.can_close():
             return
-        self._closing = True
         self.close_code = code
-        if self._ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            self._write_control(self._ws.send(CloseConnection(code, reason[:100])))
+        self._write_control(ws.send(CloseConnection(code, reason[:100])))
         if self._scope is not None:
             self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
@@ -348,12 +275,12 @@ class WebSocketConnection:
         return out
 
     def _write(self, data: bytes, *, force: bool = False) -> None:
-        if self._dead:
+        if self._ws.state is GONE:
             return
         if not self._out:
-            corked = _corked
-            if corked is not None:  # written once, with the rest, at uncork
-                corked.append(self)
+            fanout = self._fanout
+            if fanout.corking:  # written once, with the rest, at uncork
+                fanout.defer(self)
                 self._buffer().append(data)
                 self._out_bytes += len(data)
                 return
@@ -376,16 +303,17 @@ class WebSocketConnection:
             return
         self._out.append(data)
         self._out_bytes += len(data)
-        if _corked is None:
+        if not self._fanout.corking:
             # (While corked, a connection with data buffered either has its
             # writer running or is in the corked list, flushed at uncork.)
             self._kick()
 
-    def _flush_now(self) -> None:
-        """Write what is buffered in one ``writev`` now; the writer task gets
-        what the kernel does not take."""
+    def flush(self) -> None:
+        """Write what is buffered in one ``writev`` now (the fan-out calls it
+        at the end of a corked block); the writer task gets what the kernel
+        does not take."""
         out = self._out
-        if self._dead or not out:
+        if self._ws.state is GONE or not out:
             return
         try:
             sent = os.writev(self._fd, list(islice(out, WRITEV_MAX)))
@@ -421,9 +349,10 @@ class WebSocketConnection:
 
     def _abort(self, exc: BaseException | None = None) -> None:
         """The socket is gone or hopeless: stop everything now."""
-        if not self._dead and exc is not None:
+        ws = self._ws
+        if ws.state is not GONE and exc is not None:
             log.debug("WS_ABORT: UserID=%d: %s", self.identity.user_id, exc)
-        self._dead = True
+        ws.abort()
         if self._out:
             self._out.clear()
         self._out_bytes = 0
@@ -440,13 +369,13 @@ class WebSocketConnection:
         try:
             with trio.CancelScope() as scope:
                 self._scope = scope
-                if self._closing:  # closed before running (a refused token)
+                if self._ws.state is not OPEN:  # closed before running (a refused token)
                     scope.deadline = trio.current_time() + CLOSE_TIMEOUT
                 await self._reader(handler)
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._flushed()
         finally:
-            self._dead = True
+            self._ws.abort()
             heap.cancel(heartbeat)
             await trio.aclose_forcefully(self._stream)
 
@@ -509,7 +438,7 @@ class WebSocketConnection:
                         pass  # wsproto closes with 1007
                     else:
                         pos = end
-                        if not self._closing:
+                        if ws.state is OPEN:
                             await handler.handle_text(text)
                         continue
                 if b0 & 0x0F < 0x8:  # a data frame: fragmented until one with FIN
@@ -557,7 +486,7 @@ class WebSocketConnection:
         ws = self._ws
         for event in ws.events():
             if isinstance(event, TextMessage):
-                if self._closing:
+                if ws.state is not OPEN:
                     continue
                 parts.append(event.data)
                 if event.message_finished:
@@ -565,29 +494,28 @@ class WebSocketConnection:
                     parts.clear()
                     await handler.handle_text(text)
             elif isinstance(event, BytesMessage):
-                if event.message_finished and not self._closing:
+                if event.message_finished and ws.state is OPEN:
                     await handler.handle_binary()
             elif isinstance(event, Ping):
-                if ws.state is ConnectionState.OPEN:
+                if ws.state is OPEN:
                     self._write_control(ws.send(event.response()))
             elif isinstance(event, CloseConnection):
-                if ws.state is ConnectionState.OPEN:
+                if ws.state is OPEN:
                     # wsproto found a protocol error (1002, 1007, 1009):
                     # it is ours to send the close.
                     self.close(event.code, event.reason or "")
                     return True
-                if ws.state is ConnectionState.REMOTE_CLOSING:
+                if ws.state is REMOTE_CLOSING:
                     self.close_code = self.close_code or event.code
-                    self._closing = True
                     self._write_control(ws.send(event.response()))
                 return True
             elif isinstance(event, Pong):
                 pass
-        return ws.state is ConnectionState.CLOSED
+        return ws.state is CLOSED
 
     def _kick(self) -> None:
         """Make sure a writer runs for what is buffered."""
-        if self._writing or self._dead:
+        if self._writing or self._ws.state is GONE:
             return
         self._writing = True
         trio.lowlevel.spawn_system_task(self._writer, name="chatd.transport.writer")
@@ -596,7 +524,7 @@ class WebSocketConnection:
         """Write what is buffered (and batch what is waiting); end when the
         buffer is empty. A system task: it must not raise."""
         try:
-            while not self._dead:
+            while self._ws.state is not GONE:
                 self._flush_batch()
                 out = self._out
                 if not out:
@@ -650,7 +578,7 @@ class WebSocketConnection:
     async def _flushed(self) -> None:
         """Return once everything queued has been handed to the kernel."""
         self._flush_batch()
-        while self._out and not self._dead:
+        while self._out and self._ws.state is not GONE:
             if self._progress is None:
                 self._progress = trio.Event()
             await self._progress.wait()
@@ -658,7 +586,7 @@ class WebSocketConnection:
     # --- the heartbeat (called by the run's timer task) ---------------------------
 
     def on_timer(self, now: float) -> float | None:
-        if self._dead:
+        if self._ws.state is GONE:
             return None
         idle_deadline = self.last_seen + self._idle_timeout
         if now >= idle_deadline:
@@ -667,6 +595,6 @@ class WebSocketConnection:
             return None
         if now >= self._next_ping:
             self._next_ping = now + self._ping_interval
-            if self._ws.state is ConnectionState.OPEN and not self._closing:
+            if self._ws.state is OPEN:
                 self._write_control(self._ws.send(Ping(b"chatd")))
         return min(self._next_ping, idle_deadline)

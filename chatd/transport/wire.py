@@ -1,20 +1,42 @@
-"""An upgraded WebSocket as the reader needs it: wsproto's frame parser alone.
+"""An upgraded WebSocket's protocol half: wsproto's frame parser and the
+connection's one state.
 
 wsproto's ``WSConnection`` keeps the handshake (an h11 connection, the
 request) and its ``Connection`` an event deque (760 bytes even when empty) for
 the connection's whole life. ``Wire`` keeps only the ``FrameProtocol`` of the
 accepted connection (with the bytes that came after the upgrade request, and
 the negotiated extensions) and does what ``wsproto.connection.Connection``
-does with it, event for event and state for state, for the events chatd
-sends (ping, pong, close) and receives (all).
+does with it, event for event, for the events chatd sends (ping, pong, close)
+and receives (all).
+
+The state
+---------
+``Wire.state`` is the one state of a connection's life; the transport only
+reads it, and every transition is made in this module:
+
+* ``OPEN``: data flows both ways.
+* ``LOCAL_CLOSING``: our close frame is queued (``send(CloseConnection)``);
+  what the peer still sends is read (its close ends the handshake) but not
+  handed on, and nothing but control frames is written.
+* ``REMOTE_CLOSING``: the peer's close frame arrived (``events``); ours is
+  owed and goes at once.
+* ``CLOSED``: both close frames have crossed; what is queued is flushed, then
+  the socket is closed.
+* ``GONE``: the socket is closed or failed (``abort``), from any state:
+  nothing more is read or written.
+
+The first four are wsproto's states with wsproto's transitions; ``GONE`` is
+chatd's, for a peer that vanished without a closing handshake (a reset, the
+idle timeout, the end of the connection's task).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterator
 
 from wsproto import WSConnection
-from wsproto.connection import Connection, ConnectionState
+from wsproto.connection import Connection
 from wsproto.events import (
     BytesMessage,
     CloseConnection,
@@ -26,7 +48,24 @@ from wsproto.events import (
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from wsproto.utilities import LocalProtocolError
 
-_SENDABLE = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING)
+
+class State(enum.Enum):
+    """A connection's life (see the module's docstring)."""
+
+    OPEN = "open"
+    LOCAL_CLOSING = "local_closing"
+    REMOTE_CLOSING = "remote_closing"
+    CLOSED = "closed"
+    GONE = "gone"
+
+
+OPEN = State.OPEN
+LOCAL_CLOSING = State.LOCAL_CLOSING
+REMOTE_CLOSING = State.REMOTE_CLOSING
+CLOSED = State.CLOSED
+GONE = State.GONE
+#: States in which a close frame may still be sent.
+_CAN_CLOSE = (OPEN, REMOTE_CLOSING)
 
 
 class Wire:
@@ -34,9 +73,9 @@ class Wire:
 
     __slots__ = ("_proto", "state")
 
-    def __init__(self, proto: FrameProtocol, state: ConnectionState) -> None:
+    def __init__(self, proto: FrameProtocol) -> None:
         self._proto = proto
-        self.state = state
+        self.state = OPEN
 
     @classmethod
     def take(cls, ws: WSConnection) -> Wire:
@@ -47,33 +86,43 @@ class Wire:
         proto = conn._proto
         assert isinstance(proto, FrameProtocol)
         assert not conn._events, "events pending in the connection"
-        return cls(proto, conn.state)
+        return cls(proto)
 
     def send(self, event: Ping | Pong | CloseConnection) -> bytes:
-        """The bytes of a control frame (``Connection.send``)."""
+        """The bytes of a control frame (``Connection.send``); a close frame
+        moves OPEN to LOCAL_CLOSING and REMOTE_CLOSING to CLOSED."""
         state = self.state
-        if isinstance(event, Ping) and state is ConnectionState.OPEN:
+        if isinstance(event, Ping) and state is OPEN:
             return bytes(self._proto.ping(event.payload))
-        if isinstance(event, Pong) and state is ConnectionState.OPEN:
+        if isinstance(event, Pong) and state is OPEN:
             return bytes(self._proto.pong(event.payload))
-        if isinstance(event, CloseConnection) and state in _SENDABLE:
+        if isinstance(event, CloseConnection) and state in _CAN_CLOSE:
             data = bytes(self._proto.close(event.code, event.reason))
-            if state is ConnectionState.REMOTE_CLOSING:
-                self.state = ConnectionState.CLOSED
-            else:
-                self.state = ConnectionState.LOCAL_CLOSING
+            self.state = CLOSED if state is REMOTE_CLOSING else LOCAL_CLOSING
             return data
         raise LocalProtocolError(f"Event {event} cannot be sent in state {state}.")
 
+    def can_close(self) -> bool:
+        """Whether a close frame may still be sent."""
+        return self.state in _CAN_CLOSE
+
+    def abort(self) -> None:
+        """The socket is gone: nothing more is read or written."""
+        self.state = GONE
+
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the peer (``Connection.receive_data``)."""
-        if self.state in (ConnectionState.OPEN, ConnectionState.LOCAL_CLOSING):
+        state = self.state
+        if state is OPEN or state is LOCAL_CLOSING:
             self._proto.receive_bytes(data)
-        elif self.state is ConnectionState.CLOSED:
+        elif state is CLOSED or state is GONE:
             raise LocalProtocolError("Connection already closed.")
 
     def events(self) -> Iterator[Event]:
-        """The events of the frames received so far (``Connection.events``)."""
+        """The events of the frames received so far (``Connection.events``);
+        a close frame moves OPEN to REMOTE_CLOSING and LOCAL_CLOSING to
+        CLOSED. A frame wsproto cannot parse is a ``CloseConnection`` with
+        the code to send (the state stays: the close is ours to send)."""
         try:
             for frame in self._proto.received_frames():
                 opcode = frame.opcode
@@ -93,10 +142,7 @@ class Wire:
                 elif opcode is Opcode.CLOSE:
                     assert isinstance(frame.payload, tuple)
                     code, reason = frame.payload
-                    if self.state is ConnectionState.LOCAL_CLOSING:
-                        self.state = ConnectionState.CLOSED
-                    else:
-                        self.state = ConnectionState.REMOTE_CLOSING
+                    self.state = CLOSED if self.state is LOCAL_CLOSING else REMOTE_CLOSING
                     yield CloseConnection(code=code, reason=reason)
                 elif opcode is Opcode.BINARY:
                     assert isinstance(frame.payload, (bytes, bytearray))

@@ -7,7 +7,9 @@ compression bits and frame boundaries. Where wsproto itself would refuse to
 send what is tested (unmasked frames, bad UTF-8, a false length, a bare
 continuation), ``client_frame`` builds the frame byte by byte and
 ``RawWS.send_raw`` puts it on the wire. ``parse_frames`` reads frames off a
-byte buffer (server-side frames too, for tests below the socket).
+byte buffer (server-side frames too, for tests below the socket), and
+``accepted_server`` is a server-side wsproto connection past its handshake,
+to build a ``WebSocketConnection`` or a ``Wire`` on without a server.
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ from tests.helpers.clients import HasPort, frame_json
 from tests.helpers.tokens import make_token
 
 # --- frames built and parsed by hand -------------------------------------------
+
+
+def accepted_server() -> WSConnection:
+    """A server-side wsproto connection that has accepted a client's upgrade."""
+    ws = WSConnection(ConnectionType.SERVER)
+    client = WSConnection(ConnectionType.CLIENT)
+    ws.receive_data(client.send(Request(host="localhost", target="/ws/chat")))
+    assert isinstance(next(ws.events()), Request)
+    ws.send(AcceptConnection())
+    return ws
+
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 

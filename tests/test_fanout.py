@@ -1,9 +1,10 @@
-"""Runs: a commit group's consecutive messages to one room, joined once.
+"""The fan-out: corked writes, and runs of a room's messages joined once.
 
-The transport's ``broadcast`` gathers, while corked, consecutive messages to
-one room and writes them as one buffer per member when the run ends: at the
-end of the cork, or before anything else is written to any connection.
-These tests drive real ``WebSocketConnection`` objects on socket pairs and
+``Fanout.broadcast`` gathers, while corked, consecutive messages to one room
+and writes them as one buffer per member when the run ends: at the end of
+the cork, or before anything else is written to any connection. These tests
+drive real ``WebSocketConnection`` objects on socket pairs, sharing one
+``Fanout`` as a node's connections do, and
 read what each peer received, frame by frame: every connection must get
 exactly its frames, in the order they were sent, whatever mix of rooms,
 direct frames, senders' own copies, compression and batching.
@@ -19,29 +20,25 @@ from contextlib import asynccontextmanager
 
 import trio
 import trio.testing
-from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Request
 
 from chatd.auth import Identity
+from chatd.transport.fanout import Fanout
 from chatd.transport.frames import OutFrame
-from chatd.transport.websocket import WebSocketConnection, broadcast, corked
-from tests.helpers.raw import OP_CLOSE, OP_TEXT, parse_frames
-
-
-def _accepted() -> WSConnection:
-    ws = WSConnection(ConnectionType.SERVER)
-    client = WSConnection(ConnectionType.CLIENT)
-    ws.receive_data(client.send(Request(host="localhost", target="/ws/chat")))
-    next(ws.events())
-    ws.send(AcceptConnection())
-    return ws
+from chatd.transport.websocket import WebSocketConnection
+from tests.helpers.raw import OP_CLOSE, OP_TEXT, accepted_server, parse_frames
 
 
 class Peer:
     """A server connection and the socket at the other end."""
 
-    def __init__(self, conn: WebSocketConnection, other: trio.SocketStream) -> None:
+    def __init__(
+        self,
+        conn: WebSocketConnection,
+        other: trio.SocketStream,
+        fanout: Fanout[WebSocketConnection],
+    ) -> None:
         self.conn = conn
+        self.fanout = fanout
         self.other = other
         self.buf = bytearray()
 
@@ -68,23 +65,28 @@ class Peer:
 
 
 @asynccontextmanager
-async def peers(*specs: tuple[int | None, bool]) -> AsyncIterator[list[Peer]]:
-    """One peer per (compression window bits or None, batch)."""
+async def peers(
+    *specs: tuple[int | None, bool], fanout: Fanout[WebSocketConnection] | None = None
+) -> AsyncIterator[list[Peer]]:
+    """One peer per (compression window bits or None, batch), all on
+    ``fanout`` (else on a new one: ``peers[0].fanout``)."""
     made: list[Peer] = []
+    shared: Fanout[WebSocketConnection] = fanout if fanout is not None else Fanout()
     try:
         for n, (bits, batch) in enumerate(specs):
             a, b = trio.socket.socketpair()
             conn = WebSocketConnection(
                 trio.SocketStream(a),
-                _accepted(),
+                accepted_server(),
                 Identity(n + 1, f"user{n + 1}", None),
+                shared,
                 window_bits=bits,
                 send_buffer_bytes=1 << 22,
                 ping_interval=30,
                 idle_timeout=75,
                 batch=batch,
             )
-            made.append(Peer(conn, trio.SocketStream(b)))
+            made.append(Peer(conn, trio.SocketStream(b), shared))
         yield made
     finally:
         for p in made:
@@ -104,17 +106,18 @@ async def test_a_run_keeps_each_connections_order() -> None:
     """Two rooms, senders' own copies, a frame outside any run and a member
     of both rooms: each connection gets its frames in the order sent."""
     async with peers((None, False), (None, False), (15, False), (None, True)) as ps:
+        fan = ps[0].fanout
         alice, bob, carol, dave = ps
         room_a = {alice.conn, bob.conn, carol.conn, dave.conn}
         room_b = {bob.conn, carol.conn}
-        with corked():
-            broadcast(room_a, frame("a1"), alice.conn, frame("a1-own"))  # type: ignore[arg-type]
-            broadcast(room_a, frame("a2"), bob.conn, frame("a2-own"))  # type: ignore[arg-type]
-            broadcast(room_b, frame("b1"), None, None)  # type: ignore[arg-type]
+        with fan.corked():
+            fan.broadcast(room_a, frame("a1"), alice.conn, frame("a1-own"))
+            fan.broadcast(room_a, frame("a2"), bob.conn, frame("a2-own"))
+            fan.broadcast(room_b, frame("b1"), None, None)
             carol.conn.send(frame("direct"))
-            broadcast(room_a, frame("a3"), None, None)  # type: ignore[arg-type]
+            fan.broadcast(room_a, frame("a3"), None, None)
             dave.conn.send(frame("dave-direct"))  # batched: no write of its own
-            broadcast(room_a, frame("a4"), alice.conn, frame("a4-own"))  # type: ignore[arg-type]
+            fan.broadcast(room_a, frame("a4"), alice.conn, frame("a4-own"))
             assert await alice.received() == []  # corked: nothing written yet
         assert await alice.received() == ["a1-own", "a2", "a3", "a4-own"]
         assert await bob.received() == ["a1", "a2-own", "b1", "a3", "a4"]
@@ -124,19 +127,21 @@ async def test_a_run_keeps_each_connections_order() -> None:
 
 async def test_a_sender_outside_the_room_gets_its_own_copies_only() -> None:
     async with peers((None, False), (None, False)) as (alice, bob):
+        fan = alice.fanout
         room = {bob.conn}
-        with corked():
-            broadcast(room, frame("m1"), alice.conn, frame("m1-own"))  # type: ignore[arg-type]
-            broadcast(room, frame("m2"), None, None)  # type: ignore[arg-type]
-            broadcast(room, frame("m3"), alice.conn, frame("m3-own"))  # type: ignore[arg-type]
+        with fan.corked():
+            fan.broadcast(room, frame("m1"), alice.conn, frame("m1-own"))
+            fan.broadcast(room, frame("m2"), None, None)
+            fan.broadcast(room, frame("m3"), alice.conn, frame("m3-own"))
         assert await alice.received() == ["m1-own", "m3-own"]
         assert await bob.received() == ["m1", "m2", "m3"]
 
 
 async def test_uncorked_broadcast_writes_at_once() -> None:
     async with peers((None, False), (15, False)) as (alice, bob):
+        fan = alice.fanout
         room = {alice.conn, bob.conn}
-        broadcast(room, frame("m1"), alice.conn, frame("m1-own"))  # type: ignore[arg-type]
+        fan.broadcast(room, frame("m1"), alice.conn, frame("m1-own"))
         assert await alice.received() == ["m1-own"]
         assert await bob.received() == ["m1"]
 
@@ -145,11 +150,12 @@ async def test_buffers_are_shared_between_members() -> None:
     """Inside the cork, before the flush, members with the same settings
     hold the very same joined bytes object (one join, not one per member)."""
     async with peers((None, False), (None, False), (15, False), (15, False)) as ps:
+        fan = ps[0].fanout
         room = {p.conn for p in ps}
-        with corked():
-            broadcast(room, frame("m1"), None, None)  # type: ignore[arg-type]
-            broadcast(room, frame("m2"), None, None)  # type: ignore[arg-type]
-            broadcast({ps[0].conn}, frame("solo"), None, None)  # type: ignore[arg-type]
+        with fan.corked():
+            fan.broadcast(room, frame("m1"), None, None)
+            fan.broadcast(room, frame("m2"), None, None)
+            fan.broadcast({ps[0].conn}, frame("solo"), None, None)
             plain = [p.conn._out[0] for p in ps[:2]]  # type: ignore[index]
             deflated = [p.conn._out[0] for p in ps[2:]]  # type: ignore[index]
             assert plain[0] is plain[1]
@@ -163,9 +169,10 @@ async def test_a_control_frame_during_a_run_goes_after_it() -> None:
     """A close (or ping, pong) queued while a run is gathered: after the
     run's frames, never before them."""
     async with peers((None, False), (None, False)) as (alice, bob):
+        fan = alice.fanout
         room = {alice.conn, bob.conn}
-        with corked():
-            broadcast(room, frame("m1"), None, None)  # type: ignore[arg-type]
+        with fan.corked():
+            fan.broadcast(room, frame("m1"), None, None)
             alice.conn.close(1000, "bye")
         await trio.testing.wait_all_tasks_blocked()
         alice.buf += os.read(alice.other.socket.fileno(), 1 << 20)
@@ -173,3 +180,29 @@ async def test_a_control_frame_during_a_run_goes_after_it() -> None:
         assert [f.opcode for f in frames] == [OP_TEXT, OP_CLOSE]
         assert json.loads(frames[0].payload)["data"]["n"] == "m1"
         assert await bob.received() == ["m1"]
+
+
+async def test_two_fanouts_are_independent() -> None:
+    """Each node (each server in one process) has its own fan-out: one's
+    cork neither holds back nor flushes the other's connections."""
+    async with peers((None, False)) as (alice,), peers((None, False)) as (bob,):
+        assert alice.fanout is not bob.fanout
+        with alice.fanout.corked():
+            alice.fanout.broadcast({alice.conn}, frame("a1"), None, None)
+            bob.fanout.broadcast({bob.conn}, frame("b1"), None, None)
+            assert await alice.received() == []  # corked
+            assert await bob.received() == ["b1"]  # not corked: written at once
+        assert await alice.received() == ["a1"]
+
+
+async def test_corked_blocks_nest_and_the_outer_one_flushes() -> None:
+    async with peers((None, False), (None, False)) as (alice, bob):
+        fan = alice.fanout
+        room = {alice.conn, bob.conn}
+        with fan.corked():
+            with fan.corked():
+                fan.broadcast(room, frame("m1"), None, None)
+            assert await alice.received() == []  # the inner block did not flush
+            fan.broadcast(room, frame("m2"), None, None)
+        assert await alice.received() == ["m1", "m2"]
+        assert await bob.received() == ["m1", "m2"]

@@ -1,0 +1,242 @@
+"""From an upgrade request to a running session: the WebSocket handshake and
+admission.
+
+``Gate.websocket`` is the HTTP layer's handler for upgrade requests
+(``transport.http.App``). It answers at once: a path other than
+``/ws/chat`` is a 404 and a malformed upgrade a 400 (``Response``s, which
+the HTTP layer writes); otherwise it negotiates the extensions
+(permessage-deflate, bounded like every message by ``max_frame_bytes``) and
+returns the connection's life, ``_serve``, which the HTTP layer awaits once
+it has dropped its own state.
+
+``_serve`` admits the connection, or completes the handshake and refuses it
+with a frame and a close (browsers cannot read an HTTP error): a full server
+or too many connections from one address is 1013; a missing, bad or expired
+token is an ``AUTH_FAILED`` error and 4001. An admitted connection gets its
+101 only once its user is stored and its session is in the hub, so a client
+that sees the handshake complete misses nothing sent to it afterwards (a
+direct message, say). The gate keeps the open connections (``connections``)
+and their count per client address.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+import trio
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Request
+from wsproto.extensions import Extension
+from wsproto.utilities import RemoteProtocolError
+
+from chatd.auth import Identity, bearer
+from chatd.errors import ChatError, CloseCode
+from chatd.session import Context, Session
+from chatd.transport.extensions import BoundedDeflate, SizeGuard
+from chatd.transport.fanout import Fanout
+from chatd.transport.http import Response, json_error
+from chatd.transport.websocket import WebSocketConnection
+
+log = logging.getLogger("chatd")
+
+WS_PATH = "/ws/chat"
+#: Subprotocols echoed when a client offers them. The protocol document's
+#: compression example passes "permessage-deflate" as a subprotocol; echoing
+#: it keeps strict clients happy. Compression itself is the extension.
+SUBPROTOCOLS = ("permessage-deflate",)
+_ANONYMOUS = Identity(0, "", None)
+
+Conn = WebSocketConnection
+
+
+class Gate:
+    """Admits WebSocket connections to one node."""
+
+    def __init__(self, ctx: Context[Conn], fanout: Fanout[Conn], wall: Callable[[], float]) -> None:
+        self._ctx = ctx
+        self._fanout = fanout
+        self._wall = wall
+        #: The open, admitted connections.
+        self.connections: set[Conn] = set()
+        #: WebSocket connections open per client address (admitted or not).
+        self.per_address: dict[str, int] = {}
+
+    def websocket(
+        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+    ) -> Response | Awaitable[None]:
+        """Refuse the upgrade, or return the connection's life."""
+        target = urlsplit(request.target.decode("latin-1"))
+        if target.path != WS_PATH:
+            return json_error(404, "not found")
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(list(request.headers), request.target)
+            upgrade = next(ws.events())
+        except (RemoteProtocolError, StopIteration):
+            return json_error(400, "bad request")
+        assert isinstance(upgrade, Request)
+        config = self._ctx.config
+        extensions: list[Extension] = [SizeGuard(config.limits.max_frame_bytes)]
+        deflate = (
+            BoundedDeflate(config.limits.max_frame_bytes) if config.server.compression else None
+        )
+        if deflate is not None:
+            extensions.insert(0, deflate)
+        subprotocol = next((s for s in upgrade.subprotocols if s in SUBPROTOCOLS), None)
+        # The 101 is written by the connection itself, first, once chatd is
+        # ready to deliver to it (see _admit).
+        accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
+        client = client_address(remote, request.headers, config.server.trusted_proxies)
+        token = _token(target.query, request.headers)
+        batch = parse_qs(target.query).get("batch") == ["1"]
+        # The coroutine keeps only what the session needs: not the request
+        # or wsproto's handshake state.
+        return self._serve(stream, ws, accept, deflate, client, token, batch, trailing)
+
+    async def _serve(
+        self,
+        stream: trio.SocketStream,
+        ws: WSConnection,
+        accept: bytes,
+        deflate: BoundedDeflate | None,
+        client: str,
+        token: str | None,
+        batch: bool,
+        trailing: bytes,
+    ) -> None:
+        ctx = self._ctx
+        counts = self.per_address
+        counts[client] = counts.get(client, 0) + 1
+        bits = deflate.window_bits if deflate is not None and deflate.enabled() else None
+        try:
+            full = self._full(client)
+            identity = _ANONYMOUS
+            refused: ChatError | None = None
+            if full is None:
+                try:
+                    identity = ctx.verifier.verify(token)
+                except ChatError as err:
+                    log.info("WS_AUTH_FAILED: IP=%s, Reason=%s", client, err.message)
+                    ctx.metrics.auth_failures.inc()
+                    refused = err
+            conn = self._connection(stream, ws, identity, bits, trailing, batch)
+            del ws, trailing, token  # the connection keeps what it needs
+            if full is not None:
+                log.warning("WS_REFUSED: IP=%s, Reason=%s", client, full)
+                conn.send_raw(accept)
+                conn.close(CloseCode.TRY_AGAIN_LATER, full)
+                await conn.run(Session(ctx, conn))
+            elif refused is not None:
+                conn.send_raw(accept)
+                session = Session(ctx, conn)
+                session.refuse(refused)
+                await conn.run(session)
+            else:
+                await self._admit(conn, accept, client)
+        finally:
+            left = counts[client] - 1
+            if left:
+                counts[client] = left
+            else:
+                del counts[client]
+
+    def _full(self, client: str) -> str | None:
+        """Why this node takes no more connections from ``client`` (None:
+        it does)."""
+        server = self._ctx.config.server
+        if len(self.connections) >= server.max_connections:
+            return "Server full"
+        if self.per_address[client] > server.max_connections_per_address:
+            return "Too many connections from your address"
+        return None
+
+    async def _admit(self, conn: Conn, accept: bytes, client: str) -> None:
+        """Store the user, start the session, then serve it."""
+        ctx = self._ctx
+        identity = conn.identity
+        session = Session(ctx, conn)
+        started = ctx.monotonic()
+        try:
+            await ctx.store.upsert_user(identity.user_id, identity.username)
+        except Exception:
+            log.exception("store: cannot record user %d", identity.user_id)
+            conn.send_raw(accept)
+            conn.close(CloseCode.INTERNAL_ERROR, "Storage unavailable")
+            await conn.run(session)
+            return
+        log.info("WS_CONNECT: UserID=%d, IP=%s", identity.user_id, client)
+        self.connections.add(conn)
+        ctx.metrics.connected(identity.user_id, started)
+        conn.send_raw(accept)
+        del accept
+        session.start()
+        try:
+            await conn.run(session)
+        finally:
+            session.end()
+            self.connections.discard(conn)
+            ctx.metrics.disconnected(identity.user_id, ctx.monotonic())
+            log.info(
+                "WS_DISCONNECT: UserID=%d, Duration=%.1fs, Code=%s",
+                identity.user_id,
+                ctx.monotonic() - started,
+                conn.close_code,
+            )
+
+    def _connection(
+        self,
+        stream: trio.SocketStream,
+        ws: WSConnection,
+        identity: Identity,
+        window_bits: int | None,
+        received: bytes,
+        batch: bool,
+    ) -> Conn:
+        config = self._ctx.config
+        server = config.server
+        return WebSocketConnection(
+            stream,
+            ws,
+            identity,
+            self._fanout,
+            window_bits=window_bits,
+            send_buffer_bytes=server.send_buffer_bytes,
+            ping_interval=server.ping_interval_seconds,
+            idle_timeout=server.idle_timeout_seconds,
+            batch=batch,
+            wall=self._wall,
+            on_slow=self._ctx.metrics.slow_consumers.inc,
+            max_message_bytes=config.limits.max_frame_bytes,
+            received=received,
+        )
+
+
+def client_address(remote: str, headers: Any, trusted: tuple[str, ...]) -> str:
+    """The client's address: the TCP peer, or, when that peer is a trusted
+    proxy, the nearest untrusted address in its X-Forwarded-For (else its
+    X-Real-IP)."""
+    if remote not in trusted:
+        return remote
+    forwarded: list[str] = []
+    real = None
+    for name, value in headers:
+        if name == b"x-forwarded-for":
+            forwarded += [part.strip() for part in value.decode("latin-1").split(",")]
+        elif name == b"x-real-ip":
+            real = value.decode("latin-1").strip()
+    for hop in reversed(forwarded):
+        if hop and hop not in trusted:
+            return hop[:64]
+    return real[:64] if real else remote
+
+
+def _token(query: str, headers: Any) -> str | None:
+    """``?token=`` wins over ``Authorization: Bearer``."""
+    values = parse_qs(query).get("token")
+    if values:
+        return values[0]
+    return bearer(headers)

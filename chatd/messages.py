@@ -1,0 +1,107 @@
+"""The one path of every message: committed by the store, then delivered by
+the bus.
+
+A session's ``room_message`` or ``direct_message`` and a notification from
+the publish API all go through ``Messages``: ``post`` queues the message for
+the store's next group commit and returns at once (a session goes on reading
+its socket while the message waits for its group); after the commit, on the
+Trio thread and in commit order, the committed message goes to the bus,
+which delivers it everywhere (the sender's own copy carries its
+``request_id``). Nothing is delivered before its commit. A message the store
+refuses is reported to its origin alone (``Origin.failed``), which turns it
+into the sender's ``error`` frame.
+
+So a message's path runs one way: transport -> session -> ``Messages`` ->
+store -> ``Messages`` (the commit callback) -> bus -> hub -> fan-out ->
+transport.
+
+Pure: the store and the bus do the I/O; the clock is passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, Protocol, TypeVar
+
+from chatd.bus import Bus
+from chatd.errors import ChatError, ErrorCode
+from chatd.hub import Peer
+from chatd.metrics import Metrics
+from chatd.store import NewMessage, Store, StoredMessage
+
+P = TypeVar("P", bound=Peer)
+P_co = TypeVar("P_co", bound=Peer, covariant=True)
+
+#: What a session's error says when the store could not take its message.
+NOT_STORED = "The message could not be stored; not sent"
+
+
+class Origin(Protocol[P_co]):
+    """Where a message came from: the connection that gets the copy with its
+    ``request_id``, and who is told when it cannot be stored."""
+
+    @property
+    def peer(self) -> P_co: ...
+
+    def failed(self, err: ChatError, request_id: str | int | None) -> None:
+        """The message was not stored (and is not delivered)."""
+
+
+class Messages(Generic[P]):
+    """Commit, then deliver."""
+
+    def __init__(
+        self, store: Store, bus: Bus[P], metrics: Metrics, monotonic: Callable[[], float]
+    ) -> None:
+        self._store = store
+        self._bus = bus
+        self._metrics = metrics
+        self._monotonic = monotonic
+
+    async def post(
+        self, message: NewMessage, origin: Origin[P], request_id: str | int | None
+    ) -> int:
+        """Queue ``message`` for commit (waits only while the store's queue
+        is full); deliver it once committed. Returns the write's ticket
+        (``Store.committed``)."""
+        bus = self._bus
+        metrics = self._metrics
+        monotonic = self._monotonic
+        received = monotonic()
+        peer = origin.peer
+
+        def committed(result: StoredMessage | Exception) -> None:
+            if isinstance(result, Exception):
+                origin.failed(_as_chat_error(result, NOT_STORED), request_id)
+                return
+            bus.message(result, peer, request_id)
+            metrics.messages.inc()
+            metrics.delivery_latency.observe(monotonic() - received)
+
+        return await self._store.append(message, committed)
+
+    async def publish(
+        self, message: NewMessage, done: Callable[[StoredMessage | ChatError], None]
+    ) -> None:
+        """Queue ``message`` (from no connection: a notification) for
+        commit; deliver it once committed, and tell ``done`` the outcome."""
+        bus = self._bus
+        metrics = self._metrics
+
+        def committed(result: StoredMessage | Exception) -> None:
+            if isinstance(result, Exception):
+                done(_as_chat_error(result, "The notification could not be stored"))
+                return
+            bus.message(result)
+            metrics.published.inc()
+            done(result)
+
+        await self._store.append(message, committed)
+
+
+def _as_chat_error(exc: Exception, message: str) -> ChatError:
+    """A store's refusal as the client sees it: its own ``ChatError`` (a
+    ``reply_to`` outside the channel), else ``INTERNAL_ERROR``."""
+    if isinstance(exc, ChatError):
+        return exc
+    return ChatError(ErrorCode.INTERNAL_ERROR, message)

@@ -1,0 +1,79 @@
+"""The publish API's service: a notification from the application's backend.
+
+``POST /api/publish`` (``routes.py``) decodes the request; ``publish``
+checks it (exactly one of ``room`` and ``user_id``, the content rules of
+``content.validate``, the size of ``data``, that the room or user exists),
+takes one unit of the system sender's rate limit (per node alone, across
+the cluster with Redis), and posts it as a ``notification`` from the system
+sender (user 0): committed, delivered, and in history like any message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import trio
+
+from chatd.auth import Identity
+from chatd.content import validate
+from chatd.errors import ChatError, ErrorCode, invalid_format
+from chatd.protocol import rfc3339
+from chatd.session import Context
+from chatd.store import NewMessage, StoredMessage
+
+#: The sender of notifications from the publish API (a user row of its own).
+SYSTEM_USER = Identity(0, "system", None)
+
+
+async def publish(
+    ctx: Context[Any],
+    content: str,
+    room: str | None,
+    user_id: int | None,
+    data: dict[str, Any] | None,
+) -> StoredMessage:
+    """Commit a notification from the system sender, then deliver it to
+    the room or to every connection of the user. Raises ``ChatError``."""
+    if (room is None) == (user_id is None):
+        raise invalid_format("Give exactly one of room and user_id", "room")
+    raw = msgspec.json.encode(data) if data is not None else None
+    message = NewMessage(
+        user_id=SYSTEM_USER.user_id,
+        username=SYSTEM_USER.username,
+        content=content,
+        message_type="notification",
+        created_at=rfc3339(ctx.wall()),
+        room=room,
+        to_user_id=user_id,
+        data=raw,
+    )
+    validate(message, ctx.config.limits)
+    most = ctx.config.api.max_data_bytes
+    if raw is not None and len(raw) > most:
+        raise invalid_format(f"data is larger than {most} bytes", "data")
+    store = ctx.store
+    if room is not None:
+        if await store.room_access(room, SYSTEM_USER.user_id) is None:
+            raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": room})
+    elif user_id is not None and not await store.user_exists(user_id):
+        raise ChatError(ErrorCode.USER_NOT_FOUND, "User not found", {"user_id": user_id})
+    wait = await ctx.api_limits.take(SYSTEM_USER.user_id)
+    if wait > 0:
+        ctx.metrics.rate_limited.inc()
+        raise ChatError(
+            ErrorCode.RATE_LIMITED, "Too many notifications", {"retry_after": int(wait)}
+        )
+    done = trio.Event()
+    box: list[StoredMessage | ChatError] = []
+
+    def outcome(result: StoredMessage | ChatError) -> None:
+        box.append(result)
+        done.set()
+
+    await ctx.messages.publish(message, outcome)
+    with trio.CancelScope(shield=True):  # committed either way: see it through
+        await done.wait()
+    if isinstance(box[0], ChatError):
+        raise box[0]
+    return box[0]
