@@ -154,7 +154,8 @@ class Session(Generic[S]):
     def __init__(self, ctx: Context[S], peer: S) -> None:
         self.ctx = ctx
         self.peer = peer
-        #: The token's user; ``auth`` replaces it (same user, later expiry).
+        #: The token's user; ``auth`` replaces it (the same user, the new
+        #: token's name and expiry).
         self.identity = peer.identity
         self._invalid = TokenBucket(
             ctx.config.limits.invalid_frames_per_minute, 60.0, ctx.monotonic()
@@ -189,6 +190,10 @@ class Session(Generic[S]):
             await _HANDLERS[frame.type](self, frame)
         except ChatError as err:
             self._fail(err, frame.request_id)
+        except Exception:  # a failing store read, a bug: this request fails, not the node
+            log.exception("session: %s of user %d failed", frame.type, self.identity.user_id)
+            failed = ChatError(ErrorCode.INTERNAL_ERROR, "The request failed; try again")
+            self._fail(failed, frame.request_id)
 
     def failed(self, err: ChatError, request_id: str | int | None) -> None:
         """A message of this session was not stored (``messages.Origin``)."""
@@ -246,8 +251,10 @@ class Session(Generic[S]):
         since_id = data.since_id
         # The room's frames for this connection wait until the ack (and any
         # replay) has gone out.
+        rejoin = hub.is_in(peer, room)
         first = hub.join(peer, room)
         missed: list[StoredMessage] = []
+        newest = 0
         try:
             members = await ctx.bus.joined(peer, room, access.last_seq, first)
             ack: dict[str, Any] = {
@@ -257,11 +264,17 @@ class Session(Generic[S]):
                 "members": members,
             }
             if since_id is not None:
-                missed, ack["recovered"] = await ctx.store.since(
+                missed, ack["recovered"], newest = await ctx.store.since(
                     room_channel(room), since_id, ctx.config.limits.recovery_max_messages
                 )
         except BaseException:
-            hub.release(peer, room, since_id or 0)
+            # The join failed: a connection that was in the room before gets
+            # what was held; one that was not is out again (what was held
+            # for it is dropped, and its presence ends if it had begun).
+            if rejoin:
+                hub.release(peer, room, 0)
+            elif hub.leave(peer, room):
+                ctx.bus.left(peer.identity, room)
             raise
         self._reply("join_room_ack", ack, frame)
         if since_id is None:
@@ -271,7 +284,10 @@ class Session(Generic[S]):
         for stored in missed:
             kind, shape, sender = live_shape(stored)
             self._send(p.encode(kind, shape, now, user_id=sender), kind)
-        hub.release(peer, room, missed[-1].id if missed else since_id)
+        # Live messages up to the last one the client has (by the replay, or
+        # before it: its since_id, but never past the newest stored message)
+        # are not sent again.
+        hub.release(peer, room, missed[-1].id if missed else min(since_id, newest))
 
     async def _leave_room(self, frame: p.ClientFrame) -> None:
         data: p.LeaveRoom = frame.data

@@ -151,3 +151,18 @@ async def test_rejoin_during_traffic_has_no_gap_and_no_duplicate(server):
         stored = [m["id"] for m in older["data"]["messages"]] + stored
         assert ids == [i for i in stored if i > last_seen]
         assert sorted(sent_ids) == ids
+
+
+async def test_a_since_id_beyond_the_newest_message_loses_no_live_message(server):
+    """A client with a since_id no message has reached (a restored database,
+    another deployment's ids) misses nothing said after it joins."""
+    async with connect(server, 1, "alice") as alice, connect(server, 2, "bob") as bob:
+        await alice.join("general")
+        await post(alice, ["old"])
+        ack = await rejoin(bob, since_id=1_000_000)
+        assert ack["data"]["recovered"] is True
+        await alice.expect("user_connected")
+        live = await post(alice, ["new", "newer"])
+        assert live[-1]["id"] < 1_000_000
+        assert [(await bob.expect("room_message"))["data"] for _ in live] == live
+        await bob.nothing_pending()

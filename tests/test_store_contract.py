@@ -285,13 +285,14 @@ async def test_history_pages_count_back_from_the_newest(store: AnyStore) -> None
 
 
 async def test_since(store: AnyStore) -> None:
-    assert await store.since(GENERAL, 0, 10) == ([], True)
+    assert await store.since(GENERAL, 0, 10) == ([], True, 0)
     general = await fill(store, "general", 6)
     random = await fill(store, "random", 1)
     general += await fill(store, "general", 4)
 
     async def since(since_id: int, cap: int) -> tuple[list[int], bool]:
-        messages, complete = await store.since(GENERAL, since_id, cap)
+        messages, complete, newest = await store.since(GENERAL, since_id, cap)
+        assert newest == general[-1]  # the room's newest id, whatever was asked
         return ids(messages), complete
 
     assert await since(general[6], 100) == (general[7:], True)
@@ -475,5 +476,5 @@ async def test_notifications_and_odd_text_round_trip(store: AnyStore) -> None:
     assert [m.message for m in messages] == sent[2:6]
     audio, _ = await store.history(dm_channel(5, 6), 10, 0)
     assert [m.message for m in audio] == sent[6:]
-    assert await store.since(GENERAL, 0, 10) == (messages, True)
+    assert await store.since(GENERAL, 0, 10) == (messages, True, messages[-1].id)
     assert await store.after(GENERAL, 0, 10) == messages

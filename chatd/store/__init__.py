@@ -112,9 +112,12 @@ class Store(Protocol):
 
     async def since(
         self, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool]:
+    ) -> tuple[list[StoredMessage], bool, int]:
         """The channel's messages after ``since_id`` (at most the newest
-        ``cap``, oldest first), and whether that is all of them."""
+        ``cap``, oldest first), whether that is all of them, and the id of
+        the channel's newest message when they were read (0: none; read no
+        later than the messages, so every message with an id up to it is
+        either among them or has an id up to ``since_id``)."""
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
         """The channel's messages with a seq above ``after_seq``, oldest

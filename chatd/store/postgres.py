@@ -637,12 +637,20 @@ def history(conn: Conn, channel: str, limit: int, offset: int) -> tuple[list[Sto
     return [_row_to_message(r[1:]) for r in rows if r[1] is not None], total
 
 
-def since(conn: Conn, channel: str, since_id: int, cap: int) -> tuple[list[StoredMessage], bool]:
+def since(
+    conn: Conn, channel: str, since_id: int, cap: int
+) -> tuple[list[StoredMessage], bool, int]:
     """The messages of ``channel`` with an id above ``since_id``, oldest
-    first, at most the newest ``cap`` of them; and whether that is all.
+    first, at most the newest ``cap`` of them; whether that is all; and the
+    channel's newest id (0: no message), read first: a message committed
+    between the two reads is newer than it.
 
     Reads at most the newest ``cap + 1`` rows (ids increase with seq within
     a channel), so it costs what it returns."""
+    top = conn.execute(
+        "SELECT id FROM messages WHERE channel = %(c)s ORDER BY seq DESC LIMIT 1", {"c": channel}
+    ).fetchone()
+    newest = int(top[0]) if top is not None else 0
     rows = conn.execute(
         f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = %(c)s AND id > %(s)s"
         " AND seq > (SELECT coalesce(max(seq), 0) FROM messages WHERE channel = %(c)s) - %(n)s"
@@ -650,7 +658,7 @@ def since(conn: Conn, channel: str, since_id: int, cap: int) -> tuple[list[Store
         {"c": channel, "s": since_id, "n": cap + 1},
     ).fetchall()
     complete = len(rows) <= cap
-    return [_row_to_message(r) for r in rows[len(rows) - min(cap, len(rows)) :]], complete
+    return [_row_to_message(r) for r in rows[len(rows) - min(cap, len(rows)) :]], complete, newest
 
 
 def after(conn: Conn, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:

@@ -372,19 +372,23 @@ def history(
 
 def since(
     conn: sqlite3.Connection, channel: str, since_id: int, cap: int
-) -> tuple[list[StoredMessage], bool]:
+) -> tuple[list[StoredMessage], bool, int]:
     """The messages of ``channel`` with an id above ``since_id``, oldest
-    first, at most the newest ``cap`` of them; and whether that is all.
+    first, at most the newest ``cap`` of them; whether that is all; and the
+    channel's newest id (0: no message).
 
-    Walks the channel's index back from the newest message and stops at
-    ``since_id`` or after ``cap`` rows, so it costs what it returns."""
+    Walks the channel's index back from the newest message (one statement:
+    one snapshot) and stops at ``since_id`` or after ``cap`` rows, so it
+    costs what it returns."""
     rows: list[tuple[Any, ...]] = []
     complete = True
+    newest = 0
     cursor = conn.execute(
         f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? ORDER BY seq DESC", (channel,)
     )
     try:
         for row in cursor:
+            newest = newest or row[0]
             if row[0] <= since_id:
                 break
             if len(rows) == cap:
@@ -394,7 +398,7 @@ def since(
     finally:
         cursor.close()
     rows.reverse()
-    return [_row_to_message(r) for r in rows], complete
+    return [_row_to_message(r) for r in rows], complete, newest
 
 
 def after(conn: sqlite3.Connection, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:

@@ -203,7 +203,7 @@ class Queries(Protocol):
     ) -> tuple[list[StoredMessage], int]: ...
     def since(
         self, conn: Any, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool]: ...
+    ) -> tuple[list[StoredMessage], bool, int]: ...
     def after(self, conn: Any, channel: str, after_seq: int, cap: int) -> list[StoredMessage]: ...
     def direct_since(
         self, conn: Any, user_ids: Sequence[int], created_at: str, cap: int
@@ -244,9 +244,9 @@ class Reads:
 
     async def since(
         self, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool]:
+    ) -> tuple[list[StoredMessage], bool, int]:
         q = self.queries
-        result: tuple[list[StoredMessage], bool] = await self.read(
+        result: tuple[list[StoredMessage], bool, int] = await self.read(
             lambda c: q.since(c, channel, since_id, cap)
         )
         return result

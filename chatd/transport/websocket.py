@@ -371,7 +371,11 @@ class WebSocketConnection:
                 self._scope = scope
                 if self._ws.state is not OPEN:  # closed before running (a refused token)
                     scope.deadline = trio.current_time() + CLOSE_TIMEOUT
-                await self._reader(handler)
+                try:
+                    await self._reader(handler)
+                except Exception:  # a bug in a handler ends this connection, not the node
+                    log.exception("WS_ERROR: UserID=%d", self.identity.user_id)
+                    self.close(CloseCode.INTERNAL_ERROR, "Internal error")
                 with trio.move_on_after(CLOSE_TIMEOUT):
                     await self._flushed()
         finally:
