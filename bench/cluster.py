@@ -34,8 +34,9 @@ from trio_websocket import open_websocket_url
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import SECRET, make_token  # noqa: E402
-from tests.services import free_port, postgres_server, redis_server  # noqa: E402
+from tests.helpers.servers import free_port  # noqa: E402
+from tests.helpers.services import postgres_server, redis_server  # noqa: E402
+from tests.helpers.tokens import SECRET, make_token  # noqa: E402
 
 
 def node_config(tmp: Path, index: int, dsn: str, redis_url: str, prefix: str) -> tuple[Path, int]:

@@ -1,7 +1,7 @@
 """One PostgresStore writer's throughput: ``python bench/pgstore.py [--dsn DSN]``.
 
 Without ``--dsn`` it starts a throwaway PostgreSQL from the distribution's
-binaries (tests/services.py: fsync and synchronous_commit off, so this measures
+binaries (tests/helpers/services.py: fsync and synchronous_commit off, so this measures
 chatd's side and PostgreSQL's CPU, not a disk). Two figures, in a fresh
 database each time:
 
@@ -92,7 +92,7 @@ def main() -> None:
     server = None
     dsn = args.dsn
     if dsn is None:
-        from tests.services import postgres_server
+        from tests.helpers.services import postgres_server
 
         server, reason = postgres_server()
         if server is None:

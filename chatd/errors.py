@@ -29,7 +29,7 @@ class ErrorCode(enum.StrEnum):
     #: Not JSON, a missing or ill-typed field, an unknown type.
     INVALID_FORMAT = "INVALID_FORMAT"
     #: The server could not do what was asked (storage failure); nothing was
-    #: acknowledged. An addition to the seed's table.
+    #: acknowledged. An addition to the protocol document's table.
     INTERNAL_ERROR = "INTERNAL_ERROR"
 
 

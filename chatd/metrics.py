@@ -25,7 +25,8 @@ _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
-    """Every figure the seed's monitoring section asks for, and a few more."""
+    """Every figure the protocol document's monitoring section asks for,
+    and a few more."""
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()

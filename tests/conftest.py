@@ -24,9 +24,6 @@ from chatd.server import ChatServer
 from tests.helpers.servers import SMALL_FRAME_BYTES, deep_merge, running, write_config
 from tests.helpers.tokens import SECRET
 
-# bench/cluster.py imports SECRET and make_token from here (the tests do not).
-from tests.helpers.tokens import make_token as make_token  # isort: skip
-
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:

@@ -336,7 +336,7 @@ async def test_presence_counts_a_user_once_across_tabs(server):
             await bob_tab1.nothing_pending()  # bob never got his own presence
 
 
-async def test_logs_use_the_seed_format_and_never_show_tokens(make_config, caplog):
+async def test_logs_use_the_protocol_documents_format_and_never_show_tokens(make_config, caplog):
     """The log lines have the protocol document's format (``WS_CONNECT``,
     ``WS_MESSAGE``, ``WS_DISCONNECT``); no token, secret or content in them."""
     caplog.set_level(logging.DEBUG, logger="chatd")

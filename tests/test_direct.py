@@ -30,7 +30,7 @@ async def dm(client: Client, to: int, content: str, request_id: Any = None) -> d
     return await client.request("direct_message", data, request_id)
 
 
-async def test_dm_reaches_every_device_of_both_users_in_the_seed_shape(server):
+async def test_dm_reaches_every_device_of_both_users_in_the_protocol_documents_shape(server):
     """A DM reaches every connection of both users (the request id on the
     sender's only), its data in the protocol document's outgoing shape."""
     async with (

@@ -39,7 +39,7 @@ def node_command() -> list[str]:
     return [node, "--experimental-websocket", "--no-warnings"]
 
 
-async def test_seed_websocket_client_works_unchanged(server):
+async def test_reference_websocket_client_works_unchanged(server):
     """The reference ``WebSocketClient`` joins, posts and reads the history."""
     command = [*node_command(), str(HARNESS)]
     env = {**os.environ, "CHATD_PORT": str(server.port), "CHATD_TOKEN": make_token(9, "zoe")}
@@ -59,7 +59,7 @@ async def test_seed_websocket_client_works_unchanged(server):
     assert [m["id"] for m in history["messages"]] == [message["id"]]
 
 
-async def test_seed_use_websocket_hook_works_unchanged(server):
+async def test_reference_use_websocket_hook_works_unchanged(server):
     """The reference ``useWebSocket`` hook sends to a room and to a user and
     reads the history."""
     command = node_command()

@@ -125,12 +125,6 @@ class RedisLimiter:
         self._retry_interval = retry_interval
         #: While Redis is down: when to try it again (trio time).
         self._retry_at: float | None = None
-        self.reconfigure(limits)
-
-    def reconfigure(self, limits: Sequence[tuple[int, float]]) -> None:
-        """Use ``limits`` from now on (SIGHUP). In Redis, buckets whose limit
-        changed start full, the others keep counting; the local fallback
-        starts afresh, as ``Session``'s tables do on reload."""
         checked = _check(limits)
         self._args = [str(x) for pair in checked for x in (pair[0], repr(pair[1]))]
         self._local = LimiterTable(checked)

@@ -7,7 +7,7 @@ not renewed in time (its node died or lost Redis) is *expired*; any node's
 ``reap`` then removes it. ``join``, ``leave``, ``reap`` and ``forget_node``
 say when a user becomes present in a room, or stops being present, for the
 whole cluster, so that exactly one node announces each ``user_connected``
-and ``user_disconnected`` (docs: protocol-decisions.md, Presence).
+and ``user_disconnected`` (docs/protocol.md, Presence).
 
 A user is *present* in a room from the ``join`` that returns
 ``first_in_cluster=True`` until the ``leave``, ``reap`` or ``forget_node``

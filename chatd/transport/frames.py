@@ -1,7 +1,7 @@
 """Server WebSocket frames, built once and shared by every recipient.
 
 Server frames are unmasked, so one message is the same bytes for every
-connection (DESIGN D3). ``OutFrame`` holds a message's JSON and builds its
+connection. ``OutFrame`` holds a message's JSON and builds its
 frame lazily: plain once, and deflated once per window size for the
 connections that negotiated permessage-deflate. chatd always answers the
 extension with ``server_no_context_takeover``, so each compressed message
