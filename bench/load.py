@@ -123,9 +123,13 @@ def free_port() -> int:
 class Server:
     """One server process under test."""
 
-    def __init__(self, name: str, deflate: bool, tmp: Path, rooms: list[str]) -> None:
+    def __init__(
+        self, name: str, deflate: bool, tmp: Path, rooms: list[str], root: Path | None = None
+    ) -> None:
         self.name = name
         self.deflate = deflate
+        # the chatd checkout it runs from (cwd and PYTHONPATH): this one by default
+        self.root = root or ROOT
         self.port = free_port()
         py = sys.executable
         if name == "chatd":
@@ -161,7 +165,7 @@ class Server:
                 )
             )
             self.cmd = [py, "-m", "chatd", "--config", str(cfg)]
-            self.cwd = ROOT
+            self.cwd = self.root
             self.config_text = cfg.read_text()
         elif name == "ws":
             self.cmd = ["node", str(HERE / "peers/node/server.js"), "--port", str(self.port)]
@@ -182,7 +186,7 @@ class Server:
 
     def start(self, cpus: set[int] | None = None) -> None:
         """Start it (confined to ``cpus``, threads included, when given)."""
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        env = dict(os.environ, PYTHONPATH=str(self.root))
 
         def pin() -> None:
             if cpus:
