@@ -3,7 +3,8 @@
 A ``Bus`` takes each committed message (in commit order, on the Trio thread)
 and gets it to every connection that should see it, on this node and on the
 others; it is told when a user's presence in a room begins or ends on this
-node and announces it wherever it must; and it keeps the rate limits that
+node and announces it wherever it must; it knows who is online in a room
+(pages of members by id, and how many); and it keeps the rate limits that
 count a user once, wherever the user is connected.
 
 ``LocalBus`` is the bus of a node alone, the default: delivery is the hub's
@@ -58,10 +59,17 @@ class Bus(Protocol[P_contra]):
         """Deliver a committed message everywhere; ``origin``'s copy carries
         ``request_id``. Called in commit order; never blocks."""
 
-    async def joined(self, peer: P_contra, room: str, last_seq: int, first: bool) -> list[Member]:
+    async def joined(
+        self, peer: P_contra, room: str, last_seq: int, first: bool, limit: int
+    ) -> tuple[list[Member], int]:
         """``peer`` has just joined ``room`` on this node (the store said
         ``last_seq`` at the join; ``first``: its user's first connection
-        there, to announce); return the room's online members."""
+        there, to announce); return the room's first ``limit`` online
+        members by id, and how many are online."""
+
+    async def members(self, room: str, after_user_id: int, limit: int) -> tuple[list[Member], int]:
+        """At most ``limit`` of the room's online members with an id above
+        ``after_user_id``, by id, and how many are online."""
 
     def left(self, ident: Identity, room: str) -> None:
         """The user's last connection in ``room`` on this node has left."""
@@ -85,10 +93,15 @@ class LocalBus(Generic[P]):
     ) -> None:
         self.hub.deliver(stored, self._wall(), origin, request_id)
 
-    async def joined(self, peer: P, room: str, last_seq: int, first: bool) -> list[Member]:
+    async def joined(
+        self, peer: P, room: str, last_seq: int, first: bool, limit: int
+    ) -> tuple[list[Member], int]:
         if first:
             self.hub.announce("user_connected", peer.identity, room, self._wall())
-        return self.hub.members(room)
+        return self.hub.members(room, 0, limit), self.hub.member_count(room)
+
+    async def members(self, room: str, after_user_id: int, limit: int) -> tuple[list[Member], int]:
+        return self.hub.members(room, after_user_id, limit), self.hub.member_count(room)
 
     def left(self, ident: Identity, room: str) -> None:
         self.hub.announce("user_disconnected", ident, room, self._wall())

@@ -110,7 +110,7 @@ class LimitsConfig(_Section, frozen=True):
     #: Invalid frames a connection may send per minute (burst of the same
     #: size) before it is closed with 1008.
     invalid_frames_per_minute: PositiveInt = 30
-    #: join_room, room_history and dm_history per user per minute (burst of
+    #: join_room, room_history, dm_history and room_members per user per minute (burst of
     #: the same size): their own bucket, more generous than messages'.
     reads_per_minute: PositiveInt = 120
     #: Most entries in one client message_batch (INVALID_FORMAT past it).
@@ -121,6 +121,14 @@ class LimitsConfig(_Section, frozen=True):
     max_audio_seconds: Annotated[float, Meta(gt=0, le=86400)] = 3600.0
     #: Most messages replayed by join_room with since_id.
     recovery_max_messages: Annotated[int, Meta(ge=0, le=100_000)] = 1000
+    #: Most members listed in join_room_ack (member_count says how many are
+    #: online; room_members pages the rest), and in each list of a
+    #: room_presence summary.
+    ack_members: Annotated[int, Meta(ge=1, le=1000)] = 100
+    #: Above this many members online in a room, presence changes there are
+    #: sent as one room_presence summary a second instead of one
+    #: user_connected / user_disconnected per change to every member.
+    presence_max_members: Annotated[int, Meta(ge=1, le=10_000_000)] = 1000
 
 
 class ApiConfig(_Section, frozen=True):

@@ -8,34 +8,46 @@ recipient's connection: no task per recipient, no per-recipient encoding.
 The sender's own copy alone is encoded again, to echo its ``request_id``.
 
 The hub is generic in its peer type and is given its ``Broadcaster`` when it
-is made: a room message goes to its room through ``broadcast`` (the room's
-set of connections, the shared frame, and the sender's own copy), and
+is made: a room message goes to the room's set of connections through
+``broadcast`` (the set, the shared frame, and the sender's own copy), and
 deliveries made together run inside ``corked()``. The server passes the
 transport's ``Fanout``, which joins a commit group's consecutive messages to
 one room into one buffer written once to each member; ``SendEach`` (each
 connection's ``send``, at once) serves tests and anything without sockets.
 
-Presence is counted here and reported, not acted on: ``join`` says whether
-the user's first connection entered the room, ``leave`` and ``disconnect``
-where its last one left. The caller (the session) tells the bus, which
-announces it (``announce``), on this node alone or across the cluster.
+Joining
+    A connection that joins a room is *joining* until ``release``: the
+    room's frames for it are kept back, in order, until its
+    ``join_room_ack`` (and, when it recovers missed messages, the replay
+    from storage) has been sent. A connection that replays does not keep
+    the room's messages meanwhile: it drops them and notes the newest id it
+    dropped, because the replay reads them from the store (a message is
+    delivered only after its commit); ``release`` refuses until the replay
+    has reached that id. Frames without an id (presence, the sender's own
+    copies) are kept back either way. Joining connections are kept apart
+    from the room's set, so the set's fan-out stays the fast path.
 
-A connection that joins a room is *held* in it until ``release``: the
-room's frames for that connection are kept back, in order, until its
-``join_room_ack`` (and, when it recovers missed messages, the replay from
-storage) has been sent, then released, skipping the messages the replay
-already carried (except the sender's own copies, which carry its
-``request_id``). So nothing is lost or reordered between the stored past and
-the live present.
+Presence
+    The hub counts presence and reports it: ``join`` says whether the
+    user's first connection entered the room, ``leave`` and ``disconnect``
+    where its last one left; the caller (the session) tells the bus, which
+    announces it (``announce``). In a room with more than
+    ``presence_max_members`` members, ``announce`` does not send
+    ``user_connected`` / ``user_disconnected`` to every member for every
+    change: it notes the change, and ``flush_presence`` (called about once a
+    second) sends one ``room_presence`` summary of what changed. So a join
+    costs O(1) however big the room is. ``members`` pages the room's users
+    by id (a sorted list of ids is kept per room).
 
 Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right, insort
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
@@ -62,36 +74,69 @@ P = TypeVar("P", bound=Peer)
 _NOWHERE: frozenset[str] = frozenset()
 
 
+class _Joining:
+    """A connection whose join is not done: what is kept back for it."""
+
+    __slots__ = ("dropped", "held", "replaying")
+
+    def __init__(self, replaying: bool) -> None:
+        #: (message id or None, frame), in order.
+        self.held: list[tuple[int | None, OutFrame]] = []
+        #: It replays from storage: messages are dropped, not kept.
+        self.replaying = replaying
+        #: The newest message id dropped (the replay must reach it).
+        self.dropped = 0
+
+
 class _Room(Generic[P]):
-    __slots__ = ("floors", "held", "peers", "presence")
+    __slots__ = ("count", "floors", "joining", "order", "peers", "pending", "presence")
 
     def __init__(self) -> None:
+        #: The connections whose join is done: every frame, as it comes.
         self.peers: set[P] = set()
+        #: The connections whose join is not done (see the module docstring).
+        self.joining: dict[P, _Joining] = {}
         #: user id -> (username, number of that user's connections in the room)
         self.presence: dict[int, tuple[str, int]] = {}
-        #: connections being caught up: (message id or None, frame) kept back
-        self.held: dict[P, list[tuple[int | None, OutFrame]]] = {}
+        #: The ids of ``presence``, sorted (member pages).
+        self.order: list[int] = []
         #: caught-up connections: the last message id their replay carried,
         #: until a newer message reaches them (a message can reach a node
         #: late, after the replay that already had it; ids per room increase
         #: in delivery order, so the first newer one ends the check)
         self.floors: dict[P, int] = {}
+        #: Presence changes not yet summarised: user id -> (username, joined).
+        self.pending: dict[int, tuple[str, bool]] = {}
+        #: The room's member count as last announced (the cluster's, with Redis).
+        self.count = 0
 
     def send(self, frame: OutFrame, peers: Iterable[P], message_id: int | None = None) -> int:
-        """Send (or hold) ``frame`` for each of ``peers``; return how many."""
-        held = self.held
+        """Send ``frame`` to each of ``peers`` (released ones), skipping a
+        message a floor says the peer has; return how many got it."""
         floors = self.floors
         count = 0
         for peer in peers:
-            if held and peer in held:
-                held[peer].append((message_id, frame))
-            elif floors and message_id is not None and peer in floors:
+            if floors and message_id is not None and peer in floors:
                 if message_id <= floors[peer]:
                     continue  # the replay had it
                 del floors[peer]
-                peer.send(frame)
+            peer.send(frame)
+            count += 1
+        return count
+
+    def hold(self, frame: OutFrame, message_id: int | None, skip: P | None = None) -> int:
+        """Keep ``frame`` back for every joining connection but ``skip``
+        (drop it for those that replay, when it is a message); return how
+        many."""
+        count = 0
+        for peer, joining in self.joining.items():
+            if peer is skip:
+                continue
+            if message_id is not None and joining.replaying:
+                if message_id > joining.dropped:
+                    joining.dropped = message_id
             else:
-                peer.send(frame)
+                joining.held.append((message_id, frame))
             count += 1
         return count
 
@@ -130,15 +175,34 @@ class SendEach(Generic[P]):
 class Hub(Generic[P]):
     """Rooms, their connected members, and every user's connections."""
 
-    def __init__(self, fanout: Broadcaster[P], metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        fanout: Broadcaster[P],
+        metrics: Metrics | None = None,
+        *,
+        presence_max_members: int = 1000,
+        summary_members: int = 100,
+    ) -> None:
+        """Above ``presence_max_members`` members a room's presence is
+        summarised; a summary lists at most ``summary_members`` users who
+        joined and as many who left."""
         self._fanout = fanout
         self._metrics = metrics or Metrics()
+        self.presence_max_members = presence_max_members
+        self.summary_members = summary_members
         self._rooms: dict[str, _Room[P]] = {}
         #: Every connected peer -> the rooms it joined (``_NOWHERE`` until
         #: its first join: an idle connection costs no set of its own).
         self._joined: dict[P, set[str] | frozenset[str]] = {}
         #: user id -> that user's connections (a tuple: usually just one).
         self._users: dict[int, tuple[P, ...]] = {}
+        #: Rooms with presence changes to summarise.
+        self._dirty: set[str] = set()
+
+    def configure(self, *, presence_max_members: int, summary_members: int) -> None:
+        """New limits (a reload); summaries already noted are still sent."""
+        self.presence_max_members = presence_max_members
+        self.summary_members = summary_members
 
     def batch(self) -> AbstractContextManager[None]:
         """Deliveries made together (a commit group, a batch of remote
@@ -169,32 +233,104 @@ class Hub(Generic[P]):
 
     # --- rooms --------------------------------------------------------------
 
-    def join(self, peer: P, room: str) -> bool:
-        """Add ``peer`` to ``room``, held (its frames there wait for
-        ``release``). True when it is its user's first connection there:
+    def join(self, peer: P, room: str, *, replaying: bool = False) -> bool:
+        """Add ``peer`` to ``room`` as joining (its frames there wait for
+        ``release``; with ``replaying``, its messages are dropped for the
+        replay to read). True when it is its user's first connection there:
         the others are to be told."""
         state = self._rooms.get(room)
         if state is None:
             state = self._rooms[room] = _Room()
-        state.held.setdefault(peer, [])
-        if peer in state.peers:
+        joining = state.joining.get(peer)
+        if joining is not None:
+            joining.replaying = joining.replaying or replaying
             return False
-        state.peers.add(peer)
+        state.joining[peer] = _Joining(replaying)
+        if peer in state.peers:  # joined again: held anew until its new ack
+            state.peers.discard(peer)
+            state.floors.pop(peer, None)
+            return False
         rooms = self._joined[peer]
         if not isinstance(rooms, set):
             rooms = self._joined[peer] = set()
         rooms.add(room)
         ident = peer.identity
-        _, count = state.presence.get(ident.user_id, ("", 0))
-        state.presence[ident.user_id] = (ident.username, count + 1)
-        return count == 0
+        uid = ident.user_id
+        _, count = state.presence.get(uid, ("", 0))
+        state.presence[uid] = (ident.username, count + 1)
+        if count:
+            return False
+        insort(state.order, uid)
+        return True
 
-    def members(self, room: str) -> list[Member]:
-        """The users with a connection in ``room`` on this node."""
+    def release(self, peer: P, room: str, after_id: int) -> bool:
+        """End ``peer``'s join: send what was kept back, skipping messages
+        with an id up to ``after_id`` (the replay already sent them). False,
+        and nothing done, when a message newer than ``after_id`` was dropped
+        for the replay: read further, then release again."""
+        state = self._rooms.get(room)
+        if state is None:
+            return True
+        joining = state.joining.get(peer)
+        if joining is None:
+            return True
+        if joining.dropped > after_id:
+            return False
+        del state.joining[peer]
+        state.peers.add(peer)
+        newer = False
+        for message_id, frame in joining.held:
+            if message_id is None or message_id > after_id:
+                peer.send(frame)
+                newer = newer or message_id is not None
+        if after_id > 0 and not newer:
+            state.floors[peer] = after_id
+        return True
+
+    def leave(self, peer: P, room: str) -> bool:
+        """Remove ``peer`` from ``room`` (where it must be, ``is_in``). True
+        when it was its user's last connection there: the others are to be
+        told."""
+        state = self._rooms[room]
+        state.peers.discard(peer)
+        state.joining.pop(peer, None)
+        state.floors.pop(peer, None)
+        rooms = self._joined[peer]
+        if isinstance(rooms, set):
+            rooms.discard(room)
+        uid = peer.identity.user_id
+        name, count = state.presence[uid]
+        if count > 1:
+            state.presence[uid] = (name, count - 1)
+            gone = False
+        else:
+            del state.presence[uid]
+            order = state.order
+            del order[bisect_right(order, uid) - 1]
+            gone = True
+        if not state.peers and not state.joining:
+            del self._rooms[room]
+            self._dirty.discard(room)
+        return gone
+
+    def is_in(self, peer: P, room: str) -> bool:
+        return room in self._joined.get(peer, ())
+
+    def members(self, room: str, after_user_id: int = 0, limit: int = 100) -> list[Member]:
+        """The users with a connection in ``room`` on this node, by id: at
+        most ``limit`` of them, from the first id above ``after_user_id``."""
         state = self._rooms.get(room)
         if state is None:
             return []
-        return [Member(uid, name) for uid, (name, _) in state.presence.items()]
+        order = state.order
+        start = bisect_right(order, after_user_id)
+        presence = state.presence
+        return [Member(uid, presence[uid][0]) for uid in order[start : start + limit]]
+
+    def member_count(self, room: str) -> int:
+        """How many users have a connection in ``room`` on this node."""
+        state = self._rooms.get(room)
+        return 0 if state is None else len(state.presence)
 
     def has_room(self, room: str) -> bool:
         """Whether ``room`` has a connection on this node."""
@@ -208,54 +344,75 @@ class Hub(Generic[P]):
         """Every user with a connection on this node."""
         return list(self._users)
 
-    def release(self, peer: P, room: str, after_id: int) -> None:
-        """Send what was held for ``peer`` in ``room``, skipping messages with
-        an id up to ``after_id`` (the replay already sent them)."""
+    # --- presence -----------------------------------------------------------
+
+    def announce(
+        self, kind: str, ident: Identity, room: str, now: float, member_count: int | None = None
+    ) -> None:
+        """A presence change (``user_connected``, ``user_disconnected``) of
+        ``room``, whose member count is now ``member_count`` (None: this
+        node's own count). Sent at once to the room's connections on this
+        node, except the user's own; in a big room (or one with changes
+        already waiting) noted for the next ``room_presence`` summary."""
         state = self._rooms.get(room)
         if state is None:
             return
-        newer = False
-        for message_id, frame in state.held.pop(peer, ()):
-            if message_id is None or message_id > after_id:
-                peer.send(frame)
-                newer = newer or message_id is not None
-        if after_id > 0 and not newer:
-            state.floors[peer] = after_id
-
-    def leave(self, peer: P, room: str) -> bool:
-        """Remove ``peer`` from ``room`` (where it must be, ``is_in``). True
-        when it was its user's last connection there: the others are to be
-        told."""
-        state = self._rooms[room]
-        state.peers.discard(peer)
-        state.held.pop(peer, None)
-        state.floors.pop(peer, None)
-        rooms = self._joined[peer]
-        if isinstance(rooms, set):
-            rooms.discard(room)
-        ident = peer.identity
-        name, count = state.presence[ident.user_id]
-        if not state.peers:
-            del self._rooms[room]
-        if count > 1:
-            state.presence[ident.user_id] = (name, count - 1)
-            return False
-        del state.presence[ident.user_id]
-        return True
-
-    def is_in(self, peer: P, room: str) -> bool:
-        return room in self._joined.get(peer, ())
-
-    def announce(self, kind: str, ident: Identity, room: str, now: float) -> None:
-        """Send a presence event (``user_connected``, ``user_disconnected``)
-        to the room's connections on this node, except the user's own."""
-        state = self._rooms.get(room)
-        if state is None:
+        count = len(state.presence) if member_count is None else member_count
+        state.count = count
+        uid = ident.user_id
+        pending = state.pending
+        if count > self.presence_max_members or pending:
+            joined = kind == "user_connected"
+            noted = pending.get(uid)
+            if noted is not None and noted[1] != joined:
+                del pending[uid]  # joined and left (or left and came back): no change
+            else:
+                pending[uid] = (ident.username, joined)
+                self._dirty.add(room)
             return
-        data = {"user_id": ident.user_id, "username": ident.username, "room": room}
-        frame = OutFrame(encode(kind, data, now, user_id=ident.user_id))
-        others = (p for p in state.peers if p.identity.user_id != ident.user_id)
-        self._metrics.frames_out(kind, state.send(frame, others))
+        data = {"user_id": uid, "username": ident.username, "room": room}
+        frame = OutFrame(encode(kind, data, now, user_id=uid))
+        others = [p for p in state.peers if p.identity.user_id != uid]
+        sent = state.send(frame, others)
+        for peer, joining in state.joining.items():
+            if peer.identity.user_id != uid:
+                joining.held.append((None, frame))
+                sent += 1
+        self._metrics.frames_out(kind, sent)
+
+    def flush_presence(self, now: float) -> int:
+        """Send each room's waiting presence changes as one ``room_presence``
+        summary to its connections; return how many rooms had some."""
+        dirty, self._dirty = self._dirty, set()
+        sent = 0
+        cap = self.summary_members
+        for room in dirty:
+            state = self._rooms.get(room)
+            if state is None or not state.pending:
+                continue
+            pending, state.pending = state.pending, {}
+            joined = [Member(uid, name) for uid, (name, came) in pending.items() if came]
+            left = [Member(uid, name) for uid, (name, came) in pending.items() if not came]
+            data: dict[str, Any] = {
+                "room": room,
+                "member_count": state.count,
+                "joined": joined[:cap],
+                "left": left[:cap],
+                "truncated": len(joined) > cap or len(left) > cap,
+            }
+            frame = OutFrame(encode("room_presence", data, now))
+            self._fanout.broadcast(state.peers, frame, None, None)
+            count = len(state.peers)
+            if state.joining:
+                count += state.hold(frame, None)
+            self._metrics.frames_out("room_presence", count)
+            self._metrics.presence_summaries.inc()
+            sent += 1
+        return sent
+
+    def has_pending_presence(self) -> bool:
+        """Whether a room has presence changes waiting for a summary."""
+        return bool(self._dirty)
 
     # --- delivery -----------------------------------------------------------
 
@@ -271,34 +428,60 @@ class Hub(Generic[P]):
         of its sender. ``origin``'s copy alone carries ``request_id``."""
         msg = stored.message
         kind, data, sender = live_shape(stored)
-        if msg.room is not None:
-            state = self._rooms.get(msg.room) or _Room()
-            peers: set[P] = state.peers
-        else:
-            assert msg.to_user_id is not None
-            state = _Room()  # no holding for conversations
-            users = self._users
-            peers = {*users.get(msg.to_user_id, ()), *users.get(msg.user_id, ())}
         own = origin if request_id is not None and origin in self._joined else None
-        others = len(peers) - (own is not None and own in peers)
-        # The shared frame is built only when someone besides the sender gets
-        # it (a sender alone in its room gets only its own copy).
-        frame = OutFrame(encode(kind, data, now, user_id=sender)) if others else None
         copy = None
         if own is not None:
             copy = OutFrame(encode(kind, data, now, user_id=sender, request_id=request_id))
-        if frame is not None and msg.room is not None and not state.held and not state.floors:
-            self._fanout.broadcast(peers, frame, own, copy)
-            self._metrics.frames_out(kind, others + (own is not None))
+        room = msg.room
+        if room is None:
+            assert msg.to_user_id is not None
+            users = self._users
+            peers = {*users.get(msg.to_user_id, ()), *users.get(msg.user_id, ())}
+            if own is not None:
+                peers.discard(own)
+            if peers:
+                frame = OutFrame(encode(kind, data, now, user_id=sender))
+                for peer in peers:
+                    peer.send(frame)
+            if own is not None and copy is not None:
+                own.send(copy)
+            self._metrics.frames_out(kind, len(peers) + (own is not None))
             return
+        state = self._rooms.get(room)
+        if state is None:  # nobody here; a sender who left still gets its copy
+            if own is not None and copy is not None:
+                own.send(copy)
+                self._metrics.frames_out(kind, 1)
+            return
+        members = state.peers
+        joining = state.joining
+        own_joining = own is not None and own in joining
+        others = len(members) + len(joining)
+        if own is not None and (own_joining or own in members):
+            others -= 1
         sent = 0
-        if frame is not None:
-            sent = state.send(frame, (p for p in peers if p is not own), stored.id)
-        self._metrics.frames_out(kind, sent + (own is not None))
+        if others:
+            # The shared frame is built only when someone besides the sender
+            # gets it (a sender alone in its room gets only its own copy).
+            frame = OutFrame(encode(kind, data, now, user_id=sender))
+            if state.floors:
+                sent = state.send(frame, (p for p in members if p is not own), stored.id)
+            else:
+                with_run = None if own_joining else own
+                self._fanout.broadcast(members, frame, with_run, copy if with_run else None)
+                sent = len(members) - (own is not None and own in members)
+                if with_run is not None:
+                    copy = None  # sent with the run
+            if joining:
+                sent += state.hold(frame, stored.id, skip=own)
         if own is not None and copy is not None:
-            # Held like the rest, but never skipped at release: a replay
-            # lacks the request_id the sender is waiting for.
-            state.send(copy, (own,), None)
+            if own_joining:
+                # Kept back like the rest, but never dropped or skipped: the
+                # replay lacks the request_id the sender is waiting for.
+                joining[own].held.append((None, copy))
+            else:
+                own.send(copy)
+        self._metrics.frames_out(kind, sent + (own is not None))
 
 
 Shape = tuple[str, MessageOut | DirectMessageOut | NotificationOut, int | None]

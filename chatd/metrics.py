@@ -78,6 +78,16 @@ class Metrics:
         self.published = Counter(
             "chatd_api_published", "Notifications sent through POST /api/publish", registry=r
         )
+        self.presence_summaries = Counter(
+            "chatd_presence_summaries",
+            "room_presence summaries sent (one per big room per second with changes)",
+            registry=r,
+        )
+        self.replays_waiting = Gauge(
+            "chatd_replays_waiting",
+            "Joins with since_id waiting for a replay slot (a reconnect storm)",
+            registry=r,
+        )
         # Several nodes ([bus] backend = "redis"); zero on a node alone.
         self.bus_sent = Counter(
             "chatd_bus_events_sent", "Events published to the other nodes", registry=r

@@ -84,6 +84,14 @@ class DmHistory(_Data, frozen=True, kw_only=True):
     offset: NonNegative = 0
 
 
+class RoomMembers(_Data, frozen=True, kw_only=True):
+    room: RoomName
+    #: Members with an id above this one (paging: the last id of the page before).
+    after_user_id: NonNegative = 0
+    #: None: ``[limits] ack_members``; clamped to 1..1000.
+    limit: int | None = None
+
+
 class Ping(_Data, frozen=True, kw_only=True):
     pass
 
@@ -114,6 +122,7 @@ CLIENT_TYPES: dict[str, type[Any]] = {
     "direct_message": DirectMessage,
     "room_history": RoomHistory,
     "dm_history": DmHistory,
+    "room_members": RoomMembers,
     "ping": Ping,
     "auth": Auth,
     "message_batch": MessageBatch,

@@ -55,6 +55,11 @@ log = logging.getLogger("chatd")
 
 #: Sections a reload cannot change: they need a restart.
 _RESTART_SECTIONS = ("server", "auth", "storage")
+#: Joins that replay missed messages at once (the others wait their turn,
+#: holding nothing: a reconnect storm's memory stays bounded).
+REPLAYS_AT_ONCE = 32
+#: Seconds between two room_presence summaries of a big room.
+PRESENCE_SUMMARY_INTERVAL = 1.0
 
 Conn = WebSocketConnection
 
@@ -101,18 +106,34 @@ class ChatServer:
         config, metrics, wall = self.config, self.metrics, self.wall
         monotonic = trio.current_time
         fanout: Fanout[Conn] = Fanout()
-        hub: Hub[Conn] = Hub(fanout, metrics)
+        limits = config.limits
+        hub: Hub[Conn] = Hub(
+            fanout,
+            metrics,
+            presence_max_members=limits.presence_max_members,
+            summary_members=limits.ack_members,
+        )
         async with (
             open_store(config, metrics, fanout) as store,
             open_bus(config, hub, store, wall, monotonic, metrics) as bus,
         ):
             await store.declare_rooms(config.rooms)
             ctx = Context.create(
-                config, hub, store, bus, wall=wall, monotonic=monotonic, metrics=metrics
+                config,
+                hub,
+                store,
+                bus,
+                wall=wall,
+                monotonic=monotonic,
+                metrics=metrics,
+                replays=trio.CapacityLimiter(REPLAYS_AT_ONCE),
             )
             self._ctx = ctx
             self._gate = Gate(ctx, fanout, wall)
-            await self._serve(task_status)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._summarise_presence, hub, fanout)
+                await self._serve(task_status)
+                nursery.cancel_scope.cancel()
         log.info("chatd stopped")
 
     async def _serve(self, task_status: trio.TaskStatus[ChatServer]) -> None:
@@ -153,6 +174,14 @@ class ChatServer:
                 trio.current_time() + config.server.shutdown_timeout_seconds
             )
         log.info("chatd stopped accepting; committing what is queued")
+
+    async def _summarise_presence(self, hub: Hub[Conn], fanout: Fanout[Conn]) -> None:
+        """Send big rooms' presence changes as summaries, once a second."""
+        while True:
+            await trio.sleep(PRESENCE_SUMMARY_INTERVAL)
+            if hub.has_pending_presence():
+                with fanout.corked():
+                    hub.flush_presence(self.wall())
 
     def _announce(self) -> None:
         config = self.config

@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from chatd import protocol as p
@@ -44,10 +45,23 @@ from chatd.hub import Hub, direct_message_out, live_shape, message_out
 from chatd.messages import Messages
 from chatd.metrics import Metrics
 from chatd.ratelimit import TokenBucket
-from chatd.store import NewMessage, RoomAccess, Store, StoredMessage, dm_channel, room_channel
+from chatd.store import (
+    Missed,
+    NewMessage,
+    RoomAccess,
+    Store,
+    StoredMessage,
+    dm_channel,
+    room_channel,
+)
 from chatd.transport.frames import OutFrame
 
 log = logging.getLogger("chatd")
+
+#: Messages read from the store per page of a replay.
+REPLAY_PAGE = 100
+#: Largest page of room_members.
+MAX_MEMBER_PAGE = 1000
 
 
 class ClientPeer(Protocol):
@@ -66,6 +80,23 @@ class ClientPeer(Protocol):
 
     def close(self, code: int, reason: str = "") -> None:
         """Send a close frame, then end the connection."""
+
+    async def drained(self) -> None:
+        """Return once little is left buffered for the connection (at once
+        when it is no longer open)."""
+
+
+class Slots(Protocol):
+    """A bound on how many may do something at once (``trio.CapacityLimiter``)."""
+
+    async def __aenter__(self) -> object: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> object: ...
 
 
 S = TypeVar("S", bound=ClientPeer)
@@ -95,6 +126,8 @@ class Context(Generic[S]):
     #: The publish API's limits (the system sender's messages).
     api_limits: Limits
     metrics: Metrics
+    #: How many joins replay missed messages at once.
+    replays: Slots
 
     @classmethod
     def create(
@@ -107,6 +140,7 @@ class Context(Generic[S]):
         wall: Callable[[], float],
         monotonic: Callable[[], float],
         metrics: Metrics,
+        replays: Slots,
     ) -> Context[S]:
         specs = _limit_specs(config)
         return cls(
@@ -122,6 +156,7 @@ class Context(Generic[S]):
             read_limits=bus.limits("reads", specs["reads"]),
             api_limits=bus.limits("api", specs["api"]),
             metrics=metrics,
+            replays=replays,
         )
 
     def reload(self, config: Config) -> None:
@@ -129,6 +164,10 @@ class Context(Generic[S]):
         full) only when its own settings changed."""
         old, new = _limit_specs(self.config), _limit_specs(config)
         self.config = config
+        limits = config.limits
+        self.hub.configure(
+            presence_max_members=limits.presence_max_members, summary_members=limits.ack_members
+        )
         bus = self.bus
         if old["messages"] != new["messages"]:
             self.message_limits = bus.limits("messages", new["messages"])
@@ -249,45 +288,96 @@ class Session(Generic[S]):
         hub = ctx.hub
         room = data.room
         since_id = data.since_id
+        limits = ctx.config.limits
         # The room's frames for this connection wait until the ack (and any
-        # replay) has gone out.
+        # replay) has gone out; a replay reads the room's messages itself.
         rejoin = hub.is_in(peer, room)
-        first = hub.join(peer, room)
-        missed: list[StoredMessage] = []
-        newest = 0
+        first = hub.join(peer, room, replaying=since_id is not None)
         try:
-            members = await ctx.bus.joined(peer, room, access.last_seq, first)
+            members, count = await ctx.bus.joined(
+                peer, room, access.last_seq, first, limits.ack_members
+            )
             ack: dict[str, Any] = {
                 "room": room,
                 "success": True,
                 "message": "Joined room successfully",
                 "members": members,
+                "member_count": count,
             }
             if since_id is not None:
-                missed, ack["recovered"], newest = await ctx.store.since(
-                    room_channel(room), since_id, ctx.config.limits.recovery_max_messages
+                missed = await ctx.store.missed(
+                    room_channel(room), since_id, limits.recovery_max_messages
                 )
-        except BaseException:
-            # The join failed: a connection that was in the room before gets
-            # what was held; one that was not is out again (what was held
-            # for it is dropped, and its presence ends if it had begun).
-            if rejoin:
+                ack["recovered"] = missed.complete
+            self._reply("join_room_ack", ack, frame)
+            if since_id is None:
                 hub.release(peer, room, 0)
-            elif hub.leave(peer, room):
+            else:
+                await self._replay(room, since_id, missed)
+        except BaseException:
+            # The join failed: a connection that was in the room before and
+            # did not ask for a replay gets what was held; any other is out
+            # of the room (what was held or dropped for it is gone with it,
+            # and its presence ends if it had begun): its error says to join
+            # again.
+            if rejoin and since_id is None:
+                hub.release(peer, room, 0)
+            elif hub.is_in(peer, room) and hub.leave(peer, room):
                 ctx.bus.left(peer.identity, room)
             raise
-        self._reply("join_room_ack", ack, frame)
-        if since_id is None:
-            hub.release(peer, room, 0)
-            return
-        now = ctx.wall()
-        for stored in missed:
-            kind, shape, sender = live_shape(stored)
-            self._send(p.encode(kind, shape, now, user_id=sender), kind)
+
+    async def _replay(self, room: str, since_id: int, missed: Missed) -> None:
+        """Send the room's messages after ``since_id``, oldest first, a page
+        at a time (each once the connection's buffer has drained), then end
+        the join. At most a few connections replay at once (``ctx.replays``):
+        in a reconnect storm the others wait, holding nothing (the hub drops
+        their messages, which the replay reads)."""
+        ctx = self.ctx
+        peer = self.peer
+        metrics = ctx.metrics
+        channel = room_channel(room)
+        seq = missed.after_seq
         # Live messages up to the last one the client has (by the replay, or
         # before it: its since_id, but never past the newest stored message)
         # are not sent again.
-        hub.release(peer, room, missed[-1].id if missed else min(since_id, newest))
+        last_id = min(since_id, missed.newest_id)
+        metrics.replays_waiting.inc()
+        waiting = True
+        try:
+            async with ctx.replays:
+                metrics.replays_waiting.dec()
+                waiting = False
+                while peer.open:
+                    page = await ctx.store.after(channel, seq, REPLAY_PAGE)
+                    now = ctx.wall()
+                    for stored in page:
+                        kind, shape, sender = live_shape(stored)
+                        self._send(p.encode(kind, shape, now, user_id=sender), kind)
+                    if page:
+                        seq = page[-1].seq
+                        last_id = page[-1].id
+                    if len(page) < REPLAY_PAGE and ctx.hub.release(peer, room, last_id):
+                        return
+                    await peer.drained()
+        finally:
+            if waiting:
+                metrics.replays_waiting.dec()
+
+    async def _room_members(self, frame: p.ClientFrame) -> None:
+        data: p.RoomMembers = frame.data
+        await self._read_limit()
+        await self._check_room(data.room)
+        limits = self.ctx.config.limits
+        asked = limits.ack_members if data.limit is None else data.limit
+        limit = max(1, min(MAX_MEMBER_PAGE, asked))
+        members, count = await self.ctx.bus.members(data.room, data.after_user_id, limit + 1)
+        reply = {
+            "room": data.room,
+            "members": members[:limit],
+            "member_count": count,
+            "has_more": len(members) > limit,
+        }
+        self._reply("room_members_ack", reply, frame)
 
     async def _leave_room(self, frame: p.ClientFrame) -> None:
         data: p.LeaveRoom = frame.data
@@ -457,6 +547,7 @@ _HANDLERS: dict[str, Callable[[Session[Any], p.ClientFrame], Awaitable[None]]] =
     "direct_message": Session._direct_message,
     "room_history": Session._room_history,
     "dm_history": Session._dm_history,
+    "room_members": Session._room_members,
     "ping": Session._ping,
     "auth": Session._auth,
     "message_batch": Session._message_batch,

@@ -537,6 +537,38 @@ async def test_presence_counts_a_user_once_across_nodes(cluster_of):
                 assert member_ids(await join(uma)) == {10, 11, 14}
 
 
+async def test_a_big_room_is_counted_and_summarised_across_nodes(cluster_of):
+    """Above presence_max_members the cluster's rooms are summarised on every
+    node, by the cluster's count (from Redis): the ack and room_members count
+    and list members wherever they are connected."""
+    async with cluster_of(2, limits={"presence_max_members": 2, "ack_members": 2}) as cluster:
+        async with (
+            connect_to(cluster[0], 21, "ann") as ann,
+            connect_to(cluster[1], 22, "bob") as bob,
+        ):
+            await join(ann)
+            assert (await join(bob))["member_count"] == 2
+            assert (await next_frame(ann, PRESENCE))["data"]["user_id"] == 22  # small: at once
+            async with (
+                connect_to(cluster[1], 23, "cat") as cat,
+                connect_to(cluster[0], 24, "dan") as dan,
+            ):
+                ack = await join(cat)
+                assert ack["member_count"] == 3 and member_ids(ack) == {21, 22}
+                ack = await join(dan)
+                assert ack["member_count"] == 4 and member_ids(ack) == {21, 22}
+                page = await ask(dan, "room_members", {"room": "general", "after_user_id": 22}, "m")
+                assert [m["user_id"] for m in page["data"]["members"]] == [23, 24]
+                # Each node sums up the joins of both nodes for its own members.
+                for observer in (ann, bob):
+                    joined: set[int] = set()
+                    while joined != {23, 24}:
+                        frame = await observer.recv(WAIT)
+                        assert frame["type"] == "room_presence", frame
+                        assert frame["data"]["member_count"] in (3, 4)
+                        joined |= {m["user_id"] for m in frame["data"]["joined"]}
+
+
 # === 7. rate limits ==============================================================
 
 

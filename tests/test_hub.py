@@ -553,3 +553,200 @@ def test_presence_is_announced_only_to_others_in_the_room(hub: AnyHub) -> None:
     hub.announce("user_connected", Identity(1, "alice", None), "general", NOW)
     assert alice.frames == [] and carol.frames == []
     assert bob.types() == ["user_connected"]
+
+
+# --- big rooms: members by id, presence summarised ------------------------------------
+
+
+def big_hub(threshold: int = 3, cap: int = 2) -> AnyHub:
+    return Hub(SendEach(), presence_max_members=threshold, summary_members=cap)
+
+
+def test_members_are_paged_by_id_whatever_the_order_of_joining() -> None:
+    hub = big_hub()
+    for uid in (50, 7, 300, 12, 9):
+        join(hub, connect(hub, uid), "big")
+    join(hub, connect(hub, 7), "big")  # a second tab: one member
+    assert [m.user_id for m in hub.members("big", 0, 2)] == [7, 9]
+    assert [m.user_id for m in hub.members("big", 9, 2)] == [12, 50]
+    assert [m.user_id for m in hub.members("big", 50, 10)] == [300]
+    assert hub.members("big", 300, 10) == [] and hub.member_count("big") == 5
+    assert hub.members("nowhere") == [] and hub.member_count("nowhere") == 0
+
+
+def test_members_stay_sorted_as_users_leave() -> None:
+    hub = big_hub()
+    peers = {uid: connect(hub, uid) for uid in (5, 1, 3, 4, 2)}
+    for peer in peers.values():
+        join(hub, peer, "big")
+    for uid in (3, 1, 5):
+        leave(hub, peers[uid], "big")
+    assert [m.user_id for m in hub.members("big", 0, 10)] == [2, 4]
+    assert hub.member_count("big") == 2
+
+
+def test_a_small_room_announces_each_change_at_once() -> None:
+    hub = big_hub(threshold=3)
+    bob = connect(hub, 2)
+    join(hub, bob, "general")
+    join(hub, connect(hub, 1), "general")
+    assert bob.types() == ["user_connected"]
+    assert not hub.has_pending_presence()
+
+
+def test_a_big_room_summarises_presence_once_per_flush() -> None:
+    hub = big_hub(threshold=3, cap=10)
+    watchers = [connect(hub, uid) for uid in (1, 2, 3)]
+    for peer in watchers:
+        join(hub, peer, "big")
+    for peer in watchers:
+        peer.clear()
+    # A fourth member: the room is now above the threshold.
+    dave = connect(hub, 4, "dave")
+    join(hub, dave, "big")
+    eve = connect(hub, 5, "eve")
+    join(hub, eve, "big")
+    leave(hub, watchers[0], "big")
+    assert all(p.frames == [] for p in watchers)  # nothing one by one
+    assert hub.has_pending_presence()
+    assert hub.flush_presence(NOW) == 1
+    summary = watchers[1].received[0]
+    assert summary == {
+        "type": "room_presence",
+        "data": {
+            "room": "big",
+            "member_count": 4,
+            "joined": [{"user_id": 4, "username": "dave"}, {"user_id": 5, "username": "eve"}],
+            "left": [{"user_id": 1, "username": "u1"}],
+            "truncated": False,
+        },
+        "timestamp": "2023-11-14T22:13:20.000Z",
+    }
+    # One frame, shared by every member (dave and eve too: no per-member copy).
+    frames = [p.frames[-1] for p in (watchers[1], watchers[2], dave, eve)]
+    assert all(f is frames[0] for f in frames)
+    assert watchers[0].frames == []  # gone before the summary
+    assert hub.flush_presence(NOW) == 0 and not hub.has_pending_presence()
+
+
+def test_a_change_undone_before_the_flush_is_not_summarised() -> None:
+    hub = big_hub(threshold=1)
+    bob = connect(hub, 2)
+    join(hub, bob, "big")
+    join(hub, connect(hub, 3), "big")
+    carol_tab = connect(hub, 4, "carol")
+    join(hub, carol_tab, "big")
+    leave(hub, carol_tab, "big")  # came and went within the second
+    bob.clear()
+    hub.flush_presence(NOW)
+    assert bob.received[0]["data"]["joined"] == [{"user_id": 3, "username": "u3"}]
+    assert bob.received[0]["data"]["left"] == []
+
+
+def test_a_summary_lists_at_most_its_cap_and_says_so() -> None:
+    hub = big_hub(threshold=1, cap=2)
+    bob = connect(hub, 1)
+    join(hub, bob, "big")
+    for uid in range(2, 7):
+        join(hub, connect(hub, uid), "big")
+    bob.clear()
+    hub.flush_presence(NOW)
+    data = bob.received[0]["data"]
+    assert len(data["joined"]) == 2 and data["truncated"] is True
+    assert data["member_count"] == 6
+
+
+def test_a_room_that_shrinks_goes_back_to_single_announcements_after_its_flush() -> None:
+    hub = big_hub(threshold=2)
+    peers = [connect(hub, uid) for uid in (1, 2, 3)]
+    for peer in peers:
+        join(hub, peer, "big")  # 3 members: above the threshold, 3's join waits
+    leave(hub, peers[1], "big")  # 2 members: small again, but a change waits
+    assert peers[0].types() == ["user_connected"]  # 2's join, before the room grew
+    hub.flush_presence(NOW)
+    assert peers[0].types()[-1] == "room_presence"  # what waited, in order
+    data = peers[0].received[-1]["data"]
+    assert [m["user_id"] for m in data["joined"]] == [3]
+    assert [m["user_id"] for m in data["left"]] == [2]
+    leave(hub, peers[2], "big")
+    assert peers[0].types()[-1] == "user_disconnected"
+
+
+def test_the_announced_count_is_the_callers() -> None:
+    """With several nodes the bus knows the cluster's count: a room that is
+    small on this node but big in the cluster is summarised."""
+    hub = big_hub(threshold=100)
+    bob = connect(hub, 2)
+    join(hub, bob, "big")
+    bob.clear()
+    hub.announce("user_connected", Identity(7, "gus", None), "big", NOW, member_count=5000)
+    assert bob.frames == []
+    hub.flush_presence(NOW)
+    assert bob.received[0]["data"]["member_count"] == 5000
+
+
+def test_a_joining_connection_gets_the_summary_after_its_ack() -> None:
+    hub = big_hub(threshold=1)
+    bob = connect(hub, 2)
+    join(hub, bob, "big")
+    alice = connect(hub, 1)
+    hub.join(alice, "big")  # its ack not sent yet
+    join(hub, connect(hub, 3), "big")
+    hub.flush_presence(NOW)
+    assert alice.frames == []
+    hub.release(alice, "big", 0)
+    assert alice.types() == ["room_presence"]
+
+
+# --- a join that replays drops the room's messages for the replay to read --------------
+
+
+def test_a_replaying_join_drops_messages_and_is_released_only_past_them() -> None:
+    alice, bob = connect(hub_ := Hub(SendEach()), 1), connect(hub_, 2)
+    join(hub_, bob, "general")
+    hub_.join(alice, "general", replaying=True)
+    hub_.deliver(stored(msg_id=11, user_id=2), NOW)
+    hub_.announce("user_connected", Identity(3, "carol", None), "general", NOW)
+    assert alice.frames == []
+    assert hub_.release(alice, "general", 10) is False  # 11 was dropped: read on
+    assert alice.frames == []
+    assert hub_.release(alice, "general", 11) is True
+    assert alice.types() == ["user_connected"]  # what has no id was kept
+    hub_.deliver(stored(msg_id=11, user_id=2), NOW)  # 11 again, late (another node)
+    hub_.deliver(stored(msg_id=12, user_id=2), NOW)
+    assert [m["data"].get("id") for m in alice.received] == [None, 12]
+
+
+def test_a_replaying_senders_own_copy_is_kept() -> None:
+    hub = Hub(SendEach())
+    alice = connect(hub, 1)
+    hub.join(alice, "general", replaying=True)
+    hub.deliver(stored(msg_id=20, user_id=1), NOW, origin=alice, request_id="r")
+    assert hub.release(alice, "general", 20) is True
+    assert [m.get("request_id") for m in alice.received] == ["r"]
+
+
+def test_joining_connections_are_apart_from_the_rooms_set() -> None:
+    """Released members get a room's messages through the broadcaster (one
+    call for the set), joining ones are handled apart: the fast path stays."""
+
+    class Counting(SendEach[FakePeer]):
+        def __init__(self) -> None:
+            self.sets: list[int] = []
+
+        def broadcast(self, peers, frame, own, own_frame):  # type: ignore[no-untyped-def]
+            self.sets.append(len(peers))
+            super().broadcast(peers, frame, own, own_frame)
+
+    fan = Counting()
+    hub: AnyHub = Hub(fan)
+    members = [connect(hub, uid) for uid in (1, 2, 3)]
+    for peer in members:
+        join(hub, peer, "general")
+    late = connect(hub, 4)
+    hub.join(late, "general")
+    hub.deliver(stored(msg_id=5, user_id=9), NOW)
+    assert fan.sets == [3]
+    assert late.frames == []
+    hub.release(late, "general", 0)
+    assert [m["data"]["id"] for m in late.received] == [5]

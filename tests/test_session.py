@@ -43,6 +43,7 @@ from chatd.protocol import Member, rfc3339
 from chatd.session import Context, Session
 from chatd.store import (
     Committed,
+    Missed,
     NewMessage,
     RoomAccess,
     StoredMessage,
@@ -97,9 +98,14 @@ class FakePeer:
         self.frames: list[dict[str, Any]] = []
         self.dropped: list[dict[str, Any]] = []
         self.closes: list[tuple[int, str]] = []
+        self.drains = 0
 
     def send(self, frame: OutFrame) -> None:
         (self.frames if self.open else self.dropped).append(json.loads(frame.payload))
+
+    async def drained(self) -> None:
+        """Nothing is ever buffered here; the calls are counted."""
+        self.drains += 1
 
     def close(self, code: int, reason: str = "") -> None:
         self.closes.append((code, reason))
@@ -237,24 +243,26 @@ class FakeStore:
         await self._gate("history")
         return page, len(messages)
 
-    async def since(
-        self, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool, int]:
-        self.calls.append(("since", channel, since_id, cap))
+    async def missed(self, channel: str, since_id: int, cap: int) -> Missed:
+        self.calls.append(("missed", channel, since_id, cap))
         stored = self.channels.get(channel, [])
         newer = [m for m in stored if m.id > since_id]
-        page = newer[max(0, len(newer) - cap) :] if cap else []
+        kept = newer[max(0, len(newer) - cap) :] if cap else []
         newest = stored[-1].id if stored else 0
-        await self._gate("since")
-        return page, len(page) == len(newer), newest
+        after_seq = kept[0].seq - 1 if kept else (stored[-1].seq if stored else 0)
+        await self._gate("missed")
+        return Missed(after_seq, len(kept) == len(newer), newest)
+
+    async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
+        self.calls.append(("after", channel, after_seq, cap))
+        page = [m for m in self.channels.get(channel, []) if m.seq > after_seq][:cap]
+        await self._gate("after")
+        return page
 
     # --- the rest of the interface: the session never calls it ------------------
 
     async def upsert_user(self, user_id: int, username: str) -> None:
         raise AssertionError("the session does not record users")
-
-    async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
-        raise AssertionError("the session does not read by seq")
 
     async def direct_since(
         self, user_ids: Sequence[int], created_at: str, cap: int
@@ -314,13 +322,18 @@ class FakeBus:
         self.delivered.append((stored, origin, request_id))
         self.hub.deliver(stored, self.wall(), origin, request_id)
 
-    async def joined(self, peer: FakePeer, room: str, last_seq: int, first: bool) -> list[Member]:
+    async def joined(
+        self, peer: FakePeer, room: str, last_seq: int, first: bool, limit: int
+    ) -> tuple[list[Member], int]:
         self.joins.append((peer, room, last_seq, first))
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
             raise self.error
-        return self.hub.members(room)
+        return self.hub.members(room, 0, limit), self.hub.member_count(room)
+
+    async def members(self, room: str, after_user_id: int, limit: int) -> tuple[list[Member], int]:
+        return self.hub.members(room, after_user_id, limit), self.hub.member_count(room)
 
     def left(self, ident: Identity, room: str) -> None:
         self.lefts.append((ident, room))
@@ -351,6 +364,7 @@ class World:
             wall=self.wall,
             monotonic=self.monotonic,
             metrics=self.metrics,
+            replays=trio.CapacityLimiter(2),
         )
 
     def connect(self, user_id: int = ALICE, expires_at: float | None = EXP) -> Session[FakePeer]:
@@ -803,6 +817,7 @@ async def test_join_room_ack(world: World) -> None:
                 "success": True,
                 "message": "Joined room successfully",
                 "members": [{"user_id": ALICE, "username": "alice"}],
+                "member_count": 1,
             },
             "timestamp": rfc3339(NOW),
             "request_id": 1,
@@ -907,7 +922,12 @@ async def test_join_with_since_id_replays_the_missed_messages_after_the_ack(
         "user_id": BOB,
     }
     limit = world.config.limits.recovery_max_messages
-    assert world.store.calls[-1] == ("since", room_channel("general"), old[1].id, limit)
+    general = room_channel("general")
+    # Where the missed messages start, from the index; then a page of them.
+    assert world.store.calls[-2:] == [
+        ("missed", general, old[1].id, limit),
+        ("after", general, old[1].seq, 100),
+    ]
 
 
 async def test_join_recovery_past_its_cap_sends_the_newest_and_says_so(
@@ -1005,11 +1025,11 @@ async def test_a_recovering_join_gets_no_gap(world: World) -> None:
     bob = world.connect(BOB)
     await join(bob)
     alice = world.connect(ALICE)
-    world.store.gates["since"] = gate = trio.Event()
+    world.store.gates["missed"] = gate = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send, alice, "join_room", {"room": "general", "since_id": old[0].id})
         await wait_all_tasks_blocked()
-        assert world.store.calls[-1][0] == "since"  # read, not yet answered
+        assert world.store.calls[-1][0] == "missed"  # read, not yet answered
         await post(bob, "during")
         during = world.store.commit()
         assert alice.peer.frames == []
@@ -1019,6 +1039,161 @@ async def test_a_recovering_join_gets_no_gap(world: World) -> None:
         ("room_message", old[1].id),
         ("room_message", during.id),
     ]
+
+
+async def test_a_long_replay_goes_in_pages_each_once_the_buffer_drained(
+    world: World,
+) -> None:
+    old = world.store.seed("general", 250)
+    session = world.connect()
+    await send(session, "join_room", {"room": "general", "since_id": 0})
+    ack, *replay = session.peer.take()
+    assert ack["data"]["recovered"] is True
+    assert [f["data"]["id"] for f in replay] == [m.id for m in old]
+    general = room_channel("general")
+    pages = [c for c in world.store.calls if c[0] == "after"]
+    assert pages == [("after", general, 0, 100), ("after", general, 100, 100),
+                     ("after", general, 200, 100)]  # fmt: skip
+    assert session.peer.drains == 2  # between pages, not after the last
+    assert world.hub.is_in(session.peer, "general")
+
+
+async def test_messages_committed_during_a_replay_come_once_and_in_order(
+    world: World,
+) -> None:
+    """The room's messages are dropped while the replay runs (it reads them
+    from the store); the join ends only once the replay has reached the
+    newest one dropped."""
+    old = world.store.seed("general", 3)
+    bob = world.connect(BOB)
+    await join(bob)
+    alice = world.connect(ALICE)
+    world.store.gates["after"] = gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, alice, "join_room", {"room": "general", "since_id": 0})
+        await wait_all_tasks_blocked()
+        assert world.store.calls[-1][0] == "after"  # the first page is read
+        await post(bob, "during")
+        during = world.store.commit()
+        assert alice.peer.types() == ["join_room_ack"]  # the live copy was dropped
+        del world.store.gates["after"]
+        gate.set()
+    frames = alice.peer.take()
+    assert [f["data"].get("id") for f in frames] == [None, *(m.id for m in old), during.id]
+    # the second page read what was dropped
+    assert [c[2] for c in world.store.calls if c[0] == "after"] == [0, 3]
+    await post(bob, "after")
+    later = world.store.commit()
+    assert [f["data"]["id"] for f in alice.peer.take()] == [later.id]
+
+
+async def test_replays_wait_for_a_slot(make_world: Callable[..., World]) -> None:
+    """At most ``ctx.replays`` joins replay at once (a reconnect storm keeps
+    its memory bounded); the others wait with their ack sent."""
+    world = make_world()
+    world.ctx.replays = trio.CapacityLimiter(1)
+    world.store.seed("general", 2)
+    first, second = world.connect(ALICE), world.connect(BOB)
+    world.store.gates["after"] = gate = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, first, "join_room", {"room": "general", "since_id": 0})
+        await wait_all_tasks_blocked()
+        nursery.start_soon(send, second, "join_room", {"room": "general", "since_id": 0})
+        await wait_all_tasks_blocked()
+        assert second.peer.types() == ["join_room_ack"]
+        assert [c[0] for c in world.store.calls].count("after") == 1  # the first's only
+        assert world.sample("chatd_replays_waiting") == 1
+        gate.set()
+    assert world.sample("chatd_replays_waiting") == 0
+    assert second.peer.types() == ["join_room_ack", "room_message", "room_message"]
+
+
+async def test_a_replay_that_fails_takes_the_connection_out_of_the_room(world: World) -> None:
+    world.store.seed("general", 2)
+    session = world.connect()
+    world.store.errors["after"] = OSError("disk I/O error")
+    await send(session, "join_room", {"room": "general", "since_id": 0}, "j")
+    ack, error = session.peer.take()
+    assert ack["type"] == "join_room_ack"
+    assert error["type"] == "error" and error["data"]["code"] == "INTERNAL_ERROR"
+    assert error["request_id"] == "j"
+    assert not world.hub.is_in(session.peer, "general")
+    assert world.bus.lefts == [(session.peer.identity, "general")]
+
+
+async def test_the_ack_lists_at_most_ack_members_and_counts_them_all(
+    make_world: Callable[..., World],
+) -> None:
+    world = make_world(limits={"ack_members": 2})
+    for uid in (CAROL, BOB, 7):
+        await join(world.connect(uid))
+    session = world.connect(ALICE)
+    ack = await join(session)
+    assert ack["data"]["members"] == [
+        {"user_id": ALICE, "username": "alice"},
+        {"user_id": BOB, "username": "bob"},
+    ]
+    assert ack["data"]["member_count"] == 4
+
+
+async def test_room_members_pages_by_id(make_world: Callable[..., World]) -> None:
+    world = make_world(limits={"ack_members": 2})
+    for uid in (9, 3, 7, 5):
+        await join(world.connect(uid))
+    session = world.connect(ALICE)
+    await join(session)
+    await send(session, "room_members", {"room": "general"}, "p1")
+    (page,) = session.peer.take()
+    assert page == {
+        "type": "room_members_ack",
+        "data": {
+            "room": "general",
+            "members": [
+                {"user_id": ALICE, "username": "alice"},
+                {"user_id": CAROL, "username": "carol"},
+            ],
+            "member_count": 5,
+            "has_more": True,
+        },
+        "timestamp": rfc3339(NOW),
+        "request_id": "p1",
+    }
+    await send(session, "room_members", {"room": "general", "after_user_id": 3, "limit": 10})
+    (rest,) = session.peer.take()
+    assert [m["user_id"] for m in rest["data"]["members"]] == [5, 7, 9]
+    assert rest["data"]["has_more"] is False
+    await send(session, "room_members", {"room": "general", "after_user_id": 9})
+    (empty,) = session.peer.take()
+    assert empty["data"]["members"] == [] and empty["data"]["has_more"] is False
+
+
+@pytest.mark.parametrize(("limit", "listed"), [(0, 1), (-5, 1), (5000, 3)])
+async def test_room_members_limit_is_clamped(world: World, limit: int, listed: int) -> None:
+    for uid in (BOB, CAROL):
+        await join(world.connect(uid))
+    session = world.connect()
+    await join(session)
+    await send(session, "room_members", {"room": "general", "limit": limit})
+    (page,) = session.peer.take()
+    assert len(page["data"]["members"]) == listed
+
+
+async def test_room_members_needs_access_to_the_room(world: World) -> None:
+    session = world.connect(CAROL)  # not a member of the private staff room
+    await send(session, "room_members", {"room": "staff"}, "s")
+    the_error(session.peer, ErrorCode.PERMISSION_DENIED, "s", {"room": "staff"})
+    await send(session, "room_members", {"room": "nowhere"}, "n")
+    the_error(session.peer, ErrorCode.ROOM_NOT_FOUND, "n", {"room": "nowhere"})
+    # a public room may be listed without joining it
+    await send(session, "room_members", {"room": "general"}, "g")
+    assert session.peer.types() == ["room_members_ack"]
+
+
+async def test_room_members_takes_the_read_limit(world: World) -> None:
+    session = world.connect()
+    world.limits("reads").wait = 7
+    await send(session, "room_members", {"room": "general"}, "r")
+    the_error(session.peer, ErrorCode.RATE_LIMITED, "r", {"retry_after": 7})
 
 
 async def test_a_join_whose_connection_closes_during_the_room_check_does_nothing(
@@ -1049,7 +1224,7 @@ async def test_a_join_whose_bus_or_store_raises(world: World, where: str) -> Non
     if where == "bus":
         world.bus.error = RuntimeError("presence lost")
     else:
-        world.store.errors["since"] = RuntimeError("disk gone")
+        world.store.errors["missed"] = RuntimeError("disk gone")
     await send(alice, "join_room", {"room": "general", "since_id": 0}, "j")
     the_error(alice.peer, ErrorCode.INTERNAL_ERROR, "j", {})
     assert alice.peer.open
@@ -1063,16 +1238,17 @@ async def test_a_join_whose_bus_or_store_raises(world: World, where: str) -> Non
 
 
 async def test_a_failed_rejoin_keeps_the_connection_in_the_room(world: World) -> None:
-    """A connection already in the room whose second join fails stays in it,
-    and gets what was held meanwhile (nothing lost, nothing announced)."""
+    """A connection already in the room whose second join (no replay) fails
+    stays in it, and gets what was held meanwhile (nothing lost, nothing
+    announced)."""
     bob = world.connect(BOB)
     await join(bob)
     alice = world.connect(ALICE)
     await join(alice)
     world.bus.gate = gate = trio.Event()
-    world.store.errors["since"] = ChatError(ErrorCode.INTERNAL_ERROR, "Storage is unavailable")
+    world.bus.error = ChatError(ErrorCode.INTERNAL_ERROR, "Presence is unavailable")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(send, alice, "join_room", {"room": "general", "since_id": 0}, "j")
+        nursery.start_soon(send, alice, "join_room", {"room": "general"}, "j")
         await wait_all_tasks_blocked()
         await post(bob, "meanwhile")
         world.store.commit()
@@ -1086,6 +1262,30 @@ async def test_a_failed_rejoin_keeps_the_connection_in_the_room(world: World) ->
     await post(bob, "later")
     world.store.commit()
     assert alice.peer.types() == ["room_message"]
+
+
+async def test_a_failed_replaying_rejoin_takes_the_connection_out(world: World) -> None:
+    """A second join with since_id drops the room's messages for its replay;
+    when the replay cannot be read, the connection is taken out of the room
+    (its error says to join again) rather than left with a hole."""
+    bob = world.connect(BOB)
+    await join(bob)
+    alice = world.connect(ALICE)
+    await join(alice)
+    world.store.gates["missed"] = gate = trio.Event()
+    world.store.errors["missed"] = ChatError(ErrorCode.INTERNAL_ERROR, "Storage is unavailable")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send, alice, "join_room", {"room": "general", "since_id": 0}, "j")
+        await wait_all_tasks_blocked()
+        await post(bob, "meanwhile")
+        world.store.commit()
+        gate.set()
+    the_error(alice.peer, ErrorCode.INTERNAL_ERROR, "j", {})
+    assert not world.hub.is_in(alice.peer, "general")
+    assert world.bus.lefts == [(alice.peer.identity, "general")]
+    await post(bob, "later")
+    world.store.commit()
+    assert alice.peer.frames == []
 
 
 async def test_a_failing_read_is_an_internal_error_and_the_connection_stays(
@@ -1113,7 +1313,7 @@ async def test_a_join_the_store_fails_leaves_the_connection_out_of_the_room(
     alice = world.connect(ALICE)
     world.bus.gate = gate = trio.Event()
     unavailable = ChatError(ErrorCode.INTERNAL_ERROR, "Storage is unavailable; try again")
-    world.store.errors["since"] = unavailable
+    world.store.errors["missed"] = unavailable
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send, alice, "join_room", {"room": "general", "since_id": 0}, "j")
         await wait_all_tasks_blocked()

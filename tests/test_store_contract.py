@@ -25,7 +25,7 @@ import trio
 from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode
 from chatd.metrics import Metrics
-from chatd.store import NewMessage, RoomAccess, StoredMessage, dm_channel, room_channel
+from chatd.store import Missed, NewMessage, RoomAccess, StoredMessage, dm_channel, room_channel
 from chatd.store.postgres import open_postgres_store
 from chatd.store.sqlite import open_sqlite_store
 from tests.helpers.store import (
@@ -284,28 +284,30 @@ async def test_history_pages_count_back_from_the_newest(store: AnyStore) -> None
     assert await store.history(room_channel("gen"), 10, 0) == ([], 0)
 
 
-async def test_since(store: AnyStore) -> None:
-    assert await store.since(GENERAL, 0, 10) == ([], True, 0)
+async def test_missed(store: AnyStore) -> None:
+    assert await store.missed(GENERAL, 0, 10) == Missed(0, True, 0)
     general = await fill(store, "general", 6)
     random = await fill(store, "random", 1)
     general += await fill(store, "general", 4)
 
-    async def since(since_id: int, cap: int) -> tuple[list[int], bool]:
-        messages, complete, newest = await store.since(GENERAL, since_id, cap)
-        assert newest == general[-1]  # the room's newest id, whatever was asked
-        return ids(messages), complete
+    async def missed(since_id: int, cap: int) -> tuple[list[int], bool]:
+        """The ids a replay reads (``after`` from where ``missed`` says), and
+        whether that is all."""
+        where = await store.missed(GENERAL, since_id, cap)
+        assert where.newest_id == general[-1]  # the room's newest id, whatever was asked
+        return ids(await store.after(GENERAL, where.after_seq, 100)), where.complete
 
-    assert await since(general[6], 100) == (general[7:], True)
-    assert await since(general[6], 3) == (general[7:], True)  # exactly the cap
-    assert await since(general[6], 2) == (general[8:], False)  # the newest two
-    assert await since(general[-1], 5) == ([], True)
-    assert await since(0, 100) == (general, True)
-    assert await since(0, 4) == (general[6:], False)
-    assert await since(general[-1], 0) == ([], True)
-    assert await since(general[-2], 0) == ([], False)
+    assert await missed(general[6], 100) == (general[7:], True)
+    assert await missed(general[6], 3) == (general[7:], True)  # exactly the cap
+    assert await missed(general[6], 2) == (general[8:], False)  # the newest two
+    assert await missed(general[-1], 5) == ([], True)
+    assert await missed(0, 100) == (general, True)
+    assert await missed(0, 4) == (general[6:], False)
+    assert await missed(general[-1], 0) == ([], True)
+    assert await missed(general[-2], 0) == ([], False)
     # An id of another room counts as a point in time.
-    assert await since(random[0], 100) == (general[6:], True)
-    assert await since(general[-1] + 1000, 10) == ([], True)
+    assert await missed(random[0], 100) == (general[6:], True)
+    assert await missed(general[-1] + 1000, 10) == ([], True)
 
 
 async def test_after(store: AnyStore) -> None:
@@ -476,5 +478,5 @@ async def test_notifications_and_odd_text_round_trip(store: AnyStore) -> None:
     assert [m.message for m in messages] == sent[2:6]
     audio, _ = await store.history(dm_channel(5, 6), 10, 0)
     assert [m.message for m in audio] == sent[6:]
-    assert await store.since(GENERAL, 0, 10) == (messages, True, messages[-1].id)
+    assert await store.missed(GENERAL, 0, 10) == Missed(0, True, messages[-1].id)
     assert await store.after(GENERAL, 0, 10) == messages

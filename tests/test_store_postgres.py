@@ -339,7 +339,7 @@ async def test_unreachable_postgres_is_never_acknowledged_and_recovers(
             assert all(isinstance(r, psycopg.OperationalError) for r in failed), failed
             for read in (
                 store.history(GENERAL, 10, 0),
-                store.since(GENERAL, 0, 10),
+                store.missed(GENERAL, 0, 10),
                 store.room_access("general", 1),
                 store.user_exists(99),
             ):
@@ -424,7 +424,7 @@ async def test_reads_use_the_indexes(pg_dsn: str) -> None:
         recording = Recording(conn)
         queries: list[Callable[[Any], object]] = [
             lambda c: pg.history(c, "r:room1", 20, 100),
-            lambda c: pg.since(c, "r:room1", 5, 50),
+            lambda c: pg.missed(c, "r:room1", 5, 50),
             lambda c: pg.after(c, "r:room1", 30, 50),
             lambda c: pg.room_access(c, "room1", 3),
             lambda c: pg.direct_since(c, [3, 4], "2024-01-01T00:45:00Z", 50),
@@ -437,7 +437,7 @@ async def test_reads_use_the_indexes(pg_dsn: str) -> None:
             assert "Seq Scan on messages" not in plan, plan
             plans.append(plan)
         *by_channel, direct = plans  # direct_since is the last query
-        assert len(by_channel) >= 5  # since reads the newest id first, then the rows
+        assert len(by_channel) >= 5  # missed reads the newest message first, then where to start
         assert all("messages_by_channel" in plan for plan in by_channel)
         assert "messages_direct_from" in direct and "messages_direct_to" in direct
 

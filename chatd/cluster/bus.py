@@ -90,6 +90,9 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
     duration: float | None = None
     reply_to: int | None = None
     data: bytes | None = None
+    #: A presence change: the room's online users after it, cluster-wide
+    #: (0: not known).
+    member_count: int = 0
 
     @classmethod
     def of(cls, node: str, stored: StoredMessage) -> Event:
@@ -174,20 +177,26 @@ class RedisBus(Generic[P]):
         self._outbox.append(event)
         self._outbox_ready.set()
 
-    async def joined(self, peer: P, room: str, last_seq: int, first: bool) -> list[Member]:
+    async def joined(
+        self, peer: P, room: str, last_seq: int, first: bool, limit: int
+    ) -> tuple[list[Member], int]:
         self._rooms.track(room, last_seq)
         if first:
             self._share("user_connected", peer.identity, room)
         done = trio.Event()
         self._ops_in.send_nowait(done)  # after this node's earlier presence changes
         await done.wait()
+        return await self.members(room, 0, limit)
+
+    async def members(self, room: str, after_user_id: int, limit: int) -> tuple[list[Member], int]:
         try:
             with trio.fail_after(REDIS_TIMEOUT):
-                members = await self.presence.members(room)
-            return [Member(uid, name) for uid, name in members]
+                found, count = await self.presence.members(room, after_user_id, limit)
+            return [Member(uid, name) for uid, name in found], count
         except Exception as exc:
             self._lost("presence", exc)
-            return self.hub.members(room)
+            hub = self.hub
+            return hub.members(room, after_user_id, limit), hub.member_count(room)
 
     def left(self, ident: Identity, room: str) -> None:
         if not self.hub.has_room(room):
@@ -290,21 +299,36 @@ class RedisBus(Generic[P]):
                 op.set()
                 continue
             kind, ident, room = op
+            count: int | None
             try:
                 with trio.fail_after(REDIS_TIMEOUT):
                     if kind == "user_connected":
-                        changed, _ = await self.presence.join(room, ident.user_id, ident.username)
+                        changed, count = await self.presence.join(
+                            room, ident.user_id, ident.username
+                        )
                     else:
-                        changed = await self.presence.leave(room, ident.user_id)
+                        changed, count = await self.presence.leave(room, ident.user_id)
                 self._heard()
             except Exception as exc:
                 self._lost("presence", exc)
-                changed = True  # alone for now: say it here at least
+                changed, count = True, None  # alone for now: say it here at least
             if changed:
-                self._announce(kind, ident.user_id, ident.username, room, publish=True)
+                self._announce(kind, ident.user_id, ident.username, room, count, publish=True)
 
-    def _announce(self, kind: str, user_id: int, username: str, room: str, publish: bool) -> None:
-        self.hub.announce(kind, Identity(user_id, username, None), room, self._wall())
+    def _announce(
+        self,
+        kind: str,
+        user_id: int,
+        username: str,
+        room: str,
+        count: int | None,
+        *,
+        publish: bool,
+    ) -> None:
+        """Announce a presence change of the cluster on this node (a summary
+        in a big room: ``count`` is the room's online users, None when Redis
+        could not say); with ``publish``, to the other nodes too."""
+        self.hub.announce(kind, Identity(user_id, username, None), room, self._wall(), count)
         if publish:
             self._publish(
                 Event(
@@ -314,6 +338,7 @@ class RedisBus(Generic[P]):
                     username=username,
                     message_type=kind,
                     room=room,
+                    member_count=count or 0,
                 )
             )
 
@@ -325,14 +350,16 @@ class RedisBus(Generic[P]):
                 with trio.fail_after(REDIS_TIMEOUT):
                     lost = await self.presence.renew(self.hub.presence())
                 for room, user_id in lost:  # reaped while cut off, or Redis restarted
-                    for member in self.hub.members(room):
+                    for member in self.hub.members(room, user_id - 1, 1):
                         if member.user_id == user_id:
                             ident = Identity(user_id, member.username, None)
                             self._share("user_connected", ident, room)
                 with trio.fail_after(REDIS_TIMEOUT):
                     gone = await self.presence.reap()
-                for room, user_id, username in gone:
-                    self._announce("user_disconnected", user_id, username, room, publish=True)
+                for room, user_id, username, count in gone:
+                    self._announce(
+                        "user_disconnected", user_id, username, room, count, publish=True
+                    )
                 self._heard()
             except Exception as exc:
                 self._lost("presence", exc)
@@ -411,7 +438,12 @@ class RedisBus(Generic[P]):
                     self._deliver(event.stored())
                 elif event.kind == "p" and event.room is not None:
                     self._announce(
-                        event.message_type, event.user_id, event.username, event.room, False
+                        event.message_type,
+                        event.user_id,
+                        event.username,
+                        event.room,
+                        event.member_count or None,
+                        publish=False,
                     )
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -440,8 +472,10 @@ class RedisBus(Generic[P]):
                 self._drained = trio.Event()
                 await self._drained.wait()
             try:
-                for room, user_id, username in await self.presence.forget_node():
-                    self._announce("user_disconnected", user_id, username, room, publish=True)
+                for room, user_id, username, count in await self.presence.forget_node():
+                    self._announce(
+                        "user_disconnected", user_id, username, room, count, publish=True
+                    )
             except Exception as exc:
                 log.warning("cluster: could not remove this node's presence: %s", exc)
             if self._outbox:

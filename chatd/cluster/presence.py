@@ -17,12 +17,20 @@ reaped is still present (it was never announced gone): a ``join`` for it
 then returns False, and it is not announced twice. ``members`` lists only
 users with a live (unexpired) entry.
 
+Every script costs O(log n) in the room's size n (``members``: and the page
+asked for): ``join`` and ``leave`` return the room's live member count
+(``ZCOUNT``), never its member list, and ``members`` pages the users by id
+from a zset scored by id. So a room of 10,000 users joining at once costs
+Redis 10,000 small scripts, not 10,000 lists of up to 10,000 members.
+
 Key layout (``P`` is the cluster's prefix; times are Redis ``TIME`` in ms):
 
 ``P:pr:ru:{room}:{user_id}``  zset  node_id -> expiry of that node's entry
 ``P:pr:room:{room}``          zset  user_id -> latest expiry of its entries
                                    (the users present in the room)
 ``P:pr:names:{room}``         hash  user_id -> username
+``P:pr:ids:{room}``           zset  user_id -> user_id (the present users in
+                                   id order, for pages of members)
 ``P:pr:rooms``                zset  room -> lowest score of ``P:pr:room:{room}``
                                    (the earliest expiry: ``reap`` looks only at
                                    rooms whose score has passed, never SCANs)
@@ -57,6 +65,12 @@ local function room_key(room) return P .. ':pr:room:' .. room end
 local function names_key(room) return P .. ':pr:names:' .. room end
 local function ru_key(room, uid) return P .. ':pr:ru:' .. room .. ':' .. uid end
 local function node_key(node) return P .. ':pr:node:' .. node end
+local function ids_key(room) return P .. ':pr:ids:' .. room end
+
+-- How many users have a live entry in the room.
+local function live_count(room, now)
+  return redis.call('ZCOUNT', room_key(room), '(' .. now, '+inf')
+end
 
 -- Index the room by its earliest user expiry, or drop it when it is empty.
 local function index_room(room)
@@ -91,27 +105,12 @@ local function settle(room, uid, now)
     return false
   end
   redis.call('HDEL', names_key(room), uid)
+  redis.call('ZREM', ids_key(room), uid)
   return redis.call('ZREM', room_key(room), uid) == 1
-end
-
--- Flat {uid, name, ...} of the users with a live entry in the room.
-local function live_members(room, now)
-  local uids = redis.call('ZRANGEBYSCORE', room_key(room), '(' .. now, '+inf')
-  local out = {}
-  -- HMGET in chunks: Lua's unpack takes at most a few thousand values.
-  for first = 1, #uids, 1000 do
-    local last = math.min(first + 999, #uids)
-    local names = redis.call('HMGET', names_key(room), unpack(uids, first, last))
-    for i = first, last do
-      out[2 * i - 1] = uids[i]
-      out[2 * i] = names[i - first + 1] or ''
-    end
-  end
-  return out
 end
 """
 
-# ARGV: prefix, node, lease ms, room, uid, username -> {first (0/1), members}
+# ARGV: prefix, node, lease ms, room, uid, username -> {first (0/1), live count}
 _JOIN = (
     _PRELUDE
     + """
@@ -125,12 +124,13 @@ redis.call('HSET', names_key(room), uid, ARGV[6])
 local first = redis.call('ZSCORE', room_key(room), uid) == false
 local top = redis.call('ZRANGE', ru, -1, -1, 'WITHSCORES')
 redis.call('ZADD', room_key(room), top[2], uid)
+redis.call('ZADD', ids_key(room), uid, uid)
 index_room(room)
-return {first and 1 or 0, live_members(room, now)}
+return {first and 1 or 0, live_count(room, now)}
 """
 )
 
-# ARGV: prefix, node, room, uid -> 1 when the user stopped being present
+# ARGV: prefix, node, room, uid -> {1 when the user stopped being present, live count}
 _LEAVE = (
     _PRELUDE
     + """
@@ -140,7 +140,7 @@ redis.call('ZREM', ru_key(room, uid), node)
 redis.call('SREM', node_key(node), uid .. ':' .. room)
 local gone = settle(room, uid, now)
 index_room(room)
-return gone and 1 or 0
+return {gone and 1 or 0, live_count(room, now)}
 """
 )
 
@@ -161,6 +161,7 @@ for i = 4, #ARGV - 1, 2 do
     -- A dead node's entry next to a live one is never reaped: drop it here.
     purge(room, uid, now)
     redis.call('ZADD', room_key(room), 'GT', expiry, uid)
+    redis.call('ZADD', ids_key(room), uid, uid)
     touched[room] = true
   else
     missing[#missing + 1] = room
@@ -174,7 +175,7 @@ return missing
 """
 )
 
-# ARGV: prefix, max rooms -> {more (0/1), flat room, uid, name of users gone}
+# ARGV: prefix, max rooms -> {more (0/1), flat room, uid, name, live count of users gone}
 _REAP = (
     _PRELUDE
     + """
@@ -190,6 +191,7 @@ for _, room in ipairs(rooms) do
       gone[#gone + 1] = room
       gone[#gone + 1] = uid
       gone[#gone + 1] = name
+      gone[#gone + 1] = live_count(room, now)
     end
   end
   index_room(room)
@@ -198,7 +200,7 @@ return {#rooms == limit and 1 or 0, gone}
 """
 )
 
-# ARGV: prefix, node, batch -> {more (0/1), flat room, uid, name of users gone}
+# ARGV: prefix, node, batch -> {more (0/1), flat room, uid, name, live count of users gone}
 _FORGET = (
     _PRELUDE
     + """
@@ -215,6 +217,7 @@ for _, entry in ipairs(entries) do
     gone[#gone + 1] = room
     gone[#gone + 1] = uid
     gone[#gone + 1] = name
+    gone[#gone + 1] = live_count(room, now)
   end
   touched[room] = true
 end
@@ -225,11 +228,29 @@ return {redis.call('SCARD', node_key(node)) > 0 and 1 or 0, gone}
 """
 )
 
-# ARGV: prefix, room -> flat uid, name
+# ARGV: prefix, room, after uid, limit -> {live count, flat uid, name of a page}
+# (by id; users whose entries all expired are skipped, not counted)
 _MEMBERS = (
     _PRELUDE
     + """
-return live_members(ARGV[2], now_ms())
+local room, cursor, limit = ARGV[2], ARGV[3], tonumber(ARGV[4])
+local now = now_ms()
+local out, found = {}, 0
+while found < limit do
+  local uids = redis.call('ZRANGEBYSCORE', ids_key(room), '(' .. cursor, '+inf',
+                          'LIMIT', 0, limit - found)
+  if #uids == 0 then break end
+  for _, uid in ipairs(uids) do
+    local expiry = redis.call('ZSCORE', room_key(room), uid)
+    if expiry and tonumber(expiry) > now then
+      found = found + 1
+      out[#out + 1] = uid
+      out[#out + 1] = redis.call('HGET', names_key(room), uid) or ''
+    end
+    cursor = uid
+  end
+end
+return {live_count(room, now), out}
 """
 )
 
@@ -256,13 +277,19 @@ def _list(value: object) -> list[Any]:
 
 def _members(flat: object) -> list[tuple[int, str]]:
     items = _list(flat)
-    return sorted((_int(items[i]), _text(items[i + 1])) for i in range(0, len(items), 2))
+    return [(_int(items[i]), _text(items[i + 1])) for i in range(0, len(items), 2)]
 
 
-def _gone(flat: object) -> list[tuple[str, int, str]]:
+#: A user who stopped being present: (room, user_id, username, the room's
+#: live member count after).
+Gone = tuple[str, int, str, int]
+
+
+def _gone(flat: object) -> list[Gone]:
     items = _list(flat)
     return [
-        (_text(items[i]), _int(items[i + 1]), _text(items[i + 2])) for i in range(0, len(items), 3)
+        (_text(items[i]), _int(items[i + 1]), _text(items[i + 2]), _int(items[i + 3]))
+        for i in range(0, len(items), 4)
     ]
 
 
@@ -298,33 +325,33 @@ class RedisPresence:
         """How often to call ``renew`` (and ``reap``): a third of the lease."""
         return self.lease_seconds / 3
 
-    async def join(
-        self, room: str, user_id: int, username: str
-    ) -> tuple[bool, list[tuple[int, str]]]:
+    async def join(self, room: str, user_id: int, username: str) -> tuple[bool, int]:
         """The user's first connection on this node joined ``room``.
 
         Records this node's entry (expiring after the lease) and returns
-        ``(first_in_cluster, members)``: ``first_in_cluster`` is True when
-        the user was not present in the room on any node until now (announce
-        ``user_connected``); ``members`` are the users online in the room
-        cluster-wide, this one included, as ``(user_id, username)`` sorted
-        by id. Calling it again for an entry this node holds only renews it.
+        ``(first_in_cluster, count)``: ``first_in_cluster`` is True when the
+        user was not present in the room on any node until now (announce
+        ``user_connected``); ``count`` is how many users are online in the
+        room cluster-wide, this one included. Calling it again for an entry
+        this node holds only renews it.
         """
         reply = _list(
             await self._join(
                 args=[self._prefix, self.node_id, self._lease_ms, room, user_id, username]
             )
         )
-        return _int(reply[0]) == 1, _members(reply[1])
+        return _int(reply[0]) == 1, _int(reply[1])
 
-    async def leave(self, room: str, user_id: int) -> bool:
+    async def leave(self, room: str, user_id: int) -> tuple[bool, int]:
         """The user's last connection on this node left ``room``: drop this
-        node's entry. True when the user thereby stopped being present in the
-        room cluster-wide (announce ``user_disconnected``); False when another
-        node still holds it live, or when its leaving was already reported
-        (a ``reap`` of this node's expired entry)."""
-        reply: object = await self._leave(args=[self._prefix, self.node_id, room, user_id])
-        return _int(reply) == 1
+        node's entry. Returns ``(gone, count)``: ``gone`` is True when the
+        user thereby stopped being present in the room cluster-wide
+        (announce ``user_disconnected``); False when another node still
+        holds it live, or when its leaving was already reported (a ``reap``
+        of this node's expired entry). ``count``: the users online in the
+        room now."""
+        reply = _list(await self._leave(args=[self._prefix, self.node_id, room, user_id]))
+        return _int(reply[0]) == 1, _int(reply[1])
 
     async def renew(self, entries: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
         """Extend this node's lease on each ``(room, user_id)`` it holds, in one
@@ -340,32 +367,38 @@ class RedisPresence:
         items = _list(await self._renew(args=args))
         return [(_text(items[i]), _int(items[i + 1])) for i in range(0, len(items), 2)]
 
-    async def reap(self, *, batch: int = 100) -> list[tuple[str, int, str]]:
+    async def reap(self, *, batch: int = 100) -> list[Gone]:
         """Remove expired entries (a dead node's). Returns ``(room, user_id,
-        username)`` for each user that thereby stopped being present in a
-        room: announce ``user_disconnected`` for each. Any node may reap, and
-        several at once: each such user is returned to exactly one of them.
-        Looks only at rooms with an expired entry, ``batch`` rooms per script
-        call (each call atomic)."""
-        gone: list[tuple[str, int, str]] = []
+        username, count)`` for each user that thereby stopped being present
+        in a room (``count``: the room's online users after): announce
+        ``user_disconnected`` for each. Any node may reap, and several at
+        once: each such user is returned to exactly one of them. Looks only
+        at rooms with an expired entry, ``batch`` rooms per script call
+        (each call atomic)."""
+        gone: list[Gone] = []
         while True:
             reply = _list(await self._reap(args=[self._prefix, batch]))
             gone += _gone(reply[1])
             if _int(reply[0]) == 0:
                 return gone
 
-    async def forget_node(self, *, batch: int = 1000) -> list[tuple[str, int, str]]:
+    async def forget_node(self, *, batch: int = 1000) -> list[Gone]:
         """Remove every entry this node holds (clean shutdown, or a restart
         under the same ``node_id``). Returns, as ``reap`` does, the users that
         thereby stopped being present: announce ``user_disconnected`` for them
         to the other nodes. ``batch`` entries per script call."""
-        gone: list[tuple[str, int, str]] = []
+        gone: list[Gone] = []
         while True:
             reply = _list(await self._forget(args=[self._prefix, self.node_id, batch]))
             gone += _gone(reply[1])
             if _int(reply[0]) == 0:
                 return gone
 
-    async def members(self, room: str) -> list[tuple[int, str]]:
-        """The users with a live entry in ``room`` on any node, sorted by id."""
-        return _members(await self._members(args=[self._prefix, room]))
+    async def members(
+        self, room: str, after_user_id: int = 0, limit: int = 100
+    ) -> tuple[list[tuple[int, str]], int]:
+        """At most ``limit`` of the users with a live entry in ``room`` on
+        any node, by id, from the first above ``after_user_id``; and how
+        many there are in all."""
+        reply = _list(await self._members(args=[self._prefix, room, after_user_id, limit]))
+        return _members(reply[1]), _int(reply[0])

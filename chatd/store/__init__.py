@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -77,6 +77,20 @@ class RoomAccess:
     last_seq: int = 0
 
 
+class Missed(NamedTuple):
+    """What a reconnecting client missed in a channel (``Store.missed``)."""
+
+    #: Replay the channel's messages with a seq above this, oldest first.
+    after_seq: int
+    #: Whether that is every message after the client's ``since_id`` (False:
+    #: the cap left the oldest out).
+    complete: bool
+    #: The channel's newest id when it was read (0: no message); every
+    #: message with an id up to it and above ``since_id`` has a seq above
+    #: ``after_seq``.
+    newest_id: int
+
+
 #: Called on the Trio thread with the committed message, or the exception
 #: that kept it from being committed.
 Committed = Callable[[StoredMessage | Exception], None]
@@ -110,14 +124,10 @@ class Store(Protocol):
         """One page of a channel counted back from the newest message, and
         the channel's total."""
 
-    async def since(
-        self, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool, int]:
-        """The channel's messages after ``since_id`` (at most the newest
-        ``cap``, oldest first), whether that is all of them, and the id of
-        the channel's newest message when they were read (0: none; read no
-        later than the messages, so every message with an id up to it is
-        either among them or has an id up to ``since_id``)."""
+    async def missed(self, channel: str, since_id: int, cap: int) -> Missed:
+        """Where the channel's messages with an id above ``since_id`` start
+        (at most the newest ``cap`` of them), read from the channel's index
+        alone; the messages themselves are then read in pages (``after``)."""
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
         """The channel's messages with a seq above ``after_seq``, oldest

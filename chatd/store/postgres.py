@@ -69,7 +69,15 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode, StorageError, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.store import Admin, Committed, NewMessage, RoomAccess, StoredMessage, room_channel
+from chatd.store import (
+    Admin,
+    Committed,
+    Missed,
+    NewMessage,
+    RoomAccess,
+    StoredMessage,
+    room_channel,
+)
 from chatd.store.pgschema import migrate
 from chatd.store.sqlite import channel_of
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
@@ -637,28 +645,31 @@ def history(conn: Conn, channel: str, limit: int, offset: int) -> tuple[list[Sto
     return [_row_to_message(r[1:]) for r in rows if r[1] is not None], total
 
 
-def since(
-    conn: Conn, channel: str, since_id: int, cap: int
-) -> tuple[list[StoredMessage], bool, int]:
-    """The messages of ``channel`` with an id above ``since_id``, oldest
-    first, at most the newest ``cap`` of them; whether that is all; and the
-    channel's newest id (0: no message), read first: a message committed
-    between the two reads is newer than it.
+def missed(conn: Conn, channel: str, since_id: int, cap: int) -> Missed:
+    """Where the messages of ``channel`` with an id above ``since_id`` start,
+    at most the newest ``cap`` of them (``Store.missed``).
 
-    Reads at most the newest ``cap + 1`` rows (ids increase with seq within
-    a channel), so it costs what it returns."""
+    Two index lookups: the channel's newest message, then the first seq
+    after ``since_id`` among the newest ``cap + 1`` up to it (ids increase
+    with seq within a channel, and seqs are dense). A message committed
+    between the two has a seq above the newest read: the replay reads it."""
     top = conn.execute(
-        "SELECT id FROM messages WHERE channel = %(c)s ORDER BY seq DESC LIMIT 1", {"c": channel}
+        "SELECT id, seq FROM messages WHERE channel = %(c)s ORDER BY seq DESC LIMIT 1",
+        {"c": channel},
     ).fetchone()
-    newest = int(top[0]) if top is not None else 0
-    rows = conn.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = %(c)s AND id > %(s)s"
-        " AND seq > (SELECT coalesce(max(seq), 0) FROM messages WHERE channel = %(c)s) - %(n)s"
-        " ORDER BY seq",
-        {"c": channel, "s": since_id, "n": cap + 1},
-    ).fetchall()
-    complete = len(rows) <= cap
-    return [_row_to_message(r) for r in rows[len(rows) - min(cap, len(rows)) :]], complete, newest
+    if top is None:
+        return Missed(0, True, 0)
+    newest_id, newest_seq = int(top[0]), int(top[1])
+    first = conn.execute(
+        "SELECT seq FROM messages WHERE channel = %(c)s AND id > %(s)s"
+        " AND seq > %(low)s AND seq <= %(high)s ORDER BY seq LIMIT 1",
+        {"c": channel, "s": since_id, "low": newest_seq - cap - 1, "high": newest_seq},
+    ).fetchone()
+    if first is None:
+        return Missed(newest_seq, True, newest_id)
+    if newest_seq - int(first[0]) + 1 > cap:
+        return Missed(newest_seq - cap, False, newest_id)
+    return Missed(int(first[0]) - 1, True, newest_id)
 
 
 def after(conn: Conn, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:

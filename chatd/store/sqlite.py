@@ -32,7 +32,15 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.store import Committed, NewMessage, RoomAccess, StoredMessage, dm_channel, room_channel
+from chatd.store import (
+    Committed,
+    Missed,
+    NewMessage,
+    RoomAccess,
+    StoredMessage,
+    dm_channel,
+    room_channel,
+)
 from chatd.store.schema import connect, migrate
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
@@ -370,35 +378,30 @@ def history(
     return [_row_to_message(r) for r in rows], total
 
 
-def since(
-    conn: sqlite3.Connection, channel: str, since_id: int, cap: int
-) -> tuple[list[StoredMessage], bool, int]:
-    """The messages of ``channel`` with an id above ``since_id``, oldest
-    first, at most the newest ``cap`` of them; whether that is all; and the
-    channel's newest id (0: no message).
+def missed(conn: sqlite3.Connection, channel: str, since_id: int, cap: int) -> Missed:
+    """Where the messages of ``channel`` with an id above ``since_id`` start,
+    at most the newest ``cap`` of them (``Store.missed``).
 
     Walks the channel's index back from the newest message (one statement:
-    one snapshot) and stops at ``since_id`` or after ``cap`` rows, so it
-    costs what it returns."""
-    rows: list[tuple[Any, ...]] = []
-    complete = True
+    one snapshot; ids and seqs only, which the index holds) and stops at
+    ``since_id`` or after ``cap`` rows, so it costs what is missed, and
+    reads no message."""
     newest = 0
+    count = 0
     cursor = conn.execute(
-        f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? ORDER BY seq DESC", (channel,)
+        "SELECT id, seq FROM messages WHERE channel = ? ORDER BY seq DESC", (channel,)
     )
     try:
-        for row in cursor:
-            newest = newest or row[0]
-            if row[0] <= since_id:
-                break
-            if len(rows) == cap:
-                complete = False
-                break
-            rows.append(row)
+        for message_id, seq in cursor:
+            newest = newest or message_id
+            if message_id <= since_id:
+                return Missed(seq, True, newest)
+            if count == cap:
+                return Missed(seq, False, newest)
+            count += 1
     finally:
         cursor.close()
-    rows.reverse()
-    return [_row_to_message(r) for r in rows], complete, newest
+    return Missed(0, True, newest)
 
 
 def after(conn: sqlite3.Connection, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:

@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import trio
 
 from chatd.metrics import Metrics
-from chatd.store import NewMessage, RoomAccess, StoredMessage
+from chatd.store import Missed, NewMessage, RoomAccess, StoredMessage
 
 log = logging.getLogger("chatd.store")
 
@@ -201,9 +201,7 @@ class Queries(Protocol):
     def history(
         self, conn: Any, channel: str, limit: int, offset: int
     ) -> tuple[list[StoredMessage], int]: ...
-    def since(
-        self, conn: Any, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool, int]: ...
+    def missed(self, conn: Any, channel: str, since_id: int, cap: int) -> Missed: ...
     def after(self, conn: Any, channel: str, after_seq: int, cap: int) -> list[StoredMessage]: ...
     def direct_since(
         self, conn: Any, user_ids: Sequence[int], created_at: str, cap: int
@@ -242,13 +240,9 @@ class Reads:
         )
         return result
 
-    async def since(
-        self, channel: str, since_id: int, cap: int
-    ) -> tuple[list[StoredMessage], bool, int]:
+    async def missed(self, channel: str, since_id: int, cap: int) -> Missed:
         q = self.queries
-        result: tuple[list[StoredMessage], bool, int] = await self.read(
-            lambda c: q.since(c, channel, since_id, cap)
-        )
+        result: Missed = await self.read(lambda c: q.missed(c, channel, since_id, cap))
         return result
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:

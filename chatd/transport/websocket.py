@@ -77,6 +77,8 @@ log = logging.getLogger("chatd.transport")
 
 RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 5.0
+#: ``drained`` returns once less than this is buffered.
+LOW_WATER = 65536
 #: Most buffers handed to one ``writev`` (Linux IOV_MAX is 1024).
 WRITEV_MAX = 512
 
@@ -578,6 +580,16 @@ class WebSocketConnection:
                 out[0] = memoryview(head)[sent:]
                 self._head_started = True
                 sent = 0
+
+    async def drained(self) -> None:
+        """Return once less than ``LOW_WATER`` bytes are buffered for this
+        connection (at once when it is no longer open): a replay sends its
+        next page only then, so it never holds more than that and a page."""
+        while self._out_bytes + self._batch_bytes > LOW_WATER and self._ws.state is OPEN:
+            progress = self._progress
+            if progress is None:
+                progress = self._progress = trio.Event()
+            await progress.wait()
 
     async def _flushed(self) -> None:
         """Return once everything queued has been handed to the kernel."""
