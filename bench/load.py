@@ -66,15 +66,15 @@ How it measures
   (``user_connected``, or chatd's summarised ``room_presence``) and bytes
   received per member.
 * (g) reconnect storm, on the big room's members (joins still missing at the
-  deadline get ``big_late`` (30) s more, then those without an ack are closed
+  deadline get ``big_late`` (15) s more, then those without an ack are closed
   and left out): a publisher (one member) sends ``--storm-rate`` msgs/s with
   probes (by default 50,000 deliveries/s: 5 msgs/s into 10,000), then after
   ``storm_before`` (3) s the server gets SIGTERM, is waited for (at most
-  ``storm_stop_grace`` (30) s, then SIGKILL, reported) and started again on
+  ``storm_stop_grace`` (20) s, then SIGKILL, reported) and started again on
   the same port (chatd: the same database, whose newest id of the room, read
   while nothing runs, is each member's target). Every member reconnects with
   the back-off of bench/worker.py and rejoins (chatd's with ``since_id``).
-  From the new server's listen, at most ``--storm-deadline`` (30) s: all
+  From the new server's listen, at most ``--storm-deadline`` (20) s: all
   back, all caught up (back, and every id of the room up to the target
   received), the server's CPU, its RSS before / peak / after (at caught up
   and 2 s later, the larger), the p50/p99 publish-to-last-recipient of the
@@ -1007,7 +1007,7 @@ class Bench:
         if n <= 0:
             raise RuntimeError("storm: no member in the room")
         # what the dropped ones left to do (bounded), then a quiet server
-        settled = self.settle(server, 15 if dropped else 5)
+        settled = self.settle(server, 10 if dropped else 5)
         rate = a.storm_rate or min(100.0, a.storm_deliveries / n)
         chatd = server.name == "chatd"
         cmds: list[dict[str, Any] | None] = [
@@ -1328,7 +1328,7 @@ def main() -> int:
     )
     parser.add_argument("--big", type=int, help="big room / storm members (10,000; quick 50)")
     parser.add_argument("--big-deadline", type=float, help="s for the big room's joins (60)")
-    parser.add_argument("--storm-deadline", type=float, help="s for the storm, from restart (30)")
+    parser.add_argument("--storm-deadline", type=float, help="s for the storm, from restart (20)")
     parser.add_argument(
         "--storm-rate", type=float, default=0.0, help="storm publisher msgs/s (0: see --help)"
     )
@@ -1337,15 +1337,15 @@ def main() -> int:
     big = {
         "big": 50 if args.quick else 10_000,
         "big_deadline": 10.0 if args.quick else 60.0,
-        "storm_deadline": 10.0 if args.quick else 30.0,
+        "storm_deadline": 10.0 if args.quick else 20.0,
     }
     for k, v in big.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     # the storm's joins left over from the big room's deadline: this long more
-    args.big_late = 10.0 if args.quick else 30.0
+    args.big_late = 10.0 if args.quick else 15.0
     # how long the storm's SIGTERM may take before SIGKILL (reported)
-    args.storm_stop_grace = 10.0 if args.quick else 30.0
+    args.storm_stop_grace = 10.0 if args.quick else 20.0
     # the storm: traffic before the restart (s), RSS settle after (s), and
     # the publisher's rate when not given: min(100, storm_deliveries / N)
     # msgs/s, i.e. 5 msgs/s into 10,000 members (100 msgs/s there would be
