@@ -1060,15 +1060,32 @@ class Bench:
                 },
                 timeout=30,
             )
+            # the publisher first (it retries every 50 ms), so that the
+            # storm has its traffic; then, or after 1 s, everyone else
+            head_start = MONO()
+            while MONO() - head_start < 1e9:
+                st = self.pool.all({"op": "storm_status"}, timeout=30)
+                if any(r["publisher_back"] for r in st):
+                    break
+                time.sleep(0.02)
+            head_start = MONO() - head_start
+            self.pool.all({"op": "storm_go"}, timeout=30)
             caught = back = 0
+            first_poll: tuple[int, float] | None = None
             while MONO() < deadline:
                 st = self.pool.all({"op": "storm_status"}, timeout=30)
+                cpu = sum(r["cpu"] for r in st)
+                first_poll = first_poll or (MONO(), cpu)
                 caught = sum(r["caught"] for r in st)
                 back = sum(r["back"] for r in st)
                 if caught >= n:
                     break
                 time.sleep(0.2)
             t_seen = MONO()
+            # the load generator's cores over the storm (between the polls)
+            loadgen = float("nan")
+            if first_poll is not None and t_seen > first_poll[0]:
+                loadgen = (cpu - first_poll[1]) / ((t_seen - first_poll[0]) / 1e9)
             rss_at = proc_rss_kib(server.pid)
             time.sleep(min(2.0, a.storm_settle))
             rss_settled = proc_rss_kib(server.pid)
@@ -1145,6 +1162,7 @@ class Bench:
             "stop_s": (t_exit - t_term) / 1e9,
             "stop_killed": killed,
             "down_s": (t_listen - t_term) / 1e9,
+            "publisher_head_start_s": head_start / 1e9,
             "target_id": target,
             "pre_restart_sent": len(pre),  # before the old server's exit
             "pre_restart_committed": len(ids) if ids is not None else None,
@@ -1159,6 +1177,7 @@ class Bench:
             "deadline_s": a.storm_deadline,
             "seen_back_at_deadline": back,
             "server_cpu": sampler.cores(t_listen, end, new_pid),
+            "loadgen_cpu": loadgen,
             "rss_at_caught_up_kib": rss_at,
             "rss_settled_kib": rss_settled,
             "rss_after_kib": max(rss_at, rss_settled),
@@ -1190,11 +1209,11 @@ class Bench:
             + (f" in {res['all_caught_up_s']:.1f} s" if t_all else f" after {a.storm_deadline} s")
             + f", server {res['server_cpu']:.2f} cores, RSS {rss_before / 1024:.0f} ->"
             f" peak {res['rss_peak_kib'] / 1024:.0f} -> {res['rss_after_kib'] / 1024:.0f} MiB,"
-            f" storm p99 {res['storm_p99_ms']:.1f} ms over {len(lat)} msgs"
+            f" loadgen {loadgen:.2f}, storm p99 {res['storm_p99_ms']:.1f} ms over {len(lat)} msgs"
             + (f", missing {missing}, dups {dups}" if final_ids is not None else "")
         )
-        # the server is stopped next: no wait for it to settle
-        self.pool.all({"op": "close_all", "limit": 2.0}, timeout=60)
+        # the server is stopped next: no close handshakes, no wait for it
+        self.pool.all({"op": "close_all", "abort": True}, timeout=60)
         return res
 
     # --- one server ------------------------------------------------------------
@@ -1270,7 +1289,8 @@ class Bench:
                     pass
             finally:
                 alive = server.alive()
-                tail = server.stop()
+                # (after the storm its clients are gone: a short grace)
+                tail = server.stop(grace=5.0 if phase == "big" else 15.0)
                 if not alive:
                     out["failures"].append(f"{name} exited during the run: {tail[-1500:]}")
                 errors = [ln for ln in tail.splitlines() if "ERROR" in ln or "Traceback" in ln]

@@ -734,7 +734,9 @@ def storm_section(res: dict[str, Any], servers: list[str]) -> list[str]:
         f"{1000 * p.get('first_jitter', 0):.0f} ms, then, after each failed attempt (refused, "
         "no 101, closed before its ack: 1013 included), min("
         f"{p.get('backoff_cap', 0):g} s, {p.get('backoff_base', 0):g} s x 2^(k-1)) times a random "
-        "factor 0.5-1.5, until the deadline (the publisher alone retries every 50 ms). It "
+        "factor 0.5-1.5, until the deadline. The publisher alone retries every 50 ms, and "
+        "the others make their first attempt once it is back (at most 1 s after the restarted "
+        "server listens), so that the storm has its traffic from the start. A member "
         "rejoins the room: chatd's members with `since_id` = the newest id they had received. "
         "**Back** = its `join_room_ack` arrived; **caught up** = back, and it has received "
         "every message of the room committed before the restart (chatd's database, read once "
@@ -749,7 +751,7 @@ def storm_section(res: dict[str, Any], servers: list[str]) -> list[str]:
         "misses what was sent while it was away, and their messages are never complete.",
         "",
         "| server | members | msgs/s | down s (exit s) | back | caught up | s to 50% / 99% "
-        "| CPU server | RSS before / peak / after MiB | storm msgs: p50 / p99 / max ms "
+        "| CPU server / loadgen | RSS before / peak / after MiB | storm msgs: p50 / p99 / max ms "
         "(complete) | missing / dups | attempts p50 / max |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -770,7 +772,8 @@ def storm_section(res: dict[str, Any], servers: list[str]) -> list[str]:
             f"| {NAMES[s]} | {x['members']:,} | {num(x['rate_msgs_per_s'], 1)} | "
             f"{x['down_s']:.1f} ({x['stop_s']:.1f}{', killed' if x['stop_killed'] else ''}) | "
             f"{back} | {caught} | {sec(x['p50_caught_up_s'])} / {sec(x['p99_caught_up_s'])} | "
-            f"{x['server_cpu']:.2f} | {x['rss_before_kib'] / 1024:.0f} / "
+            f"{x['server_cpu']:.2f} / {x.get('loadgen_cpu', float('nan')):.2f} | "
+            f"{x['rss_before_kib'] / 1024:.0f} / "
             f"{x['rss_peak_kib'] / 1024:.0f} / {x['rss_after_kib'] / 1024:.0f} | "
             f"{num(x['storm_p50_ms'], 1)} / {num(x['storm_p99_ms'], 1)} / "
             f"{num(x['storm_max_ms'], 1)} ({x['storm_msgs_complete']}/{x['storm_msgs']}) | "

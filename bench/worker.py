@@ -29,8 +29,11 @@ before its ``join_room_ack``, e.g. 1013 "Server full" / "try again later")
 it waits ``min(cap, base * 2**(k-1))`` s times a random factor in [0.5, 1.5)
 before attempt k+1 (base 0.1 s, cap 1 s by default), until the scenario's
 deadline; it never gives up before that. The storm's publisher alone retries
-every 50 ms from its loss on, so that the storm has its traffic from the
-first moment the server can take it. The reference ``WebSocketClient``
+every 50 ms from its loss on (a TCP connect given 1 s), and the others make
+their first attempt once it is back (``storm_go``, at most 1 s after the
+restarted server listens), so that the storm has its traffic from its first
+moment; without that head start the publisher, one of 10,000, came back
+with the last of them and the storm had no messages to time. The reference ``WebSocketClient``
 (``chatd/web/websocket-client.js``) waits 1 s, 2 s, ... 5 s without jitter
 and gives up after 5 attempts: 10,000 of those would come back in lockstep,
 and 6 s or more after a quick restart.
@@ -72,7 +75,7 @@ ACK_KEY = b'"join_room_ack"'
 #: commands answered at once, between the steps of a running storm: no
 #: garbage collection after them (a full collection over 10,000 connections
 #: pauses the process for tens of ms)
-LIGHT = {"held", "storm_target", "storm_status"}
+LIGHT = {"held", "storm_target", "storm_status", "storm_go"}
 
 
 def cpu_seconds() -> float:
@@ -214,17 +217,19 @@ class Worker:
     async def close_all(self, cmd: dict[str, Any]) -> dict[str, Any]:
         if self.storm is not None:
             await self.storm_stop({"drain": 0})
+        have = {id(c) for c in self.clients}
         for m in self.members:
-            if m.client is not None and m.client not in self.clients:
+            if m.client is not None and id(m.client) not in have:
                 self.clients.append(m.client)
         self.members = []
         self.acks = []
         for c in self.clients:
             c.mode = IDLE
             c.on_own = None
-            c.start_close()
+            if not cmd.get("abort"):  # (abort: a reset for all, at once)
+                c.start_close()
         pending = [c.closed for c in self.clients if not c.closed.done()]
-        if pending:
+        if pending and not cmd.get("abort"):
             await asyncio.wait(pending, timeout=cmd.get("limit", 5.0))
         for c in self.clients:
             if not c.closed.done():
@@ -673,6 +678,9 @@ class Worker:
             "closes": Counter(),
             "errors": Counter(),
             "stop": loop.create_future(),
+            # the members (not the publisher) make their first attempt once
+            # this is set: when the publisher is back (``storm_go``)
+            "go": asyncio.Event(),
         }
         self.storm = st
         self.stats.presence = self.stats.summaries = 0
@@ -735,6 +743,14 @@ class Worker:
             m.joined = False
             st["closes"][str(c.close_code) if c is not None else "none"] += 1
             delay = 0.0 if m is publisher else random.uniform(0, jitter)
+            if m is not publisher:
+                go = asyncio.ensure_future(st["go"].wait())
+                await asyncio.wait(
+                    {go, stop},
+                    timeout=max(0.0, (st["deadline"] - MONO()) / 1e9),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                go.cancel()
             k = 0
             while True:
                 await asyncio.sleep(delay)
@@ -746,7 +762,10 @@ class Worker:
                 # the publisher comes back as soon as it can: the storm's traffic
                 delay = 0.05 if m is publisher else backoff(k, base, cap)
                 c = None
-                target = f"/ws/chat?token={self.token(m.uid)}"
+                target = targets[m.uid]
+                # the publisher does not sit out a dropped SYN's retransmits
+                timeout = min(CONNECT_TIMEOUT, left)
+                tcp_timeout = min(1.0, timeout) if m is publisher else timeout
                 try:
                     _, c = await asyncio.wait_for(
                         loop.create_connection(
@@ -754,10 +773,10 @@ class Worker:
                             "127.0.0.1",
                             port,
                         ),
-                        min(CONNECT_TIMEOUT, left),
+                        tcp_timeout,
                     )
                     attach(m, c)
-                    await asyncio.wait_for(c.ready, min(CONNECT_TIMEOUT, left))
+                    await asyncio.wait_for(c.ready, timeout)
                     ack = c.expect(ACK_KEY)
                     data: dict[str, Any] = {"room": room}
                     if since:
@@ -771,10 +790,12 @@ class Worker:
                         await asyncio.wait({ack}, timeout=min(0.5, left))
                     ack.result()
                 except Exception as exc:  # counted, then the next attempt
-                    if c is not None and c.close_code is not None:
-                        st["closes"][f"{c.close_code} {c.close_reason}"[:60]] += 1
+                    if c is not None and c.close_code is not None:  # refused: 1013, ...
+                        st["errors"][f"closed {c.close_code} {c.close_reason}"[:60]] += 1
                     elif isinstance(exc, OSError) and exc.errno:
                         st["errors"][f"{type(exc).__name__} (errno {exc.errno})"] += 1
+                    elif isinstance(exc, TimeoutError) and not str(exc):
+                        st["errors"]["TimeoutError: no connection or no 101 in time"] += 1
                     else:
                         st["errors"][f"{type(exc).__name__}: {str(exc)[:50]}"] += 1
                     if c is not None:
@@ -820,6 +841,9 @@ class Worker:
                 await asyncio.sleep(tick)
 
         publisher = self.members[0] if cmd["publish"] and self.members else None
+        st["publisher"] = publisher
+        # tokens made now, not in the storm (a JWT costs tens of µs here)
+        targets = {m.uid: f"/ws/chat?token={self.token(m.uid)}" for m in self.members}
         for m in self.members:
             if m.client is not None:
                 attach(m, m.client)
@@ -839,9 +863,19 @@ class Worker:
             st["deadline"] = cmd.get("deadline", st["deadline"])
         return {}
 
+    def storm_go(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """The members may start reconnecting."""
+        if self.storm is not None:
+            self.storm["go"].set()
+        return {}
+
     def storm_status(self, cmd: dict[str, Any]) -> dict[str, Any]:
         ms = self.members
+        st = self.storm
+        pub = st["publisher"] if st is not None else None
         return {
+            "publisher_back": pub is not None and pub.joined and pub.lost_ns > 0,
+            "cpu": cpu_seconds(),
             "members": len(ms),
             "lost": sum(1 for m in ms if m.lost_ns),
             "back": sum(1 for m in ms if m.back_ns),

@@ -163,6 +163,7 @@ class Client(asyncio.Protocol):
         self.target = target
         self.offer_deflate = deflate
         self.ready: asyncio.Future[bool] = loop.create_future()
+        self.ready.add_done_callback(_retrieve)  # (a failed connect nobody awaits)
         self.closed: asyncio.Future[bool] = loop.create_future()
         self.waiter: asyncio.Future[bytes] | None = None  # next frame containing waiter_key
         self.waiter_key = b""
@@ -255,6 +256,12 @@ class Client(asyncio.Protocol):
                 return
             buf = b"".join(self.parts)
             self.parts = None
+            size = self.need
+            if self.mode >= PRESENCE and self._large(buf, size, MONO()):
+                if len(buf) == size:
+                    self.buf = b""
+                    return
+                buf = buf[size:]
         else:
             buf = self.buf + data if self.buf else data
         n = len(buf)
@@ -431,6 +438,28 @@ class Client(asyncio.Protocol):
             self.buf = b""
         else:
             self.buf = rest
+
+    def _large(self, buf: bytes, size: int, now: int) -> bool:
+        """PRESENCE / STORM: the large frame ``buf[:size]`` (a join_room_ack
+        listing thousands of members), counted without scanning it all: the
+        awaited key is near its start, ``recovered`` near its end. False
+        (nothing done) for anything else (a large room message, a fragment)."""
+        if buf[0] != 0x81:
+            return False
+        ln = buf[1] & 127
+        h = 2 if ln < 126 else 4 if ln == 126 else 10
+        if buf.startswith(ROOM_MESSAGE, h):
+            return False
+        self.frames_rx += 1
+        self.stats.last_rx_ns = now
+        if self.waiter is not None and buf.find(self.waiter_key, h, h + 64) >= 0:
+            self.ack_ns = now
+            if buf.find(NOT_RECOVERED, max(h, size - 160), size) >= 0:
+                self.not_recovered = True
+            waiter, self.waiter = self.waiter, None
+            if not waiter.done():
+                waiter.set_result(b"")
+        return True
 
     @staticmethod
     def _plain(buf: bytes, n: int) -> tuple[int, int]:
