@@ -1380,7 +1380,7 @@ def main() -> int:
     args.fixed_rate = 500.0
     args.fixed_duration = 0.5 if args.quick else 8.0
     args.batch_conns, args.batch_window = (4, 200) if args.quick else (10, 400)
-    args.sqlite_rows = 5_000 if args.quick else 100_000
+    args.sqlite_rows = 2_000 if args.quick else 100_000
     if args.quick:
         args.rooms, args.sizes, args.idle = [10], [100], [100]
         args.duration, args.latency_duration, args.warm = 0.8, 1.0, 0.2
