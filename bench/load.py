@@ -878,11 +878,17 @@ class Bench:
         time.sleep(2 * a.big_rest)
         idle_rss = proc_rss_kib(server.pid)
         sampler = Sampler(server)
-        t0 = MONO() + int(0.3e9)
+        t0 = MONO() + int(min(0.3, a.big_rest) * 1e9)
         deadline = t0 + int(a.big_deadline * 1e9)
         try:
             replies = self.pool.all(
-                {"op": "big_join", "room": "big", "t0": t0, "deadline": deadline},
+                {
+                    "op": "big_join",
+                    "room": "big",
+                    "t0": t0,
+                    "deadline": deadline,
+                    "quiet": min(0.5, 2 * a.big_rest),
+                },
                 timeout=a.big_deadline + 60,
             )
         finally:
@@ -1136,9 +1142,7 @@ class Bench:
                 else:
                     m[0] = max(m[0], last)
                     m[1] += count
-        during = [
-            (seq, at) for seq, at in enumerate(sent_at) if at and t_listen <= at <= end
-        ]
+        during = [(seq, at) for seq, at in enumerate(sent_at) if at and t_listen <= at <= end]
         lat = [(arrivals[seq][0] - at) / 1e6 for seq, at in during if seq in arrivals]
         complete = sum(1 for seq, _ in during if arrivals.get(seq, [0, 0])[1] >= n)
         pre = [seq for seq, at in enumerate(sent_at) if at and at < t_exit]

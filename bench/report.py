@@ -588,7 +588,7 @@ def answer(text: str) -> str:
     try:
         frame = json.loads(text)
         data = frame.get("data", {})
-        return f"`{frame['type']}` {data.get('code', '')} \"{data.get('message', '')}\""
+        return f'`{frame["type"]}` {data.get("code", "")} "{data.get("message", "")}"'
     except (ValueError, KeyError, AttributeError, TypeError):
         return f"`{text[:80]}`"
 
@@ -675,7 +675,7 @@ def bigroom_section(res: dict[str, Any], servers: list[str]) -> list[str]:
     L = [f"## (f) One big room: {x0['connections']:,} connections join at once", ""]
     L += [
         f"{x0['connections']:,} connections opened first on a fresh server (token checked, in "
-        "no room, idle), then every one sends `join_room {room: \"big\"}` at the same instant "
+        'no room, idle), then every one sends `join_room {room: "big"}` at the same instant '
         "(spread over the load-generator processes). Joins/s = acks received / time from the "
         f"first join sent to the last `join_room_ack` received; deadline {x0['deadline_s']:.0f} "
         "s, after which the joins not acknowledged are counted as not joined. CPU: cores busy "

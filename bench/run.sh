@@ -6,9 +6,9 @@
 #     pins included, so chatd runs from the sources),
 #   - bench/peers/node/node_modules with `npm ci` (pinned by package-lock.json).
 #
-#   bash bench/run.sh            full run (~15-20 min): bench/results/latest.json,
+#   bash bench/run.sh            full run (~13-15 min): bench/results/latest.json,
 #                                docs/benchmarks.md, docs/benchmarks-fanout.png
-#   bash bench/run.sh --quick    tiny counts (< 1 min), written to a temp dir:
+#   bash bench/run.sh --quick    tiny counts (~1 min), written to a temp dir:
 #                                checks that the benchmark works, asserts no speed
 set -euo pipefail
 cd "$(dirname "$0")"

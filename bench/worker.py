@@ -143,6 +143,7 @@ class Worker:
         self.cpu_window = 0.0
         self.members: list[Member] = []
         self.acks: list[asyncio.Future[bytes]] = []
+        self.quiet = 0.5  # big room: nothing received this long = the presence is all in
         self.storm: dict[str, Any] | None = None
 
     def token(self, user_id: int) -> str:
@@ -442,7 +443,6 @@ class Worker:
         await asyncio.gather(self.window(t0, t1), *(one(k) for k in range(cmd["concurrency"])))
         return {"done": done, "cpu": self.cpu_window, "errors": dict(errors), "lat_ns": times}
 
-
     # --- batching clients -----------------------------------------------------
 
     async def commit_batch(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -472,9 +472,7 @@ class Worker:
                     entries.append(head + b"%d}" % rid)
                 c.sent.extend([now] * k)
                 c.send_text(
-                    b'{"type":"message_batch","data":{"messages":['
-                    + b",".join(entries)
-                    + b"]}}"
+                    b'{"type":"message_batch","data":{"messages":[' + b",".join(entries) + b"]}}"
                 )
                 c.free -= k  # type: ignore[attr-defined]
                 sent += k
@@ -578,6 +576,7 @@ class Worker:
         nothing has arrived for 0.5 s (the presence frames still on their
         way), at most 10 s. Frames and bytes received are counted per
         connection from ``t0``."""
+        self.quiet = cmd.get("quiet", 0.5)
         self.members = [Member(c.uid, c) for c in self.clients if c.is_open]  # type: ignore[attr-defined]
         self.clients = []
         self.stats.presence = self.stats.summaries = 0
@@ -622,7 +621,7 @@ class Worker:
                 else:
                     errors[f"{type(f.exception()).__name__}: {f.exception()}"[:80]] += 1
         if first or pending:  # the presence frames still on their way
-            await self.drain({"quiet": 0.5, "limit": 10})
+            await self.drain({"quiet": self.quiet, "limit": 10})
         out = {
             "members": len(self.members),
             "joined": len(acks),
