@@ -1013,7 +1013,7 @@ class Bench:
         if n <= 0:
             raise RuntimeError("storm: no member in the room")
         # what the dropped ones left to do (bounded), then a quiet server
-        settled = self.settle(server, 10 if dropped else 5)
+        settled = self.settle(server, 10) if dropped else 0.0
         rate = a.storm_rate or min(100.0, a.storm_deliveries / n)
         chatd = server.name == "chatd"
         cmds: list[dict[str, Any] | None] = [
