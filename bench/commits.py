@@ -14,6 +14,15 @@ the medians per ROOT; ``--json`` writes every run.
 A second tree is easiest as an export of a commit::
 
     mkdir /tmp/chatd-base && git archive main | tar -x -C /tmp/chatd-base
+
+``python bench/commits.py --sqlite [--sqlite-rows N] [--conns C]`` measures
+SQLite alone instead, for reference (load.py runs it on the server's CPU next
+to the batching-clients scenario): the rows that scenario commits (100-byte
+content, C rooms, users ``u<id>``), stored with chatd's own schema, pragmas
+and ``insert_message`` in a fresh database, in transactions of 100 rows (one
+batch) and of 512 (the writer's largest group), as chatd's writer does
+(``BEGIN IMMEDIATE`` .. ``COMMIT``); prints one JSON line: rows/s and CPU
+µs a row for each group size.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +42,48 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import load  # noqa: E402
+
+
+def sqlite_rates(rows: int, conns: int, size: int = 100) -> dict[str, Any]:
+    """Rows/s and CPU µs a row of chatd's INSERT alone, per group size."""
+    sys.path.insert(0, str(HERE.parent))
+    from chatd.store import NewMessage
+    from chatd.store.schema import connect, migrate
+    from chatd.store.sqlite import insert_message
+
+    content = "x" * size
+    messages = [
+        NewMessage(
+            user_id=1000 + k,
+            username=f"u{1000 + k}",
+            content=content,
+            message_type="text",
+            created_at="2024-01-01T00:00:00.000Z",
+            room=f"c{k}",
+        )
+        for k in range(conns)
+    ]
+    out: dict[str, Any] = {"rows": rows, "rooms": conns, "size": size, "groups": []}
+    for group in (100, 512):
+        with tempfile.TemporaryDirectory(prefix="chatd-sqlite-") as tmp:
+            conn = connect(str(Path(tmp) / "chatd.db"))
+            migrate(conn)
+            seqs: dict[str, int] = {}
+            wall, cpu = time.perf_counter(), time.process_time()
+            done = 0
+            while done < rows:
+                k = min(group, rows - done)
+                conn.execute("BEGIN IMMEDIATE")
+                for i in range(done, done + k):
+                    insert_message(conn, messages[i % conns], seqs)
+                conn.execute("COMMIT")
+                done += k
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            conn.close()
+        out["groups"].append(
+            {"group": group, "rows_per_s": rows / wall, "cpu_us_per_row": 1e6 * cpu / rows}
+        )
+    return out
 
 
 def main() -> int:
@@ -47,7 +99,12 @@ def main() -> int:
     )
     parser.add_argument("--json", help="write every run here")
     parser.add_argument("--perf", help="perf record (no call graphs) each run into this dir")
+    parser.add_argument("--sqlite", action="store_true", help="SQLite's insert rate alone")
+    parser.add_argument("--sqlite-rows", type=int, default=100_000)
     args = parser.parse_args()
+    if args.sqlite:
+        print(json.dumps(sqlite_rates(args.sqlite_rows, args.conns)))
+        return 0
     ns = argparse.Namespace(
         procs=2,
         pin=True,

@@ -7,10 +7,12 @@ How it measures
 * Servers: chatd (``python -m chatd --config <generated toml>``, SQLite in a
   temp dir, rate limits raised out of the way, logging at warning), the Node
   ``ws`` peer and the Python ``websockets`` peer (``bench/peers/``), each on a
-  fresh loopback port, one after the other; each is started three times:
+  fresh loopback port, one after the other; each is started four times:
   compression off for handshakes on a fresh process; compression off for idle
   memory (from a fresh baseline), handshakes again, fan-out, latency and
-  commits; permessage-deflate on for fan-out again (clients offering deflate).
+  commits; permessage-deflate on for fan-out again (clients offering deflate);
+  compression off for the big room (from a fresh baseline) and the reconnect
+  storm after it, which restarts that server once more.
 * Load: ``--procs`` worker processes (``bench/worker.py``), each an asyncio loop
   with a hand-rolled client (``bench/wsclient.py``). All times are
   ``time.monotonic_ns()`` (CLOCK_MONOTONIC, one clock for all processes).
@@ -45,6 +47,39 @@ How it measures
   token, 101, ping, pong (so the token check is done on every server, chatd
   checks it after its 101), close handshake, RST. Measured on the fresh
   server, and again right after the 10,000 idle connections closed.
+* (b2) latency at a fixed rate: as (b), at ``fixed_rate`` (500) msgs/s for
+  every server, so that the servers are compared at one offered load.
+* (d2) commits with batching clients: as (d), with ``batch_conns`` (10)
+  connections each keeping ``batch_window`` (400) messages in flight, sent in
+  ``message_batch`` frames of at most 100 entries (the own copies back from
+  one read are replaced by one batch). A batch of one message first probes
+  whether the server understands batches (the peers do not: their row says
+  what they answered). For reference, SQLite's own insert rate for the same
+  rows on the server's CPU (``bench/commits.py --sqlite``).
+* (f) one big room: ``--big`` (10,000) connections opened on a fresh server
+  (token checked, no room, idle), then every one sends ``join_room {room:
+  "big"}`` at one instant t0 (each worker its own); joins/s from the first
+  join sent to the last ``join_room_ack``, at most ``--big-deadline`` (60) s,
+  after which the scenario reports how many joined. Server CPU over that span
+  (sampled every 0.1 s, cut at the last ack); RSS per connection with the
+  membership (as (c), once nothing more arrives); frames, presence frames
+  (``user_connected``, or chatd's summarised ``room_presence``) and bytes
+  received per member.
+* (g) reconnect storm, on the big room's members (joins still missing at the
+  deadline get ``big_late`` (15) s more, then those without an ack are closed
+  and left out): a publisher (one member) sends ``--storm-rate`` msgs/s with
+  probes (by default 50,000 deliveries/s: 5 msgs/s into 10,000), then after
+  ``storm_before`` (3) s the server gets SIGTERM, is waited for (at most
+  ``storm_stop_grace`` (20) s, then SIGKILL, reported) and started again on
+  the same port (chatd: the same database, whose newest id of the room, read
+  while nothing runs, is each member's target). Every member reconnects with
+  the back-off of bench/worker.py and rejoins (chatd's with ``since_id``).
+  From the new server's listen, at most ``--storm-deadline`` (20) s: all
+  back, all caught up (back, and every id of the room up to the target
+  received), the server's CPU, its RSS before / peak / after (at caught up
+  and 2 s later, the larger), the p50/p99 publish-to-last-recipient of the
+  messages sent in that span, and every chatd member's ids checked against
+  the database (missing, duplicates).
 * ``--profile``: py-spy records chatd during a repeat of the room-of-100
   fan-out point, during the commit run and during the second handshake
   measurement (raw collapsed
@@ -55,16 +90,21 @@ Every loop stops at an absolute deadline and every wait has a timeout.
 from __future__ import annotations
 
 import argparse
+import bisect
+import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import platform
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -104,9 +144,10 @@ def machine_busy() -> tuple[float, float]:
     return (sum(fields[:8]) - idle) / CLK_TCK, fields[6] / CLK_TCK
 
 
-def proc_rss_kib(pid: int) -> int:
+def proc_rss_kib(pid: int, key: str = "VmRSS") -> int:
+    """VmRSS (or ``key``: VmHWM, the peak) of the process, KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
 
@@ -135,6 +176,7 @@ class Server:
         if name == "chatd":
             cfg = tmp / f"chatd-{self.port}.toml"
             db = tmp / f"chatd-{self.port}" / "chatd.db"
+            self.db: Path | None = db
             cfg.write_text(
                 "\n".join(
                     [
@@ -168,12 +210,14 @@ class Server:
             self.cwd = self.root
             self.config_text = cfg.read_text()
         elif name == "ws":
+            self.db = None
             self.cmd = ["node", str(HERE / "peers/node/server.js"), "--port", str(self.port)]
             self.cmd += ["--secret", SECRET, "--deflate", "1" if deflate else "0"]
             self.cmd += ["--max-seconds", str(SERVER_MAX_SECONDS)]
             self.cwd = HERE / "peers/node"
             self.config_text = ""
         elif name == "websockets":
+            self.db = None
             self.cmd = [py, str(HERE / "peers/py_websockets/server.py"), "--port", str(self.port)]
             self.cmd += ["--secret", SECRET, "--max-seconds", str(SERVER_MAX_SECONDS)]
             self.cmd += ["--deflate"] if deflate else []
@@ -184,15 +228,16 @@ class Server:
         self.logfile = tmp / f"{name}-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, cpus: set[int] | None = None) -> None:
-        """Start it (confined to ``cpus``, threads included, when given)."""
+    def start(self, cpus: set[int] | None = None, restart: bool = False) -> None:
+        """Start it (confined to ``cpus``, threads included, when given);
+        ``restart``: again, on the same port (and database), its log appended."""
         env = dict(os.environ, PYTHONPATH=str(self.root))
 
         def pin() -> None:
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
-        with open(self.logfile, "wb") as out:
+        with open(self.logfile, "ab" if restart else "wb") as out:
             self.proc = subprocess.Popen(
                 self.cmd,
                 cwd=self.cwd,
@@ -220,16 +265,67 @@ class Server:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self) -> str:
-        """SIGTERM, then SIGKILL after 15 s; returns the tail of its log."""
+    def stop(self, grace: float = 15.0) -> str:
+        """SIGTERM, then SIGKILL after ``grace`` s; returns the tail of its log.
+        ``killed`` says whether it needed the SIGKILL."""
+        self.killed = False
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(15)
+                self.proc.wait(grace)
             except subprocess.TimeoutExpired:
+                self.killed = True
                 self.proc.kill()
                 self.proc.wait(5)
         return self.logfile.read_text(errors="replace")[-3000:]
+
+
+class Sampler(threading.Thread):
+    """The server's CPU seconds and RSS every ``period`` s, in a thread
+    (following ``server.pid`` across a restart), so that a phase whose end
+    is known only afterwards (the last ack) can be cut at that instant."""
+
+    def __init__(self, server: Server, period: float = 0.1) -> None:
+        super().__init__(daemon=True)
+        self.server = server
+        self.period = period
+        self.samples: list[tuple[int, int, float, int]] = []  # (ns, pid, cpu s, rss KiB)
+        self.halt = threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                pid = self.server.pid
+                self.samples.append((MONO(), pid, proc_cpu(pid), proc_rss_kib(pid)))
+            except (OSError, ValueError, IndexError, AssertionError):
+                pass
+            self.halt.wait(self.period)
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(5)
+
+    def cpu_at(self, t: int, pid: int) -> float:
+        """CPU seconds of ``pid`` at ``t``, interpolated between samples."""
+        pts = [(ns, cpu) for ns, p, cpu, _ in self.samples if p == pid]
+        if not pts:
+            return float("nan")
+        if t <= pts[0][0]:
+            return pts[0][1]
+        for (a, ca), (b, cb) in itertools.pairwise(pts):
+            if a <= t <= b:
+                return ca + (cb - ca) * (t - a) / max(1, b - a)
+        return pts[-1][1]
+
+    def cores(self, t0: int, t1: int, pid: int) -> float:
+        """Cores busy (CPU s / wall s) of ``pid`` over [t0, t1]."""
+        if t1 <= t0:
+            return float("nan")
+        return (self.cpu_at(t1, pid) - self.cpu_at(t0, pid)) / ((t1 - t0) / 1e9)
+
+    def peak_rss(self, t0: int, t1: int, pid: int) -> int:
+        return max((r for ns, p, _, r in self.samples if p == pid and t0 <= ns <= t1), default=0)
 
 
 # --- workers -------------------------------------------------------------------
@@ -304,8 +400,8 @@ class Bench:
             os.sched_setaffinity(0, self.load_cpus)
         self.pool = Pool(args.procs, self.load_cpus)
         self.tmp = Path(tempfile.mkdtemp(prefix="chatd-bench-"))
-        self.rooms = ["fan10", "fan100", "fan1000", "lat", "idle"] + [
-            f"c{k}" for k in range(args.commit_conns)
+        self.rooms = ["fan10", "fan100", "fan1000", "lat", "idle", "big"] + [
+            f"c{k}" for k in range(max(args.commit_conns, getattr(args, "batch_conns", 0)))
         ]
         self.uid = 0
 
@@ -375,11 +471,16 @@ class Bench:
         idle again (under 5% of a core over 0.3 s), so that one scenario's
         teardown is not measured in the next. Returns the seconds waited."""
         self.pool.all({"op": "close_all", "limit": 5.0}, timeout=60)
-        started = time.monotonic()
         if server is None or not server.alive():
             time.sleep(0.5)
             return 0.0
-        while time.monotonic() - started < 60:
+        return self.settle(server, 60)
+
+    def settle(self, server: Server, limit: float) -> float:
+        """Wait (at most ``limit`` s) until the server is idle (under 5% of
+        a core over 0.3 s); returns the seconds waited."""
+        started = time.monotonic()
+        while time.monotonic() - started < limit:
             c0 = proc_cpu(server.pid)
             time.sleep(0.3)
             if proc_cpu(server.pid) - c0 < 0.015:
@@ -498,14 +599,17 @@ class Bench:
         )
         return res
 
-    def latency(self, server: Server, n: int, rate: float) -> dict[str, Any]:
+    def latency(
+        self, server: Server, n: int, rate: float, duration: float | None = None
+    ) -> dict[str, Any]:
         a = self.args
+        duration = duration or a.latency_duration
         # One load-generator process holds every member and the publisher: at
         # half the maximum it has CPU to spare, and a second process on the
         # same core would add its own scheduling delays to the measurement.
         conn = self.connect(server, n, "lat", False, procs=1)
         self.pool.all({"op": "drain", "quiet": 0.5, "limit": 30}, timeout=60)
-        t0, t1 = self.window(a.latency_duration)
+        t0, t1 = self.window(duration)
         cmds: list[dict[str, Any] | None] = [
             {
                 "op": "latency",
@@ -524,7 +628,7 @@ class Bench:
         server_cpu = self.sample_cpu(server, t0, t1)
         replies = []
         for conn_ in self.pool.conns:
-            if not conn_.poll(a.latency_duration + a.warm + 60):
+            if not conn_.poll(duration + a.warm + 60):
                 raise TimeoutError("latency: a worker did not answer")
             replies.append(conn_.recv())
         self.close_all(server)
@@ -667,6 +771,455 @@ class Bench:
         self.close_all(server)
         return res
 
+    def commit_batch(self, server: Server) -> dict[str, Any]:
+        """(d2) Commits with batching clients: C connections, each alone in
+        its own room, keep ``batch_window`` messages in flight, sent in
+        ``message_batch`` frames of at most 100 entries. First, one batch of
+        one message probes whether the server understands batches at all."""
+        a = self.args
+        rooms = [f"c{k}" for k in range(a.batch_conns)]
+        conn = self.connect(server, a.batch_conns, None, False, rooms=rooms)
+        probe = self.pool.call(
+            [{"op": "batch_probe", "timeout": 3.0}] + [None] * (self.pool.n - 1), timeout=30
+        )[0]
+        res: dict[str, Any] = {
+            "connections": conn["opened"],
+            "window": a.batch_window,
+            "batch": 100,
+            "supported": probe["supported"],
+            "probe_answer": probe["answer"],
+            "persisted": server.name == "chatd",
+        }
+        if not probe["supported"]:
+            self.close_all(server)
+            log(f"  commit (batches): not supported: {probe['answer'][:120]}")
+            return res
+        t0, t1 = self.window(a.duration)
+        cmd = {"op": "commit_batch", "t0": t0, "t1": t1, "warm": a.warm, "size": 100}
+        cmd.update(window=a.batch_window, batch=100)
+        for conn_ in self.pool.conns:
+            conn_.send(dict(cmd))
+        server_cpu = self.sample_cpu(server, t0, t1)
+        replies = []
+        for conn_ in self.pool.conns:
+            if not conn_.poll(a.duration + a.warm + 60):
+                raise TimeoutError("commit_batch: a worker did not answer")
+            replies.append(conn_.recv())
+        self.close_all(server)
+        dur = (t1 - t0) / 1e9
+        lat = [x / 1e6 for r in replies for x in r["lat_ns"]]
+        acked = sum(r["acked"] for r in replies)
+        res.update(
+            {
+                "acked_per_s": acked / dur,
+                "batches_per_s": sum(r["batches"] for r in replies) / dur,
+                "error_frames": sum(r["other"] for r in replies),
+                "p50_ms": pct(lat, 0.5),
+                "p99_ms": pct(lat, 0.99),
+                "server_cpu": server_cpu,
+                "cpu_us_per_msg": 1e6 * server_cpu * dur / max(1, acked),
+                "machine_cpu": self.machine_cores,
+                "softirq_cpu": self.softirq_cores,
+                "loadgen_cpu": sum(r["cpu"] for r in replies) / dur,
+                "open_after": sum(r["open"] for r in replies),
+            }
+        )
+        log(
+            f"  commit (batches of <= 100, {a.batch_conns} x {a.batch_window} in flight):"
+            f" {res['acked_per_s']:,.0f} msgs/s acked, p99 {res['p99_ms']:.2f} ms,"
+            f" {res['cpu_us_per_msg']:.1f} µs of server CPU a message"
+        )
+        return res
+
+    def sqlite_rate(self) -> dict[str, Any]:
+        """SQLite's own insert rate for the rows of (d2), on the server's
+        CPU: ``bench/commits.py --sqlite`` in a process of its own."""
+        a = self.args
+        cpus = self.server_cpus
+
+        def pin() -> None:
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        cmd = [sys.executable, str(HERE / "commits.py"), "--sqlite", "--sqlite-rows"]
+        cmd += [str(a.sqlite_rows), "--conns", str(a.batch_conns)]
+        out = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            preexec_fn=pin,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"commits.py --sqlite: {out.stderr[-500:]}")
+        res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+        log(
+            "  SQLite alone: "
+            + ", ".join(
+                f"groups of {g['group']}: {g['rows_per_s']:,.0f} rows/s"
+                f" ({g['cpu_us_per_row']:.1f} µs CPU a row)"
+                for g in res["groups"]
+            )
+        )
+        return res
+
+    def bigroom(self, server: Server) -> dict[str, Any]:
+        """(f) One big room: N idle connections (token checked, no room) on a
+        fresh server, then all of them join the room "big" at one instant
+        (every worker sends its members' join_room at t0); up to
+        ``big_deadline`` s for the acks."""
+        a = self.args
+        n = a.big
+        time.sleep(a.big_rest)
+        before = proc_rss_kib(server.pid)
+        conn = self.connect(server, n, None, False)
+        time.sleep(2 * a.big_rest)
+        idle_rss = proc_rss_kib(server.pid)
+        sampler = Sampler(server)
+        t0 = MONO() + int(min(0.3, a.big_rest) * 1e9)
+        deadline = t0 + int(a.big_deadline * 1e9)
+        try:
+            replies = self.pool.all(
+                {
+                    "op": "big_join",
+                    "room": "big",
+                    "t0": t0,
+                    "deadline": deadline,
+                    "quiet": min(0.5, 2 * a.big_rest),
+                },
+                timeout=a.big_deadline + 60,
+            )
+        finally:
+            sampler.stop()
+        after = proc_rss_kib(server.pid)
+        acks = sorted(x for r in replies for x in r["acks"])
+        first = min((r["first_sent"] for r in replies if r["first_sent"]), default=t0)
+        joined = len(acks)
+        members = sum(r["members"] for r in replies)
+        last = acks[-1] if acks else deadline
+        span = (last - first) / 1e9
+
+        def at(q: float) -> float | None:
+            """Seconds from the first join sent until a share q of the N had their ack."""
+            k = math.ceil(q * n)
+            return (acks[k - 1] - first) / 1e9 if 0 < k <= joined else None
+
+        errors: dict[str, int] = {}
+        closes: dict[str, int] = {}
+        for r in replies:
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+            for k, v in r["closes"].items():
+                closes[k] = closes.get(k, 0) + v
+
+        def total(key: str) -> int:
+            return sum(r[key] for r in replies)
+
+        res = {
+            "connections": n,
+            "opened": conn["opened"],
+            "connect_seconds": round(conn["seconds"], 2),
+            "members": members,
+            "joined": joined,
+            "deadline_s": a.big_deadline,
+            "all_joined": joined >= n,
+            "join_span_s": span,
+            "joins_per_s": joined / span if span > 0 else float("nan"),
+            "s_to_50pct": at(0.5),
+            "s_to_99pct": at(0.99),
+            "s_to_all": at(1.0),
+            "server_cpu": sampler.cores(first, last, server.pid),
+            "loadgen_cpu": total("cpu") / span if span > 0 else float("nan"),
+            "rss_before_kib": before,
+            "rss_idle_kib": idle_rss,
+            "rss_after_kib": after,
+            "kib_per_conn": (after - before) / max(1, conn["opened"]),
+            "kib_idle_per_conn": (idle_rss - before) / max(1, conn["opened"]),
+            "kib_membership_per_join": (after - idle_rss) / max(1, joined),
+            "rss_peak_kib": sampler.peak_rss(first, MONO(), server.pid),
+            "frames_per_client": total("frames") / max(1, members),
+            "frames_max": max(r["frames_max"] for r in replies),
+            "presence_frames": total("presence_frames"),
+            "presence_per_client": total("presence_frames") / max(1, members),
+            "user_presence_frames": total("user_presence"),
+            "room_presence_frames": total("room_presence"),
+            "bytes_per_client": total("rx_bytes") / max(1, members),
+            "bytes_max": max(r["rx_bytes_max"] for r in replies),
+            "open_after": total("open"),
+            "errors": {**conn["errors"], **errors},
+            "closes": closes,
+        }
+        log(
+            f"  big room {n}: {joined:,}/{n:,} joined in {span:.1f} s"
+            f" ({res['joins_per_s']:,.0f} joins/s), server {res['server_cpu']:.2f} cores,"
+            f" loadgen {res['loadgen_cpu']:.2f},"
+            f" {res['kib_per_conn']:.1f} KiB/conn with the membership,"
+            f" {res['presence_per_client']:,.0f} presence frames and"
+            f" {res['bytes_per_client'] / 1024:,.0f} KiB received per client"
+        )
+        return res
+
+    def room_ids(self, server: Server) -> list[int] | None:
+        """The ids of the room "big" in chatd's database (None: not readable),
+        read-only (the server may be writing)."""
+        if server.db is None or not server.db.exists():
+            return None
+        try:
+            db = sqlite3.connect(f"file:{server.db}?mode=ro", uri=True, timeout=10)
+            try:
+                rows = db.execute(
+                    "SELECT id FROM messages WHERE channel = ? ORDER BY id", ("r:big",)
+                ).fetchall()
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            log(f"  {server.name}: database not readable: {exc}")
+            return None
+        return [r[0] for r in rows]
+
+    def storm(self, server: Server) -> dict[str, Any]:
+        """(g) A reconnect storm, on the big room's members: a publisher at a
+        low fixed rate (probes in the content), then the server is restarted
+        (SIGTERM, wait for its exit, start again on the same port and
+        database) and every member reconnects and rejoins (chatd's with
+        ``since_id``, the newest id it had received), with the back-off of
+        bench/worker.py. Measured from the new server's listen: all back
+        (rejoined), all caught up (every message committed before the
+        restart that a member had not received, then live)."""
+        a = self.args
+        # the joins still on their way finish first (bounded), the rest leave
+        status = self.pool.all({"op": "storm_status"}, timeout=30)
+        members = sum(r["members"] for r in status)
+        started = time.monotonic()
+        replies = self.pool.all(
+            {"op": "big_wait", "deadline": MONO() + int(a.big_late * 1e9)},
+            timeout=a.big_late + 60,
+        )
+        late_s = time.monotonic() - started
+        late_errors: dict[str, int] = {}
+        for r in replies:
+            for k, v in r["errors"].items():
+                late_errors[k] = late_errors.get(k, 0) + v
+        dropped = sum(r["dropped"] for r in self.pool.all({"op": "big_drop"}, timeout=30))
+        n = members - dropped
+        if dropped:
+            log(
+                f"  storm: {dropped} members got no join ack in {late_s:.1f} s more: left out"
+                f" (closed); {late_errors or 'no errors'}; pending/waited"
+                f" {[(r['pending'], round(r['waited_s'], 1)) for r in replies]}"
+            )
+        if n <= 0:
+            raise RuntimeError("storm: no member in the room")
+        # what the dropped ones left to do (bounded), then a quiet server
+        settled = self.settle(server, 10) if dropped else 0.0
+        rate = a.storm_rate or min(100.0, a.storm_deliveries / n)
+        chatd = server.name == "chatd"
+        cmds: list[dict[str, Any] | None] = [
+            {
+                "op": "storm_start",
+                "room": "big",
+                "port": server.port,
+                "publish": i == 0,
+                "rate": rate,
+                "since": chatd,
+                "ids": chatd,
+                "deadline": MONO() + int((a.storm_before + 60 + a.storm_deadline) * 1e9),
+                "backoff_base": a.backoff_base,
+                "backoff_cap": a.backoff_cap,
+                "first_jitter": a.first_jitter,
+            }
+            for i in range(self.pool.n)
+        ]
+        self.pool.call(cmds, timeout=30)
+        time.sleep(a.storm_before)
+        rss_before = proc_rss_kib(server.pid)
+        sampler = Sampler(server)
+        try:
+            t_term = MONO()
+            tail = server.stop(grace=a.storm_stop_grace)
+            t_exit = MONO()
+            killed = server.killed
+            ids = self.room_ids(server) if chatd else None
+            target = ids[-1] if ids else 0
+            wdeadline = MONO() + int((30 + a.storm_deadline) * 1e9)
+            self.pool.all(
+                {
+                    "op": "storm_target",
+                    "target": target if ids is not None else None,
+                    "ids": ids or [],
+                    "deadline": wdeadline,
+                },
+                timeout=30,
+            )
+            server.start(self.server_cpus, restart=True)
+            t_listen = MONO()
+            deadline = t_listen + int(a.storm_deadline * 1e9)
+            # the members stop trying at the storm's deadline
+            self.pool.all(
+                {
+                    "op": "storm_target",
+                    "target": target if ids is not None else None,
+                    "ids": ids or [],
+                    "deadline": deadline,
+                },
+                timeout=30,
+            )
+            # the publisher first (it retries every 50 ms), so that the
+            # storm has its traffic; then, or after 1 s, everyone else
+            head_start = MONO()
+            while MONO() - head_start < 1e9:
+                st = self.pool.all({"op": "storm_status"}, timeout=30)
+                if any(r["publisher_back"] for r in st):
+                    break
+                time.sleep(0.02)
+            head_start = MONO() - head_start
+            self.pool.all({"op": "storm_go"}, timeout=30)
+            caught = back = 0
+            first_poll: tuple[int, float] | None = None
+            while MONO() < deadline:
+                st = self.pool.all({"op": "storm_status"}, timeout=30)
+                cpu = sum(r["cpu"] for r in st)
+                first_poll = first_poll or (MONO(), cpu)
+                caught = sum(r["caught"] for r in st)
+                back = sum(r["back"] for r in st)
+                if caught >= n:
+                    break
+                time.sleep(0.2)
+            t_seen = MONO()
+            # the load generator's cores over the storm (between the polls)
+            loadgen = float("nan")
+            if first_poll is not None and t_seen > first_poll[0]:
+                loadgen = (cpu - first_poll[1]) / ((t_seen - first_poll[0]) / 1e9)
+            rss_at = proc_rss_kib(server.pid)
+            time.sleep(min(2.0, a.storm_settle))
+            rss_settled = proc_rss_kib(server.pid)
+            hwm = proc_rss_kib(server.pid, "VmHWM")
+            replies = self.pool.all(
+                {"op": "storm_stop", "drain": min(0.5, a.storm_settle)}, timeout=60
+            )
+        finally:
+            sampler.stop()
+        new_pid = server.pid
+        rows = [m for r in replies for m in r["members"]]
+        # per member: since0, lost, back, caught, attempts, n_after, last_id, dups, not_recovered
+        backs = sorted(m[2] for m in rows if m[2])
+        caughts = sorted(m[3] for m in rows if m[3])
+        t_all = caughts[-1] if len(caughts) >= n else None
+        t_back = backs[-1] if len(backs) >= n else None
+        end = t_all or t_seen
+
+        def s_from(t: int | None, origin: int) -> float | None:
+            return (t - origin) / 1e9 if t else None
+
+        def share(times: list[int], q: float) -> float | None:
+            k = math.ceil(q * n)
+            return s_from(times[k - 1], t_listen) if 0 < k <= len(times) else None
+
+        missing = dups = incomplete_members = 0
+        final_ids = self.room_ids(server) if chatd else None
+        if final_ids is not None:
+            for since0, _, _, _, _, n_after, last_id, d, _ in rows:
+                if since0 < 0:
+                    continue
+                expected = bisect.bisect_right(final_ids, last_id) - bisect.bisect_right(
+                    final_ids, since0
+                )
+                if n_after < expected:
+                    missing += expected - n_after
+                    incomplete_members += 1
+                dups += d
+        # publish-to-last-recipient of the messages sent during the storm
+        sent_at: list[int] = replies[0]["sent_at"]
+        arrivals: dict[int, list[int]] = {}
+        for r in replies:
+            for seq, (last, count) in r["arrivals"].items():
+                seq = int(seq)
+                m = arrivals.get(seq)
+                if m is None:
+                    arrivals[seq] = [last, count]
+                else:
+                    m[0] = max(m[0], last)
+                    m[1] += count
+        during = [(seq, at) for seq, at in enumerate(sent_at) if at and t_listen <= at <= end]
+        lat = [(arrivals[seq][0] - at) / 1e6 for seq, at in during if seq in arrivals]
+        complete = sum(1 for seq, _ in during if arrivals.get(seq, [0, 0])[1] >= n)
+        pre = [seq for seq, at in enumerate(sent_at) if at and at < t_exit]
+        attempts = sorted(m[4] for m in rows)
+        closes: dict[str, int] = {}
+        errors: dict[str, int] = {}
+        for r in replies:
+            for k, v in r["closes"].items():
+                closes[k] = closes.get(k, 0) + v
+            for k, v in r["errors"].items():
+                errors[k] = errors.get(k, 0) + v
+        res = {
+            "members": n,
+            "dropped_before": dropped,
+            "late_join_s": late_s,
+            "late_errors": late_errors,
+            "settle_s": settled,
+            "rate_msgs_per_s": rate,
+            "history": chatd,
+            "rss_before_kib": rss_before,
+            "stop_s": (t_exit - t_term) / 1e9,
+            "stop_killed": killed,
+            "down_s": (t_listen - t_term) / 1e9,
+            "publisher_head_start_s": head_start / 1e9,
+            "target_id": target,
+            "pre_restart_sent": len(pre),  # before the old server's exit
+            "pre_restart_committed": len(ids) if ids is not None else None,
+            "back": len(backs),
+            "caught_up": len(caughts),
+            "all_back_s": s_from(t_back, t_listen),
+            "all_caught_up_s": s_from(t_all, t_listen),
+            "all_caught_up_from_term_s": s_from(t_all, t_term),
+            # from the listen until half (99%) of the N were caught up
+            "p50_caught_up_s": share(caughts, 0.5),
+            "p99_caught_up_s": share(caughts, 0.99),
+            "deadline_s": a.storm_deadline,
+            "seen_back_at_deadline": back,
+            "server_cpu": sampler.cores(t_listen, end, new_pid),
+            "loadgen_cpu": loadgen,
+            "rss_at_caught_up_kib": rss_at,
+            "rss_settled_kib": rss_settled,
+            "rss_after_kib": max(rss_at, rss_settled),
+            "rss_peak_kib": max(hwm, sampler.peak_rss(t_listen, MONO(), new_pid)),
+            "storm_msgs": len(during),
+            "storm_msgs_complete": complete,
+            "storm_p50_ms": pct(lat, 0.5),
+            "storm_p99_ms": pct(lat, 0.99),
+            "storm_max_ms": max(lat) if lat else float("nan"),
+            "missing": missing if final_ids is not None else None,
+            "incomplete_members": incomplete_members if final_ids is not None else None,
+            "duplicates": dups if final_ids is not None else None,
+            "not_recovered": sum(m[8] for m in rows),
+            "attempts_p50": attempts[len(attempts) // 2] if attempts else 0,
+            "attempts_max": attempts[-1] if attempts else 0,
+            "closes": closes,
+            "errors": errors,
+            "presence_per_client": sum(r["presence_frames"] for r in replies) / max(1, n),
+            "bytes_per_client": sum(r["rx_bytes"] for r in replies) / max(1, n),
+            "open_after": sum(r["open"] for r in replies),
+            "stop_log": [ln for ln in tail.splitlines() if "ERROR" in ln or "Traceback" in ln][-5:],
+        }
+        res["rss_ratio"] = res["rss_after_kib"] / max(1, rss_before)
+        log(
+            f"  storm {n}: down {res['down_s']:.1f} s (exit {res['stop_s']:.1f} s), back"
+            f" {len(backs):,}/{n:,}"
+            + (f" in {res['all_back_s']:.1f} s" if t_back else "")
+            + f", caught up {len(caughts):,}/{n:,}"
+            + (f" in {res['all_caught_up_s']:.1f} s" if t_all else f" after {a.storm_deadline} s")
+            + f", server {res['server_cpu']:.2f} cores, RSS {rss_before / 1024:.0f} ->"
+            f" peak {res['rss_peak_kib'] / 1024:.0f} -> {res['rss_after_kib'] / 1024:.0f} MiB,"
+            f" loadgen {loadgen:.2f}, storm p99 {res['storm_p99_ms']:.1f} ms over {len(lat)} msgs"
+            + (f", missing {missing}, dups {dups}" if final_ids is not None else "")
+        )
+        # the server is stopped next: no close handshakes, no wait for it
+        self.pool.all({"op": "close_all", "abort": True}, timeout=60)
+        return res
+
     # --- one server ------------------------------------------------------------
 
     def run_server(self, name: str) -> dict[str, Any]:
@@ -674,7 +1227,9 @@ class Bench:
         out: dict[str, Any] = {"fanout": [], "idle": [], "failures": []}
         # Three fresh server processes: handshakes on a fresh server; idle
         # memory from a fresh server's baseline, then the rest; deflate.
-        for phase, deflate in (("handshakes", False), ("main", False), ("deflate", True)):
+        # a fourth for the big room and the storm after it (which restarts it)
+        phases = (("handshakes", False), ("main", False), ("deflate", True), ("big", False))
+        for phase, deflate in phases:
             server = Server(name, deflate, self.tmp, self.rooms)
             log(
                 f"{name} ({phase}, compression {'on' if deflate else 'off'}): {' '.join(server.cmd)}"
@@ -687,6 +1242,10 @@ class Bench:
             try:
                 if phase == "handshakes":
                     out["handshakes"] = self.handshakes(server)
+                    continue
+                if phase == "big":
+                    out["bigroom"] = self.bigroom(server)
+                    out["storm"] = self.storm(server)
                     continue
                 if phase == "main":
                     out["idle"] = [self.idle(server, n) for n in a.idle]
@@ -708,10 +1267,16 @@ class Bench:
                     ]
                     rate = max(50.0, 0.5 * ref[0]["msgs_per_s"]) if ref else 100.0
                     out["latency"] = self.latency(server, a.latency_room, rate)
+                    out["latency_fixed"] = self.latency(
+                        server, a.latency_room, a.fixed_rate, a.fixed_duration
+                    )
                     prof = self.tmp / "commit.txt" if name == "chatd" and a.profile else None
                     out["commit"] = self.commit(server, prof)
                     if prof is not None and prof.exists():
                         shutil.copy(prof, Path(a.out).parent / "chatd-commit.pyspy.txt")
+                    out["commit_batch"] = self.commit_batch(server)
+                    if name == "chatd":
+                        out["sqlite"] = self.sqlite_rate()
                     if name == "chatd" and a.profile:
                         prof = self.tmp / "chatd-fanout100.txt"
                         log("  profiling chatd (py-spy) under the room-of-100 fan-out")
@@ -728,7 +1293,8 @@ class Bench:
                     pass
             finally:
                 alive = server.alive()
-                tail = server.stop()
+                # (after the storm its clients are gone: a short grace)
+                tail = server.stop(grace=5.0 if phase == "big" else 15.0)
                 if not alive:
                     out["failures"].append(f"{name} exited during the run: {tail[-1500:]}")
                 errors = [ln for ln in tail.splitlines() if "ERROR" in ln or "Traceback" in ln]
@@ -784,7 +1350,41 @@ def main() -> int:
         action="store_false",
         help="do not confine the server to CPU 0 and the load generator to the others",
     )
+    parser.add_argument("--big", type=int, help="big room / storm members (10,000; quick 50)")
+    parser.add_argument("--big-deadline", type=float, help="s for the big room's joins (60)")
+    parser.add_argument("--storm-deadline", type=float, help="s for the storm, from restart (20)")
+    parser.add_argument(
+        "--storm-rate", type=float, default=0.0, help="storm publisher msgs/s (0: see --help)"
+    )
     args = parser.parse_args()
+    # new scenarios (issue 13): big room, storm, fixed-rate latency, batches
+    big = {
+        "big": 50 if args.quick else 10_000,
+        "big_deadline": 10.0 if args.quick else 60.0,
+        "storm_deadline": 10.0 if args.quick else 20.0,
+    }
+    for k, v in big.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    # the storm's joins left over from the big room's deadline: this long more
+    args.big_late = 10.0 if args.quick else 15.0
+    # how long the storm's SIGTERM may take before SIGKILL (reported)
+    args.storm_stop_grace = 10.0 if args.quick else 20.0
+    # the storm: traffic before the restart (s), RSS settle after (s), and
+    # the publisher's rate when not given: min(100, storm_deliveries / N)
+    # msgs/s, i.e. 5 msgs/s into 10,000 members (100 msgs/s there would be
+    # 1M deliveries/s: 8x what the ws peer fans out at its maximum, and more
+    # than the load generator parses)
+    args.storm_before = 0.3 if args.quick else 3.0
+    args.storm_settle = 0.3 if args.quick else 2.0
+    # rests around the big room's connects (RSS read after them)
+    args.big_rest = 0.2 if args.quick else 0.5
+    args.storm_deliveries = 50_000.0
+    args.backoff_base, args.backoff_cap, args.first_jitter = 0.1, 1.0, 0.1
+    args.fixed_rate = 500.0
+    args.fixed_duration = 0.5 if args.quick else 8.0
+    args.batch_conns, args.batch_window = (4, 200) if args.quick else (10, 400)
+    args.sqlite_rows = 2_000 if args.quick else 100_000
     if args.quick:
         args.rooms, args.sizes, args.idle = [10], [100], [100]
         args.duration, args.latency_duration, args.warm = 0.8, 1.0, 0.2

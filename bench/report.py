@@ -171,6 +171,83 @@ def targets(res: dict[str, Any]) -> list[str]:
             + ("met" if r >= 100_000 else f"missed: {100_000 / r:.1f}x short")
             + " |"
         )
+    out += new_targets(res)
+    return out
+
+
+def better_peer(res: dict[str, Any], key: str, field: str) -> tuple[str, float] | None:
+    """The peer with the lower ``field`` in ``key`` (a latency dict), and that value."""
+    vals = [
+        (s, get(res, s)[key][field])
+        for s in PEERS
+        if get(res, s).get(key) and not math.isnan(get(res, s)[key][field])
+    ]
+    return min(vals, key=lambda kv: kv[1]) if vals else None
+
+
+def new_targets(res: dict[str, Any]) -> list[str]:
+    """Issue 13's targets: one big room, the reconnect storm, 500 msgs/s."""
+    chatd = get(res, "chatd")
+    out: list[str] = []
+    big = chatd.get("bigroom")
+    if big:
+        n = big["connections"]
+        rate, joined = big["joins_per_s"], big["joined"]
+        ok = rate >= 5000 and joined >= n
+        miss = []
+        if rate < 5000:
+            miss.append(f"{5000 / rate:.0f}x short" if rate else "no join")
+        if joined < n:
+            miss.append(f"{n - joined:,} not joined after {big['deadline_s']:.0f} s")
+        out.append(
+            f"| one room of {n:,}: >= 5,000 joins/s, all joined | {num(rate)} joins/s, "
+            f"{joined:,}/{n:,} joined | " + ("met" if ok else "missed: " + ", ".join(miss)) + " |"
+        )
+        kib = big["kib_per_conn"]
+        out.append(
+            f"| one room of {n:,}: RSS per connection with the membership <= 8 KiB | "
+            f"{kib:.1f} KiB ({joined:,} members) | "
+            + ("met" if kib <= 8 and joined >= n else f"missed: {kib / 8:.1f}x the budget")
+            + ("" if joined >= n else " (not all joined)")
+            + " |"
+        )
+    st = chatd.get("storm")
+    if st:
+        n = st["members"]
+        t = st["all_caught_up_s"]
+        out.append(
+            f"| reconnect storm, {n:,} clients: all back and caught up within 10 s | "
+            + (
+                f"{t:.1f} s after the restart ({st['down_s']:.1f} s down before it)"
+                if t is not None
+                else f"{st['caught_up']:,}/{n:,} caught up after {st['deadline_s']:.0f} s"
+            )
+            + " | "
+            + ("met" if t is not None and t <= 10 else "missed")
+            + " |"
+        )
+        r = st["rss_ratio"]
+        out.append(
+            f"| reconnect storm: RSS after within 1.5x of before | "
+            f"{st['rss_before_kib'] / 1024:.0f} -> {st['rss_after_kib'] / 1024:.0f} MiB "
+            f"({r:.2f}x; peak {st['rss_peak_kib'] / 1024:.0f} MiB) | "
+            + ("met" if r <= 1.5 and t is not None else "missed")
+            + ("" if t is not None else " (not all caught up)")
+            + " |"
+        )
+    lat = chatd.get("latency_fixed")
+    if lat:
+        for field, label, limit in (("p99_ms", "p99", 1.2), ("p999_ms", "p99.9", 1.5)):
+            best = better_peer(res, "latency_fixed", field)
+            if best is None:
+                continue
+            peer, v = best
+            r = lat[field] / v if v else float("nan")
+            out.append(
+                f"| {num(lat['offered_msgs_per_s'])} msgs/s, room of {lat['members']}: {label} <= "
+                f"{limit}x the better peer | {lat[field]:.2f} ms vs {v:.2f} ms ({NAMES[peer]}): "
+                f"{r:.2f}x | " + ("met" if r <= limit else f"missed: {r / limit:.2f}x over") + " |"
+            )
     return out
 
 
@@ -219,7 +296,15 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
         f"Load: {p['procs']} load-generator processes; fan-out: {p['publishers']} publishers, "
         f"{p['window']} messages in flight each, {p['duration']} s measured after {p['warm']} s "
         f"warm-up; latency {p['latency_duration']} s; commits: {p['commit_conns']} connections "
-        f"x {p['commit_window']} in flight; handshakes: {p['hs_concurrency']} loops per process.",
+        f"x {p['commit_window']} in flight; handshakes: {p['hs_concurrency']} loops per process."
+        + (
+            f" Big room and storm: {p['big']:,} connections, joins deadline "
+            f"{p['big_deadline']:g} s, storm deadline {p['storm_deadline']:g} s; fixed-rate "
+            f"latency at {num(p['fixed_rate'])} msgs/s; batching clients: {p['batch_conns']} x "
+            f"{p['batch_window']} in flight."
+            if "big" in p
+            else ""
+        ),
         "",
     ]
 
@@ -332,6 +417,7 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
             "own half-maximum, so the offered loads differ).",
         ]
     L += [""]
+    L += latency_fixed_section(res, servers)
 
     # idle
     L += ["## (c) Idle connections and resident memory (compression off)", ""]
@@ -391,6 +477,7 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
             f"{ratio(c['acked_per_s'], q['acked_per_s'])}.",
         ]
     L += [""]
+    L += batch_section(res, servers)
 
     # handshakes
     L += ["## (e) Handshakes per second, token check included", ""]
@@ -420,6 +507,9 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
                 f"{ratio(c['per_s'], q['per_s'])}.",
             ]
     L += [""]
+
+    L += bigroom_section(res, servers)
+    L += storm_section(res, servers)
 
     fails = {s: get(res, s).get("failures") for s in servers if get(res, s).get("failures")}
     logs = {s: get(res, s).get("log_errors") for s in servers if get(res, s).get("log_errors")}
@@ -458,6 +548,262 @@ def render(res: dict[str, Any], png_name: str, raw_profile: Path) -> str:
     if notes.exists() and not res["quick"]:
         L += [notes.read_text().strip(), ""]
     return "\n".join(L)
+
+
+def latency_fixed_section(res: dict[str, Any], servers: list[str]) -> list[str]:
+    rows = [(s, get(res, s).get("latency_fixed")) for s in servers]
+    rows = [(s, x) for s, x in rows if x]
+    if not rows:
+        return []
+    rate = rows[0][1]["offered_msgs_per_s"]
+    L = [f"## (b2) Publish-to-last-recipient latency at a fixed {num(rate)} msgs/s", ""]
+    L += [
+        "The same measurement as (b), at one offered load for every server: one publisher at "
+        f"{num(rate)} msgs/s into a room of {rows[0][1]['members']} (100-byte content, no "
+        "compression).",
+        "",
+        "| server | members | messages | incomplete | p50 ms | p99 ms | p99.9 ms | max ms "
+        "| CPU server / loadgen / machine |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, x in rows:
+        L.append(
+            f"| {NAMES[s]} | {x['members']} | {num(x['measured'])} | {x['incomplete']} | "
+            f"{x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {x['p999_ms']:.2f} | {x['max_ms']:.2f} | "
+            f"{x['server_cpu']:.2f} / {x['loadgen_cpu']:.2f} / {x['machine_cpu']:.2f} |"
+        )
+    c = get(res, "chatd").get("latency_fixed")
+    notes = []
+    for field, label in (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")):
+        best = better_peer(res, "latency_fixed", field)
+        if c and best:
+            notes.append(f"{label} {ratio(c[field], best[1])} ({NAMES[best[0]]})")
+    if notes:
+        L += ["", "chatd / the better peer: " + ", ".join(notes) + " (lower is better)."]
+    return [*L, ""]
+
+
+def answer(text: str) -> str:
+    """A server's answer to the batch probe, short: an error's code and message."""
+    try:
+        frame = json.loads(text)
+        data = frame.get("data", {})
+        return f'`{frame["type"]}` {data.get("code", "")} "{data.get("message", "")}"'
+    except (ValueError, KeyError, AttributeError, TypeError):
+        return f"`{text[:80]}`"
+
+
+def closes(counts: dict[str, int]) -> str:
+    """Close codes seen, "None" (the connection ended without a close frame) spelt out."""
+    return ", ".join(
+        f"{'no close frame' if k == 'None' else k}: {v:,}" for k, v in sorted(counts.items())
+    )
+
+
+def batch_section(res: dict[str, Any], servers: list[str]) -> list[str]:
+    rows = [(s, get(res, s).get("commit_batch")) for s in servers]
+    rows = [(s, x) for s, x in rows if x]
+    if not rows:
+        return []
+    L = ["## (d2) Committed messages per second, clients sending `message_batch`", ""]
+    x0 = rows[0][1]
+    L += [
+        f"Like (d), but each of {x0['connections']} connections (each alone in its own room) "
+        f"keeps {x0['window']} messages in flight and sends them in `message_batch` frames of at "
+        f"most {x0['batch']} entries: the own copies that come back in one read are replaced by "
+        "one batch. Each entry carries its `request_id`; a message counts when its own copy "
+        "is back (for chatd: after its commit). A batch of one message is sent first to see "
+        "whether the server understands batches at all.",
+        "",
+        "| server | connections x in flight | msgs/s | batches/s | p50 ms | p99 ms | "
+        "server CPU µs a message | errors | persisted | CPU server / loadgen / machine |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, x in rows:
+        if not x["supported"]:
+            L.append(
+                f"| {NAMES[s]} | {x['connections']} x {x['window']} | not run: no `message_batch` "
+                f"(it answered {answer(x['probe_answer'])}) | | | | | | no | |"
+            )
+            continue
+        L.append(
+            f"| {NAMES[s]} | {x['connections']} x {x['window']} | {num(x['acked_per_s'])} | "
+            f"{num(x['batches_per_s'])} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | "
+            f"{x['cpu_us_per_msg']:.1f} | {x['error_frames']} | "
+            f"{'yes' if x['persisted'] else 'no'} | "
+            f"{x['server_cpu']:.2f} / {x['loadgen_cpu']:.2f} / {x['machine_cpu']:.2f} |"
+        )
+    one = get(res, "chatd").get("commit")
+    bat = get(res, "chatd").get("commit_batch")
+    if one and bat and bat.get("supported"):
+        L += [
+            "",
+            f"chatd with batches / without (d): {ratio(bat['acked_per_s'], one['acked_per_s'])}.",
+        ]
+    sq = get(res, "chatd").get("sqlite")
+    if sq:
+        L += [
+            "",
+            f"For reference, SQLite alone on the server's CPU (`bench/commits.py --sqlite`: "
+            f"{num(sq['rows'])} rows of {sq['size']} bytes over {sq['rooms']} rooms, chatd's "
+            "schema, pragmas and `insert_message`, one transaction per group, nothing else "
+            "running in the process): "
+            + "; ".join(
+                f"groups of {g['group']}: {num(g['rows_per_s'])} rows/s, "
+                f"{g['cpu_us_per_row']:.1f} µs of CPU a row"
+                for g in sq["groups"]
+            )
+            + ".",
+        ]
+    peers = [NAMES[s] for s, x in rows if not x["supported"]]
+    if peers:
+        L += [
+            "",
+            f"{' and '.join(peers)} do not understand `message_batch` (their servers in "
+            "`bench/peers/` speak only `join_room` and `room_message`), so they have no row "
+            "here; their plain echo rate is in (d).",
+        ]
+    return [*L, ""]
+
+
+def bigroom_section(res: dict[str, Any], servers: list[str]) -> list[str]:
+    rows = [(s, get(res, s).get("bigroom")) for s in servers]
+    rows = [(s, x) for s, x in rows if x]
+    if not rows:
+        return []
+    x0 = rows[0][1]
+    L = [f"## (f) One big room: {x0['connections']:,} connections join at once", ""]
+    L += [
+        f"{x0['connections']:,} connections opened first on a fresh server (token checked, in "
+        'no room, idle), then every one sends `join_room {room: "big"}` at the same instant '
+        "(spread over the load-generator processes). Joins/s = acks received / time from the "
+        f"first join sent to the last `join_room_ack` received; deadline {x0['deadline_s']:.0f} "
+        "s, after which the joins not acknowledged are counted as not joined. CPU: cores busy "
+        "over the same span. RSS per connection = (RSS with every connection in the room, "
+        "once nothing more arrives - RSS of the fresh server) / connections; idle part = "
+        "before the joins, membership part = what the joins added, per member. Presence: "
+        "the `user_connected` frames (or summarised `room_presence` frames) every member "
+        "receives while the others join; bytes = everything a member received in the phase "
+        "(its own `join_room_ack`, which lists the members, included). The peers send no "
+        "presence events: their rows count their acks alone.",
+        "",
+        "| server | joined | joins/s | s to 50% / 99% / all | CPU server / loadgen | "
+        "KiB per conn (idle + membership) | presence frames per member (max) | "
+        "KiB received per member (max) | RSS after / peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def sec(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    for s, x in rows:
+        L.append(
+            f"| {NAMES[s]} | {x['joined']:,}/{x['connections']:,} | {num(x['joins_per_s'])} | "
+            f"{sec(x['s_to_50pct'])} / {sec(x['s_to_99pct'])} / {sec(x['s_to_all'])} | "
+            f"{x['server_cpu']:.2f} / {x.get('loadgen_cpu', float('nan')):.2f} | "
+            f"{x['kib_per_conn']:.1f} ({x['kib_idle_per_conn']:.1f} + "
+            f"{x['kib_membership_per_join']:.1f}) | "
+            f"{num(x['presence_per_client'])} ({num(x['frames_max'])}) | "
+            f"{num(x['bytes_per_client'] / 1024)} ({num(x['bytes_max'] / 1024)}) | "
+            f"{x['rss_after_kib'] / 1024:.0f} / {x['rss_peak_kib'] / 1024:.0f} |"
+        )
+    extra = [
+        f"- {NAMES[s]}: {x['user_presence_frames']:,} `user_connected`/`user_disconnected` and "
+        f"{x['room_presence_frames']:,} `room_presence` frames in all"
+        + (f"; errors {x['errors']}" if x["errors"] else "")
+        + (f"; closes {closes(x['closes'])}" if x["closes"] else "")
+        + (f"; {x['open_after']:,} open after" if x["open_after"] < x["opened"] else "")
+        for s, x in rows
+    ]
+    return [*L, "", *extra, ""]
+
+
+def storm_section(res: dict[str, Any], servers: list[str]) -> list[str]:
+    rows = [(s, get(res, s).get("storm")) for s in servers]
+    rows = [(s, x) for s, x in rows if x]
+    if not rows:
+        return []
+    p = res["params"]
+    L = ["## (g) Reconnect storm: the server restarted under its members", ""]
+    L += [
+        "On the big room's members (f), each server in turn: a publisher (one of the members) "
+        "sends at a fixed low rate, each content carrying its send time; after "
+        f"{p.get('storm_before', 0):g} s the server gets SIGTERM; once it has exited, it is "
+        "started again on the same port (chatd: the same database). Every member notices the "
+        "loss and reconnects: a random 0-"
+        f"{1000 * p.get('first_jitter', 0):.0f} ms after the publisher is back (below), then, "
+        "after each failed attempt (refused, "
+        "no 101, closed before its ack: 1013 included), min("
+        f"{p.get('backoff_cap', 0):g} s, {p.get('backoff_base', 0):g} s x 2^(k-1)) times a random "
+        "factor 0.5-1.5, until the deadline. The publisher alone retries every 50 ms from its "
+        "loss on, and the others wait for it to be back (at most 1 s after the restarted "
+        "server listens), so that the storm has its traffic from the start. A member "
+        "rejoins the room: chatd's members with `since_id` = the newest id they had received. "
+        "**Back** = its `join_room_ack` arrived; **caught up** = back, and it has received "
+        "every message of the room committed before the restart (chatd's database, read once "
+        "the old process had exited) that it had not seen, i.e. its replay; then live. Times "
+        "are from the moment the restarted server listens (down = from the SIGTERM to then). "
+        "Latency = publish-to-last-recipient of the messages sent from that moment until all "
+        "were caught up (or the deadline), the replay included; a message counts as complete "
+        "when every member got it. At the end every chatd member's ids are checked against "
+        "the database: missing = ids after its last id before the restart, up to its newest, "
+        "it never received; duplicates = ids received twice. **The peers keep no history**: "
+        "their ids restart at 1, nothing is replayed, so for them caught up = back, a member "
+        "misses what was sent while it was away, and their messages are never complete.",
+        "",
+        "| server | members | msgs/s | down s (exit s) | back | caught up | s to 50% / 99% "
+        "| CPU server / loadgen | RSS before / peak / after MiB | storm msgs: p50 / p99 / max ms "
+        "(complete) | missing / dups | attempts p50 / max |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def sec(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    for s, x in rows:
+        back = f"{x['back']:,}" + (
+            f" in {x['all_back_s']:.1f} s" if x["all_back_s"] is not None else ""
+        )
+        caught = f"{x['caught_up']:,}" + (
+            f" in {x['all_caught_up_s']:.1f} s"
+            if x["all_caught_up_s"] is not None
+            else f" after {x['deadline_s']:.0f} s"
+        )
+        L.append(
+            f"| {NAMES[s]} | {x['members']:,} | {num(x['rate_msgs_per_s'], 1)} | "
+            f"{x['down_s']:.1f} ({x['stop_s']:.1f}{', killed' if x['stop_killed'] else ''}) | "
+            f"{back} | {caught} | {sec(x['p50_caught_up_s'])} / {sec(x['p99_caught_up_s'])} | "
+            f"{x['server_cpu']:.2f} / {x.get('loadgen_cpu', float('nan')):.2f} | "
+            f"{x['rss_before_kib'] / 1024:.0f} / "
+            f"{x['rss_peak_kib'] / 1024:.0f} / {x['rss_after_kib'] / 1024:.0f} | "
+            f"{num(x['storm_p50_ms'], 1)} / {num(x['storm_p99_ms'], 1)} / "
+            f"{num(x['storm_max_ms'], 1)} ({x['storm_msgs_complete']}/{x['storm_msgs']}) | "
+            + (
+                f"{x['missing']} / {x['duplicates']}"
+                if x["missing"] is not None
+                else "n/a (no history)"
+            )
+            + f" | {x['attempts_p50']} / {x['attempts_max']} |"
+        )
+    L += [""]
+    for s, x in rows:
+        L.append(
+            f"- {NAMES[s]}: connections ended by ({closes(x['closes'])}); failed attempts "
+            f"({closes(x['errors']) or 'none'})"
+            + (
+                f"; {x['pre_restart_committed']} messages committed before the restart "
+                f"({x['pre_restart_sent']} sent before the old process exited)"
+                if x["pre_restart_committed"] is not None
+                else ""
+            )
+            + (f"; {x['not_recovered']} acks said `recovered: false`" if x["not_recovered"] else "")
+            + (
+                f"; {x['dropped_before']} members without a join ack were left out"
+                if x["dropped_before"]
+                else ""
+            )
+        )
+    return [*L, ""]
 
 
 def plot(res: dict[str, Any], png: Path) -> None:

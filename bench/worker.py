@@ -13,24 +13,69 @@ frames are counted only between ``t0`` and ``t1`` (a flag flipped by timers at
 those instants), and the process's own CPU time (``resource.getrusage``) is
 read at the same instants, so the reply says how much CPU the load generator
 itself burnt for what it measured.
+
+The big-room and reconnect-storm scenarios keep a ``Member`` per simulated
+user, which outlives its connections: ``big_join`` sends every member's
+``join_room`` at one instant and waits (up to a deadline) for the acks;
+``storm_start`` starts, in the background, a task per member that notices
+the connection's loss and reconnects with the back-off below, and a
+publisher; ``storm_target``, ``storm_status`` and ``storm_stop`` are served
+while those tasks run (the orchestrator restarts the server meanwhile).
+
+Reconnect back-off (``backoff``): a member whose connection is lost waits a
+random 0-``first_jitter`` s (100 ms by default), then connects; after a
+failed attempt (connection refused, no 101 within the timeout, or closed
+before its ``join_room_ack``, e.g. 1013 "Server full" / "try again later")
+it waits ``min(cap, base * 2**(k-1))`` s times a random factor in [0.5, 1.5)
+before attempt k+1 (base 0.1 s, cap 1 s by default), until the scenario's
+deadline; it never gives up before that. The storm's publisher alone retries
+every 50 ms from its loss on (a TCP connect given 1 s), and the others make
+their first attempt once it is back (``storm_go``, at most 1 s after the
+restarted server listens), so that the storm has its traffic from its first
+moment; without that head start the publisher, one of 10,000, came back
+with the last of them and the storm had no messages to time. The reference ``WebSocketClient``
+(``chatd/web/websocket-client.js``) waits 1 s, 2 s, ... 5 s without jitter
+and gives up after 5 attempts: 10,000 of those would come back in lockstep,
+and 6 s or more after a quick restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import gc
 import json
 import os
+import random
 import resource
 import time
 from collections import Counter
+from functools import partial
 from typing import Any
 
 import jwt
-from wsclient import COUNT, IDLE, LATENCY, MONO, OWN, Client, Stats, frame, probe, probes
+from wsclient import (
+    COUNT,
+    IDLE,
+    LATENCY,
+    MONO,
+    OWN,
+    PRESENCE,
+    STORM,
+    Client,
+    Stats,
+    frame,
+    probe,
+    probes,
+)
 
 CONNECT_TIMEOUT = 20.0
 JOIN_TIMEOUT = 60.0
+ACK_KEY = b'"join_room_ack"'
+#: commands answered at once, between the steps of a running storm: no
+#: garbage collection after them (a full collection over 10,000 connections
+#: pauses the process for tens of ms)
+LIGHT = {"held", "storm_target", "storm_status", "storm_go"}
 
 
 def cpu_seconds() -> float:
@@ -45,6 +90,49 @@ def raise_nofile() -> int:
     return hard
 
 
+def backoff(k: int, base: float, cap: float) -> float:
+    """Seconds to wait after the k-th failed reconnect attempt (k >= 1)."""
+    return min(cap, base * 2 ** (k - 1)) * random.uniform(0.5, 1.5)
+
+
+class Member:
+    """One simulated user of the big room and the storm: its connection of
+    the moment and what it has received, across reconnects."""
+
+    __slots__ = (
+        "ack_ns",
+        "attempts",
+        "back_ns",
+        "caught_ns",
+        "client",
+        "dups",
+        "joined",
+        "last_id",
+        "lost_ns",
+        "n_after",
+        "n_pre",
+        "not_recovered",
+        "since0",
+        "uid",
+    )
+
+    def __init__(self, uid: int, client: Client | None) -> None:
+        self.uid = uid
+        self.client = client
+        self.joined = False  # on its current connection
+        self.last_id = 0  # the newest room message id it has received
+        self.since0 = -1  # last_id when its connection was first lost (-1: not yet)
+        self.lost_ns = 0
+        self.back_ns = 0  # join_room_ack received after the loss
+        self.caught_ns = 0  # back, and every message up to the target received
+        self.attempts = 0  # connection attempts after the loss
+        self.n_pre = 0  # ids in (since0, target] received after the loss
+        self.n_after = 0  # ids above since0 received after the loss (none twice)
+        self.dups = 0  # ids received again (at or below last_id) after the loss
+        self.not_recovered = False
+        self.ack_ns = 0  # big room: when its join_room_ack arrived
+
+
 class Worker:
     def __init__(self, index: int, secret: str) -> None:
         self.index = index
@@ -53,6 +141,10 @@ class Worker:
         self.clients: list[Client] = []
         self.errors: Counter[str] = Counter()
         self.cpu_window = 0.0
+        self.members: list[Member] = []
+        self.acks: list[asyncio.Future[bytes]] = []
+        self.quiet = 0.5  # big room: nothing received this long = the presence is all in
+        self.storm: dict[str, Any] | None = None
 
     def token(self, user_id: int) -> str:
         now = int(time.time())
@@ -99,6 +191,7 @@ class Worker:
                 c = await self.open_one(port, cmd["uid0"] + k, deflate, r)
                 if c is not None:
                     c.own_room = r  # type: ignore[attr-defined]
+                    c.uid = cmd["uid0"] + k  # type: ignore[attr-defined]
                 return c
 
         got = await asyncio.gather(*(one(k) for k in range(n)))
@@ -123,12 +216,21 @@ class Worker:
         return {"open": sum(1 for c in self.clients if c.is_open)}
 
     async def close_all(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        if self.storm is not None:
+            await self.storm_stop({"drain": 0})
+        have = {id(c) for c in self.clients}
+        for m in self.members:
+            if m.client is not None and id(m.client) not in have:
+                self.clients.append(m.client)
+        self.members = []
+        self.acks = []
         for c in self.clients:
             c.mode = IDLE
             c.on_own = None
-            c.start_close()
+            if not cmd.get("abort"):  # (abort: a reset for all, at once)
+                c.start_close()
         pending = [c.closed for c in self.clients if not c.closed.done()]
-        if pending:
+        if pending and not cmd.get("abort"):
             await asyncio.wait(pending, timeout=cmd.get("limit", 5.0))
         for c in self.clients:
             if not c.closed.done():
@@ -341,6 +443,486 @@ class Worker:
         await asyncio.gather(self.window(t0, t1), *(one(k) for k in range(cmd["concurrency"])))
         return {"done": done, "cpu": self.cpu_window, "errors": dict(errors), "lat_ns": times}
 
+    # --- batching clients -----------------------------------------------------
+
+    async def commit_batch(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Like ``commit``, but every client sends its messages in
+        ``message_batch`` frames (at most ``batch`` entries each), keeping
+        ``window`` messages in flight: the own copies that came back in one
+        read (or in one pass of the event loop) are replaced by one batch."""
+        self.reset()
+        loop = asyncio.get_running_loop()
+        t0, t1, warm = cmd["t0"], cmd["t1"], int(cmd["warm"] * 1e9)
+        per_batch, content = cmd["batch"], b"x" * cmd["size"]
+        sent = batches = 0
+        rid = 0
+
+        def flush(c: Client) -> None:
+            nonlocal sent, batches, rid
+            c.flushing = False  # type: ignore[attr-defined]
+            now = MONO()
+            if now >= t1 or not c.is_open:
+                return
+            head = c.entry  # type: ignore[attr-defined]
+            while c.free > 0:  # type: ignore[attr-defined]
+                k = min(c.free, per_batch)  # type: ignore[attr-defined]
+                entries = []
+                for _ in range(k):
+                    rid += 1
+                    entries.append(head + b"%d}" % rid)
+                c.sent.extend([now] * k)
+                c.send_text(
+                    b'{"type":"message_batch","data":{"messages":[' + b",".join(entries) + b"]}}"
+                )
+                c.free -= k  # type: ignore[attr-defined]
+                sent += k
+                batches += 1
+
+        def on_own(c: Client, now: int) -> None:
+            c.free += 1  # type: ignore[attr-defined]
+            if not c.flushing:  # type: ignore[attr-defined]
+                c.flushing = True  # type: ignore[attr-defined]
+                loop.call_soon(flush, c)
+
+        await asyncio.sleep(max(0.0, (t0 - warm - MONO()) / 1e9))
+        for c in self.clients:
+            c.entry = (  # type: ignore[attr-defined]
+                b'{"type":"room_message","data":{"room":"'
+                + c.own_room.encode()  # type: ignore[attr-defined]
+                + b'","content":"'
+                + content
+                + b'"},"request_id":'
+            )
+            c.mode = OWN
+            c.on_own = on_own
+            c.free = cmd["window"]  # type: ignore[attr-defined]
+            c.flushing = False  # type: ignore[attr-defined]
+            flush(c)
+        await self.window(t0, t1)
+        for c in self.clients:
+            c.on_own = None
+        await self.drain({"quiet": 0.3, "limit": 5})
+        lat = self.stats.own_lat
+        return {
+            "acked": self.stats.own_rx,
+            "sent": sent,
+            "batches": batches,
+            "other": self.stats.other,
+            "cpu": self.cpu_window,
+            "lat_ns": lat[:: max(1, len(lat) // 200_000)],
+            "open": sum(1 for c in self.clients if c.is_open),
+        }
+
+    async def batch_probe(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Does the server understand ``message_batch``? One batch of one
+        message from the first client: its own copy back (yes), or an error
+        frame (no), within ``timeout`` s."""
+        if not self.clients:
+            return {"answer": "no client"}
+        c = self.clients[0]
+        loop = asyncio.get_running_loop()
+        copy: asyncio.Future[bytes] = loop.create_future()
+        error = c.expect(b'"error"')
+
+        def on_own(_c: Client, _now: int) -> None:
+            if not copy.done():
+                copy.set_result(b"copy")
+
+        c.mode = OWN
+        c.on_own = on_own
+        c.sent.append(MONO())
+        room = c.own_room.encode()  # type: ignore[attr-defined]
+        c.send_text(
+            b'{"type":"message_batch","data":{"messages":[{"type":"room_message","data":'
+            b'{"room":"' + room + b'","content":"probe"},"request_id":1}]}}'
+        )
+        done, _ = await asyncio.wait(
+            {copy, error}, timeout=cmd.get("timeout", 3.0), return_when=asyncio.FIRST_COMPLETED
+        )
+        c.on_own = None
+        c.mode = IDLE
+        c.waiter = None
+        c.sent.clear()
+        if copy in done:
+            answer = "copy"
+        elif error in done and not error.exception():
+            answer = bytes(error.result()[:300]).decode("utf-8", "replace")
+        else:
+            answer = "no answer"
+        await self.drain({"quiet": 0.2, "limit": 2})
+        return {"supported": copy in done, "answer": answer}
+
+    # --- one big room -----------------------------------------------------------
+
+    def _member_counts(self) -> dict[str, Any]:
+        ms = self.members
+        rx = [m.client.rx_bytes if m.client else 0 for m in ms]
+        frames = [m.client.frames_rx if m.client else 0 for m in ms]
+        pres = [m.client.presence_rx if m.client else 0 for m in ms]
+        return {
+            "rx_bytes": sum(rx),
+            "rx_bytes_max": max(rx, default=0),
+            "frames": sum(frames),
+            "frames_max": max(frames, default=0),
+            "presence_frames": sum(pres),
+            "presence_frames_max": max(pres, default=0),
+            "user_presence": self.stats.presence,
+            "room_presence": self.stats.summaries,
+        }
+
+    async def big_join(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Every open connection becomes a member and, at ``t0``, sends
+        ``join_room``; wait for the acks until ``deadline`` (ns); then until
+        nothing has arrived for 0.5 s (the presence frames still on their
+        way), at most 10 s. Frames and bytes received are counted per
+        connection from ``t0``."""
+        self.quiet = cmd.get("quiet", 0.5)
+        self.members = [Member(c.uid, c) for c in self.clients if c.is_open]  # type: ignore[attr-defined]
+        self.clients = []
+        self.stats.presence = self.stats.summaries = 0
+        join = json.dumps({"type": "join_room", "data": {"room": cmd["room"]}}).encode()
+        for m in self.members:
+            c = m.client
+            assert c is not None
+            c.mode = PRESENCE
+            c.rx_bytes = c.frames_rx = c.presence_rx = 0
+        await asyncio.sleep(max(0.0, (cmd["t0"] - MONO()) / 1e9))
+        self.cpu_window = cpu_seconds()
+        first = MONO()
+        self.acks = []
+        for m in self.members:
+            c = m.client
+            assert c is not None
+            self.acks.append(c.expect(ACK_KEY))
+            c.send_text(join)
+        last_sent = MONO()
+        return await self._big_wait(cmd["deadline"], first, last_sent)
+
+    async def big_wait(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Wait (until ``deadline``) for the joins still without an ack."""
+        return await self._big_wait(cmd["deadline"], 0, 0)
+
+    async def _big_wait(self, deadline: int, first: int, last_sent: int) -> dict[str, Any]:
+        pending = [f for f in self.acks if not f.done()]
+        waited = MONO()
+        if pending:
+            await asyncio.wait(pending, timeout=max(0.0, (deadline - MONO()) / 1e9))
+        waited = MONO() - waited
+        # this process's CPU seconds from the joins sent until the last ack
+        cpu = cpu_seconds() - self.cpu_window if first else 0.0
+        errors: Counter[str] = Counter()
+        acks = []
+        for m, f in zip(self.members, self.acks, strict=True):
+            if f.done():
+                if f.exception() is None:
+                    m.joined = True
+                    m.ack_ns = m.client.ack_ns if m.client else 0
+                    acks.append(m.ack_ns)
+                else:
+                    errors[f"{type(f.exception()).__name__}: {f.exception()}"[:80]] += 1
+        if first or pending:  # the presence frames still on their way
+            await self.drain({"quiet": self.quiet, "limit": 10})
+        out = {
+            "members": len(self.members),
+            "joined": len(acks),
+            "first_sent": first,
+            "last_sent": last_sent,
+            "cpu": cpu,
+            "pending": len(pending),
+            "waited_s": waited / 1e9,
+            "acks": acks,
+            "open": sum(1 for m in self.members if m.client and m.client.is_open),
+            "errors": dict(errors),
+            "closes": dict(
+                Counter(
+                    str(m.client.close_code)
+                    for m in self.members
+                    if m.client and m.client.close_code is not None
+                )
+            ),
+        }
+        out.update(self._member_counts())
+        return out
+
+    def big_drop(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Close (RST) the members whose join got no ack: they are not in the room."""
+        keep, dropped = [], 0
+        for m in self.members:
+            if m.joined:
+                keep.append(m)
+            else:
+                dropped += 1
+                if m.client is not None:
+                    m.client.abort()
+        self.members = keep
+        self.acks = []
+        return {"dropped": dropped, "members": len(keep)}
+
+    # --- reconnect storm -------------------------------------------------------
+
+    async def storm_start(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Start, in the background, one task per member (it notices the
+        loss of its connection and reconnects, see ``backoff``) and, when
+        ``publish``, a publisher (the first member) sending ``rate`` msgs/s
+        with probes; return at once. ``since``: rejoin with ``since_id`` (the
+        newest id received); ``ids``: room ids increase across the restart
+        (the server keeps history), so ids are checked."""
+        loop = asyncio.get_running_loop()
+        st: dict[str, Any] = {
+            "target": None,  # the newest id committed before the restart
+            "ids": [],  # the room's ids up to target, sorted
+            "deadline": cmd["deadline"],
+            "arrivals": {},  # seq -> [latest arrival, members reached]
+            "sent_at": [],  # seq -> send ns (0: not sent, the publisher was away)
+            "closes": Counter(),
+            "errors": Counter(),
+            "stop": loop.create_future(),
+            # the members (not the publisher) make their first attempt once
+            # this is set: when the publisher is back (``storm_go``)
+            "go": asyncio.Event(),
+        }
+        self.storm = st
+        self.stats.presence = self.stats.summaries = 0
+        room = cmd["room"]
+        since, check_ids = cmd["since"], cmd["ids"]
+        base, cap, jitter = cmd["backoff_base"], cmd["backoff_cap"], cmd["first_jitter"]
+        arrivals: dict[int, list[int]] = st["arrivals"]
+        port = cmd["port"]
+
+        def caught(m: Member, now: int) -> None:
+            target = st["target"]
+            if not check_ids:
+                m.caught_ns = m.back_ns
+                return
+            if target is None or m.last_id < target:
+                return
+            ids = st["ids"]
+            expected = bisect.bisect_right(ids, target) - bisect.bisect_right(ids, m.since0)
+            if m.n_pre >= expected:
+                m.caught_ns = now
+
+        def on_msg(c: Client, msg_id: int, seq: int, now: int) -> None:
+            m: Member = c.member  # type: ignore[attr-defined]
+            if seq >= 0:
+                rec = arrivals.get(seq)
+                if rec is None:
+                    arrivals[seq] = [now, 1]
+                else:
+                    rec[1] += 1
+                    if now > rec[0]:
+                        rec[0] = now
+            if m.since0 < 0 or not check_ids:
+                m.last_id = max(m.last_id, msg_id)
+                return
+            if msg_id <= m.last_id:
+                m.dups += 1
+                return
+            m.last_id = msg_id
+            m.n_after += 1
+            target = st["target"]
+            if target is not None and msg_id <= target:
+                m.n_pre += 1
+            if not m.caught_ns and m.back_ns:
+                caught(m, now)
+
+        def attach(m: Member, c: Client) -> None:
+            c.member = m  # type: ignore[attr-defined]
+            c.mode = STORM
+            c.on_msg = on_msg
+            m.client = c
+
+        async def life(m: Member) -> None:
+            loop = asyncio.get_running_loop()
+            stop = st["stop"]
+            c = m.client
+            if c is not None and c.is_open:
+                await asyncio.shield(c.closed)
+            m.lost_ns = MONO()
+            m.since0 = m.last_id
+            m.joined = False
+            st["closes"][str(c.close_code) if c is not None else "none"] += 1
+            delay = 0.0 if m is publisher else random.uniform(0, jitter)
+            if m is not publisher:
+                go = asyncio.ensure_future(st["go"].wait())
+                await asyncio.wait(
+                    {go, stop},
+                    timeout=max(0.0, (st["deadline"] - MONO()) / 1e9),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                go.cancel()
+            k = 0
+            while True:
+                await asyncio.sleep(delay)
+                left = (st["deadline"] - MONO()) / 1e9
+                if left <= 0 or stop.done():
+                    return
+                m.attempts += 1
+                k += 1
+                # the publisher comes back as soon as it can: the storm's traffic
+                delay = 0.05 if m is publisher else backoff(k, base, cap)
+                c = None
+                target = targets[m.uid]
+                # the publisher does not sit out a dropped SYN's retransmits
+                timeout = min(CONNECT_TIMEOUT, left)
+                tcp_timeout = min(1.0, timeout) if m is publisher else timeout
+                try:
+                    _, c = await asyncio.wait_for(
+                        loop.create_connection(
+                            partial(Client, self.stats, target, False),
+                            "127.0.0.1",
+                            port,
+                        ),
+                        tcp_timeout,
+                    )
+                    attach(m, c)
+                    await asyncio.wait_for(c.ready, timeout)
+                    ack = c.expect(ACK_KEY)
+                    data: dict[str, Any] = {"room": room}
+                    if since:
+                        data["since_id"] = m.last_id
+                    c.send_text(json.dumps({"type": "join_room", "data": data}).encode())
+                    # in slices: the deadline can move closer meanwhile
+                    while not ack.done():
+                        left = (st["deadline"] - MONO()) / 1e9
+                        if left <= 0 or stop.done():
+                            raise TimeoutError("no join_room_ack before the deadline")
+                        await asyncio.wait({ack}, timeout=min(0.5, left))
+                    ack.result()
+                except Exception as exc:  # counted, then the next attempt
+                    if c is not None and c.close_code is not None:  # refused: 1013, ...
+                        st["errors"][f"closed {c.close_code} {c.close_reason}"[:60]] += 1
+                    elif isinstance(exc, OSError) and exc.errno:
+                        st["errors"][f"{type(exc).__name__} (errno {exc.errno})"] += 1
+                    elif isinstance(exc, TimeoutError) and not str(exc):
+                        st["errors"]["TimeoutError: no connection or no 101 in time"] += 1
+                    else:
+                        st["errors"][f"{type(exc).__name__}: {str(exc)[:50]}"] += 1
+                    if c is not None:
+                        c.abort()
+                    continue
+                m.joined = True
+                m.back_ns = c.ack_ns
+                m.not_recovered = c.not_recovered
+                if not m.caught_ns:
+                    caught(m, c.ack_ns)
+                await asyncio.shield(c.closed)  # a second loss: around again
+                if stop.done():
+                    return
+                m.joined = False
+                st["closes"][str(c.close_code)] += 1
+                delay = random.uniform(0, jitter)
+                k = 0
+
+        async def publish(pub: Member, rate: float) -> None:
+            sent_at: list[int] = st["sent_at"]
+            start = MONO()
+            seq = 0
+            tick = min(0.005, 0.25 / rate)
+            while MONO() < st["deadline"] and not st["stop"].done():
+                due = int((MONO() - start) * rate / 1e9) + 1
+                while seq < due:
+                    c = pub.client
+                    if c is not None and c.is_open and pub.joined:
+                        at = MONO()
+                        sent_at.append(at)
+                        stamp = probe(seq, at)
+                        c.send_text(
+                            b'{"type":"room_message","data":{"room":"'
+                            + room.encode()
+                            + b'","content":"'
+                            + stamp
+                            + b"x" * max(0, 100 - len(stamp))
+                            + b'"}}'
+                        )
+                    else:
+                        sent_at.append(0)
+                    seq += 1
+                await asyncio.sleep(tick)
+
+        publisher = self.members[0] if cmd["publish"] and self.members else None
+        st["publisher"] = publisher
+        # tokens made now, not in the storm (a JWT costs tens of µs here)
+        targets = {m.uid: f"/ws/chat?token={self.token(m.uid)}" for m in self.members}
+        for m in self.members:
+            if m.client is not None:
+                attach(m, m.client)
+                c = m.client
+                c.rx_bytes = c.frames_rx = c.presence_rx = 0
+        st["tasks"] = [asyncio.ensure_future(life(m)) for m in self.members]
+        if publisher is not None:
+            st["tasks"].append(asyncio.ensure_future(publish(publisher, cmd["rate"])))
+        return {"members": len(self.members)}
+
+    def storm_target(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """The newest room id committed before the restart, and the room's ids."""
+        st = self.storm
+        if st is not None:
+            st["target"] = cmd["target"]
+            st["ids"] = sorted(cmd["ids"])
+            st["deadline"] = cmd.get("deadline", st["deadline"])
+        return {}
+
+    def storm_go(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """The members may start reconnecting."""
+        if self.storm is not None:
+            self.storm["go"].set()
+        return {}
+
+    def storm_status(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        ms = self.members
+        st = self.storm
+        pub = st["publisher"] if st is not None else None
+        return {
+            "publisher_back": pub is not None and pub.joined and pub.lost_ns > 0,
+            "cpu": cpu_seconds(),
+            "members": len(ms),
+            "lost": sum(1 for m in ms if m.lost_ns),
+            "back": sum(1 for m in ms if m.back_ns),
+            "caught": sum(1 for m in ms if m.caught_ns),
+        }
+
+    async def storm_stop(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """Stop the publisher and the member tasks; after ``drain`` s of quiet
+        (at most 5 s), report per member and the latency arrivals."""
+        st = self.storm
+        if st is None:
+            return {}
+        if not st["stop"].done():
+            st["stop"].set_result(True)
+        for t in st["tasks"]:
+            t.cancel()
+        # (asyncio.wait_for of Python 3.11 can swallow a cancel: the stop
+        # flag ends those tasks at their next step, and this wait is bounded)
+        if st["tasks"]:
+            await asyncio.wait(st["tasks"], timeout=5)
+        if cmd.get("drain", 0.5):
+            await self.drain({"quiet": cmd.get("drain", 0.5), "limit": 5})
+        self.storm = None
+        ms = self.members
+        out = {
+            "members": [
+                [
+                    m.since0,
+                    m.lost_ns,
+                    m.back_ns,
+                    m.caught_ns,
+                    m.attempts,
+                    m.n_after,
+                    m.last_id,
+                    m.dups,
+                    int(m.not_recovered),
+                ]
+                for m in ms
+            ],
+            "arrivals": st["arrivals"],
+            "sent_at": st["sent_at"],
+            "closes": dict(st["closes"]),
+            "errors": dict(st["errors"]),
+            "open": sum(1 for m in ms if m.client and m.client.is_open),
+        }
+        out.update(self._member_counts())
+        return out
+
 
 def worker_main(conn: Any, index: int, secret: str, cpus: set[int] | None = None) -> None:
     """Process entry: serve commands from ``conn`` until ``exit`` (or EOF)."""
@@ -368,11 +950,10 @@ def worker_main(conn: Any, index: int, secret: str, cpus: set[int] | None = None
                 op = cmd["op"]
                 if op == "exit":
                     return
-                if op == "held":
-                    reply = worker.held(cmd)
-                else:
-                    reply = await getattr(worker, op)(cmd)
+                fn = getattr(worker, op)
+                reply = await fn(cmd) if asyncio.iscoroutinefunction(fn) else fn(cmd)
                 conn.send(reply)
-                gc.collect()
+                if op not in LIGHT:
+                    gc.collect()
 
     asyncio.run(serve())

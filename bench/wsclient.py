@@ -14,6 +14,17 @@ in the content, or waiting for the client's own copy. Times are
 ``time.monotonic_ns()`` (CLOCK_MONOTONIC, system-wide on Linux, so the
 publisher's clock and every receiver's clock in other processes are the same
 clock), read once per received chunk.
+
+Two more modes serve the big-room and reconnect-storm scenarios: ``PRESENCE``
+counts every frame a connection receives, its bytes and the presence frames
+among them (``user_connected``/``user_disconnected``, or a summarised
+``room_presence``), and notes when the awaited ``join_room_ack`` arrived;
+``STORM`` does the same and hands each ``room_message``'s ``id`` and probe
+seq to ``on_msg``. Both read whole chunks at a time where they can (the
+frame headers walked, the rest found with ``bytes.count``/``find``). A frame
+much larger than a read (a ``join_room_ack`` listing 10,000 members is about
+400 KB) is gathered as a list of reads and joined once, not re-copied on
+every read. A close frame's code and reason are kept (``close_code``).
 """
 
 from __future__ import annotations
@@ -34,9 +45,13 @@ TAIL = b"\x00\x00\xff\xff"
 ROOM_MESSAGE = b'{"type":"room_message"'
 REQUEST_ID = b'"request_id"'
 LAT_MARK = b'"content":"L'
+ID_MARK = b'"id":'
+PRESENCE_MARKS = (b'"user_connected"', b'"user_disconnected"')
+SUMMARY_MARK = b'"room_presence"'
+NOT_RECOVERED = b'"recovered":false'
 
 # modes
-IDLE, COUNT, LATENCY, OWN = 0, 1, 2, 3
+IDLE, COUNT, LATENCY, OWN, PRESENCE, STORM = 0, 1, 2, 3, 4, 5
 
 
 def frame(payload: bytes, opcode: int = 1) -> bytes:
@@ -59,6 +74,25 @@ def frame(payload: bytes, opcode: int = 1) -> bytes:
 
 
 CLOSE_1000 = struct.pack("!H", 1000)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+def frame_size(buf: bytes) -> int:
+    """The whole size (header included) of the server frame starting
+    ``buf``; 0 while its header is incomplete."""
+    n = len(buf)
+    if n < 2:
+        return 0
+    ln = buf[1] & 127
+    if ln < 126:
+        return 2 + ln
+    if ln == 126:
+        return 4 + ((buf[2] << 8) | buf[3]) if n >= 4 else 0
+    return 10 + int.from_bytes(buf[2:10], "big") if n >= 10 else 0
 
 
 def probe(seq: int, sent_ns: int) -> bytes:
@@ -115,6 +149,9 @@ class Stats:
         self.own_lat: list[int] = []  # send -> own copy, ns (while counting)
         self.own_rx = 0
         self.last_rx_ns = 0
+        # PRESENCE / STORM modes
+        self.presence = 0  # user_connected / user_disconnected frames
+        self.summaries = 0  # room_presence frames
 
 
 class Client(asyncio.Protocol):
@@ -126,6 +163,7 @@ class Client(asyncio.Protocol):
         self.target = target
         self.offer_deflate = deflate
         self.ready: asyncio.Future[bool] = loop.create_future()
+        self.ready.add_done_callback(_retrieve)  # (a failed connect nobody awaits)
         self.closed: asyncio.Future[bool] = loop.create_future()
         self.waiter: asyncio.Future[bytes] | None = None  # next frame containing waiter_key
         self.waiter_key = b""
@@ -140,6 +178,20 @@ class Client(asyncio.Protocol):
         self.sent: deque[int] = deque()
         self.on_own: Any = None  # callback(client, now) after an own copy
         self.close_sent = False
+        # the close frame received: code (1005: none in it) and reason
+        self.close_code: int | None = None
+        self.close_reason = ""
+        # a large frame being gathered: its reads so far, their bytes, its size
+        self.parts: list[bytes] | None = None
+        self.have = 0
+        self.need = 0
+        # PRESENCE / STORM modes: what this connection received
+        self.rx_bytes = 0
+        self.frames_rx = 0
+        self.presence_rx = 0
+        self.ack_ns = 0  # when the awaited frame (``expect``) arrived
+        self.not_recovered = False  # its join_room_ack said "recovered": false
+        self.on_msg: Any = None  # STORM: callback(client, id, seq, now) per room_message
 
     # --- asyncio.Protocol --------------------------------------------------
 
@@ -192,15 +244,39 @@ class Client(asyncio.Protocol):
             self.upgraded = True
             if b"permessage-deflate" in head.lower():
                 self.inflater = zlib.decompressobj(-15)
-            self.ready.set_result(True)
+            if not self.ready.done():  # (cancelled: its wait timed out)
+                self.ready.set_result(True)
             if not data:
                 return
-        buf = self.buf + data if self.buf else data
+        self.rx_bytes += len(data)
+        if self.parts is not None:  # a large frame: join its reads once
+            self.parts.append(data)
+            self.have += len(data)
+            if self.have < self.need:
+                return
+            buf = b"".join(self.parts)
+            self.parts = None
+            size = self.need
+            if self.mode >= PRESENCE and self._large(buf, size, MONO()):
+                if len(buf) == size:
+                    self.buf = b""
+                    return
+                buf = buf[size:]
+        else:
+            buf = self.buf + data if self.buf else data
         n = len(buf)
         i = 0
         now = MONO()
         if (self.mode == COUNT or self.mode == LATENCY) and self._fast(buf, n, now):
             return
+        if self.mode >= PRESENCE:
+            i, frames = self._plain(buf, n)
+            if i >= 0:
+                if frames:
+                    self._account(buf, 0, i, frames, now)
+                self._keep(buf, i, n)
+                return
+            i = 0
         stats = self.stats
         mode = self.mode
         counting = stats.counting
@@ -241,6 +317,11 @@ class Client(asyncio.Protocol):
                     rsv1 = b0 & 0x40
                 if rsv1:
                     payload = self.inflater.decompress((payload or buf[h:end]) + TAIL)
+                if mode >= PRESENCE:
+                    if payload is None:
+                        payload = buf[h:end]
+                    self._account(payload, 0, len(payload), 1, now)
+                    continue
                 if (mode == COUNT or mode == LATENCY) and payload is None:
                     is_rm = buf.startswith(ROOM_MESSAGE, h)
                 else:
@@ -277,14 +358,18 @@ class Client(asyncio.Protocol):
                             stats.own_lat.append(now - sent)
                         if self.on_own is not None:
                             self.on_own(self, now)
-            elif op == 9:  # ping -> pong
-                self.send_raw(frame(buf[h:end], 0xA))
+            elif op == 9:  # ping -> pong (none after our close frame)
+                if not self.close_sent:
+                    self.send_raw(frame(buf[h:end], 0xA))
             elif op == 0xA:  # pong
                 if self.waiter is not None and self.waiter_key == b"<pong>":
                     if not self.waiter.done():
                         self.waiter.set_result(b"")
                     self.waiter = None
             elif op == 8:  # close
+                if self.close_code is None:
+                    self.close_code = (buf[h] << 8) | buf[h + 1] if ln >= 2 else 1005
+                    self.close_reason = bytes(buf[h + 2 : end]).decode("utf-8", "replace")
                 if not self.close_sent:
                     self.close_sent = True
                     self.send_raw(frame(buf[h : h + 2] if ln >= 2 else b"", 8))
@@ -294,7 +379,7 @@ class Client(asyncio.Protocol):
                     self.waiter = None
                 if self.transport is not None:
                     self.transport.close()
-        self.buf = buf[i:] if i < n else b""
+        self._keep(buf, i, n)
         if lat_n:
             first, last = probe_seq(lat_first), probe_seq(lat_last)
             if first >= 0 and last >= 0:
@@ -335,8 +420,109 @@ class Client(asyncio.Protocol):
         if stats.counting:
             stats.rx += frames
         stats.last_rx_ns = now
-        self.buf = buf[i:] if i < n else b""
+        self._keep(buf, i, n)
         return True
+
+    def _keep(self, buf: bytes, i: int, n: int) -> None:
+        """Keep ``buf[i:]``, the start of the next frame, for the next read;
+        when that frame is much larger than a read, gather it in ``parts``."""
+        if i >= n:
+            self.buf = b""
+            return
+        rest = buf[i:] if i else buf
+        size = frame_size(rest)
+        if size - len(rest) > RECV_SIZE:
+            self.parts = [rest]
+            self.have = len(rest)
+            self.need = size
+            self.buf = b""
+        else:
+            self.buf = rest
+
+    def _large(self, buf: bytes, size: int, now: int) -> bool:
+        """PRESENCE / STORM: the large frame ``buf[:size]`` (a join_room_ack
+        listing thousands of members), counted without scanning it all: the
+        awaited key is near its start, ``recovered`` near its end. False
+        (nothing done) for anything else (a large room message, a fragment)."""
+        if buf[0] != 0x81:
+            return False
+        ln = buf[1] & 127
+        h = 2 if ln < 126 else 4 if ln == 126 else 10
+        if buf.startswith(ROOM_MESSAGE, h):
+            return False
+        self.frames_rx += 1
+        self.stats.last_rx_ns = now
+        if self.waiter is not None and buf.find(self.waiter_key, h, h + 64) >= 0:
+            self.ack_ns = now
+            if buf.find(NOT_RECOVERED, max(h, size - 160), size) >= 0:
+                self.not_recovered = True
+            waiter, self.waiter = self.waiter, None
+            if not waiter.done():
+                waiter.set_result(b"")
+        return True
+
+    @staticmethod
+    def _plain(buf: bytes, n: int) -> tuple[int, int]:
+        """(end of the last complete frame, frames) when every complete
+        frame of ``buf`` is a whole text frame; (-1, 0) otherwise."""
+        i = frames = 0
+        while n - i >= 2:
+            if buf[i] != 0x81:
+                return -1, 0
+            ln = buf[i + 1]
+            if ln < 126:
+                end = i + 2 + ln
+            elif ln == 126:
+                if n - i < 4:
+                    break
+                end = i + 4 + ((buf[i + 2] << 8) | buf[i + 3])
+            else:
+                if n - i < 10:
+                    break
+                end = i + 10 + int.from_bytes(buf[i + 2 : i + 10], "big")
+            if end > n:
+                break
+            i = end
+            frames += 1
+        return i, frames
+
+    def _account(self, buf: bytes, lo: int, hi: int, frames: int, now: int) -> None:
+        """PRESENCE / STORM: ``frames`` whole text frames in ``buf[lo:hi]``
+        (headers included, which no marker can match)."""
+        stats = self.stats
+        stats.last_rx_ns = now
+        self.frames_rx += frames
+        pres = buf.count(PRESENCE_MARKS[0], lo, hi) + buf.count(PRESENCE_MARKS[1], lo, hi)
+        summ = buf.count(SUMMARY_MARK, lo, hi)
+        if pres or summ:
+            stats.presence += pres
+            stats.summaries += summ
+            self.presence_rx += pres + summ
+        if self.waiter is not None:
+            j = buf.find(self.waiter_key, lo, hi)
+            if j >= 0:
+                self.ack_ns = now
+                # the ack's own fields come before anything else it could hold
+                k = buf.find(NOT_RECOVERED, j, hi)
+                if k >= 0 and buf.find(ROOM_MESSAGE, j, k) < 0:
+                    self.not_recovered = True
+                waiter, self.waiter = self.waiter, None
+                if not waiter.done():
+                    waiter.set_result(b"")
+        if self.mode == STORM and self.on_msg is not None:
+            p = buf.find(ROOM_MESSAGE, lo, hi)
+            while p >= 0:
+                j = buf.find(ID_MARK, p, hi)
+                e = buf.find(b",", j, hi)
+                msg_id = int(buf[j + len(ID_MARK) : e])
+                nxt = buf.find(ROOM_MESSAGE, e, hi)
+                k = buf.find(LAT_MARK, e, hi if nxt < 0 else nxt)
+                seq = -1
+                if k >= 0:
+                    k += len(LAT_MARK)
+                    seq = int(buf[k : buf.find(b":", k, hi)])
+                self.on_msg(self, msg_id, seq, now)
+                p = nxt
 
     # --- actions -------------------------------------------------------------
 
@@ -350,6 +536,9 @@ class Client(asyncio.Protocol):
     def expect(self, key: bytes) -> asyncio.Future[bytes]:
         """A future for the next text frame containing ``key`` (or ``<pong>``, ``<close>``)."""
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # a connection lost before the frame fails the future; nobody may be
+        # waiting on it any more (given up at a deadline): retrieve it here
+        fut.add_done_callback(_retrieve)
         self.waiter = fut
         self.waiter_key = key
         return fut

@@ -75,6 +75,26 @@ def error(code: str, message: str, request_id: Any) -> str:
     return dumps(frame)
 
 
+def join_ack(room: str, members: set[ServerConnection], rid: Any) -> str:
+    """The ack, listing the room's users. Built here, not in ``handler``:
+    locals of the handler live as long as the connection waits for its next
+    frame, and in a room of 10,000 the member list is a few MB a connection."""
+    seen = {IDENTS[m][0]: IDENTS[m][1] for m in members}
+    ack: dict[str, Any] = {
+        "type": "join_room_ack",
+        "data": {
+            "room": room,
+            "success": True,
+            "message": "Joined room successfully",
+            "members": [{"user_id": u, "username": n} for u, n in seen.items()],
+        },
+        "timestamp": now_iso(),
+    }
+    if rid is not None:
+        ack["request_id"] = rid
+    return dumps(ack)
+
+
 async def handler(ws: ServerConnection) -> None:
     global SEQ
     user_id, username = IDENTS[ws]
@@ -100,20 +120,7 @@ async def handler(ws: ServerConnection) -> None:
                 members = ROOMS.setdefault(room, set())
                 members.add(ws)
                 joined.add(room)
-                seen = {IDENTS[m][0]: IDENTS[m][1] for m in members}
-                ack: dict[str, Any] = {
-                    "type": "join_room_ack",
-                    "data": {
-                        "room": room,
-                        "success": True,
-                        "message": "Joined room successfully",
-                        "members": [{"user_id": u, "username": n} for u, n in seen.items()],
-                    },
-                    "timestamp": now_iso(),
-                }
-                if rid is not None:
-                    ack["request_id"] = rid
-                await ws.send(dumps(ack))
+                await ws.send(join_ack(room, members, rid))
             elif kind == "room_message":
                 room = data.get("room")
                 members = ROOMS.get(room)  # type: ignore[arg-type]
