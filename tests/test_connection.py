@@ -9,12 +9,20 @@ import logging
 
 import pytest
 import trio
+import trio.testing
 
 from chatd.auth import Identity
 from chatd.transport.fanout import Fanout
 from chatd.transport.websocket import WebSocketConnection
 from chatd.transport.wire import State
-from tests.helpers.raw import OP_CLOSE, OP_TEXT, accepted_server, client_frame, parse_frames
+from tests.helpers.raw import (
+    OP_CLOSE,
+    OP_PING,
+    OP_TEXT,
+    accepted_server,
+    client_frame,
+    parse_frames,
+)
 
 
 class Failing:
@@ -62,4 +70,92 @@ async def test_a_handler_that_raises_ends_its_connection_not_the_node(
     assert conn.close_code == 1011 and conn.state is State.GONE
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert errors and errors[0].exc_info and "UserID=7" in errors[0].getMessage()
+    await peer.aclose()
+
+
+class Stalled:
+    """A handler whose first message waits, shielded, like a read on a
+    worker thread that a cancellation cannot interrupt."""
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+        self.entered = trio.Event()
+
+    async def handle_text(self, raw: str) -> None:
+        self.entered.set()
+        with trio.CancelScope(shield=True):
+            await self.gate.wait()
+
+    async def handle_binary(self) -> None:
+        raise AssertionError("no binary frame is sent")
+
+
+async def test_bytes_read_before_the_connection_was_dropped_are_dropped_quietly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The connection is dropped (the idle timeout, a reset) while its
+    reader waits in a handler, with more frames already read: once the
+    handler returns, they are dropped without an error."""
+    a, b = trio.socket.socketpair()
+    conn = WebSocketConnection(
+        trio.SocketStream(a),
+        accepted_server(),
+        Identity(8, "hal", None),
+        Fanout(),
+        window_bits=None,
+        send_buffer_bytes=1 << 20,
+        ping_interval=30,
+        idle_timeout=75,
+        max_message_bytes=65536,
+    )
+    peer = trio.SocketStream(b)
+    handler = Stalled()
+    # Two frames in one write: the reader has both once it reads.
+    await peer.send_all(client_frame(OP_TEXT, b"first") + client_frame(OP_PING, b"p"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run, handler)
+        await handler.entered.wait()
+        try:
+            conn.on_timer(conn.last_seen + 1000)  # silent for too long: dropped
+        finally:
+            handler.gate.set()
+        assert conn.state is State.GONE
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    await peer.aclose()
+
+
+async def test_a_peer_that_spoke_while_its_reader_was_busy_is_not_idle() -> None:
+    """Idleness is judged by what the peer sent, read or not: while the
+    reader waits in a handler (a join in a reconnect storm), the peer's
+    pongs and frames wait in the socket, and the connection stays."""
+    a, b = trio.socket.socketpair()
+    conn = WebSocketConnection(
+        trio.SocketStream(a),
+        accepted_server(),
+        Identity(9, "ida", None),
+        Fanout(),
+        window_bits=None,
+        send_buffer_bytes=1 << 20,
+        ping_interval=30,
+        idle_timeout=75,
+        max_message_bytes=65536,
+    )
+    peer = trio.SocketStream(b)
+    handler = Stalled()
+    await peer.send_all(client_frame(OP_TEXT, b"first"))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.run, handler)
+        await handler.entered.wait()
+        try:
+            silent_since = conn.last_seen
+            await peer.send_all(client_frame(OP_PING, b"still here"))
+            await trio.testing.wait_all_tasks_blocked()
+            conn.on_timer(silent_since + 1000)
+            alive = conn.state
+        finally:
+            handler.gate.set()
+        assert alive is State.OPEN  # the ping was in the socket: alive
+        await trio.testing.wait_all_tasks_blocked()
+        conn.on_timer(conn.last_seen + 1000)  # read, and silent since: dropped
+        assert conn.state is State.GONE
     await peer.aclose()

@@ -55,6 +55,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import select
 import time
 from collections import deque
 from collections.abc import Callable
@@ -81,6 +82,13 @@ CLOSE_TIMEOUT = 5.0
 LOW_WATER = 65536
 #: Most buffers handed to one ``writev`` (Linux IOV_MAX is 1024).
 WRITEV_MAX = 512
+
+
+def _unread(fd: int) -> bool:
+    """Whether bytes from the peer wait in the socket, unread."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _read(fd: int) -> bytes | None:
@@ -517,7 +525,7 @@ class WebSocketConnection:
                 return True
             elif isinstance(event, Pong):
                 pass
-        return ws.state is CLOSED
+        return ws.state is CLOSED or ws.state is GONE
 
     def _kick(self) -> None:
         """Make sure a writer runs for what is buffered."""
@@ -606,9 +614,14 @@ class WebSocketConnection:
             return None
         idle_deadline = self.last_seen + self._idle_timeout
         if now >= idle_deadline:
-            log.info("WS_IDLE: UserID=%d: no sign of life, dropping", self.identity.user_id)
-            self._abort()
-            return None
+            if not _unread(self._fd):
+                log.info("WS_IDLE: UserID=%d: no sign of life, dropping", self.identity.user_id)
+                self._abort()
+                return None
+            # The peer did speak: its bytes wait unread while the reader is
+            # busy in a handler (a join in a reconnect storm, a slow store).
+            self.last_seen = now
+            idle_deadline = now + self._idle_timeout
         if now >= self._next_ping:
             self._next_ping = now + self._ping_interval
             if self._ws.state is OPEN:

@@ -111,11 +111,14 @@ class Wire:
         self.state = GONE
 
     def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the peer (``Connection.receive_data``)."""
+        """Feed bytes from the peer (``Connection.receive_data``). Once
+        ``GONE`` they are dropped: the reader may still hold bytes it read
+        before the socket went (a handler it awaited saw the connection
+        dropped)."""
         state = self.state
         if state is OPEN or state is LOCAL_CLOSING:
             self._proto.receive_bytes(data)
-        elif state is CLOSED or state is GONE:
+        elif state is CLOSED:
             raise LocalProtocolError("Connection already closed.")
 
     def events(self) -> Iterator[Event]:
