@@ -59,13 +59,16 @@ class Bus(Protocol[P_contra]):
         """Deliver a committed message everywhere; ``origin``'s copy carries
         ``request_id``. Called in commit order; never blocks."""
 
+    async def follow(self, room: str) -> None:
+        """A connection is about to join ``room`` on this node: from now on
+        the room's messages must reach this node's hub."""
+
     async def joined(
-        self, peer: P_contra, room: str, last_seq: int, first: bool, limit: int
+        self, peer: P_contra, room: str, first: bool, limit: int
     ) -> tuple[list[Member], int]:
-        """``peer`` has just joined ``room`` on this node (the store said
-        ``last_seq`` at the join; ``first``: its user's first connection
-        there, to announce); return the room's first ``limit`` online
-        members by id, and how many are online."""
+        """``peer`` has just joined ``room`` on this node (``first``: its
+        user's first connection there, to announce); return the room's first
+        ``limit`` online members by id, and how many are online."""
 
     async def members(self, room: str, after_user_id: int, limit: int) -> tuple[list[Member], int]:
         """At most ``limit`` of the room's online members with an id above
@@ -93,9 +96,10 @@ class LocalBus(Generic[P]):
     ) -> None:
         self.hub.deliver(stored, self._wall(), origin, request_id)
 
-    async def joined(
-        self, peer: P, room: str, last_seq: int, first: bool, limit: int
-    ) -> tuple[list[Member], int]:
+    async def follow(self, room: str) -> None:
+        """Every message committed on this node reaches its hub already."""
+
+    async def joined(self, peer: P, room: str, first: bool, limit: int) -> tuple[list[Member], int]:
         if first:
             self.hub.announce("user_connected", peer.identity, room, self._wall())
         return self.hub.members(room, 0, limit), self.hub.member_count(room)

@@ -128,7 +128,7 @@ class LimitsConfig(_Section, frozen=True):
     #: Above this many members online in a room, presence changes there are
     #: sent as one room_presence summary a second instead of one
     #: user_connected / user_disconnected per change to every member.
-    presence_max_members: Annotated[int, Meta(ge=1, le=10_000_000)] = 1000
+    presence_max_members: Annotated[int, Meta(ge=1, le=10_000_000)] = 100
 
 
 class ApiConfig(_Section, frozen=True):

@@ -180,7 +180,7 @@ class Hub(Generic[P]):
         fanout: Broadcaster[P],
         metrics: Metrics | None = None,
         *,
-        presence_max_members: int = 1000,
+        presence_max_members: int = 100,
         summary_members: int = 100,
     ) -> None:
         """Above ``presence_max_members`` members a room's presence is
@@ -372,8 +372,12 @@ class Hub(Generic[P]):
             return
         data = {"user_id": uid, "username": ident.username, "room": room}
         frame = OutFrame(encode(kind, data, now, user_id=uid))
-        others = [p for p in state.peers if p.identity.user_id != uid]
-        sent = state.send(frame, others)
+        peers = state.peers
+        if any(mine in peers for mine in self._users.get(uid, ())):
+            sent = state.send(frame, [p for p in peers if p.identity.user_id != uid])
+        else:  # (the usual case: the user's first or last connection here)
+            self._fanout.broadcast(peers, frame, None, None)
+            sent = len(peers)
         for peer, joining in state.joining.items():
             if peer.identity.user_id != uid:
                 joining.held.append((None, frame))

@@ -280,10 +280,8 @@ class Session(Generic[S]):
         data: p.JoinRoom = frame.data
         self._check_token()
         await self._read_limit()
-        access = await self._check_room(data.room)
+        await self._check_room(data.room)
         peer = self.peer
-        if not peer.open:
-            return
         ctx = self.ctx
         hub = ctx.hub
         room = data.room
@@ -292,11 +290,12 @@ class Session(Generic[S]):
         # The room's frames for this connection wait until the ack (and any
         # replay) has gone out; a replay reads the room's messages itself.
         rejoin = hub.is_in(peer, room)
+        await ctx.bus.follow(room)
+        if not peer.open:
+            return
         first = hub.join(peer, room, replaying=since_id is not None)
         try:
-            members, count = await ctx.bus.joined(
-                peer, room, access.last_seq, first, limits.ack_members
-            )
+            members, count = await ctx.bus.joined(peer, room, first, limits.ack_members)
             ack: dict[str, Any] = {
                 "room": room,
                 "success": True,
@@ -393,7 +392,7 @@ class Session(Generic[S]):
         access = await self.ctx.store.room_access(room, self.identity.user_id)
         if access is None:
             raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": room})
-        if access.private and not access.is_member:
+        if not access.allowed:
             raise ChatError(
                 ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": room}
             )

@@ -215,8 +215,8 @@ async def test_user_and_room_commands_on_postgres(tmp_path, pg_dsn, capsys):
         assert db.execute(PEOPLE).fetchall() == [(42, "Zed II")]
     # A server on the same database sees it all.
     async with open_postgres_store(pg_dsn) as store:
-        assert await store.room_access("vault", 3) == RoomAccess("vault", True, True, 0)
-        assert await store.room_access("vault", 2) == RoomAccess("vault", True, False, 0)
+        assert await store.room_access("vault", 3) == RoomAccess("vault", True, True)
+        assert await store.room_access("vault", 2) == RoomAccess("vault", True, False)
         assert await store.user_exists(42)
 
 

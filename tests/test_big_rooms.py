@@ -97,7 +97,7 @@ async def test_presence_in_a_big_room_comes_as_summaries(
 async def test_below_the_threshold_nothing_changes(
     make_config: Callable[..., Config], slow_autojump_clock: trio.testing.MockClock
 ) -> None:
-    """The default threshold (1,000): a room of a few gets user_connected and
+    """The default threshold (100): a room of a few gets user_connected and
     user_disconnected as the protocol document has them, and no summary."""
     async with running(make_config()) as server:
         async with connect(server, 1, "ann") as ann:

@@ -745,6 +745,7 @@ def test_joining_connections_are_apart_from_the_rooms_set() -> None:
         join(hub, peer, "general")
     late = connect(hub, 4)
     hub.join(late, "general")
+    fan.sets.clear()
     hub.deliver(stored(msg_id=5, user_id=9), NOW)
     assert fan.sets == [3]
     assert late.frames == []

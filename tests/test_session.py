@@ -221,12 +221,15 @@ class FakeStore:
     async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
         self.calls.append(("room_access", room, user_id))
         known = self.rooms.get(room)
-        last_seq = len(self.channels.get(room_channel(room), []))
         await self._gate("room_access")
         if known is None:
             return None
         private, members = known
-        return RoomAccess(room, private, user_id in members, last_seq)
+        return RoomAccess(room, private, not private or user_id in members)
+
+    async def last_seq(self, channel: str) -> int:
+        self.calls.append(("last_seq", channel))
+        return len(self.channels.get(channel, []))
 
     async def user_exists(self, user_id: int) -> bool:
         self.calls.append(("user_exists", user_id))
@@ -306,7 +309,8 @@ class FakeBus:
         self.wall = wall
         self.monotonic = monotonic
         self.delivered: list[tuple[StoredMessage, FakePeer | None, str | int | None]] = []
-        self.joins: list[tuple[FakePeer, str, int, bool]] = []
+        self.joins: list[tuple[FakePeer, str, bool]] = []
+        self.follows: list[str] = []
         self.lefts: list[tuple[Identity, str]] = []
         self.limit_calls: list[tuple[str, list[tuple[int, float]]]] = []
         self.made: dict[str, FakeLimits] = {}
@@ -322,10 +326,13 @@ class FakeBus:
         self.delivered.append((stored, origin, request_id))
         self.hub.deliver(stored, self.wall(), origin, request_id)
 
+    async def follow(self, room: str) -> None:
+        self.follows.append(room)
+
     async def joined(
-        self, peer: FakePeer, room: str, last_seq: int, first: bool, limit: int
+        self, peer: FakePeer, room: str, first: bool, limit: int
     ) -> tuple[list[Member], int]:
-        self.joins.append((peer, room, last_seq, first))
+        self.joins.append((peer, room, first))
         if self.gate is not None:
             await self.gate.wait()
         if self.error is not None:
@@ -824,8 +831,9 @@ async def test_join_room_ack(world: World) -> None:
         }
     ]
     assert world.store.calls == [("room_access", "general", ALICE)]
-    # the store's last seq at the join, and alice's first connection there
-    assert world.bus.joins == [(session.peer, "general", 3, True)]
+    # the bus follows the room before the join; alice's first connection there
+    assert world.bus.follows == ["general"]
+    assert world.bus.joins == [(session.peer, "general", True)]
     assert world.hub.is_in(session.peer, "general")
 
 
@@ -857,7 +865,7 @@ async def test_join_tells_the_bus_first_only_for_a_users_first_connection(world:
     await join(tab2)
     await join(bob)
     await join(tab1, "random")
-    assert [(p.identity.user_id, room, first) for p, room, _, first in world.bus.joins] == [
+    assert [(p.identity.user_id, room, first) for p, room, first in world.bus.joins] == [
         (ALICE, "general", True),
         (ALICE, "general", False),
         (BOB, "general", True),

@@ -633,7 +633,7 @@ async def test_room_access(path: str) -> None:
         assert await store.room_access("general", 1) is None
         await store.write(lambda c: ensure_room(c, "general", False))
         await store.write(lambda c: ensure_room(c, "staff", True, (1, 2)))
-        assert await store.room_access("general", 1) == RoomAccess("general", False, False)
+        assert await store.room_access("general", 1) == RoomAccess("general", False, True)
         assert await store.room_access("staff", 1) == RoomAccess("staff", True, True)
         assert await store.room_access("staff", 2) == RoomAccess("staff", True, True)
         assert await store.room_access("staff", 3) == RoomAccess("staff", True, False)
@@ -642,7 +642,7 @@ async def test_room_access(path: str) -> None:
         await store.write(lambda c: ensure_room(c, "staff", True, (3,)))
         assert await store.room_access("staff", 3) == RoomAccess("staff", True, True)
         await store.write(lambda c: ensure_room(c, "staff", False))
-        assert await store.room_access("staff", 4) == RoomAccess("staff", False, False)
+        assert await store.room_access("staff", 4) == RoomAccess("staff", False, True)
         assert await store.room_access("staff", 1) == RoomAccess("staff", False, True)
         # Membership of one room says nothing of another.
         await store.write(lambda c: ensure_room(c, "secret", True, (9,)))

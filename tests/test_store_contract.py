@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -358,37 +359,69 @@ async def test_direct_since(store: AnyStore) -> None:
     assert by_content["in a room"] not in ids(await store.direct_since([1], t1, 10))
 
 
-async def test_room_access_with_last_seq_and_private_membership(store: AnyStore) -> None:
+async def test_room_access_and_private_membership(store: AnyStore) -> None:
     assert await store.room_access("general", 1) is None
     await store.declare_rooms(
         RoomsConfig(public=("general",), private={"staff": (1, 2), "secret": (9,)})
     )
-    assert await store.room_access("general", 1) == RoomAccess("general", False, False, 0)
-    assert await store.room_access("staff", 1) == RoomAccess("staff", True, True, 0)
-    assert await store.room_access("staff", 2) == RoomAccess("staff", True, True, 0)
-    assert await store.room_access("staff", 3) == RoomAccess("staff", True, False, 0)
-    assert await store.room_access("secret", 1) == RoomAccess("secret", True, False, 0)
+    assert await store.room_access("general", 1) == RoomAccess("general", False, True)
+    assert await store.room_access("staff", 1) == RoomAccess("staff", True, True)
+    assert await store.room_access("staff", 2) == RoomAccess("staff", True, True)
+    assert await store.room_access("staff", 3) == RoomAccess("staff", True, False)
+    assert await store.room_access("secret", 1) == RoomAccess("secret", True, False)
     assert await store.room_access("nowhere", 1) is None
-    await fill(store, "general", 3)
-    await fill(store, "staff", 1)
     await fill(store, "random", 2)  # not a declared room: no access row
-    assert await store.room_access("general", 5) == RoomAccess("general", False, False, 3)
-    assert await store.room_access("staff", 2) == RoomAccess("staff", True, True, 1)
     assert await store.room_access("random", 1) is None
+
+
+async def test_last_seq(store: AnyStore) -> None:
+    assert await store.last_seq(GENERAL) == 0
+    await fill(store, "general", 3)
+    await fill(store, "random", 2)
+    assert await store.last_seq(GENERAL) == 3
+    assert await store.last_seq(RANDOM) == 2
+
+
+async def test_room_access_is_reused_only_when_it_lets_the_user_in(store: AnyStore) -> None:
+    """Joins in a storm read a room's access once: an answer that lets the
+    user in is reused (for ``ACCESS_TTL``); a refusal, or an unknown room, is
+    read again, so a member added, or a room created, counts at once. A
+    declaration of rooms forgets what was reused."""
+    await store.declare_rooms(RoomsConfig(public=("general",), private={"staff": (1,)}))
+    assert (await store.room_access("general", 5)).private is False  # type: ignore[union-attr]
+    assert (await store.room_access("staff", 1)).allowed is True  # type: ignore[union-attr]
+    assert (await store.room_access("staff", 2)).allowed is False  # type: ignore[union-attr]
+    # Behind the store's back (as the CLI does): general made private, 2 added.
+    await store.write(lambda c: _ensure(store, c, "general", True, ()))
+    await store.write(lambda c: _ensure(store, c, "staff", True, (2,)))
+    assert await store.room_access("general", 6) == RoomAccess("general", False, True)  # reused
+    assert await store.room_access("staff", 2) == RoomAccess("staff", True, True)  # read again
+    assert await store.room_access("lounge", 1) is None
+    await store.write(lambda c: _ensure(store, c, "lounge", False, ()))
+    assert await store.room_access("lounge", 1) == RoomAccess("lounge", False, True)
+    # The server's own declaration (a reload) forgets what it reused.
+    await store.declare_rooms(RoomsConfig(private={"general": (5,)}))
+    assert await store.room_access("general", 6) == RoomAccess("general", True, False)
+
+
+def _ensure(store: AnyStore, conn: Any, name: str, private: bool, members: tuple[int, ...]) -> None:
+    """The room made or changed directly, as another process would."""
+    module = sys.modules[type(store).__module__]
+    module.ensure_room(conn, name, private, members)
 
 
 async def test_declare_rooms_is_idempotent_and_adds_members_only(store: AnyStore) -> None:
     rooms = RoomsConfig(public=("general", "random"), private={"staff": (1, 2)})
     await store.declare_rooms(rooms)
     await store.declare_rooms(rooms)
-    assert await store.room_access("random", 1) == RoomAccess("random", False, False, 0)
+    assert await store.room_access("random", 1) == RoomAccess("random", False, True)
     await store.declare_rooms(RoomsConfig(public=("general",), private={"staff": (3,)}))
     for user in (1, 2, 3):  # members are added, never removed
-        assert await store.room_access("staff", user) == RoomAccess("staff", True, True, 0)
+        assert await store.room_access("staff", user) == RoomAccess("staff", True, True)
     assert await store.room_access("random", 1) is not None  # rooms are never removed
     await store.declare_rooms(RoomsConfig(public=("general", "staff")))
-    assert await store.room_access("staff", 4) == RoomAccess("staff", False, False, 0)
-    assert await store.room_access("staff", 1) == RoomAccess("staff", False, True, 0)
+    assert await store.room_access("staff", 4) == RoomAccess("staff", False, True)
+    assert await store.room_access("staff", 1) == RoomAccess("staff", False, True)
 
 
 # --- users --------------------------------------------------------------------

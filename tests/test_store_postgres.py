@@ -422,24 +422,31 @@ async def test_reads_use_the_indexes(pg_dsn: str) -> None:
         conn.execute("ANALYZE")
         conn.execute("SET enable_seqscan = off")  # a seq scan then means: no index fits
         recording = Recording(conn)
-        queries: list[Callable[[Any], object]] = [
+        by_channel: list[Callable[[Any], object]] = [
             lambda c: pg.history(c, "r:room1", 20, 100),
             lambda c: pg.missed(c, "r:room1", 5, 50),
             lambda c: pg.after(c, "r:room1", 30, 50),
-            lambda c: pg.room_access(c, "room1", 3),
-            lambda c: pg.direct_since(c, [3, 4], "2024-01-01T00:45:00Z", 50),
+            lambda c: pg.last_seq(c, "r:room1"),
         ]
-        for query in queries:
-            query(recording)
-        plans = []
-        for sql, params in recording.statements:
-            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))
-            assert "Seq Scan on messages" not in plan, plan
-            plans.append(plan)
-        *by_channel, direct = plans  # direct_since is the last query
-        assert len(by_channel) >= 5  # missed reads the newest message first, then where to start
-        assert all("messages_by_channel" in plan for plan in by_channel)
+
+        def plans(queries: list[Callable[[Any], object]]) -> list[str]:
+            recording = Recording(conn)
+            for query in queries:
+                query(recording)
+            found = []
+            for sql, params in recording.statements:
+                plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))
+                assert "Seq Scan" not in plan, plan
+                found.append(plan)
+            return found
+
+        channel_plans = plans(by_channel)
+        assert len(channel_plans) >= 5  # missed reads the newest message first, then where to start
+        assert all("messages_by_channel" in plan for plan in channel_plans)
+        (direct,) = plans([lambda c: pg.direct_since(c, [3, 4], "2024-01-01T00:45:00Z", 50)])
         assert "messages_direct_from" in direct and "messages_direct_to" in direct
+        (access,) = plans([lambda c: pg.room_access(c, "room1", 3)])
+        assert "messages" not in access  # the room and its members alone
 
 
 async def test_the_writer_session_cannot_hold_channels_for_long(pg_dsn: str) -> None:

@@ -177,10 +177,15 @@ class RedisBus(Generic[P]):
         self._outbox.append(event)
         self._outbox_ready.set()
 
-    async def joined(
-        self, peer: P, room: str, last_seq: int, first: bool, limit: int
-    ) -> tuple[list[Member], int]:
-        self._rooms.track(room, last_seq)
+    async def follow(self, room: str) -> None:
+        """Follow the room from its newest seq, read now (before the join:
+        what is committed after it reaches the hub in order), unless this
+        node follows it already."""
+        if self._rooms.last(room) is None:
+            last = await self.store.last_seq(room_channel(room))
+            self._rooms.track(room, last)
+
+    async def joined(self, peer: P, room: str, first: bool, limit: int) -> tuple[list[Member], int]:
         if first:
             self._share("user_connected", peer.identity, room)
         done = trio.Event()

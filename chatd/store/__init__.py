@@ -72,9 +72,9 @@ class RoomAccess:
 
     name: str
     private: bool
-    is_member: bool
-    #: The room's newest seq when this was read (0: no message yet).
-    last_seq: int = 0
+    #: Whether the user may join it and read it: any user a public room,
+    #: its members a private one.
+    allowed: bool
 
 
 class Missed(NamedTuple):
@@ -113,7 +113,13 @@ class Store(Protocol):
         """Record a user (its latest display name)."""
 
     async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
-        """The room named, as ``user_id`` may see it; None when unknown."""
+        """The room named, as ``user_id`` may see it; None when unknown. An
+        answer that lets the user in (a public room, a member of a private
+        one) is reused for ``ACCESS_TTL`` seconds (``writer.Reads``); any
+        other is read again each time."""
+
+    async def last_seq(self, channel: str) -> int:
+        """The channel's newest seq (0: no message yet)."""
 
     async def user_exists(self, user_id: int) -> bool:
         """Whether the user is known (has connected, or was added)."""

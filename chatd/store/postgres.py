@@ -76,7 +76,6 @@ from chatd.store import (
     NewMessage,
     RoomAccess,
     StoredMessage,
-    room_channel,
 )
 from chatd.store.pgschema import migrate
 from chatd.store.sqlite import channel_of
@@ -188,6 +187,7 @@ class PostgresStore(Reads, GroupWriter):
         self._closed = False
         #: Users known to be stored with this name: connects skip the write.
         self._users: dict[int, str] = {}
+        self._access = {}
         # Owned by the writer thread:
         self._conn: Conn | None = None
         self._failures = 0
@@ -406,6 +406,7 @@ class PostgresStore(Reads, GroupWriter):
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         await self._change(lambda conn: declare_rooms(conn, rooms))
+        self.forget_access()
 
     async def dev_user(self, username: str) -> int:
         user_id: int = await self._change(lambda conn: dev_user(conn, username))
@@ -615,15 +616,22 @@ def dev_user(conn: Conn, username: str) -> int:
 
 def room_access(conn: Conn, room: str, user_id: int) -> RoomAccess | None:
     row = conn.execute(
-        "SELECT private,"
-        " EXISTS (SELECT 1 FROM room_members WHERE room = %s AND user_id = %s),"
-        " (SELECT coalesce(max(seq), 0) FROM messages WHERE channel = %s)"
+        "SELECT private, NOT private"
+        " OR EXISTS (SELECT 1 FROM room_members WHERE room = %s AND user_id = %s)"
         " FROM rooms WHERE name = %s",
-        (room, user_id, room_channel(room), room),
+        (room, user_id, room),
     ).fetchone()
     if row is None:
         return None
-    return RoomAccess(room, bool(row[0]), bool(row[1]), int(row[2]))
+    return RoomAccess(room, bool(row[0]), bool(row[1]))
+
+
+def last_seq(conn: Conn, channel: str) -> int:
+    """The channel's newest seq (0: none), from the index."""
+    row = conn.execute(
+        "SELECT seq FROM messages WHERE channel = %s ORDER BY seq DESC LIMIT 1", (channel,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])
 
 
 def user_exists(conn: Conn, user_id: int) -> bool:

@@ -77,6 +77,7 @@ class SqliteStore(Reads, GroupWriter):
         self._writer_conn: sqlite3.Connection | None = None
         #: Users known to be stored with this name: connects skip the write.
         self._users: dict[int, str] = {}
+        self._access = {}
         #: Each channel's last seq; owned by the writer thread.
         self._seqs: dict[str, int] = {}
 
@@ -144,6 +145,7 @@ class SqliteStore(Reads, GroupWriter):
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         await self.write(lambda conn: declare_rooms(conn, rooms))
+        self.forget_access()
 
     async def dev_user(self, username: str) -> int:
         user_id: int = await self.write(lambda conn: dev_user(conn, username))
@@ -347,14 +349,14 @@ def list_rooms(conn: sqlite3.Connection) -> list[tuple[str, bool, list[int]]]:
 
 def room_access(conn: sqlite3.Connection, room: str, user_id: int) -> RoomAccess | None:
     row = conn.execute(
-        "SELECT private, EXISTS (SELECT 1 FROM room_members WHERE room = ? AND user_id = ?),"
-        " (SELECT coalesce(max(seq), 0) FROM messages WHERE channel = ?)"
+        "SELECT private, NOT private"
+        " OR EXISTS (SELECT 1 FROM room_members WHERE room = ? AND user_id = ?)"
         " FROM rooms WHERE name = ?",
-        (room, user_id, room_channel(room), room),
+        (room, user_id, room),
     ).fetchone()
     if row is None:
         return None
-    return RoomAccess(room, bool(row[0]), bool(row[1]), int(row[2]))
+    return RoomAccess(room, bool(row[0]), bool(row[1]))
 
 
 def history(

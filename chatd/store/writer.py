@@ -40,6 +40,14 @@ log = logging.getLogger("chatd.store")
 MAX_GROUP = 512
 #: Items queued before ``append``/``write`` wait: bounds memory under overload.
 MAX_PENDING = 10_000
+#: Seconds an answer of ``room_access`` that lets a user in is reused: in a
+#: reconnect storm thousands of joins of one room read it once, not each on
+#: a worker thread. A room made private, or its members changed, by the CLI
+#: takes effect within this; the server's own declarations (start, reload)
+#: at once.
+ACCESS_TTL = 5.0
+#: Most (room, user) answers remembered.
+ACCESS_CACHE_MAX = 100_000
 
 
 class Pending:
@@ -197,6 +205,7 @@ class Queries(Protocol):
     """The read functions of a store's module, each of a connection."""
 
     def room_access(self, conn: Any, room: str, user_id: int) -> RoomAccess | None: ...
+    def last_seq(self, conn: Any, channel: str) -> int: ...
     def user_exists(self, conn: Any, user_id: int) -> bool: ...
     def history(
         self, conn: Any, channel: str, limit: int, offset: int
@@ -215,14 +224,36 @@ class Reads:
     queries: Queries
     #: Users known to be stored (with this name): connects skip the write.
     _users: dict[int, str]
+    #: (room, user id, or 0 for anyone in a public room) -> (until, access)
+    _access: dict[tuple[str, int], tuple[float, RoomAccess]]
 
     async def read(self, fn: Callable[[Any], Any]) -> Any:
         raise NotImplementedError
 
     async def room_access(self, room: str, user_id: int) -> RoomAccess | None:
+        cache = self._access
+        now = trio.current_time()
+        for key in ((room, 0), (room, user_id)):
+            hit = cache.get(key)
+            if hit is not None and hit[0] > now:
+                return hit[1]
         q = self.queries
         result: RoomAccess | None = await self.read(lambda c: q.room_access(c, room, user_id))
+        if result is not None and result.allowed:
+            if len(cache) >= ACCESS_CACHE_MAX:
+                cache.clear()
+            key = (room, user_id if result.private else 0)
+            cache[key] = (trio.current_time() + ACCESS_TTL, result)
         return result
+
+    def forget_access(self) -> None:
+        """Read every room's access afresh (rooms were declared)."""
+        self._access.clear()
+
+    async def last_seq(self, channel: str) -> int:
+        q = self.queries
+        seq: int = await self.read(lambda c: q.last_seq(c, channel))
+        return seq
 
     async def user_exists(self, user_id: int) -> bool:
         if user_id in self._users:
