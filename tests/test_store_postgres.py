@@ -421,7 +421,6 @@ async def test_reads_use_the_indexes(pg_dsn: str) -> None:
     with psycopg.connect(pg_dsn, autocommit=True) as conn:
         conn.execute("ANALYZE")
         conn.execute("SET enable_seqscan = off")  # a seq scan then means: no index fits
-        recording = Recording(conn)
         by_channel: list[Callable[[Any], object]] = [
             lambda c: pg.history(c, "r:room1", 20, 100),
             lambda c: pg.missed(c, "r:room1", 5, 50),
