@@ -190,6 +190,8 @@ def _limit_specs(config: Config) -> dict[str, list[tuple[int, float]]]:
 class Session(Generic[S]):
     """The protocol state of one authenticated connection."""
 
+    __slots__ = ("_invalid", "_last_write", "ctx", "identity", "peer")
+
     def __init__(self, ctx: Context[S], peer: S) -> None:
         self.ctx = ctx
         self.peer = peer
