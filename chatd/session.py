@@ -30,7 +30,7 @@ clocks in its ``Context``; its tests drive it with fakes of all three.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
@@ -305,16 +305,29 @@ class Session(Generic[S]):
                 "members": members,
                 "member_count": count,
             }
-            if since_id is not None:
-                missed = await ctx.store.missed(
-                    room_channel(room), since_id, limits.recovery_max_messages
-                )
-                ack["recovered"] = missed.complete
-            self._reply("join_room_ack", ack, frame)
             if since_id is None:
+                self._reply("join_room_ack", ack, frame)
                 hub.release(peer, room, 0)
-            else:
-                await self._replay(room, since_id, missed)
+                return
+            # At most a few joins replay at once (``ctx.replays``): in a
+            # reconnect storm the others wait here, holding nothing (the hub
+            # drops their messages, which the replay will read).
+            waiting = ctx.metrics.replays_waiting
+            waiting.inc()
+            waited = False
+            try:
+                async with ctx.replays:
+                    waiting.dec()
+                    waited = True
+                    missed = await ctx.store.missed(
+                        room_channel(room), since_id, limits.recovery_max_messages, REPLAY_PAGE
+                    )
+                    ack["recovered"] = missed.complete
+                    self._reply("join_room_ack", ack, frame)
+                    await self._replay(room, since_id, missed)
+            finally:
+                if not waited:
+                    waiting.dec()
         except BaseException:
             # The join failed: a connection that was in the room before and
             # did not ask for a replay gets what was held; any other is out
@@ -329,40 +342,30 @@ class Session(Generic[S]):
 
     async def _replay(self, room: str, since_id: int, missed: Missed) -> None:
         """Send the room's messages after ``since_id``, oldest first, a page
-        at a time (each once the connection's buffer has drained), then end
-        the join. At most a few connections replay at once (``ctx.replays``):
-        in a reconnect storm the others wait, holding nothing (the hub drops
-        their messages, which the replay reads)."""
+        at a time (the first read with ``missed``, each next one once the
+        connection's buffer has drained), then end the join: once the replay
+        has reached the newest message the hub dropped for it."""
         ctx = self.ctx
         peer = self.peer
-        metrics = ctx.metrics
         channel = room_channel(room)
         seq = missed.after_seq
         # Live messages up to the last one the client has (by the replay, or
         # before it: its since_id, but never past the newest stored message)
         # are not sent again.
         last_id = min(since_id, missed.newest_id)
-        metrics.replays_waiting.inc()
-        waiting = True
-        try:
-            async with ctx.replays:
-                metrics.replays_waiting.dec()
-                waiting = False
-                while peer.open:
-                    page = await ctx.store.after(channel, seq, REPLAY_PAGE)
-                    now = ctx.wall()
-                    for stored in page:
-                        kind, shape, sender = live_shape(stored)
-                        self._send(p.encode(kind, shape, now, user_id=sender), kind)
-                    if page:
-                        seq = page[-1].seq
-                        last_id = page[-1].id
-                    if len(page) < REPLAY_PAGE and ctx.hub.release(peer, room, last_id):
-                        return
-                    await peer.drained()
-        finally:
-            if waiting:
-                metrics.replays_waiting.dec()
+        page: Sequence[StoredMessage] = missed.messages
+        while peer.open:
+            now = ctx.wall()
+            for stored in page:
+                kind, shape, sender = live_shape(stored)
+                self._send(p.encode(kind, shape, now, user_id=sender), kind)
+            if page:
+                seq = page[-1].seq
+                last_id = page[-1].id
+            if len(page) < REPLAY_PAGE and ctx.hub.release(peer, room, last_id):
+                return
+            await peer.drained()
+            page = await ctx.store.after(channel, seq, REPLAY_PAGE)
 
     async def _room_members(self, frame: p.ClientFrame) -> None:
         data: p.RoomMembers = frame.data

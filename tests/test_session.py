@@ -246,15 +246,16 @@ class FakeStore:
         await self._gate("history")
         return page, len(messages)
 
-    async def missed(self, channel: str, since_id: int, cap: int) -> Missed:
-        self.calls.append(("missed", channel, since_id, cap))
+    async def missed(self, channel: str, since_id: int, cap: int, page: int = 0) -> Missed:
+        self.calls.append(("missed", channel, since_id, cap, page))
         stored = self.channels.get(channel, [])
         newer = [m for m in stored if m.id > since_id]
         kept = newer[max(0, len(newer) - cap) :] if cap else []
         newest = stored[-1].id if stored else 0
         after_seq = kept[0].seq - 1 if kept else (stored[-1].seq if stored else 0)
+        first = [m for m in stored if m.seq > after_seq][:page] if newest > since_id else []
         await self._gate("missed")
-        return Missed(after_seq, len(kept) == len(newer), newest)
+        return Missed(after_seq, len(kept) == len(newer), newest, tuple(first))
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
         self.calls.append(("after", channel, after_seq, cap))
@@ -931,11 +932,9 @@ async def test_join_with_since_id_replays_the_missed_messages_after_the_ack(
     }
     limit = world.config.limits.recovery_max_messages
     general = room_channel("general")
-    # Where the missed messages start, from the index; then a page of them.
-    assert world.store.calls[-2:] == [
-        ("missed", general, old[1].id, limit),
-        ("after", general, old[1].seq, 100),
-    ]
+    # Where the missed messages start, from the index, and the first page of
+    # them, in one read: nothing more was needed.
+    assert world.store.calls[-1] == ("missed", general, old[1].id, limit, 100)
 
 
 async def test_join_recovery_past_its_cap_sends_the_newest_and_says_so(
@@ -1059,9 +1058,9 @@ async def test_a_long_replay_goes_in_pages_each_once_the_buffer_drained(
     assert ack["data"]["recovered"] is True
     assert [f["data"]["id"] for f in replay] == [m.id for m in old]
     general = room_channel("general")
+    # The first page came with ``missed``; then one read per page.
     pages = [c for c in world.store.calls if c[0] == "after"]
-    assert pages == [("after", general, 0, 100), ("after", general, 100, 100),
-                     ("after", general, 200, 100)]  # fmt: skip
+    assert pages == [("after", general, 100, 100), ("after", general, 200, 100)]
     assert session.peer.drains == 2  # between pages, not after the last
     assert world.hub.is_in(session.peer, "general")
 
@@ -1076,20 +1075,19 @@ async def test_messages_committed_during_a_replay_come_once_and_in_order(
     bob = world.connect(BOB)
     await join(bob)
     alice = world.connect(ALICE)
-    world.store.gates["after"] = gate = trio.Event()
+    world.store.gates["missed"] = gate = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send, alice, "join_room", {"room": "general", "since_id": 0})
         await wait_all_tasks_blocked()
-        assert world.store.calls[-1][0] == "after"  # the first page is read
+        assert world.store.calls[-1][0] == "missed"  # the first page is read
         await post(bob, "during")
         during = world.store.commit()
-        assert alice.peer.types() == ["join_room_ack"]  # the live copy was dropped
-        del world.store.gates["after"]
+        assert alice.peer.types() == []  # the live copy was dropped
         gate.set()
     frames = alice.peer.take()
     assert [f["data"].get("id") for f in frames] == [None, *(m.id for m in old), during.id]
-    # the second page read what was dropped
-    assert [c[2] for c in world.store.calls if c[0] == "after"] == [0, 3]
+    # a second read took what was dropped
+    assert [c[2] for c in world.store.calls if c[0] == "after"] == [3]
     await post(bob, "after")
     later = world.store.commit()
     assert [f["data"]["id"] for f in alice.peer.take()] == [later.id]
@@ -1097,19 +1095,20 @@ async def test_messages_committed_during_a_replay_come_once_and_in_order(
 
 async def test_replays_wait_for_a_slot(make_world: Callable[..., World]) -> None:
     """At most ``ctx.replays`` joins replay at once (a reconnect storm keeps
-    its memory bounded); the others wait with their ack sent."""
+    its memory bounded); the others wait for a slot before anything is read
+    or answered, holding nothing."""
     world = make_world()
     world.ctx.replays = trio.CapacityLimiter(1)
     world.store.seed("general", 2)
     first, second = world.connect(ALICE), world.connect(BOB)
-    world.store.gates["after"] = gate = trio.Event()
+    world.store.gates["missed"] = gate = trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(send, first, "join_room", {"room": "general", "since_id": 0})
         await wait_all_tasks_blocked()
         nursery.start_soon(send, second, "join_room", {"room": "general", "since_id": 0})
         await wait_all_tasks_blocked()
-        assert second.peer.types() == ["join_room_ack"]
-        assert [c[0] for c in world.store.calls].count("after") == 1  # the first's only
+        assert second.peer.types() == []
+        assert [c[0] for c in world.store.calls].count("missed") == 1  # the first's only
         assert world.sample("chatd_replays_waiting") == 1
         gate.set()
     assert world.sample("chatd_replays_waiting") == 0
@@ -1117,12 +1116,12 @@ async def test_replays_wait_for_a_slot(make_world: Callable[..., World]) -> None
 
 
 async def test_a_replay_that_fails_takes_the_connection_out_of_the_room(world: World) -> None:
-    world.store.seed("general", 2)
+    world.store.seed("general", 150)  # a second page to read
     session = world.connect()
     world.store.errors["after"] = OSError("disk I/O error")
     await send(session, "join_room", {"room": "general", "since_id": 0}, "j")
-    ack, error = session.peer.take()
-    assert ack["type"] == "join_room_ack"
+    ack, *first_page, error = session.peer.take()
+    assert ack["type"] == "join_room_ack" and len(first_page) == 100
     assert error["type"] == "error" and error["data"]["code"] == "INTERNAL_ERROR"
     assert error["request_id"] == "j"
     assert not world.hub.is_in(session.peer, "general")

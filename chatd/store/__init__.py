@@ -89,6 +89,9 @@ class Missed(NamedTuple):
     #: message with an id up to it and above ``since_id`` has a seq above
     #: ``after_seq``.
     newest_id: int
+    #: The first of those messages (a page, oldest first), read with the
+    #: rest in one go when asked for.
+    messages: tuple[StoredMessage, ...] = ()
 
 
 #: Called on the Trio thread with the committed message, or the exception
@@ -130,10 +133,11 @@ class Store(Protocol):
         """One page of a channel counted back from the newest message, and
         the channel's total."""
 
-    async def missed(self, channel: str, since_id: int, cap: int) -> Missed:
+    async def missed(self, channel: str, since_id: int, cap: int, page: int = 0) -> Missed:
         """Where the channel's messages with an id above ``since_id`` start
-        (at most the newest ``cap`` of them), read from the channel's index
-        alone; the messages themselves are then read in pages (``after``)."""
+        (at most the newest ``cap`` of them), read from the channel's index,
+        with the first ``page`` of them; the rest are then read in pages
+        (``after``). One read for a client that missed a page or less."""
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
         """The channel's messages with a seq above ``after_seq``, oldest

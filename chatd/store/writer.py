@@ -271,9 +271,17 @@ class Reads:
         )
         return result
 
-    async def missed(self, channel: str, since_id: int, cap: int) -> Missed:
+    async def missed(self, channel: str, since_id: int, cap: int, page: int = 0) -> Missed:
         q = self.queries
-        result: Missed = await self.read(lambda c: q.missed(c, channel, since_id, cap))
+
+        def read(conn: Any) -> Missed:
+            where = q.missed(conn, channel, since_id, cap)
+            if page and where.newest_id > since_id:
+                first = q.after(conn, channel, where.after_seq, page)
+                return where._replace(messages=tuple(first))
+            return where
+
+        result: Missed = await self.read(read)
         return result
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
