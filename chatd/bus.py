@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Generic, Protocol, TypeVar
 
+import msgspec
+
 from chatd.auth import Identity
 from chatd.hub import Hub, Peer
 from chatd.protocol import Member
@@ -26,6 +28,8 @@ from chatd.ratelimit import LimiterTable
 from chatd.store import StoredMessage
 
 P = TypeVar("P", bound=Peer)
+#: A list of members, or the same already encoded as JSON.
+Members = list[Member] | msgspec.Raw
 P_contra = TypeVar("P_contra", bound=Peer, contravariant=True)
 
 
@@ -65,7 +69,7 @@ class Bus(Protocol[P_contra]):
 
     async def joined(
         self, peer: P_contra, room: str, first: bool, limit: int
-    ) -> tuple[list[Member], int]:
+    ) -> tuple[Members, int]:
         """``peer`` has just joined ``room`` on this node (``first``: its
         user's first connection there, to announce); return the room's first
         ``limit`` online members by id, and how many are online."""
@@ -99,10 +103,10 @@ class LocalBus(Generic[P]):
     async def follow(self, room: str) -> None:
         """Every message committed on this node reaches its hub already."""
 
-    async def joined(self, peer: P, room: str, first: bool, limit: int) -> tuple[list[Member], int]:
+    async def joined(self, peer: P, room: str, first: bool, limit: int) -> tuple[Members, int]:
         if first:
             self.hub.announce("user_connected", peer.identity, room, self._wall())
-        return self.hub.members(room, 0, limit), self.hub.member_count(room)
+        return self.hub.first_members(room, limit), self.hub.member_count(room)
 
     async def members(self, room: str, after_user_id: int, limit: int) -> tuple[list[Member], int]:
         return self.hub.members(room, after_user_id, limit), self.hub.member_count(room)

@@ -44,7 +44,7 @@ Pure logic: no I/O, no clock reads; ``now`` comes from the caller.
 
 from __future__ import annotations
 
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Generic, Protocol, TypeVar
@@ -89,7 +89,16 @@ class _Joining:
 
 
 class _Room(Generic[P]):
-    __slots__ = ("count", "floors", "joining", "order", "peers", "pending", "presence")
+    __slots__ = (
+        "count",
+        "first",
+        "floors",
+        "joining",
+        "order",
+        "peers",
+        "pending",
+        "presence",
+    )
 
     def __init__(self) -> None:
         #: The connections whose join is done: every frame, as it comes.
@@ -109,6 +118,16 @@ class _Room(Generic[P]):
         self.pending: dict[int, tuple[str, bool]] = {}
         #: The room's member count as last announced (the cluster's, with Redis).
         self.count = 0
+        #: The first members by id, encoded, as joins list them: (how many
+        #: asked for, the JSON list), until a change among them.
+        self.first: tuple[int, msgspec.Raw] | None = None
+
+    def changed(self, uid: int) -> None:
+        """The presence of ``uid`` changed: a cached first page that lists
+        it (or would) is stale."""
+        first = self.first
+        if first is not None and bisect_left(self.order, uid) < first[0]:
+            self.first = None
 
     def send(self, frame: OutFrame, peers: Iterable[P], message_id: int | None = None) -> int:
         """Send ``frame`` to each of ``peers`` (released ones), skipping a
@@ -258,6 +277,7 @@ class Hub(Generic[P]):
         uid = ident.user_id
         _, count = state.presence.get(uid, ("", 0))
         state.presence[uid] = (ident.username, count + 1)
+        state.changed(uid)
         if count:
             return False
         insort(state.order, uid)
@@ -300,6 +320,7 @@ class Hub(Generic[P]):
             rooms.discard(room)
         uid = peer.identity.user_id
         name, count = state.presence[uid]
+        state.changed(uid)
         if count > 1:
             state.presence[uid] = (name, count - 1)
             gone = False
@@ -326,6 +347,20 @@ class Hub(Generic[P]):
         start = bisect_right(order, after_user_id)
         presence = state.presence
         return [Member(uid, presence[uid][0]) for uid in order[start : start + limit]]
+
+    def first_members(self, room: str, limit: int) -> msgspec.Raw:
+        """``members(room, 0, limit)`` as JSON, for the join acks: encoded
+        once and reused by every join until one of those members changes
+        (in a big room's storm, almost never)."""
+        state = self._rooms.get(room)
+        if state is None:
+            return msgspec.Raw(b"[]")
+        first = state.first
+        if first is not None and first[0] == limit:
+            return first[1]
+        raw = msgspec.Raw(_encode_members(self.members(room, 0, limit)))
+        state.first = (limit, raw)
+        return raw
 
     def member_count(self, room: str) -> int:
         """How many users have a connection in ``room`` on this node."""
@@ -487,6 +522,8 @@ class Hub(Generic[P]):
                 own.send(copy)
         self._metrics.frames_out(kind, sent + (own is not None))
 
+
+_encode_members = msgspec.json.Encoder().encode
 
 Shape = tuple[str, MessageOut | DirectMessageOut | NotificationOut, int | None]
 

@@ -751,3 +751,28 @@ def test_joining_connections_are_apart_from_the_rooms_set() -> None:
     assert late.frames == []
     hub.release(late, "general", 0)
     assert [m["data"]["id"] for m in late.received] == [5]
+
+
+def test_the_acks_first_members_are_encoded_once_until_one_of_them_changes() -> None:
+    hub = big_hub()
+    peers = {uid: connect(hub, uid, f"u{uid}") for uid in (5, 10, 20, 30)}
+    for peer in peers.values():
+        join(hub, peer, "big")
+    first = hub.first_members("big", 2)
+    assert json.loads(bytes(first)) == [
+        {"user_id": 5, "username": "u5"},
+        {"user_id": 10, "username": "u10"},
+    ]
+    join(hub, connect(hub, 40), "big")  # past the first two: the same bytes
+    assert hub.first_members("big", 2) is first
+    tab = connect(hub, 10, "ten")  # a second tab of 10, under another name
+    join(hub, tab, "big")
+    assert json.loads(bytes(hub.first_members("big", 2)))[1] == {"user_id": 10, "username": "ten"}
+    join(hub, connect(hub, 1), "big")  # a new first member
+    assert [m["user_id"] for m in json.loads(bytes(hub.first_members("big", 2)))] == [1, 5]
+    leave(hub, peers[5], "big")
+    assert [m["user_id"] for m in json.loads(bytes(hub.first_members("big", 2)))] == [1, 10]
+    assert json.loads(bytes(hub.first_members("big", 10))) == [
+        {"user_id": m.user_id, "username": m.username} for m in hub.members("big", 0, 10)
+    ]
+    assert bytes(hub.first_members("nowhere", 2)) == b"[]"

@@ -40,7 +40,7 @@ import msgspec
 import trio
 
 from chatd.auth import Identity
-from chatd.bus import Limits
+from chatd.bus import Limits, Members
 from chatd.cluster.limits import RedisLimiter
 from chatd.cluster.presence import RedisPresence
 from chatd.config import Config
@@ -185,7 +185,7 @@ class RedisBus(Generic[P]):
             last = await self.store.last_seq(room_channel(room))
             self._rooms.track(room, last)
 
-    async def joined(self, peer: P, room: str, first: bool, limit: int) -> tuple[list[Member], int]:
+    async def joined(self, peer: P, room: str, first: bool, limit: int) -> tuple[Members, int]:
         if first:
             self._share("user_connected", peer.identity, room)
         done = trio.Event()
