@@ -100,7 +100,7 @@ class StorageConfig(_Section, frozen=True):
     checkpoint_interval_seconds: Annotated[float, Meta(ge=0.01, le=3600)] = 1.0
     #: SQLite: WAL content past which a checkpoint makes the writer start the
     #: WAL over (RESTART), so the -wal file stops growing at about this size.
-    wal_max_bytes: Annotated[int, Meta(ge=1 << 20, le=1 << 40)] = 64 << 20
+    wal_max_bytes: Annotated[int, Meta(ge=1 << 20, le=1 << 40)] = 256 << 20
 
 
 class RoomsConfig(_Section, frozen=True):

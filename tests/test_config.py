@@ -62,7 +62,7 @@ def test_defaults_and_source() -> None:
     assert config.server.host == "127.0.0.1"
     assert config.storage.synchronous == "normal"
     assert config.storage.checkpoint_interval_seconds == 1.0
-    assert config.storage.wal_max_bytes == 64 << 20
+    assert config.storage.wal_max_bytes == 256 << 20
     assert config.auth.jwt_secret == SECRET
 
 

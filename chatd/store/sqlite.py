@@ -114,8 +114,15 @@ class SqliteStore(Reads, GroupWriter):
             conn.close()
             raise
         self._writer_conn = conn
-        self._readers = [connect(self.path, readonly=True) for _ in range(READERS)]
-        self._checkpointer.open()
+        try:
+            for _ in range(READERS):
+                self._readers.append(connect(self.path, readonly=True))
+            self._checkpointer.open()
+        except BaseException:
+            for reader in self._readers:
+                reader.close()
+            conn.close()
+            raise
 
     async def _start(self) -> None:
         await trio.to_thread.run_sync(self._open)
