@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import WebSocketConnection, open_websocket_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -119,6 +119,11 @@ async def member(port: int, uid: int, arrivals: dict[int, list[float]], ready: t
                     arrivals.setdefault(port, []).append(now - float(content[1:]))
 
 
+async def drain(ws: WebSocketConnection) -> None:
+    while True:
+        await ws.get_message()
+
+
 async def run(args: argparse.Namespace) -> None:
     pg, why = postgres_server()
     if pg is None:
@@ -150,7 +155,10 @@ async def run(args: argparse.Namespace) -> None:
                     nursery.start_soon(member, port, uid, arrivals, ready, joined, total)
             await ready.wait()
             url = f"ws://127.0.0.1:{ports[0]}/ws/chat?token={make_token(1, 'pub')}"
-            async with open_websocket_url(url) as pub:
+            # The publisher reads (and drops) the room's messages too: unread,
+            # they would fill its buffers, and chatd closes a reader that slow.
+            async with open_websocket_url(url) as pub, trio.open_nursery() as reading:
+                reading.start_soon(drain, pub)
                 await pub.send_message(
                     json.dumps({"type": "join_room", "data": {"room": "general"}})
                 )
@@ -163,6 +171,7 @@ async def run(args: argparse.Namespace) -> None:
                     frame = {"type": "room_message", "data": data}
                     await pub.send_message(json.dumps(frame))
                 await trio.sleep(1.0)
+                reading.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
         for index, port in enumerate(ports):
             lat = sorted(arrivals.get(port, []))
