@@ -15,7 +15,16 @@ gets it over Redis.
 
 The clients are trio-websocket, in one Python process: the numbers are
 indicative of the cross-node overhead (node 1 minus node 0), not of chatd's
-maximum (docs/benchmarks.md measures that with bench/load.py).
+maximum (docs/benchmarks.md measures that with bench/load.py). Each node's
+own commit times (``chatd_store_commit_seconds`` from its /metrics, read
+before it stops) are printed too: a stall of the store shows there whatever
+the clients add.
+
+The throwaway PostgreSQL runs without fsync (as in the tests). To measure a
+durable one, start your own and point the script at it with
+``CHATD_TEST_POSTGRES_DSN`` (``tests/helpers/services.py``), e.g. a default
+``initdb`` with ``log_checkpoints`` and ``log_autovacuum_min_duration = 0`` to
+line its log up with the tail.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import time
 from pathlib import Path
 
 import trio
-from trio_websocket import open_websocket_url
+from trio_websocket import WebSocketConnection, open_websocket_url
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -54,6 +63,29 @@ def node_config(tmp: Path, index: int, dsn: str, redis_url: str, prefix: str) ->
         '[logging]\nlevel = "warning"\n'
     )
     return path, port
+
+
+async def commit_times(port: int) -> str:
+    """The node's commit-time histogram (its /metrics), as counts above each
+    bound."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        body = b""
+        while chunk := await stream.receive_some(65536):
+            body += chunk
+    buckets: dict[float, float] = {}
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("chatd_store_commit_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(le)] = float(line.rsplit(" ", 1)[1])
+    total = buckets.get(float("inf"), 0.0)
+    over = [
+        f"{total - n:.0f} over {le * 1000:g} ms"
+        for le, n in sorted(buckets.items())
+        if 0.001 <= le <= 0.025
+    ]
+    return f"{total:.0f} commits, " + ", ".join(over)
 
 
 async def wait_ready(port: int) -> None:
@@ -87,6 +119,11 @@ async def member(port: int, uid: int, arrivals: dict[int, list[float]], ready: t
                     arrivals.setdefault(port, []).append(now - float(content[1:]))
 
 
+async def drain(ws: WebSocketConnection) -> None:
+    while True:
+        await ws.get_message()
+
+
 async def run(args: argparse.Namespace) -> None:
     pg, why = postgres_server()
     if pg is None:
@@ -118,7 +155,10 @@ async def run(args: argparse.Namespace) -> None:
                     nursery.start_soon(member, port, uid, arrivals, ready, joined, total)
             await ready.wait()
             url = f"ws://127.0.0.1:{ports[0]}/ws/chat?token={make_token(1, 'pub')}"
-            async with open_websocket_url(url) as pub:
+            # The publisher reads (and drops) the room's messages too: unread,
+            # they would fill its buffers, and chatd closes a reader that slow.
+            async with open_websocket_url(url) as pub, trio.open_nursery() as reading:
+                reading.start_soon(drain, pub)
                 await pub.send_message(
                     json.dumps({"type": "join_room", "data": {"room": "general"}})
                 )
@@ -131,17 +171,22 @@ async def run(args: argparse.Namespace) -> None:
                     frame = {"type": "room_message", "data": data}
                     await pub.send_message(json.dumps(frame))
                 await trio.sleep(1.0)
+                reading.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
         for index, port in enumerate(ports):
             lat = sorted(arrivals.get(port, []))
             if not lat:
                 print(f"node {index}: nothing arrived")
                 continue
-            p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000
+
+            def pct(q: float, lat: list[float] = lat) -> float:
+                return lat[min(len(lat) - 1, int(q * len(lat)))] * 1000
+
             print(
                 f"node {index} ({'sender' if index == 0 else 'over Redis'}): {len(lat)} deliveries,"
-                f" p50 {statistics.median(lat) * 1000:.2f} ms, p99 {p99:.2f} ms,"
-                f" max {lat[-1] * 1000:.2f} ms"
+                f" p50 {statistics.median(lat) * 1000:.2f} ms, p99 {pct(0.99):.2f} ms,"
+                f" p99.9 {pct(0.999):.2f} ms, max {lat[-1] * 1000:.2f} ms;"
+                f" its store: {await commit_times(port)}"
             )
     finally:
         for proc in procs:

@@ -34,7 +34,14 @@ async def open_store(config: Config, metrics: Metrics, cork: Cork) -> AsyncItera
         async with open_postgres_store(storage.dsn, storage.pool_size, metrics, cork) as pg:
             yield pg
     else:
-        async with open_sqlite_store(storage.sqlite_path, storage.synchronous, metrics, cork) as db:
+        async with open_sqlite_store(
+            storage.sqlite_path,
+            storage.synchronous,
+            metrics,
+            cork,
+            checkpoint_interval=storage.checkpoint_interval_seconds,
+            wal_max_bytes=storage.wal_max_bytes,
+        ) as db:
             yield db
 
 

@@ -95,6 +95,12 @@ class StorageConfig(_Section, frozen=True):
     #: SQLite ``synchronous``: "normal" survives a killed process; "full" also
     #: survives power loss, at a cost in commit throughput.
     synchronous: Literal["normal", "full"] = "normal"
+    #: SQLite: seconds between WAL checkpoints, run on a thread of their own
+    #: (PASSIVE: they never hold up a commit).
+    checkpoint_interval_seconds: Annotated[float, Meta(ge=0.01, le=3600)] = 1.0
+    #: SQLite: WAL content past which a checkpoint makes the writer start the
+    #: WAL over (RESTART), so the -wal file stops growing at about this size.
+    wal_max_bytes: Annotated[int, Meta(ge=1 << 20, le=1 << 40)] = 256 << 20
 
 
 class RoomsConfig(_Section, frozen=True):

@@ -4,7 +4,8 @@ One ``Metrics`` per server, each with its own registry (so several servers in
 one process, as in the tests, do not collide). Hot paths count per message,
 never per recipient: a fan-out adds its number of recipients in one ``inc``.
 Labelled children are resolved once and cached. The SQLite writer thread
-observes commit latency and group size directly (the client is thread-safe).
+observes commit latency and group size directly, and the SQLite checkpointer
+thread its checkpoints and the WAL's size (the client is thread-safe).
 
 Exposed at ``GET /metrics`` (or on ``[server] metrics_listen``).
 """
@@ -22,6 +23,7 @@ RECONNECT_WINDOW = 60.0
 MAX_REMEMBERED = 100_000
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _GROUP_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_CHECKPOINT_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0, 5.0)
 
 
 class Metrics:
@@ -73,6 +75,35 @@ class Metrics:
             "chatd_store_group_size",
             "Operations committed in one transaction",
             buckets=_GROUP_BUCKETS,
+            registry=r,
+        )
+        # The SQLite store's WAL and its checkpoints (store/checkpoint.py).
+        self.wal_bytes = Gauge(
+            "chatd_sqlite_wal_bytes",
+            "Size of the SQLite -wal file, as the last checkpoint left it",
+            registry=r,
+        )
+        self.wal_frames = Gauge(
+            "chatd_sqlite_wal_frames",
+            "Frames (pages) in the WAL, as the last checkpoint found them",
+            registry=r,
+        )
+        self.wal_frames_left = Gauge(
+            "chatd_sqlite_wal_frames_left",
+            "Frames of the WAL the last checkpoint could not copy into the database",
+            registry=r,
+        )
+        self.checkpoint_latency = Histogram(
+            "chatd_sqlite_checkpoint_seconds",
+            "Time of one WAL checkpoint, by mode (RESTART and TRUNCATE hold the writer)",
+            ["mode"],
+            buckets=_CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.checkpoints = Counter(
+            "chatd_sqlite_checkpoints",
+            "WAL checkpoints, by mode and result (done, busy: not all done, error)",
+            ["mode", "result"],
             registry=r,
         )
         self.published = Counter(

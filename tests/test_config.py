@@ -61,6 +61,8 @@ def test_defaults_and_source() -> None:
     assert config.source == SRC
     assert config.server.host == "127.0.0.1"
     assert config.storage.synchronous == "normal"
+    assert config.storage.checkpoint_interval_seconds == 1.0
+    assert config.storage.wal_max_bytes == 256 << 20
     assert config.auth.jwt_secret == SECRET
 
 
@@ -130,6 +132,22 @@ def test_load_toml_file(tmp_path: Path) -> None:
         ),
         ({"bus": {"backend": "nats"}}, "t.toml: [bus] backend: Invalid enum value 'nats'"),
         ({"storage": {"pool_size": 0}}, "t.toml: [storage] pool_size: Expected `int` >= 1"),
+        (
+            {"storage": {"checkpoint_interval_seconds": 0}},
+            "t.toml: [storage] checkpoint_interval_seconds: Expected `float` >= 0.01",
+        ),
+        (
+            {"storage": {"checkpoint_interval_seconds": "1s"}},
+            "t.toml: [storage] checkpoint_interval_seconds: Expected `float`, got `str`",
+        ),
+        (
+            {"storage": {"wal_max_bytes": 4096}},
+            "t.toml: [storage] wal_max_bytes: Expected `int` >= 1048576",
+        ),
+        (
+            {"storage": {"wal_max_bytes": 1.5}},
+            "t.toml: [storage] wal_max_bytes: Expected `int`, got `float`",
+        ),
         (
             {"rooms": {"public": ["a"], "private": {"a": [1]}}},
             "t.toml: [rooms] public: ['a'] also declared in [rooms.private]",

@@ -1,7 +1,8 @@
 """GET /metrics: the Prometheus exposition, and every figure moving under a
 real load driven over WebSocket (room messages, direct messages, a bad
 frame, a rate limit, a reconnect, a bad token, a slow consumer closed 1013),
-on the main port or on ``[server] metrics_listen``.
+the SQLite store's WAL checkpoints, on the main port or on ``[server]
+metrics_listen``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from wsproto.events import CloseConnection
 
 from chatd.config import Config
 from chatd.server import ChatServer
+from chatd.store.sqlite import SqliteStore
 from tests.helpers.clients import closed_with, connect
 from tests.helpers.http_client import http_request
 from tests.helpers.raw import raw_ws
@@ -91,8 +93,16 @@ async def test_metrics_is_prometheus_text(server: ChatServer) -> None:
         "chatd_delivery_latency_seconds",
         "chatd_store_commit_seconds",
         "chatd_store_group_size",
+        "chatd_sqlite_checkpoint_seconds",
     ):
         assert samples.types[histogram] == "histogram", histogram
+    assert samples.types["chatd_sqlite_checkpoints"] == "counter"
+    for gauge in (
+        "chatd_sqlite_wal_bytes",
+        "chatd_sqlite_wal_frames",
+        "chatd_sqlite_wal_frames_left",
+    ):
+        assert samples.types[gauge] == "gauge", gauge
     assert samples("chatd_connections") == 0
     assert samples("chatd_connects_total") == 0
 
@@ -292,6 +302,37 @@ async def test_every_figure_moves_under_a_real_load(make_config: Callable[..., C
     # Every message is one operation of some group (user upserts add more).
     assert delta(end, start, "chatd_store_group_size_sum") >= committed
     assert s10("chatd_connections") == 1
+
+
+async def test_sqlite_checkpoints_show_on_metrics(make_config: Callable[..., Config]) -> None:
+    """A round asked of the server's store (its timer is an hour away): the
+    PASSIVE checkpoint and the WAL it found; then, with nothing committed
+    since, the TRUNCATE that empties the -wal file."""
+    config = make_config(storage={"checkpoint_interval_seconds": 3600, "wal_max_bytes": 2 << 20})
+    async with running(config) as srv:
+        store = srv.ctx.store
+        assert isinstance(store, SqliteStore)
+        assert store.checkpoint_interval == 3600
+        with trio.fail_after(30):
+            async with connect(srv, 1, "alice") as alice:
+                await alice.join("general")
+                await alice.send("room_message", {"room": "general", "content": "hi"})
+                await alice.expect("room_message")
+            (passive,) = await store.checkpoint()
+            s1 = await scrape(srv.port)
+            assert s1("chatd_sqlite_checkpoints_total", mode="PASSIVE", result="done") == 1
+            assert s1("chatd_sqlite_checkpoint_seconds_count", mode="PASSIVE") == 1
+            assert s1("chatd_sqlite_wal_frames") == passive.frames > 0
+            assert s1("chatd_sqlite_wal_frames_left") == 0
+            assert s1("chatd_sqlite_wal_bytes") == passive.wal_bytes > 0
+
+            done = await store.checkpoint()
+            assert [c.mode for c in done] == ["PASSIVE", "TRUNCATE"]
+            s2 = await scrape(srv.port)
+            assert s2("chatd_sqlite_checkpoints_total", mode="TRUNCATE", result="done") == 1
+            assert s2("chatd_sqlite_checkpoint_seconds_count", mode="TRUNCATE") == 1
+            assert s2("chatd_sqlite_checkpoints_total", mode="RESTART", result="done") == 0
+            assert s2("chatd_sqlite_wal_bytes") == 0
 
 
 # === 3. metrics on their own listener ===============================================

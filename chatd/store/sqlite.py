@@ -12,6 +12,14 @@ bad operation fails only itself. Nothing is acknowledged that is not on disk.
 Reads run on Trio worker threads, each borrowing one of a few read-only
 connections (WAL lets them read while the writer writes).
 
+WAL checkpoints are not the writer's: its connection has
+``wal_autocheckpoint = 0``, and a ``checkpoint.Checkpointer`` (a connection
+and a thread of its own) runs them, asked by a timer task of the store every
+``checkpoint_interval`` while commits happen and once after they stop. The
+writer runs each group inside a ``WriterGate``, which the checkpointer
+holds for the short RESTART and TRUNCATE checkpoints that bound the WAL
+(``checkpoint.py`` says when and why).
+
 aiosqlite is not used: it cannot run under Trio (docs/architecture.md).
 """
 
@@ -41,6 +49,13 @@ from chatd.store import (
     dm_channel,
     room_channel,
 )
+from chatd.store.checkpoint import (
+    CHECKPOINT_INTERVAL,
+    WAL_MAX_BYTES,
+    Checkpoint,
+    Checkpointer,
+    WriterGate,
+)
 from chatd.store.schema import connect, migrate
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
@@ -68,6 +83,8 @@ class SqliteStore(Reads, GroupWriter):
         synchronous: str = "normal",
         metrics: Metrics | None = None,
         cork: Cork | None = None,
+        checkpoint_interval: float = CHECKPOINT_INTERVAL,
+        wal_max_bytes: int = WAL_MAX_BYTES,
     ) -> None:
         super().__init__(metrics, cork)
         self.path = path
@@ -75,6 +92,18 @@ class SqliteStore(Reads, GroupWriter):
         self._readers: list[sqlite3.Connection] = []
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._writer_conn: sqlite3.Connection | None = None
+        self.checkpoint_interval = checkpoint_interval
+        #: The writer runs each group inside it; the checkpointer holds it.
+        self._gate = WriterGate()
+        #: Groups committed (by the writer thread; the checkpointer reads it).
+        self._groups = 0
+        #: Set on the Trio thread when a group commits: the timer's cue.
+        self._wrote = trio.Event()
+        self._round_done = trio.Event()
+        self._last_round: list[Checkpoint] = []
+        self._checkpointer = Checkpointer(
+            path, synchronous, self._gate, lambda: self._groups, wal_max_bytes, metrics
+        )
         #: Users known to be stored with this name: connects skip the write.
         self._users: dict[int, str] = {}
         self._access = {}
@@ -87,29 +116,80 @@ class SqliteStore(Reads, GroupWriter):
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = connect(self.path, synchronous=self._synchronous)
         try:
+            # Checkpoints are the checkpointer's, never inside a commit.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             migrate(conn)
         except BaseException:
             conn.close()
             raise
         self._writer_conn = conn
-        self._readers = [connect(self.path, readonly=True) for _ in range(READERS)]
+        try:
+            for _ in range(READERS):
+                self._readers.append(connect(self.path, readonly=True))
+            self._checkpointer.open()
+        except BaseException:
+            for reader in self._readers:
+                reader.close()
+            conn.close()
+            raise
 
     async def _start(self) -> None:
         await trio.to_thread.run_sync(self._open)
         self._start_writer()
+        self._checkpointer.start()
 
     async def _stop(self) -> None:
-        """Commit everything queued, then stop the writer and close."""
+        """Commit everything queued, then stop the writer and close; the
+        checkpointer closes last (SQLite checkpoints at the last close)."""
         await self._stop_writer()
         for conn in self._readers:
             conn.close()
+        await self._checkpointer.stop()
+
+    # --- checkpoints --------------------------------------------------------
+
+    async def checkpoint(self) -> list[Checkpoint]:
+        """Run a checkpoint round now (on the checkpointer's thread); what it
+        did: a PASSIVE checkpoint, and a RESTART or TRUNCATE if one was due."""
+        done = await self._checkpointer.round()
+        self._last_round = done
+        self._round_done.set()
+        self._round_done = trio.Event()
+        return done
+
+    async def next_round(self) -> list[Checkpoint]:
+        """Wait for the next checkpoint round to end (the timer's or any
+        other); what it did."""
+        await self._round_done.wait()
+        return self._last_round
+
+    async def _checkpoint_timer(self) -> None:
+        """A round every ``checkpoint_interval`` while commits happen, and one
+        more after an interval without any (the idle round, which truncates
+        the WAL). No commit, no timer: an idle store costs nothing."""
+        interval = self.checkpoint_interval
+        while True:
+            await self._wrote.wait()
+            idle = False
+            while not idle:
+                self._wrote = trio.Event()
+                await trio.sleep(interval)
+                await self.checkpoint()
+                idle = not self._wrote.is_set() and self._checkpointer.idle
+
+    def _finish(self, group: list[Pending], results: list[Any]) -> None:
+        self._wrote.set()
+        super()._finish(group, results)
 
     # --- the writer thread --------------------------------------------------
 
     def _commit_group(self, group: list[Pending]) -> list[Any]:
         conn = self._writer_conn
         assert conn is not None
-        return _apply(conn, group, on_rollback=self._seqs.clear)
+        with self._gate.group():
+            results = _apply(conn, group, on_rollback=self._seqs.clear)
+        self._groups += 1
+        return results
 
     def _close_writer(self) -> None:
         if self._writer_conn is not None:
@@ -158,13 +238,20 @@ async def open_sqlite_store(
     synchronous: str = "normal",
     metrics: Metrics | None = None,
     cork: Cork | None = None,
+    checkpoint_interval: float = CHECKPOINT_INTERVAL,
+    wal_max_bytes: int = WAL_MAX_BYTES,
 ) -> AsyncIterator[SqliteStore]:
-    """Run a store for the duration of the block; on exit, commit what is
-    queued and close."""
-    store = SqliteStore(path, synchronous, metrics, cork)
+    """Run a store, and its checkpoints' timer, for the duration of the
+    block; on exit, commit what is queued and close."""
+    store = SqliteStore(path, synchronous, metrics, cork, checkpoint_interval, wal_max_bytes)
     await store._start()
     try:
-        yield store
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store._checkpoint_timer)
+            try:
+                yield store
+            finally:
+                nursery.cancel_scope.cancel()
     finally:
         await store._stop()
 
