@@ -49,6 +49,11 @@ How it measures
   fan-out point, during the commit run and during the second handshake
   measurement (raw collapsed
   stacks next to the results; bench/report.py summarises them).
+* ``--only handshakes``: (e) alone, with the idle connections (c) between its
+  two measurements, as in the full run; the JSON goes to a temp file unless
+  ``--out`` is given (it is not a full result for bench/report.py). E.g.
+  ``--servers ws,websockets --only handshakes`` for the peers' figures, or
+  ``--servers chatd --only handshakes --profile`` for chatd's profile.
 Every loop stops at an absolute deadline and every wait has a timeout.
 """
 
@@ -615,7 +620,12 @@ class Bench:
         log(f"  commit: {res['acked_per_s']:,.0f} msgs/s acked, p99 {res['p99_ms']:.2f} ms")
         return res
 
-    def handshakes(self, server: Server, profile: Path | None = None) -> dict[str, Any]:
+    def handshakes(
+        self, server: Server, profile: Path | None = None, unique: bool = False
+    ) -> dict[str, Any]:
+        """Handshakes/s; ``unique``: every handshake with a token signed for
+        it, never seen before (by default each of the 1,000 users reconnects
+        with its one token, again and again)."""
         a = self.args
         t0, t1 = self.window(a.duration)
         base = self.uids(1000)
@@ -629,6 +639,7 @@ class Bench:
                 "concurrency": a.hs_concurrency,
                 "users": 500,
                 "uid0": base + 500 * (i % 2),
+                "unique": unique,
             }
             for i in range(self.pool.n)
         ]
@@ -658,6 +669,8 @@ class Bench:
             "softirq_cpu": self.softirq_cores,
             "loadgen_cpu": sum(r["cpu"] for r in replies) / dur,
         }
+        if unique:
+            res["unique_tokens"] = True
         if spy is not None:
             try:
                 spy.wait(a.duration + 30)
@@ -674,7 +687,10 @@ class Bench:
         out: dict[str, Any] = {"fanout": [], "idle": [], "failures": []}
         # Three fresh server processes: handshakes on a fresh server; idle
         # memory from a fresh server's baseline, then the rest; deflate.
-        for phase, deflate in (("handshakes", False), ("main", False), ("deflate", True)):
+        phases = [("handshakes", False), ("main", False), ("deflate", True)]
+        if a.only == "handshakes":  # the first two, up to the handshakes after idle
+            phases = phases[:2]
+        for phase, deflate in phases:
             server = Server(name, deflate, self.tmp, self.rooms)
             log(
                 f"{name} ({phase}, compression {'on' if deflate else 'off'}): {' '.join(server.cmd)}"
@@ -695,6 +711,8 @@ class Bench:
                     out["handshakes_after_idle"] = self.handshakes(server, prof)
                     if prof is not None and prof.exists():
                         shutil.copy(prof, Path(a.out).parent / "chatd-handshakes.pyspy.txt")
+                    if a.only == "handshakes":
+                        continue
                 for n in a.rooms:
                     for size in a.sizes:
                         out["fanout"].append(self.fanout(server, n, size, deflate))
@@ -774,10 +792,18 @@ def machine() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts, for CI")
-    parser.add_argument("--out", default=str(HERE / "results/latest.json"))
+    parser.add_argument(
+        "--out", help="results JSON (default results/latest.json; with --only, a temp file)"
+    )
     parser.add_argument("--servers", default="chatd,ws,websockets")
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes")
     parser.add_argument("--profile", action="store_true", help="py-spy chatd's room-of-100")
+    parser.add_argument(
+        "--only",
+        choices=["handshakes"],
+        help="only this scenario (for a look, not for report.py): handshakes fresh, "
+        "idle memory, handshakes after idle",
+    )
     parser.add_argument(
         "--no-pin",
         dest="pin",
@@ -785,6 +811,12 @@ def main() -> int:
         help="do not confine the server to CPU 0 and the load generator to the others",
     )
     args = parser.parse_args()
+    if args.out is None:
+        if args.only:
+            fd, args.out = tempfile.mkstemp(prefix=f"chatd-load-{args.only}-", suffix=".json")
+            os.close(fd)
+        else:
+            args.out = str(HERE / "results/latest.json")
     if args.quick:
         args.rooms, args.sizes, args.idle = [10], [100], [100]
         args.duration, args.latency_duration, args.warm = 0.8, 1.0, 0.2
@@ -805,7 +837,11 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
-        "params": {k: v for k, v in vars(args).items() if k not in ("out", "servers", "quick")},
+        "params": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("out", "servers", "quick") and not (k == "only" and v is None)
+        },
         "servers": {},
     }
     try:
