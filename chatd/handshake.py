@@ -31,7 +31,7 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import Extension
-from wsproto.utilities import RemoteProtocolError
+from wsproto.utilities import ProtocolError
 
 from chatd.auth import Identity, bearer
 from chatd.errors import ChatError, CloseCode
@@ -69,14 +69,21 @@ class Gate:
         self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
     ) -> Response | Awaitable[None]:
         """Refuse the upgrade, or return the connection's life."""
-        target = urlsplit(request.target.decode("latin-1"))
+        try:
+            target = urlsplit(request.target.decode("latin-1"))
+        except ValueError:  # "//[": an unclosed IPv6 host
+            return json_error(400, "bad request")
         if target.path != WS_PATH:
             return json_error(404, "not found")
         ws = WSConnection(ConnectionType.SERVER)
         try:
             ws.initiate_upgrade_connection(list(request.headers), request.target)
             upgrade = next(ws.events())
-        except (RemoteProtocolError, StopIteration):
+        except (ProtocolError, h11.ProtocolError, ValueError, StopIteration):
+            # Beside its own errors, wsproto lets through h11's (it writes the
+            # request again as HTTP/1.1: an HTTP/1.0 one without Host) and
+            # UnicodeError (a non-ASCII Connection, extension or protocol list,
+            # a Host that is not IDNA): each a malformed upgrade.
             return json_error(400, "bad request")
         assert isinstance(upgrade, Request)
         config = self._ctx.config
@@ -89,7 +96,10 @@ class Gate:
         subprotocol = next((s for s in upgrade.subprotocols if s in SUBPROTOCOLS), None)
         # The 101 is written by the connection itself, first, once chatd is
         # ready to deliver to it (see _admit).
-        accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
+        try:
+            accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
+        except ValueError:  # wsproto's int() of "client_max_window_bits=abc"
+            return json_error(400, "bad request")
         client = client_address(remote, request.headers, config.server.trusted_proxies)
         token = _token(target.query, request.headers)
         batch = parse_qs(target.query).get("batch") == ["1"]

@@ -8,13 +8,16 @@ followed by the end of the connection; anything else is the WebSocket's
 life, awaited once this module has dropped its h11 state. Any other request
 is answered by the app's ``http`` handler; keep-alive is honoured. The whole
 request must arrive within the handshake timeout, and its head may not pass
-``MAX_HEAD_BYTES``, so a stalled or bloated client is cut off early.
+``MAX_HEAD_BYTES``, so a stalled or bloated client is cut off early. Whatever
+a connection's handling raises (a bug) is logged and ends that connection,
+never the node.
 
 All HTTP that chatd writes is written here, by h11.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -23,6 +26,8 @@ from typing import Any, Protocol
 import h11
 import msgspec
 import trio
+
+log = logging.getLogger("chatd.transport")
 
 MAX_HEAD_BYTES = 16384
 MAX_BODY_BYTES = 65536
@@ -93,6 +98,8 @@ async def serve_connection(stream: trio.SocketStream, app: App) -> None:
             await websocket
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    except Exception:  # a bug ends this connection, never the node
+        log.exception("HTTP_ERROR: connection from %s", peer_address(stream))
     finally:
         await trio.aclose_forcefully(stream)
 
