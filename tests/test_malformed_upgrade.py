@@ -14,8 +14,9 @@ ends that connection alone (``serve_connection``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-import trio
 
 from chatd.server import ChatServer
 from chatd.transport import http
@@ -74,12 +75,12 @@ async def test_a_bug_in_a_handler_ends_its_connection_not_the_node(
 ) -> None:
     calls = 0
 
-    async def broken(stream: trio.SocketStream, app: http.App) -> None:
+    async def broken(*args: Any) -> Any:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise RuntimeError("a bug")
-        await real(stream, app)
+        return await real(*args)
 
     real = http._serve_http
     monkeypatch.setattr(http, "_serve_http", broken)

@@ -366,22 +366,25 @@ class WebSocketConnection:
         self._next_ping = trio.current_time() + self._ping_interval
         heap = timers()
         heartbeat = heap.schedule(self._next_ping, self)
+        # Closed before running (a refused token): CLOSE_TIMEOUT to go.
+        deadline = math.inf if self._ws.state is OPEN else trio.current_time() + CLOSE_TIMEOUT
         try:
-            with trio.CancelScope() as scope:
+            with trio.CancelScope(deadline=deadline) as scope:
                 self._scope = scope
-                if self._ws.state is not OPEN:  # closed before running (a refused token)
-                    scope.deadline = trio.current_time() + CLOSE_TIMEOUT
                 try:
                     await self._reader(handler)
                 except Exception:  # a bug in a handler ends this connection, not the node
                     log.exception("WS_ERROR: UserID=%d", self.identity.user_id)
                     self.close(CloseCode.INTERNAL_ERROR, "Internal error")
-                with trio.move_on_after(CLOSE_TIMEOUT):
-                    await self._flushed()
+                if self._out or self._batch:  # (a scope only when there is something to wait for)
+                    with trio.move_on_after(CLOSE_TIMEOUT):
+                        await self._flushed()
         finally:
             self._ws.abort()
             heap.cancel(heartbeat)
-            await trio.aclose_forcefully(self._stream)
+            # Closed at once: trio.aclose_forcefully would raise and catch a
+            # Cancelled here (about 45 µs) for nothing.
+            self._stream.socket.close()
 
     async def _reader(self, handler: MessageHandler) -> None:
         """Parse the client's frames and hand each text message on, in order,
