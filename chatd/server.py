@@ -47,7 +47,14 @@ from chatd.publish import publish
 from chatd.session import Context
 from chatd.store import StoredMessage
 from chatd.transport.fanout import Fanout
-from chatd.transport.http import App, Response, json_error, serve_connection, serve_listener
+from chatd.transport.http import (
+    App,
+    Response,
+    UpgradeRequest,
+    json_error,
+    serve_connection,
+    serve_listener,
+)
 from chatd.transport.websocket import WebSocketConnection
 from chatd.web import load_assets
 
@@ -204,7 +211,7 @@ class ChatServer:
         return await routes.handle(self, request, body, remote)
 
     def websocket(
-        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+        self, stream: trio.SocketStream, request: UpgradeRequest, trailing: bytes, remote: str
     ) -> Response | Awaitable[None]:
         # A WebSocket is closed by the drain, not cancelled: it runs outside
         # its HTTP scope (transport.http.serve_connection).
@@ -238,6 +245,6 @@ class _MetricsOnly:
         return await routes.handle(self.node, request, body, remote, metrics_only=True)
 
     def websocket(
-        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+        self, stream: trio.SocketStream, request: UpgradeRequest, trailing: bytes, remote: str
     ) -> Response | Awaitable[None]:
         return json_error(404, "not found")

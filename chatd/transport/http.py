@@ -1,8 +1,11 @@
 """Every TCP connection starts here, as HTTP/1.1 parsed by h11.
 
 A request that asks to upgrade to WebSocket is handed, with any bytes that
-came after it, to the app's ``websocket`` handler (which gives it to wsproto
-through ``initiate_upgrade_connection``). The handler answers at once: a
+came after it, to the app's ``websocket`` handler. The common upgrade request
+(whole in the connection's first read, in the form browsers and client
+libraries send) is read directly by ``upgrade.read_upgrade``, without h11;
+every other request, odd upgrades included, is h11's, and an upgrade read by
+h11 is given to wsproto's handshake by the app. The handler answers at once: a
 ``Response`` refuses the upgrade (404, 400), written here like any other and
 followed by the end of the connection; anything else is the WebSocket's
 life, awaited once this module has dropped its h11 state. Any other request
@@ -29,6 +32,8 @@ from typing import Any, Protocol
 import h11
 import msgspec
 import trio
+
+from chatd.transport.upgrade import Upgrade, read_upgrade
 
 log = logging.getLogger("chatd.transport")
 
@@ -59,6 +64,10 @@ def json_error(status: int, message: str, **extra: Any) -> Response:
     return json_response(status, {"error": message, **extra})
 
 
+#: An upgrade request: read directly (``upgrade.Upgrade``), or by h11.
+UpgradeRequest = Upgrade | h11.Request
+
+
 class App(Protocol):
     """What a listener serves: plain HTTP requests and WebSocket upgrades."""
 
@@ -69,10 +78,11 @@ class App(Protocol):
         """Answer one request."""
 
     def websocket(
-        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+        self, stream: trio.SocketStream, request: UpgradeRequest, trailing: bytes, remote: str
     ) -> Response | Awaitable[None]:
         """A refusal, or the WebSocket's life on ``stream`` (``trailing``:
-        the bytes that came after the request)."""
+        the bytes that came after the request). Both kinds of request get
+        the same answer."""
 
 
 def is_websocket_upgrade(request: h11.Request) -> bool:
@@ -167,7 +177,16 @@ async def _serve_http(
     body; nothing else."""
     remote = peer_address(stream)
     timeout = app.handshake_timeout
+    data = await _receive(stream)
+    direct = read_upgrade(data)
+    if direct is not None:
+        upgraded = app.websocket(stream, direct[0], direct[1], remote)
+        if not isinstance(upgraded, Response):
+            return upgraded
+        # A refusal: h11 reads the same bytes, and the request is answered
+        # like any other.
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    conn.receive_data(data)
     try:
         while True:
             request = await _next_request(stream, conn)
@@ -194,6 +213,20 @@ async def _serve_http(
         scope.deadline = math.inf
         await _send_error(stream, conn, exc.error_status_hint)
     return None
+
+
+async def _receive(stream: trio.SocketStream) -> bytes:
+    """The first bytes of a connection (b"" at its end): ``receive_some``
+    without a schedule point when they are there already, as a request
+    usually is by the time its connection's task runs."""
+    sock = stream.socket
+    while True:
+        try:
+            return os.read(sock.fileno(), RECEIVE_SIZE)
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(sock)
+        except OSError as exc:
+            raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
 
 
 async def _next_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:

@@ -132,7 +132,7 @@ class WebSocketConnection:
     def __init__(
         self,
         stream: trio.SocketStream,
-        ws: WSConnection,
+        ws: Wire | WSConnection,
         identity: Identity,
         fanout: Fanout[WebSocketConnection],
         *,
@@ -146,7 +146,9 @@ class WebSocketConnection:
         max_message_bytes: int | None = None,
         received: bytes = b"",
     ) -> None:
-        """``max_message_bytes``: the largest message the reader parses
+        """``ws``: the accepted connection's frame parser (or a wsproto
+        connection past its handshake, whose parser is taken).
+        ``max_message_bytes``: the largest message the reader parses
         itself (the server passes its ``max_frame_bytes``); None leaves
         every frame to wsproto. ``received``: bytes read with the upgrade
         request, before the connection existed."""
@@ -156,9 +158,9 @@ class WebSocketConnection:
         self._fanout = fanout
         self._stream = stream
         self._fd = stream.socket.fileno()
-        # Only the frame parser is kept: the handshake's h11 state and
-        # request go with the WSConnection (see wire.py).
-        self._ws = Wire.take(ws)
+        # Only the frame parser is kept: a handshake's h11 state and request
+        # go with its WSConnection (see wire.py).
+        self._ws = ws if isinstance(ws, Wire) else Wire.take(ws)
         self._window_bits = window_bits
         self._limit = send_buffer_bytes
         self._ping_interval = ping_interval
