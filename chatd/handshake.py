@@ -7,7 +7,11 @@ admission.
 the HTTP layer writes); otherwise it negotiates the extensions
 (permessage-deflate, bounded like every message by ``max_frame_bytes``) and
 returns the connection's life, ``_serve``, which the HTTP layer awaits once
-it has dropped its own state.
+it has dropped its own state. A request the HTTP layer read directly
+(``transport.upgrade``, the common case) is answered by ``open_direct``:
+the 101 written here, the extensions agreed by wsproto's own function, the
+frame parser made here; any other goes through wsproto's handshake
+(``open_wsproto``). Both answer a request alike (tests/test_upgrade.py).
 
 ``_serve`` admits the connection, or completes the handshake and refuses it
 with a frame and a close (browsers cannot read an HTTP error): a full server
