@@ -416,12 +416,8 @@ class WebSocketConnection:
         parts: list[str] = []
         buf: bytes | bytearray = self._received
         self._received = b""
-        #: The last read was short: the kernel had nothing more then. So
-        #: at first: a new connection's client waits for its 101 before it
-        #: sends (what came with the request is in ``buf``), so the first
-        #: read would find nothing; waiting first saves a schedule point and
-        #: a read. (epoll reports a socket that has bytes already at once.)
-        drained = True
+        #: The last read was short: the kernel had nothing more then.
+        drained = False
         while True:
             pos = 0
             size = len(buf)
