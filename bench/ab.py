@@ -1,9 +1,11 @@
-"""A/B of two chatd checkouts at the fan-out and latency points, alternating.
+"""A/B of two chatd checkouts at the fan-out and latency points (and, on
+request, the handshakes), alternating.
 
 Usage (with bench/.venv, which bench/run.sh makes)::
 
     python bench/ab.py --a DIR_A --b DIR_B [--rounds 4] [--rate MSGS_PER_S]
                        [--duration S] [--quick] [--out FILE]
+                       [--handshakes also|only] [--unique-tokens]
 
 DIR_A and DIR_B are chatd checkouts (each with a ``chatd/`` package), e.g. the
 base and a branch; a second tree is easiest as an export of a commit::
@@ -25,6 +27,16 @@ of its full run:
   better). The rate is ``--rate`` for every run, A and B alike; without it,
   half of A's messages/s in the first fan-out run (as the full run takes half
   of each server's maximum), then fixed for the rest of the run.
+* handshakes (``--handshakes also``: after the two points above, on a fresh
+  server of their own; ``--handshakes only``: instead of them): load.py's
+  handshake scenario (16 loops per worker of connect, upgrade with a token,
+  101, ping, pong, close; 1,000 users, each reconnecting with its one token),
+  5 s measured after 1 s warm-up, on a fresh server ("fresh"), then again
+  right after 10,000 idle connections opened and closed on it ("after 10k"),
+  as the full run does: handshakes/s (higher is better) and chatd's CPU per
+  handshake (µs of its core). ``--unique-tokens``: every handshake with a
+  token signed for it (the first connection of each client after a restart:
+  no token seen before).
 
 How
 ---
@@ -68,7 +80,8 @@ exit status is 1 when a run failed.
 
 A run of 4 rounds at the default windows takes about 2.5 minutes (8 fresh
 servers of about 18 s each, after a warm-up of about 8 s); ``--quick``
-about 25 s.
+about 25 s. ``--handshakes`` adds about 30 s per run (two measured windows
+and the 10,000 idle connections).
 """
 
 from __future__ import annotations
@@ -119,15 +132,63 @@ def checkout(path: str) -> dict[str, Any]:
     }
 
 
+def run_handshakes(bench: Bench, rec: dict[str, Any], root: Path, idle: int, unique: bool) -> None:
+    """A fresh chatd from ``root``: handshakes/s fresh, then after ``idle``
+    connections opened and closed (load.py's ``handshakes`` and ``idle``)."""
+    server = Server("chatd", False, bench.tmp, bench.rooms, root=root)
+    try:
+        server.start(bench.server_cpus)
+        rec["handshakes"] = bench.handshakes(server, unique=unique)
+        rec["idle"] = bench.idle(server, idle)
+        rec["handshakes_after_idle"] = bench.handshakes(server, unique=unique)
+        if not server.alive():
+            raise RuntimeError("chatd died during the handshakes")
+    except Exception as exc:  # reported, then the next run goes on
+        log(f"  round {rec['round']} {rec['side']}: FAILED: {type(exc).__name__}: {exc}")
+        rec["failures"].append(f"{type(exc).__name__}: {exc}")
+        try:
+            bench.close_all()
+        except Exception:
+            pass
+    finally:
+        alive = server.alive()
+        tail = server.stop()
+        if not alive:
+            rec["failures"].append(f"chatd exited during the handshakes: {tail[-1500:]}")
+        errors = [ln for ln in tail.splitlines() if "ERROR" in ln or "Traceback" in ln]
+        if errors:
+            rec.setdefault("log_errors", []).extend(errors[-20:])
+
+
 def run_one(
-    bench: Bench, side: str, root: Path, rnd: int, rate: float | None, members: int
+    bench: Bench,
+    side: str,
+    root: Path,
+    rnd: int,
+    rate: float | None,
+    p: argparse.Namespace,
 ) -> dict[str, Any]:
     """One fresh chatd from ``root``: the fan-out point, then the latency point
-    at ``rate`` (None: half of this run's fan-out maximum)."""
+    at ``rate`` (None: half of this run's fan-out maximum); then, with
+    ``--handshakes``, the handshakes on another fresh chatd."""
     rec: dict[str, Any] = {"round": rnd, "side": side, "root": str(root), "failures": []}
+    started = time.monotonic()
+    if p.points_fanout:
+        fanout_latency(bench, rec, root, rate, p.members)
+    if p.handshakes:
+        log(f"round {rnd} {side}: handshakes (cwd {root})")
+        run_handshakes(bench, rec, root, p.idle, p.unique_tokens)
+    rec["seconds"] = round(time.monotonic() - started, 1)
+    return rec
+
+
+def fanout_latency(
+    bench: Bench, rec: dict[str, Any], root: Path, rate: float | None, members: int
+) -> None:
+    """The fan-out point, then the latency point, on one fresh chatd."""
+    rnd, side = rec["round"], rec["side"]
     server = Server("chatd", False, bench.tmp, bench.rooms, root=root)
     log(f"round {rnd} {side}: {' '.join(server.cmd)} (cwd {root})")
-    started = time.monotonic()
     try:
         server.start(bench.server_cpus)
         fanout = bench.fanout(server, members, 100, False)
@@ -155,9 +216,7 @@ def run_one(
                 rec["latency_discarded"] = rec.pop("latency")
         errors = [ln for ln in tail.splitlines() if "ERROR" in ln or "Traceback" in ln]
         if errors:
-            rec["log_errors"] = errors[-20:]
-        rec["seconds"] = round(time.monotonic() - started, 1)
-    return rec
+            rec.setdefault("log_errors", []).extend(errors[-20:])
 
 
 def warm_up(bench: Bench, side: str, root: Path, p: argparse.Namespace) -> dict[str, Any]:
@@ -171,7 +230,9 @@ def warm_up(bench: Bench, side: str, root: Path, p: argparse.Namespace) -> dict[
     p.duration = min(1.0, duration)
     try:
         server.start(bench.server_cpus)
-        return bench.fanout(server, p.members, 100, False)
+        if p.points_fanout:
+            return bench.fanout(server, p.members, 100, False)
+        return bench.handshakes(server, unique=p.unique_tokens)
     finally:
         p.duration = duration
         server.stop()
@@ -270,7 +331,81 @@ def report(runs: list[dict[str, Any]], rounds: int, p: argparse.Namespace) -> di
         if by:
             pairs.append((rnd, "A,B" if rnd % 2 == 0 else "B,A", by.get("A"), by.get("B")))
     summary: dict[str, Any] = {"fanout": [], "latency": [], "budget": BUDGET, "costs": {}}
+    if p.points_fanout:
+        report_fanout_latency(pairs, summary, runs, p)
+    if p.handshakes:
+        report_handshakes(pairs, summary, p)
+    return summary
 
+
+def report_handshakes(pairs: list[Any], summary: dict[str, Any], p: argparse.Namespace) -> None:
+    """One table per handshake measurement (fresh, after the idle connections)."""
+    tokens = "a new token each" if p.unique_tokens else "1,000 users, one token each"
+    for point, label, title in (
+        ("handshakes", "fresh", "handshakes, fresh server"),
+        ("handshakes_after_idle", "after idle", f"handshakes, right after {p.idle:,} closed"),
+    ):
+        rows = []
+        cols: dict[str, list[float | None]] = {}
+        for rnd, order, a, b in pairs:
+            d = {"A": value(a, point, "per_s"), "B": value(b, point, "per_s")}
+            d["B/A"] = div(d["B"], d["A"])
+            d["A_us"], d["B_us"] = us_per_handshake(a, point), us_per_handshake(b, point)
+            d["B/A_us"] = div(d["B_us"], d["A_us"])
+            d["A_lg"], d["B_lg"] = value(a, point, "loadgen_cpu"), value(b, point, "loadgen_cpu")
+            d["A_err"] = errors_of(a, point)
+            d["B_err"] = errors_of(b, point)
+            for k, v in d.items():
+                cols.setdefault(k, []).append(v)
+            summary.setdefault(point, []).append({"round": rnd, "order": order, **d})
+            rows.append(handshake_row([str(rnd), order], d))
+        med = {k: median(v) for k, v in cols.items()}
+        summary[f"{point}_median"] = med
+        rows.append(handshake_row(["median", ""], med))
+        print()
+        print(
+            f"{title}: {p.hs_concurrency} loops per worker x {p.procs} workers, {tokens},"
+            f" {p.duration:g} s measured: handshakes/s (higher is better)"
+        )
+        head = ["round", "order", "A hs/s", "B hs/s", "B/A", "A µs/hs", "B µs/hs", "B/A"]
+        head += ["A loadgen", "B loadgen", "A errors", "B errors"]
+        for line in table(head, rows):
+            print("  " + line)
+        for note in busy_notes(pairs, point):
+            print(note)
+        print(cost_line(f"handshakes/s ({label})", cols.get("B/A", []), True, summary["costs"]))
+        costs = summary["costs"]
+        print(cost_line(f"chatd µs/handshake ({label})", cols.get("B/A_us", []), False, costs))
+
+
+def handshake_row(first: list[str], d: dict[str, float | None]) -> list[str]:
+    return (
+        first
+        + [fmt(d.get(k), ",.0f") for k in ("A", "B")]
+        + [fmt(d.get("B/A"), ".3f")]
+        + [fmt(d.get(k), ",.0f") for k in ("A_us", "B_us")]
+        + [fmt(d.get("B/A_us"), ".3f")]
+        + [fmt(d.get(k), ".2f") for k in ("A_lg", "B_lg")]
+        + [fmt(d.get(k), ",.0f") for k in ("A_err", "B_err")]
+    )
+
+
+def us_per_handshake(rec: dict[str, Any] | None, point: str) -> float | None:
+    per_s = value(rec, point, "per_s")
+    cpu = value(rec, point, "server_cpu")
+    return cpu / per_s * 1e6 if per_s and cpu is not None else None
+
+
+def errors_of(rec: dict[str, Any] | None, point: str) -> float | None:
+    if rec is None or point not in rec:
+        return None
+    return float(sum(rec[point]["errors"].values()))
+
+
+def report_fanout_latency(
+    pairs: list[Any], summary: dict[str, Any], runs: list[dict[str, Any]], p: argparse.Namespace
+) -> None:
+    """The fan-out and latency tables."""
     # fan-out
     rows = []
     cols: dict[str, list[float | None]] = {}
@@ -376,7 +511,6 @@ def report(runs: list[dict[str, Any]], rounds: int, p: argparse.Namespace) -> di
         print(note)
     for _, label in PCTS:
         print(cost_line(label, cols.get(f"B/A {label}", []), False, summary["costs"]))
-    return summary
 
 
 def main() -> int:
@@ -399,6 +533,16 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny counts: checks the script")
     parser.add_argument("--out", help="raw results as JSON (default: a temp file)")
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes")
+    parser.add_argument(
+        "--handshakes",
+        choices=["also", "only"],
+        help="also (or only) load.py's handshakes, fresh and after 10,000 connections closed",
+    )
+    parser.add_argument(
+        "--unique-tokens",
+        action="store_true",
+        help="with --handshakes: a token never seen before for every handshake",
+    )
     args = parser.parse_args()
     sides = {"A": checkout(args.a), "B": checkout(args.b)}
     for side, info in sides.items():
@@ -408,14 +552,19 @@ def main() -> int:
         parser.error("--rate must be positive")
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.unique_tokens and not args.handshakes:
+        parser.error("--unique-tokens needs --handshakes")
     # load.py's parameters of the same points (its full run, or its --quick)
     p = argparse.Namespace(procs=args.procs, pin=True, profile=False, commit_conns=0)
     if args.quick:
         p.members, p.duration, p.latency_duration, p.warm = 10, 0.8, 1.0, 0.2
-        p.publishers, p.window = 2, 8
+        p.publishers, p.window, p.hs_concurrency, p.idle = 2, 8, 4, 100
     else:
         p.members, p.duration, p.latency_duration, p.warm = 100, 5.0, 8.0, 1.0
-        p.publishers, p.window = 4, 32
+        p.publishers, p.window, p.hs_concurrency, p.idle = 4, 32, 16, 10000
+    p.points_fanout = args.handshakes != "only"
+    p.handshakes = args.handshakes is not None
+    p.unique_tokens = args.unique_tokens
     if args.duration is not None:
         p.duration = p.latency_duration = args.duration
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 4)
@@ -450,7 +599,7 @@ def main() -> int:
             )
         for rnd in range(rounds):
             for side in ("A", "B") if rnd % 2 == 0 else ("B", "A"):
-                rec = run_one(bench, side, Path(sides[side]["root"]), rnd, rate, p.members)
+                rec = run_one(bench, side, Path(sides[side]["root"]), rnd, rate, p)
                 runs.append(rec)
                 if rate is None and "latency" in rec:
                     rate = rec["latency"]["offered_msgs_per_s"]

@@ -84,6 +84,11 @@ How it measures
   fan-out point, during the commit run and during the second handshake
   measurement (raw collapsed
   stacks next to the results; bench/report.py summarises them).
+* ``--only handshakes``: (e) alone, with the idle connections (c) between its
+  two measurements, as in the full run; the JSON goes to a temp file unless
+  ``--out`` is given (it is not a full result for bench/report.py). E.g.
+  ``--servers ws,websockets --only handshakes`` for the peers' figures, or
+  ``--servers chatd --only handshakes --profile`` for chatd's profile.
 Every loop stops at an absolute deadline and every wait has a timeout.
 """
 
@@ -719,7 +724,12 @@ class Bench:
         log(f"  commit: {res['acked_per_s']:,.0f} msgs/s acked, p99 {res['p99_ms']:.2f} ms")
         return res
 
-    def handshakes(self, server: Server, profile: Path | None = None) -> dict[str, Any]:
+    def handshakes(
+        self, server: Server, profile: Path | None = None, unique: bool = False
+    ) -> dict[str, Any]:
+        """Handshakes/s; ``unique``: every handshake with a token signed for
+        it, never seen before (by default each of the 1,000 users reconnects
+        with its one token, again and again)."""
         a = self.args
         t0, t1 = self.window(a.duration)
         base = self.uids(1000)
@@ -733,6 +743,7 @@ class Bench:
                 "concurrency": a.hs_concurrency,
                 "users": 500,
                 "uid0": base + 500 * (i % 2),
+                "unique": unique,
             }
             for i in range(self.pool.n)
         ]
@@ -762,6 +773,8 @@ class Bench:
             "softirq_cpu": self.softirq_cores,
             "loadgen_cpu": sum(r["cpu"] for r in replies) / dur,
         }
+        if unique:
+            res["unique_tokens"] = True
         if spy is not None:
             try:
                 spy.wait(a.duration + 30)
@@ -1228,7 +1241,9 @@ class Bench:
         # Three fresh server processes: handshakes on a fresh server; idle
         # memory from a fresh server's baseline, then the rest; deflate.
         # a fourth for the big room and the storm after it (which restarts it)
-        phases = (("handshakes", False), ("main", False), ("deflate", True), ("big", False))
+        phases = [("handshakes", False), ("main", False), ("deflate", True), ("big", False)]
+        if a.only == "handshakes":  # the first two, up to the handshakes after idle
+            phases = phases[:2]
         for phase, deflate in phases:
             server = Server(name, deflate, self.tmp, self.rooms)
             log(
@@ -1254,6 +1269,8 @@ class Bench:
                     out["handshakes_after_idle"] = self.handshakes(server, prof)
                     if prof is not None and prof.exists():
                         shutil.copy(prof, Path(a.out).parent / "chatd-handshakes.pyspy.txt")
+                    if a.only == "handshakes":
+                        continue
                 for n in a.rooms:
                     for size in a.sizes:
                         out["fanout"].append(self.fanout(server, n, size, deflate))
@@ -1340,10 +1357,18 @@ def machine() -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts, for CI")
-    parser.add_argument("--out", default=str(HERE / "results/latest.json"))
+    parser.add_argument(
+        "--out", help="results JSON (default results/latest.json; with --only, a temp file)"
+    )
     parser.add_argument("--servers", default="chatd,ws,websockets")
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes")
     parser.add_argument("--profile", action="store_true", help="py-spy chatd's room-of-100")
+    parser.add_argument(
+        "--only",
+        choices=["handshakes"],
+        help="only this scenario (for a look, not for report.py): handshakes fresh, "
+        "idle memory, handshakes after idle",
+    )
     parser.add_argument(
         "--no-pin",
         dest="pin",
@@ -1385,6 +1410,12 @@ def main() -> int:
     args.fixed_duration = 0.5 if args.quick else 8.0
     args.batch_conns, args.batch_window = (4, 200) if args.quick else (10, 400)
     args.sqlite_rows = 2_000 if args.quick else 100_000
+    if args.out is None:
+        if args.only:
+            fd, args.out = tempfile.mkstemp(prefix=f"chatd-load-{args.only}-", suffix=".json")
+            os.close(fd)
+        else:
+            args.out = str(HERE / "results/latest.json")
     if args.quick:
         args.rooms, args.sizes, args.idle = [10], [100], [100]
         args.duration, args.latency_duration, args.warm = 0.8, 1.0, 0.2
@@ -1405,7 +1436,11 @@ def main() -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": machine(),
-        "params": {k: v for k, v in vars(args).items() if k not in ("out", "servers", "quick")},
+        "params": {
+            k: v
+            for k, v in vars(args).items()
+            if k not in ("out", "servers", "quick") and not (k == "only" and v is None)
+        },
         "servers": {},
     }
     try:

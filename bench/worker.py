@@ -146,9 +146,17 @@ class Worker:
         self.quiet = 0.5  # big room: nothing received this long = the presence is all in
         self.storm: dict[str, Any] | None = None
 
-    def token(self, user_id: int) -> str:
+    def token(self, user_id: int, jti: int | None = None) -> str:
+        """A token for ``user_id``; a ``jti`` makes it unlike any other."""
         now = int(time.time())
-        body = {"user_id": user_id, "username": f"u{user_id}", "iat": now, "exp": now + 7200}
+        body: dict[str, Any] = {
+            "user_id": user_id,
+            "username": f"u{user_id}",
+            "iat": now,
+            "exp": now + 7200,
+        }
+        if jti is not None:
+            body["jti"] = f"{self.index}-{jti}"
         return jwt.encode(body, self.secret, algorithm="HS256")
 
     # --- connections ---------------------------------------------------------
@@ -395,11 +403,16 @@ class Worker:
     async def handshakes(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """``concurrency`` loops of: connect, upgrade with a token, 101, ping,
         pong (the server has checked the token and runs the connection), close
-        frame, the server's close frame, reset."""
+        frame, the server's close frame, reset. The ``users`` users take turns;
+        each has one token, used again and again, or with ``unique`` a new
+        token for every handshake (signed here, before its connect: no
+        server has seen it)."""
         self.reset()
         port, t0, t1 = cmd["port"], cmd["t0"], cmd["t1"]
         users = cmd["users"]
+        unique = cmd.get("unique", False)
         tokens = [self.token(cmd["uid0"] + k) for k in range(users)]
+        issued = 0
         loop = asyncio.get_running_loop()
         done = 0
         times: list[int] = []
@@ -407,17 +420,22 @@ class Worker:
         warm = int(cmd["warm"] * 1e9)
 
         async def one(k: int) -> None:
-            nonlocal done
+            nonlocal done, issued
             await asyncio.sleep(max(0.0, (t0 - warm - MONO()) / 1e9))
             i = k
             while MONO() < t1:
                 i = (i + cmd["concurrency"]) % users
+                if unique:
+                    issued += 1
+                    token = self.token(cmd["uid0"] + i, issued)
+                else:
+                    token = tokens[i]
                 started = MONO()
                 client: Client | None = None
                 try:
                     _, client = await asyncio.wait_for(
                         loop.create_connection(
-                            lambda: Client(self.stats, f"/ws/chat?token={tokens[i]}", False),
+                            partial(Client, self.stats, f"/ws/chat?token={token}", False),
                             "127.0.0.1",
                             port,
                         ),

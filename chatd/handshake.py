@@ -7,7 +7,11 @@ admission.
 the HTTP layer writes); otherwise it negotiates the extensions
 (permessage-deflate, bounded like every message by ``max_frame_bytes``) and
 returns the connection's life, ``_serve``, which the HTTP layer awaits once
-it has dropped its own state.
+it has dropped its own state. A request the HTTP layer read directly
+(``transport.upgrade``, the common case) is answered by ``open_direct``:
+the 101 written here, the extensions agreed by wsproto's own function, the
+frame parser made here; any other goes through wsproto's handshake
+(``open_wsproto``). Both answer a request alike (tests/test_upgrade.py).
 
 ``_serve`` admits the connection, or completes the handshake and refuses it
 with a frame and a close (browsers cannot read an HTTP error): a full server
@@ -31,15 +35,20 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import Extension
-from wsproto.utilities import RemoteProtocolError
+from wsproto.frame_protocol import FrameProtocol
+from wsproto.handshake import server_extensions_handshake
+from wsproto.utilities import ProtocolError
 
 from chatd.auth import Identity, bearer
+from chatd.config import Config
 from chatd.errors import ChatError, CloseCode
 from chatd.session import Context, Session
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.fanout import Fanout
-from chatd.transport.http import Response, json_error
+from chatd.transport.http import Response, UpgradeRequest, json_error
+from chatd.transport.upgrade import Upgrade, response
 from chatd.transport.websocket import WebSocketConnection
+from chatd.transport.wire import Wire
 
 log = logging.getLogger("chatd")
 
@@ -51,6 +60,9 @@ SUBPROTOCOLS = ("permessage-deflate",)
 _ANONYMOUS = Identity(0, "", None)
 
 Conn = WebSocketConnection
+#: An accepted upgrade: its frame parser, its 101 (written once the session
+#: is ready), its deflate, and the request's query.
+Opened = tuple[Wire, bytes, BoundedDeflate | None, str]
 
 
 class Gate:
@@ -66,41 +78,34 @@ class Gate:
         self.per_address: dict[str, int] = {}
 
     def websocket(
-        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+        self, stream: trio.SocketStream, request: UpgradeRequest, trailing: bytes, remote: str
     ) -> Response | Awaitable[None]:
-        """Refuse the upgrade, or return the connection's life."""
-        target = urlsplit(request.target.decode("latin-1"))
-        if target.path != WS_PATH:
-            return json_error(404, "not found")
-        ws = WSConnection(ConnectionType.SERVER)
-        try:
-            ws.initiate_upgrade_connection(list(request.headers), request.target)
-            upgrade = next(ws.events())
-        except (RemoteProtocolError, StopIteration):
-            return json_error(400, "bad request")
-        assert isinstance(upgrade, Request)
+        """Refuse the upgrade, or return the connection's life.
+
+        A request read directly (``transport.upgrade.Upgrade``: the common
+        case) is answered directly; any other (an ``h11.Request``) through
+        wsproto's handshake. Both give the same answer to the same request
+        (tests/test_upgrade.py)."""
         config = self._ctx.config
-        extensions: list[Extension] = [SizeGuard(config.limits.max_frame_bytes)]
-        deflate = (
-            BoundedDeflate(config.limits.max_frame_bytes) if config.server.compression else None
-        )
-        if deflate is not None:
-            extensions.insert(0, deflate)
-        subprotocol = next((s for s in upgrade.subprotocols if s in SUBPROTOCOLS), None)
-        # The 101 is written by the connection itself, first, once chatd is
-        # ready to deliver to it (see _admit).
-        accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
+        if isinstance(request, Upgrade):
+            opened = open_direct(config, request)
+        else:
+            opened = open_wsproto(config, request)
+        if isinstance(opened, Response):
+            return opened
+        wire, accept, deflate, query = opened
         client = client_address(remote, request.headers, config.server.trusted_proxies)
-        token = _token(target.query, request.headers)
-        batch = parse_qs(target.query).get("batch") == ["1"]
+        params = parse_qs(query)
+        token = _token(params, request.headers)
+        batch = params.get("batch") == ["1"]
         # The coroutine keeps only what the session needs: not the request
-        # or wsproto's handshake state.
-        return self._serve(stream, ws, accept, deflate, client, token, batch, trailing)
+        # or a handshake's state.
+        return self._serve(stream, wire, accept, deflate, client, token, batch, trailing)
 
     async def _serve(
         self,
         stream: trio.SocketStream,
-        ws: WSConnection,
+        wire: Wire,
         accept: bytes,
         deflate: BoundedDeflate | None,
         client: str,
@@ -123,8 +128,8 @@ class Gate:
                     log.info("WS_AUTH_FAILED: IP=%s, Reason=%s", client, err.message)
                     ctx.metrics.auth_failures.inc()
                     refused = err
-            conn = self._connection(stream, ws, identity, bits, trailing, batch)
-            del ws, trailing, token  # the connection keeps what it needs
+            conn = self._connection(stream, wire, identity, bits, trailing, batch)
+            del wire, trailing, token  # the connection keeps what it needs
             if full is not None:
                 log.warning("WS_REFUSED: IP=%s, Reason=%s", client, full)
                 conn.send_raw(accept)
@@ -190,7 +195,7 @@ class Gate:
     def _connection(
         self,
         stream: trio.SocketStream,
-        ws: WSConnection,
+        wire: Wire,
         identity: Identity,
         window_bits: int | None,
         received: bytes,
@@ -200,7 +205,7 @@ class Gate:
         server = config.server
         return WebSocketConnection(
             stream,
-            ws,
+            wire,
             identity,
             self._fanout,
             window_bits=window_bits,
@@ -213,6 +218,62 @@ class Gate:
             max_message_bytes=config.limits.max_frame_bytes,
             received=received,
         )
+
+
+def open_direct(config: Config, request: Upgrade) -> Response | Opened:
+    """The upgrade as wsproto's handshake would answer it, without its second
+    reading of the request: ``read_upgrade`` checked what wsproto checks,
+    and the extensions are agreed by wsproto's own function."""
+    if request.path != WS_PATH:
+        return json_error(404, "not found")
+    extensions, deflate = _extensions(config)
+    try:
+        agreed = server_extensions_handshake(request.extensions, extensions)
+    except ValueError:  # int() of "client_max_window_bits=abc", as with wsproto
+        return json_error(400, "bad request")
+    subprotocol = next((s for s in request.subprotocols if s in SUBPROTOCOLS), None)
+    accept = response(request.key, subprotocol, agreed)
+    return Wire(FrameProtocol(False, extensions)), accept, deflate, request.query
+
+
+def open_wsproto(config: Config, request: h11.Request) -> Response | Opened:
+    """The upgrade through wsproto's handshake (``initiate_upgrade_connection``)."""
+    try:
+        target = urlsplit(request.target.decode("latin-1"))
+    except ValueError:  # "//[": an unclosed IPv6 host
+        return json_error(400, "bad request")
+    if target.path != WS_PATH:
+        return json_error(404, "not found")
+    ws = WSConnection(ConnectionType.SERVER)
+    try:
+        ws.initiate_upgrade_connection(list(request.headers), request.target)
+        upgrade = next(ws.events())
+    except (ProtocolError, h11.ProtocolError, ValueError, StopIteration):
+        # Beside its own errors, wsproto lets through h11's (it writes the
+        # request again as HTTP/1.1: an HTTP/1.0 one without Host) and
+        # UnicodeError (a non-ASCII Connection, extension or protocol list,
+        # a Host that is not IDNA): each a malformed upgrade.
+        return json_error(400, "bad request")
+    assert isinstance(upgrade, Request)
+    extensions, deflate = _extensions(config)
+    subprotocol = next((s for s in upgrade.subprotocols if s in SUBPROTOCOLS), None)
+    try:
+        accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
+    except ValueError:  # wsproto's int() of "client_max_window_bits=abc"
+        return json_error(400, "bad request")
+    # Only the frame parser is kept: the handshake's h11 state and request
+    # go with the WSConnection (see wire.py).
+    return Wire.take(ws), accept, deflate, target.query
+
+
+def _extensions(config: Config) -> tuple[list[Extension], BoundedDeflate | None]:
+    """A new connection's extensions (permessage-deflate when the config
+    allows it, first), and its deflate."""
+    guard = SizeGuard(config.limits.max_frame_bytes)
+    if not config.server.compression:
+        return [guard], None
+    deflate = BoundedDeflate(config.limits.max_frame_bytes)
+    return [deflate, guard], deflate
 
 
 def client_address(remote: str, headers: Any, trusted: tuple[str, ...]) -> str:
@@ -234,9 +295,10 @@ def client_address(remote: str, headers: Any, trusted: tuple[str, ...]) -> str:
     return real[:64] if real else remote
 
 
-def _token(query: str, headers: Any) -> str | None:
-    """``?token=`` wins over ``Authorization: Bearer``."""
-    values = parse_qs(query).get("token")
+def _token(params: dict[str, list[str]], headers: Any) -> str | None:
+    """``?token=`` (``params``: the query, parsed) wins over
+    ``Authorization: Bearer``."""
+    values = params.get("token")
     if values:
         return values[0]
     return bearer(headers)

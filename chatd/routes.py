@@ -76,7 +76,10 @@ async def handle(
     node: Node, request: h11.Request, body: bytes, remote: str, *, metrics_only: bool = False
 ) -> Response:
     """Answer one HTTP request."""
-    path = urlsplit(request.target.decode("latin-1")).path
+    try:
+        path = urlsplit(request.target.decode("latin-1")).path
+    except ValueError:  # "//[": an unclosed IPv6 host
+        return _error(400, "bad request")
     method = request.method.decode("latin-1")
     if metrics_only:
         routes = {"/metrics": ("GET", _metrics)}

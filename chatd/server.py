@@ -47,7 +47,14 @@ from chatd.publish import publish
 from chatd.session import Context
 from chatd.store import StoredMessage
 from chatd.transport.fanout import Fanout
-from chatd.transport.http import App, Response, json_error, serve_connection
+from chatd.transport.http import (
+    App,
+    Response,
+    UpgradeRequest,
+    json_error,
+    serve_connection,
+    serve_listener,
+)
 from chatd.transport.websocket import WebSocketConnection
 from chatd.web import load_assets
 
@@ -148,12 +155,12 @@ class ChatServer:
             self.metrics_port = extra[0].socket.getsockname()[1]
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
-                serve = partial(trio.serve_listeners, handler_nursery=connections)
-                accepting.start_soon(serve, partial(self._serve_http, self), listeners)
-                if extra:
-                    accepting.start_soon(
-                        serve, partial(self._serve_http, _MetricsOnly(self)), extra
-                    )
+                for listener in listeners:
+                    handler = partial(self._serve_http, self)
+                    accepting.start_soon(serve_listener, listener, connections, handler)
+                for listener in extra:
+                    handler = partial(self._serve_http, _MetricsOnly(self))
+                    accepting.start_soon(serve_listener, listener, connections, handler)
                 self._announce()
                 task_status.started(self)
                 await self._stop.wait()
@@ -223,13 +230,9 @@ class ChatServer:
 
     async def _serve_http(self, app: App, stream: trio.SocketStream) -> None:
         # Until it becomes a WebSocket, a connection is plain HTTP, which a
-        # stop cancels at once (an idle keep-alive must not delay it).
-        with trio.CancelScope() as scope:
-            self._http[stream] = scope
-            try:
-                await serve_connection(stream, app)
-            finally:
-                self._http.pop(stream, None)
+        # stop cancels at once (an idle keep-alive must not delay it): its
+        # scope is in self._http meanwhile.
+        await serve_connection(stream, app, self._http)
 
     # --- the HTTP layer's app --------------------------------------------------
 
@@ -237,12 +240,11 @@ class ChatServer:
         return await routes.handle(self, request, body, remote)
 
     def websocket(
-        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+        self, stream: trio.SocketStream, request: UpgradeRequest, trailing: bytes, remote: str
     ) -> Response | Awaitable[None]:
-        upgraded = self.gate.websocket(stream, request, trailing, remote)
-        if not isinstance(upgraded, Response):
-            self._http.pop(stream, None)  # a WebSocket is closed by the drain, not cancelled
-        return upgraded
+        # A WebSocket is closed by the drain, not cancelled: it runs outside
+        # its HTTP scope (transport.http.serve_connection).
+        return self.gate.websocket(stream, request, trailing, remote)
 
     # --- what the routes need (routes.Node) ------------------------------------
 
@@ -272,6 +274,6 @@ class _MetricsOnly:
         return await routes.handle(self.node, request, body, remote, metrics_only=True)
 
     def websocket(
-        self, stream: trio.SocketStream, request: h11.Request, trailing: bytes, remote: str
+        self, stream: trio.SocketStream, request: UpgradeRequest, trailing: bytes, remote: str
     ) -> Response | Awaitable[None]:
         return json_error(404, "not found")

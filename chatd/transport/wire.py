@@ -4,10 +4,12 @@ connection's one state.
 wsproto's ``WSConnection`` keeps the handshake (an h11 connection, the
 request) and its ``Connection`` an event deque (760 bytes even when empty) for
 the connection's whole life. ``Wire`` keeps only the ``FrameProtocol`` of the
-accepted connection (with the bytes that came after the upgrade request, and
-the negotiated extensions) and does what ``wsproto.connection.Connection``
-does with it, event for event, for the events chatd sends (ping, pong, close)
-and receives (all).
+accepted connection (with the negotiated extensions: taken from a
+``WSConnection``, or made by the gate for an upgrade it answered itself) and
+does what ``wsproto.connection.Connection`` does with it, event for event,
+for the events chatd sends (ping, pong, close) and receives (all). A whole
+control frame the connection parsed itself becomes its event here too
+(``control``), as wsproto would make it.
 
 The state
 ---------
@@ -32,6 +34,7 @@ idle timeout, the end of the connection's task).
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Iterator
 
@@ -45,7 +48,16 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
+from wsproto.frame_protocol import (
+    LOCAL_ONLY_CLOSE_REASONS,
+    MAX_CLOSE_REASON,
+    MAX_PROTOCOL_CLOSE_REASON,
+    MIN_CLOSE_REASON,
+    CloseReason,
+    FrameProtocol,
+    Opcode,
+    ParseFailed,
+)
 from wsproto.utilities import LocalProtocolError
 
 
@@ -102,6 +114,12 @@ class Wire:
             return data
         raise LocalProtocolError(f"Event {event} cannot be sent in state {state}.")
 
+    @property
+    def parsing(self) -> bool:
+        """Whether the peer's frames are still parsed (``receive_data``)."""
+        state = self.state
+        return state is OPEN or state is LOCAL_CLOSING
+
     def can_close(self) -> bool:
         """Whether a close frame may still be sent."""
         return self.state in _CAN_CLOSE
@@ -120,6 +138,43 @@ class Wire:
             self._proto.receive_bytes(data)
         elif state is CLOSED:
             raise LocalProtocolError("Connection already closed.")
+
+    def control(self, opcode: int, payload: bytes) -> Ping | Pong | CloseConnection | None:
+        """The event of a whole control frame that the connection read itself
+        (FIN, no RSV bit, masked, at most 125 bytes: nothing wsproto's frame
+        parser would refuse; its extensions do nothing with control frames),
+        as ``events`` would give it, with the same transition for a close.
+        None: a close wsproto refuses (a 1-byte payload, a code it does not
+        allow, a reason that is not UTF-8), to be fed to it instead.
+
+        Only in OPEN and LOCAL_CLOSING, where ``receive_data`` parses."""
+        if opcode == 0x9:
+            return Ping(payload=payload)
+        if opcode == 0xA:
+            return Pong(payload=payload)
+        assert opcode == 0x8
+        if not payload:
+            code: int = CloseReason.NO_STATUS_RCVD
+            reason = ""
+        else:
+            # FrameProtocol._process_close, check for check.
+            if len(payload) == 1:
+                return None
+            code = int.from_bytes(payload[:2], "big")
+            if code < MIN_CLOSE_REASON or code > MAX_CLOSE_REASON:
+                return None
+            with contextlib.suppress(ValueError):
+                code = CloseReason(code)
+            if code in LOCAL_ONLY_CLOSE_REASONS:
+                return None
+            if not isinstance(code, CloseReason) and code <= MAX_PROTOCOL_CLOSE_REASON:
+                return None
+            try:
+                reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        self.state = CLOSED if self.state is LOCAL_CLOSING else REMOTE_CLOSING
+        return CloseConnection(code=code, reason=reason)
 
     def events(self) -> Iterator[Event]:
         """The events of the frames received so far (``Connection.events``);
