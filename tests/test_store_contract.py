@@ -374,6 +374,40 @@ async def test_room_access_and_private_membership(store: AnyStore) -> None:
     assert await store.room_access("random", 1) is None
 
 
+async def test_joins_at_once_read_a_rooms_access_once(
+    store: AnyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many joins asking at once (a reconnect storm into one room) share the
+    read under way: one for a public room; a private room's answer is each
+    user's own, read for each user the shared one does not let in."""
+    await store.declare_rooms(RoomsConfig(public=("general",), private={"staff": (1, 2)}))
+    reads: list[object] = []
+    read = store.read
+
+    async def counted(fn: Any) -> Any:
+        reads.append(fn)
+        return await read(fn)
+
+    monkeypatch.setattr(store, "read", counted)
+    answers: dict[tuple[str, int], RoomAccess | None] = {}
+
+    async def ask(room: str, user_id: int) -> None:
+        answers[room, user_id] = await store.room_access(room, user_id)
+
+    async with trio.open_nursery() as nursery:
+        for user_id in range(1, 51):
+            nursery.start_soon(ask, "general", user_id)
+    assert len(reads) == 1
+    assert set(answers.values()) == {RoomAccess("general", False, True)}
+
+    reads.clear()
+    async with trio.open_nursery() as nursery:
+        for user_id in (1, 2, 3, 4):
+            nursery.start_soon(ask, "staff", user_id)
+    assert [answers["staff", u].allowed for u in (1, 2, 3, 4)] == [True, True, False, False]
+    assert 1 < len(reads) <= 4
+
+
 async def test_last_seq(store: AnyStore) -> None:
     assert await store.last_seq(GENERAL) == 0
     await fill(store, "general", 3)

@@ -188,6 +188,7 @@ class PostgresStore(Reads, GroupWriter):
         #: Users known to be stored with this name: connects skip the write.
         self._users: dict[int, str] = {}
         self._access = {}
+        self._reading_access = {}
         # Owned by the writer thread:
         self._conn: Conn | None = None
         self._failures = 0

@@ -107,6 +107,7 @@ class SqliteStore(Reads, GroupWriter):
         #: Users known to be stored with this name: connects skip the write.
         self._users: dict[int, str] = {}
         self._access = {}
+        self._reading_access = {}
         #: Each channel's last seq; owned by the writer thread.
         self._seqs: dict[str, int] = {}
 
