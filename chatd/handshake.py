@@ -35,7 +35,6 @@ import trio
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request
 from wsproto.extensions import Extension
-from wsproto.frame_protocol import FrameProtocol
 from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import ProtocolError
 
@@ -130,18 +129,27 @@ class Gate:
                     refused = err
             conn = self._connection(stream, wire, identity, bits, trailing, batch)
             del wire, trailing, token  # the connection keeps what it needs
+            session = Session(ctx, conn)
+            started = None
             if full is not None:
                 log.warning("WS_REFUSED: IP=%s, Reason=%s", client, full)
                 conn.send_raw(accept)
                 conn.close(CloseCode.TRY_AGAIN_LATER, full)
-                await conn.run(Session(ctx, conn))
             elif refused is not None:
                 conn.send_raw(accept)
-                session = Session(ctx, conn)
                 session.refuse(refused)
-                await conn.run(session)
             else:
-                await self._admit(conn, accept, client)
+                started = await self._admit(conn, session, accept, client)
+            del accept
+            # The run is awaited here, not in a helper: a coroutine frame
+            # less held by every connection for its whole life.
+            if started is None:
+                await conn.run(session)
+                return
+            try:
+                await conn.run(session)
+            finally:
+                self._leave(conn, session, started)
         finally:
             left = counts[client] - 1
             if left:
@@ -159,11 +167,13 @@ class Gate:
             return "Too many connections from your address"
         return None
 
-    async def _admit(self, conn: Conn, accept: bytes, client: str) -> None:
-        """Store the user, start the session, then serve it."""
+    async def _admit(
+        self, conn: Conn, session: Session[Conn], accept: bytes, client: str
+    ) -> float | None:
+        """Store the user and start the session: when it started, or None
+        (the store failed: the connection is closed, to be run all the same)."""
         ctx = self._ctx
         identity = conn.identity
-        session = Session(ctx, conn)
         started = ctx.monotonic()
         try:
             await ctx.store.upsert_user(identity.user_id, identity.username)
@@ -171,26 +181,27 @@ class Gate:
             log.exception("store: cannot record user %d", identity.user_id)
             conn.send_raw(accept)
             conn.close(CloseCode.INTERNAL_ERROR, "Storage unavailable")
-            await conn.run(session)
-            return
+            return None
         log.info("WS_CONNECT: UserID=%d, IP=%s", identity.user_id, client)
         self.connections.add(conn)
         ctx.metrics.connected(identity.user_id, started)
         conn.send_raw(accept)
-        del accept
         session.start()
-        try:
-            await conn.run(session)
-        finally:
-            session.end()
-            self.connections.discard(conn)
-            ctx.metrics.disconnected(identity.user_id, ctx.monotonic())
-            log.info(
-                "WS_DISCONNECT: UserID=%d, Duration=%.1fs, Code=%s",
-                identity.user_id,
-                ctx.monotonic() - started,
-                conn.close_code,
-            )
+        return started
+
+    def _leave(self, conn: Conn, session: Session[Conn], started: float) -> None:
+        """End an admitted connection's session."""
+        ctx = self._ctx
+        user_id = conn.identity.user_id
+        session.end()
+        self.connections.discard(conn)
+        ctx.metrics.disconnected(user_id, ctx.monotonic())
+        log.info(
+            "WS_DISCONNECT: UserID=%d, Duration=%.1fs, Code=%s",
+            user_id,
+            ctx.monotonic() - started,
+            conn.close_code,
+        )
 
     def _connection(
         self,
@@ -233,7 +244,7 @@ def open_direct(config: Config, request: Upgrade) -> Response | Opened:
         return json_error(400, "bad request")
     subprotocol = next((s for s in request.subprotocols if s in SUBPROTOCOLS), None)
     accept = response(request.key, subprotocol, agreed)
-    return Wire(FrameProtocol(False, extensions)), accept, deflate, request.query
+    return Wire(extensions), accept, deflate, request.query
 
 
 def open_wsproto(config: Config, request: h11.Request) -> Response | Opened:

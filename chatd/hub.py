@@ -210,9 +210,10 @@ class Hub(Generic[P]):
         self.presence_max_members = presence_max_members
         self.summary_members = summary_members
         self._rooms: dict[str, _Room[P]] = {}
-        #: Every connected peer -> the rooms it joined (``_NOWHERE`` until
-        #: its first join: an idle connection costs no set of its own).
-        self._joined: dict[P, set[str] | frozenset[str]] = {}
+        #: Every connected peer -> the rooms it joined: ``_NOWHERE`` until its
+        #: first join, a tuple for its one room (48 bytes; a set is 216, on
+        #: each member of a big room), a set from its second.
+        self._joined: dict[P, set[str] | frozenset[str] | tuple[str]] = {}
         #: user id -> that user's connections (a tuple: usually just one).
         self._users: dict[int, tuple[P, ...]] = {}
         #: Rooms with presence changes to summarise.
@@ -270,9 +271,12 @@ class Hub(Generic[P]):
             state.floors.pop(peer, None)
             return False
         rooms = self._joined[peer]
-        if not isinstance(rooms, set):
-            rooms = self._joined[peer] = set()
-        rooms.add(room)
+        if isinstance(rooms, set):
+            rooms.add(room)
+        elif rooms:
+            self._joined[peer] = {*rooms, room}
+        else:
+            self._joined[peer] = (room,)
         ident = peer.identity
         uid = ident.user_id
         _, count = state.presence.get(uid, ("", 0))
@@ -318,6 +322,8 @@ class Hub(Generic[P]):
         rooms = self._joined[peer]
         if isinstance(rooms, set):
             rooms.discard(room)
+        else:  # (its one room)
+            self._joined[peer] = _NOWHERE
         uid = peer.identity.user_id
         name, count = state.presence[uid]
         state.changed(uid)

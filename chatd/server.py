@@ -48,7 +48,6 @@ from chatd.session import Context
 from chatd.store import StoredMessage
 from chatd.transport.fanout import Fanout
 from chatd.transport.http import (
-    App,
     Response,
     UpgradeRequest,
     json_error,
@@ -156,10 +155,15 @@ class ChatServer:
         async with trio.open_nursery() as connections:
             async with trio.open_nursery() as accepting:
                 for listener in listeners:
-                    handler = partial(self._serve_http, self)
+                    # Until it becomes a WebSocket, a connection is plain
+                    # HTTP, which a stop cancels at once (an idle keep-alive
+                    # must not delay it): its scope is in self._http
+                    # meanwhile. (A partial, not a method: a coroutine frame
+                    # less on every connection's stack.)
+                    handler = partial(serve_connection, app=self, phases=self._http)
                     accepting.start_soon(serve_listener, listener, connections, handler)
                 for listener in extra:
-                    handler = partial(self._serve_http, _MetricsOnly(self))
+                    handler = partial(serve_connection, app=_MetricsOnly(self), phases=self._http)
                     accepting.start_soon(serve_listener, listener, connections, handler)
                 self._announce()
                 task_status.started(self)
@@ -227,12 +231,6 @@ class ChatServer:
         self.config = applied
         self.ctx.reload(applied)
         log.info("reload: rooms, limits and API settings applied from %s", config.source)
-
-    async def _serve_http(self, app: App, stream: trio.SocketStream) -> None:
-        # Until it becomes a WebSocket, a connection is plain HTTP, which a
-        # stop cancels at once (an idle keep-alive must not delay it): its
-        # scope is in self._http meanwhile.
-        await serve_connection(stream, app, self._http)
 
     # --- the HTTP layer's app --------------------------------------------------
 

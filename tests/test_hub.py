@@ -116,6 +116,28 @@ def test_join_returns_online_members(hub: AnyHub) -> None:
     assert not hub.is_in(alice, "random")
 
 
+def test_a_connections_rooms_one_then_several_then_none(hub: AnyHub) -> None:
+    """One room is kept as a tuple, several as a set: membership is the same
+    either way, a room whose name holds another's included."""
+    alice, bob = connect(hub, 1), connect(hub, 2)
+    join(hub, bob, "general")
+    join(hub, alice, "general")
+    assert hub.is_in(alice, "general") and not hub.is_in(alice, "gen")
+    join(hub, alice, "gen")
+    join(hub, alice, "random")
+    assert all(hub.is_in(alice, r) for r in ("general", "gen", "random"))
+    assert leave(hub, alice, "gen") and not hub.is_in(alice, "gen")
+    assert leave(hub, alice, "random") and leave(hub, alice, "general")
+    assert not any(hub.is_in(alice, r) for r in ("general", "gen", "random"))
+    join(hub, alice, "random")
+    assert hub.is_in(alice, "random") and not hub.is_in(alice, "general")
+    bob.clear()
+    disconnect(hub, alice)
+    assert not hub.is_in(alice, "random")
+    assert hub.members("general") == [Member(2, "u2")]
+    assert hub.members("random") == []
+
+
 def test_members_are_per_room(hub: AnyHub) -> None:
     alice, bob = connect(hub, 1), connect(hub, 2)
     join(hub, alice, "general")

@@ -84,6 +84,35 @@ async def test_an_idle_connection_is_one_task(server: ChatServer) -> None:
             assert "chatd.transport.timers" in names
 
 
+def _awaiting(coro: object) -> list[str]:
+    """The coroutines a task waits in, outermost first (chatd's only)."""
+    names = []
+    while coro is not None:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is not None and "/chatd/" in code.co_filename:
+            names.append(code.co_qualname)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return names
+
+
+async def test_an_idle_connection_waits_in_four_frames_of_chatd(server: ChatServer) -> None:
+    """Each coroutine a connection waits in is a frame it holds all its life
+    (about 300 bytes each): the accept loop starts ``serve_connection``
+    itself, and the gate awaits the run without a helper in between."""
+    async with raw_ws(server, user_id=1, username="alice") as alice:
+        await alice.send_json("join_room", {"room": "general"})
+        await alice.expect("join_room_ack")
+        await trio.testing.wait_all_tasks_blocked()
+        stacks = [_awaiting(t.coro) for t in _tasks()]
+        [stack] = [s for s in stacks if s[:1] == ["serve_connection"]]
+        assert stack == [
+            "serve_connection",
+            "Gate._serve",
+            "WebSocketConnection.run",
+            "WebSocketConnection._reader",
+        ]
+
+
 # --- the shared timers ------------------------------------------------------------
 
 
@@ -159,10 +188,42 @@ async def test_writer_runs_only_while_the_buffer_is_full() -> None:
         while received < total:
             received += len(await peer.receive_some(1 << 20))
         await trio.testing.wait_all_tasks_blocked()
-    assert not conn._writing and not conn._out and conn._out_bytes == 0
+    # the buffer is dropped once the kernel has taken it all
+    assert not conn._writing and conn._out is None and conn._out_bytes == 0
     assert "chatd.transport.writer" not in {t.name for t in _tasks()}
     conn.send(OutFrame(b"small"))  # straight to the socket again
     assert not conn._writing
     assert await peer.receive_some(100) == OutFrame(b"small").plain()
+    await peer.aclose()
+    await conn._stream.aclose()
+
+
+async def test_a_corked_write_leaves_no_buffer_behind() -> None:
+    """A fan-out's cork buffers every member's frame until the group ends;
+    once flushed, nothing is kept on the connection."""
+    a, b = trio.socket.socketpair()
+    fanout: Fanout[WebSocketConnection] = Fanout()
+    conn = WebSocketConnection(
+        trio.SocketStream(a),
+        accepted_server(),
+        Identity(1, "alice", None),
+        fanout,
+        window_bits=None,
+        send_buffer_bytes=1 << 22,
+        ping_interval=30,
+        idle_timeout=75,
+    )
+    peer = trio.SocketStream(b)
+    with fanout.corked():
+        conn.send(OutFrame(b"one"))
+        conn.send(OutFrame(b"two"))
+        assert conn._out is not None and len(conn._out) == 2
+    assert conn._out is None and conn._out_bytes == 0 and not conn._writing
+    want = OutFrame(b"one").plain() + OutFrame(b"two").plain()
+    got = b""
+    with trio.fail_after(10):
+        while len(got) < len(want):
+            got += await peer.receive_some(100)
+    assert got == want
     await peer.aclose()
     await conn._stream.aclose()

@@ -230,7 +230,7 @@ def answer(opened: Any) -> Any:
     wire, accept, deflate, query = opened
     extensions = [
         (type(e).__name__, deflate_state(e) if e is deflate else None)
-        for e in wire._proto.extensions
+        for e in wire._parser().extensions  # (the parser it makes when needed)
     ]
     return ("accepted", accept, deflate_state(deflate), extensions, query, wire.state)
 

@@ -9,13 +9,16 @@ from any state, and nothing more is read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 from wsproto.connection import Connection, ConnectionState
-from wsproto.events import CloseConnection, Ping, Pong
+from wsproto.events import CloseConnection, Ping, Pong, TextMessage
+from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import LocalProtocolError
 
+from chatd.transport.extensions import BoundedDeflate, SizeGuard
 from chatd.transport.wire import State, Wire
 from tests.helpers.raw import (
     OP_BINARY,
@@ -41,11 +44,24 @@ def _event(e: Any) -> tuple[Any, ...]:
     return (type(e).__name__, *sorted((k, v) for k, v in vars(e).items()))
 
 
-def _both() -> tuple[Wire, Connection]:
+def _taken() -> tuple[Wire, Connection]:
+    """A Wire taken from wsproto's handshake, and wsproto's own Connection."""
     wire = Wire.take(accepted_server())
     reference = accepted_server().connection
     assert reference is not None
     return wire, reference
+
+
+def _made() -> tuple[Wire, Connection]:
+    """A Wire as the gate makes it for an upgrade it read itself: from the
+    extensions, its parser made on first need."""
+    wire = Wire([SizeGuard(1 << 20)])
+    reference = accepted_server().connection
+    assert reference is not None
+    return wire, reference
+
+
+BOTH = pytest.mark.parametrize("make", [_taken, _made], ids=["taken", "made"])
 
 
 CASES: dict[str, list[bytes]] = {
@@ -65,9 +81,10 @@ CASES: dict[str, list[bytes]] = {
 }
 
 
-def test_wire_events_and_states_are_wsprotos() -> None:
+@BOTH
+def test_wire_events_and_states_are_wsprotos(make: Callable[[], tuple[Wire, Connection]]) -> None:
     for name, chunks in CASES.items():
-        wire, reference = _both()
+        wire, reference = make()
         for chunk in chunks:
             wire.receive_data(chunk)
             reference.receive_data(chunk)
@@ -77,8 +94,9 @@ def test_wire_events_and_states_are_wsprotos() -> None:
             assert _same(wire.state, reference.state), name
 
 
-def test_wire_sends_what_wsproto_sends() -> None:
-    wire, reference = _both()
+@BOTH
+def test_wire_sends_what_wsproto_sends(make: Callable[[], tuple[Wire, Connection]]) -> None:
+    wire, reference = make()
     for event in (Ping(b"chatd"), Pong(b"x")):
         assert wire.send(event) == reference.send(event)
     assert wire.send(CloseConnection(1013, "Slow consumer")) == reference.send(
@@ -93,7 +111,7 @@ def test_wire_sends_what_wsproto_sends() -> None:
     assert _same(wire.state, reference.state)
 
     # A close received first, then answered.
-    wire, reference = _both()
+    wire, reference = make()
     close = client_frame(OP_CLOSE, b"\x03\xe8")
     wire.receive_data(close)
     reference.receive_data(close)
@@ -102,6 +120,29 @@ def test_wire_sends_what_wsproto_sends() -> None:
     assert isinstance(got, CloseConnection) and isinstance(want, CloseConnection)
     assert wire.send(got.response()) == reference.send(want.response())
     assert _same(wire.state, reference.state)
+
+
+def test_pings_and_pongs_are_written_as_wsproto_writes_them() -> None:
+    """Every payload a control frame may have, with permessage-deflate
+    agreed and without: the same bytes as wsproto's, and no parser made."""
+    deflate = BoundedDeflate(1 << 20)
+    deflate.accept("permessage-deflate")  # agreed, as the gate agrees it
+    assert deflate.enabled()
+    for extensions in ([SizeGuard(1 << 20)], [deflate, SizeGuard(1 << 20)]):
+        wire = Wire(list(extensions))
+        reference = FrameProtocol(False, list(extensions))
+        for n in range(126):
+            payload = bytes(range(n))
+            assert wire.send(Ping(payload)) == bytes(reference.ping(payload))
+            assert wire.send(Pong(payload)) == bytes(reference.pong(payload))
+        with pytest.raises(ValueError):
+            wire.send(Ping(b"x" * 126))
+        assert list(wire.events()) == []
+        assert isinstance(wire._proto, list)  # nothing needed a parser
+        wire.receive_data(client_frame(OP_TEXT, b"hi"))
+        assert [_event(e) for e in wire.events()] == [
+            _event(TextMessage(data="hi", frame_finished=True, message_finished=True))
+        ]
 
 
 # --- the state machine -----------------------------------------------------------

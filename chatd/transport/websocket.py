@@ -48,7 +48,8 @@ Closing: ``close(code)`` queues the close frame and gives the peer
 
 Memory: an idle connection keeps only this object, wsproto's frame parser
 (the handshake objects are dropped once upgraded), one cancel scope and one
-timer; the outbound deque and the writer's events are made when first needed.
+timer; the outbound buffer and the writer's events are made when first needed
+and dropped when empty.
 """
 
 from __future__ import annotations
@@ -58,9 +59,7 @@ import math
 import os
 import select
 import time
-from collections import deque
 from collections.abc import Callable
-from itertools import islice
 from typing import Protocol
 
 import trio
@@ -179,8 +178,10 @@ class WebSocketConnection:
         self._max_message_bytes = max_message_bytes
         self._received = received
         self._next_ping = math.inf
-        #: What the kernel has not taken yet (made on first need).
-        self._out: deque[bytes | memoryview] | None = None
+        #: What the kernel has not taken yet: made on first need, dropped once
+        #: empty (a list: an empty deque is 760 bytes, on every connection
+        #: that was ever written to in a cork or past the kernel's buffer).
+        self._out: list[bytes | memoryview] | None = None
         self._out_bytes = 0
         #: The first buffered item was partly written: it must go out whole.
         self._head_started = False
@@ -281,10 +282,10 @@ class WebSocketConnection:
         if self._scope is not None:
             self._scope.deadline = min(self._scope.deadline, trio.current_time() + CLOSE_TIMEOUT)
 
-    def _buffer(self) -> deque[bytes | memoryview]:
+    def _buffer(self) -> list[bytes | memoryview]:
         out = self._out
         if out is None:
-            out = self._out = deque()
+            out = self._out = []
         return out
 
     def _write(self, data: bytes, *, force: bool = False) -> None:
@@ -329,14 +330,14 @@ class WebSocketConnection:
         if self._ws.state is GONE or not out:
             return
         try:
-            sent = os.writev(self._fd, list(islice(out, WRITEV_MAX)))
+            sent = os.writev(self._fd, out[:WRITEV_MAX])
         except BlockingIOError:
             sent = 0
         except OSError as exc:
             self._abort(exc)
             return
         self._consume(sent)
-        if out:
+        if self._out:
             self._kick()
 
     def _too_slow(self) -> None:
@@ -464,6 +465,7 @@ class WebSocketConnection:
                         pos = end
                         if ws.state is OPEN:
                             await handler.handle_text(text)
+                        text = ""  # (not kept while the connection waits)
                         continue
                 elif 0x88 <= b0 <= 0x8A and b1 & 0x80 and length <= 125 and ws.parsing:
                     # A whole close, ping or pong (FIN, no RSV bit, masked).
@@ -472,6 +474,7 @@ class WebSocketConnection:
                         pos = end
                         if await self._event(handler, parts, event):
                             return
+                        event = None
                         continue
                 if b0 & 0x0F < 0x8:  # a data frame: fragmented until one with FIN
                     fragmented = not b0 & 0x80
@@ -512,6 +515,7 @@ class WebSocketConnection:
                 buf += data
             else:
                 buf = data
+            data = None
 
     async def _events(self, handler: MessageHandler, parts: list[str]) -> bool:
         """Handle what wsproto has parsed; True once the reader must stop."""
@@ -566,9 +570,8 @@ class WebSocketConnection:
                 out = self._out
                 if not out:
                     return
-                chunks = list(islice(out, WRITEV_MAX))
                 try:
-                    sent = os.writev(self._fd, chunks)
+                    sent = os.writev(self._fd, out[:WRITEV_MAX])
                 except BlockingIOError:
                     sent = 0
                 except InterruptedError:  # pragma: no cover
@@ -578,7 +581,7 @@ class WebSocketConnection:
                     return
                 self._consume(sent)
                 self._progressed()
-                if out:
+                if self._out:
                     try:
                         await trio.lowlevel.wait_writable(self._fd)
                     except (trio.ClosedResourceError, trio.BusyResourceError) as exc:
@@ -601,16 +604,21 @@ class WebSocketConnection:
         self._out_bytes -= sent
         out = self._out
         assert out is not None
+        done = 0
         while sent:
-            head = out[0]
+            head = out[done]
             if sent >= len(head):
                 sent -= len(head)
-                out.popleft()
+                done += 1
                 self._head_started = False
             else:
-                out[0] = memoryview(head)[sent:]
+                out[done] = memoryview(head)[sent:]
                 self._head_started = True
                 sent = 0
+        if done == len(out):
+            self._out = None
+        elif done:
+            del out[:done]
 
     async def drained(self) -> None:
         """Return once less than ``LOW_WATER`` bytes are buffered for this

@@ -11,6 +11,13 @@ for the events chatd sends (ping, pong, close) and receives (all). A whole
 control frame the connection parsed itself becomes its event here too
 (``control``), as wsproto would make it.
 
+The ``FrameProtocol`` itself (about 800 bytes: its decoders, buffer and a
+generator) is made on first need: most connections never need it, since the
+reader parses their frames and a ping or pong is written here (an
+unmasked control frame, which no extension touches). A frame handed to
+wsproto, or a close to write, makes it; until then ``Wire`` keeps the
+negotiated extensions it will be made with.
+
 The state
 ---------
 ``Wire.state`` is the one state of a connection's life; the transport only
@@ -48,6 +55,7 @@ from wsproto.events import (
     Pong,
     TextMessage,
 )
+from wsproto.extensions import Extension
 from wsproto.frame_protocol import (
     LOCAL_ONLY_CLOSE_REASONS,
     MAX_CLOSE_REASON,
@@ -59,6 +67,14 @@ from wsproto.frame_protocol import (
     ParseFailed,
 )
 from wsproto.utilities import LocalProtocolError
+
+
+def _control(opcode: Opcode, payload: bytes) -> bytes:
+    """A server's ping or pong frame, as ``FrameProtocol`` writes it: FIN,
+    unmasked, no RSV bit (extensions leave control frames alone)."""
+    if len(payload) > 125:
+        raise ValueError("payload too long for control frame")
+    return bytes((0x80 | opcode, len(payload))) + payload
 
 
 class State(enum.Enum):
@@ -85,9 +101,16 @@ class Wire:
 
     __slots__ = ("_proto", "state")
 
-    def __init__(self, proto: FrameProtocol) -> None:
+    def __init__(self, proto: FrameProtocol | list[Extension]) -> None:
+        #: The frame parser, or the extensions to make it with.
         self._proto = proto
         self.state = OPEN
+
+    def _parser(self) -> FrameProtocol:
+        proto = self._proto
+        if not isinstance(proto, FrameProtocol):
+            proto = self._proto = FrameProtocol(False, proto)
+        return proto
 
     @classmethod
     def take(cls, ws: WSConnection) -> Wire:
@@ -105,11 +128,11 @@ class Wire:
         moves OPEN to LOCAL_CLOSING and REMOTE_CLOSING to CLOSED."""
         state = self.state
         if isinstance(event, Ping) and state is OPEN:
-            return bytes(self._proto.ping(event.payload))
+            return _control(Opcode.PING, event.payload)
         if isinstance(event, Pong) and state is OPEN:
-            return bytes(self._proto.pong(event.payload))
+            return _control(Opcode.PONG, event.payload)
         if isinstance(event, CloseConnection) and state in _CAN_CLOSE:
-            data = bytes(self._proto.close(event.code, event.reason))
+            data = bytes(self._parser().close(event.code, event.reason))
             self.state = CLOSED if state is REMOTE_CLOSING else LOCAL_CLOSING
             return data
         raise LocalProtocolError(f"Event {event} cannot be sent in state {state}.")
@@ -135,7 +158,7 @@ class Wire:
         dropped)."""
         state = self.state
         if state is OPEN or state is LOCAL_CLOSING:
-            self._proto.receive_bytes(data)
+            self._parser().receive_bytes(data)
         elif state is CLOSED:
             raise LocalProtocolError("Connection already closed.")
 
@@ -181,8 +204,11 @@ class Wire:
         a close frame moves OPEN to REMOTE_CLOSING and LOCAL_CLOSING to
         CLOSED. A frame wsproto cannot parse is a ``CloseConnection`` with
         the code to send (the state stays: the close is ours to send)."""
+        proto = self._proto
+        if not isinstance(proto, FrameProtocol):
+            return  # nothing was handed to a parser
         try:
-            for frame in self._proto.received_frames():
+            for frame in proto.received_frames():
                 opcode = frame.opcode
                 if opcode is Opcode.TEXT:
                     assert isinstance(frame.payload, str)
