@@ -6,6 +6,7 @@ packages, chatd runs from the sources)::
     bench/.venv/bin/python bench/idle_memory.py                 # RSS only, 10,000 conns
     bench/.venv/bin/python bench/idle_memory.py --n 1000
     bench/.venv/bin/python bench/idle_memory.py --tracemalloc   # + where it is allocated
+    bench/.venv/bin/python bench/idle_memory.py --room big      # all members of one room
 
 What it does
 ------------
@@ -18,7 +19,8 @@ What it does
   first connections import and cache what every later one shares; the bench's
   own 10k figure is also taken after its 1k round).
 * Reads VmRSS of the server (``/proc/PID/status``), opens ``--n`` idle
-  authenticated connections (no room, no permessage-deflate offer), waits
+  authenticated connections (no room unless ``--room``, no
+  permessage-deflate offer), waits
   ``--hold`` seconds, reads VmRSS again: KiB per connection = delta / opened.
   Repeats ``--rounds`` times on the same server (closing in between).
 * ``--tracemalloc``: the server runs under a small bootstrap that starts
@@ -148,6 +150,9 @@ def main() -> int:
     parser.add_argument("--tracemalloc", action="store_true")
     parser.add_argument("--frames", type=int, default=12, help="tracemalloc depth")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--room", help="every connection joins this room as it connects (a public one: big)"
+    )
     a = parser.parse_args()
     raise_nofile()
     bench = Bench(SimpleNamespace(procs=a.procs, pin=a.pin, commit_conns=0, warm=0.0))
@@ -168,7 +173,7 @@ def main() -> int:
                 k += 1
                 before = snapshot(server, dump, k)
             rss0 = proc_rss_kib(server.pid)
-            conn = bench.connect(server, a.n, None, False)
+            conn = bench.connect(server, a.n, a.room, False)
             time.sleep(a.hold)
             rss1 = proc_rss_kib(server.pid)
             held = sum(x["open"] for x in bench.pool.all({"op": "held"}, timeout=30))
