@@ -11,16 +11,13 @@ import pytest
 import trio
 import trio.testing
 
-from chatd.auth import Identity
-from chatd.transport.fanout import Fanout
-from chatd.transport.websocket import WebSocketConnection
 from chatd.transport.wire import State
 from tests.helpers.raw import (
     OP_CLOSE,
     OP_PING,
     OP_TEXT,
-    accepted_server,
     client_frame,
+    connection_pair,
     parse_frames,
 )
 
@@ -44,19 +41,7 @@ async def test_a_handler_that_raises_ends_its_connection_not_the_node(
 ) -> None:
     """The exception is logged, the connection closes with 1011, and
     ``run`` returns (the server's nursery never sees it)."""
-    a, b = trio.socket.socketpair()
-    conn = WebSocketConnection(
-        trio.SocketStream(a),
-        accepted_server(),
-        Identity(7, "grace", None),
-        Fanout(),
-        window_bits=None,
-        send_buffer_bytes=1 << 20,
-        ping_interval=30,
-        idle_timeout=75,
-        max_message_bytes=65536,
-    )
-    peer = trio.SocketStream(b)
+    conn, peer = connection_pair(7, "grace", max_message_bytes=65536)
     handler = Failing()
     await peer.send_all(client_frame(OP_TEXT, b'{"type": "ping"}'))
     with trio.fail_after(10):
@@ -96,19 +81,7 @@ async def test_bytes_read_before_the_connection_was_dropped_are_dropped_quietly(
     """The connection is dropped (the idle timeout, a reset) while its
     reader waits in a handler, with more frames already read: once the
     handler returns, they are dropped without an error."""
-    a, b = trio.socket.socketpair()
-    conn = WebSocketConnection(
-        trio.SocketStream(a),
-        accepted_server(),
-        Identity(8, "hal", None),
-        Fanout(),
-        window_bits=None,
-        send_buffer_bytes=1 << 20,
-        ping_interval=30,
-        idle_timeout=75,
-        max_message_bytes=65536,
-    )
-    peer = trio.SocketStream(b)
+    conn, peer = connection_pair(8, "hal", max_message_bytes=65536)
     handler = Stalled()
     # Two frames in one write: the reader has both once it reads.
     await peer.send_all(client_frame(OP_TEXT, b"first") + client_frame(OP_PING, b"p"))
@@ -128,19 +101,7 @@ async def test_a_peer_that_spoke_while_its_reader_was_busy_is_not_idle() -> None
     """Idleness is judged by what the peer sent, read or not: while the
     reader waits in a handler (a join in a reconnect storm), the peer's
     pongs and frames wait in the socket, and the connection stays."""
-    a, b = trio.socket.socketpair()
-    conn = WebSocketConnection(
-        trio.SocketStream(a),
-        accepted_server(),
-        Identity(9, "ida", None),
-        Fanout(),
-        window_bits=None,
-        send_buffer_bytes=1 << 20,
-        ping_interval=30,
-        idle_timeout=75,
-        max_message_bytes=65536,
-    )
-    peer = trio.SocketStream(b)
+    conn, peer = connection_pair(9, "ida", max_message_bytes=65536)
     handler = Stalled()
     await peer.send_all(client_frame(OP_TEXT, b"first"))
     async with trio.open_nursery() as nursery:

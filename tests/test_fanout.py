@@ -21,11 +21,10 @@ from contextlib import asynccontextmanager
 import trio
 import trio.testing
 
-from chatd.auth import Identity
 from chatd.transport.fanout import Fanout
 from chatd.transport.frames import OutFrame
 from chatd.transport.websocket import WebSocketConnection
-from tests.helpers.raw import OP_CLOSE, OP_TEXT, accepted_server, parse_frames
+from tests.helpers.raw import OP_CLOSE, OP_TEXT, connection_pair, parse_frames
 
 
 class Peer:
@@ -74,19 +73,15 @@ async def peers(
     shared: Fanout[WebSocketConnection] = fanout if fanout is not None else Fanout()
     try:
         for n, (bits, batch) in enumerate(specs):
-            a, b = trio.socket.socketpair()
-            conn = WebSocketConnection(
-                trio.SocketStream(a),
-                accepted_server(),
-                Identity(n + 1, f"user{n + 1}", None),
+            conn, other = connection_pair(
+                n + 1,
+                f"user{n + 1}",
                 shared,
                 window_bits=bits,
                 send_buffer_bytes=1 << 22,
-                ping_interval=30,
-                idle_timeout=75,
                 batch=batch,
             )
-            made.append(Peer(conn, trio.SocketStream(b), shared))
+            made.append(Peer(conn, other, shared))
         yield made
     finally:
         for p in made:

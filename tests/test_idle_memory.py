@@ -11,7 +11,6 @@ like it is tested in ``test_wire.py``.
 from __future__ import annotations
 
 import gc
-import socket
 from collections.abc import Iterator
 
 import h11
@@ -21,14 +20,13 @@ from wsproto import WSConnection
 from wsproto.connection import Connection
 from wsproto.handshake import H11Handshake
 
-from chatd.auth import Identity
 from chatd.server import ChatServer
 from chatd.transport.fanout import Fanout
 from chatd.transport.frames import OutFrame
 from chatd.transport.timers import timers
 from chatd.transport.websocket import WebSocketConnection
 from tests.helpers.raw import (
-    accepted_server,
+    connection_pair,
     raw_ws,
 )
 
@@ -164,19 +162,7 @@ async def test_cancelled_timers_do_not_pile_up(autojump_clock: trio.testing.Mock
 
 
 async def test_writer_runs_only_while_the_buffer_is_full() -> None:
-    a, b = trio.socket.socketpair()
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    conn = WebSocketConnection(
-        trio.SocketStream(a),
-        accepted_server(),
-        Identity(1, "alice", None),
-        Fanout(),
-        window_bits=None,
-        send_buffer_bytes=1 << 22,
-        ping_interval=30,
-        idle_timeout=75,
-    )
-    peer = trio.SocketStream(b)
+    conn, peer = connection_pair(1, "alice", send_buffer_bytes=1 << 22, sndbuf=4096)
     frame = OutFrame(b"x" * 60_000)
     total = 0
     for _ in range(20):
@@ -201,19 +187,8 @@ async def test_writer_runs_only_while_the_buffer_is_full() -> None:
 async def test_a_corked_write_leaves_no_buffer_behind() -> None:
     """A fan-out's cork buffers every member's frame until the group ends;
     once flushed, nothing is kept on the connection."""
-    a, b = trio.socket.socketpair()
     fanout: Fanout[WebSocketConnection] = Fanout()
-    conn = WebSocketConnection(
-        trio.SocketStream(a),
-        accepted_server(),
-        Identity(1, "alice", None),
-        fanout,
-        window_bits=None,
-        send_buffer_bytes=1 << 22,
-        ping_interval=30,
-        idle_timeout=75,
-    )
-    peer = trio.SocketStream(b)
+    conn, peer = connection_pair(1, "alice", fanout)
     with fanout.corked():
         conn.send(OutFrame(b"one"))
         conn.send(OutFrame(b"two"))

@@ -37,6 +37,9 @@ from wsproto.events import (
 )
 from wsproto.extensions import PerMessageDeflate
 
+from chatd.auth import Identity
+from chatd.transport.fanout import Fanout
+from chatd.transport.websocket import WebSocketConnection
 from tests.helpers.clients import HasPort, frame_json
 from tests.helpers.tokens import make_token
 
@@ -303,3 +306,36 @@ async def raw_ws(
         assert isinstance(event, AcceptConnection), event
         assert client.status == 101
         yield client
+
+
+def connection_pair(
+    user_id: int,
+    username: str,
+    fanout: Fanout[WebSocketConnection] | None = None,
+    *,
+    window_bits: int | None = None,
+    send_buffer_bytes: int = 1 << 20,
+    max_message_bytes: int | None = None,
+    batch: bool = False,
+    sndbuf: int | None = None,
+) -> tuple[WebSocketConnection, trio.SocketStream]:
+    """A server ``WebSocketConnection`` on one end of a socket pair (its
+    upgrade already accepted) and the peer's end: a connection without a
+    server, for the transport's own tests. ``sndbuf``: the kernel's send
+    buffer of the server's end (small, to fill it)."""
+    a, b = trio.socket.socketpair()
+    if sndbuf is not None:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    conn = WebSocketConnection(
+        trio.SocketStream(a),
+        accepted_server(),
+        Identity(user_id, username, None),
+        fanout if fanout is not None else Fanout(),
+        window_bits=window_bits,
+        send_buffer_bytes=send_buffer_bytes,
+        ping_interval=30,
+        idle_timeout=75,
+        max_message_bytes=max_message_bytes,
+        batch=batch,
+    )
+    return conn, trio.SocketStream(b)
