@@ -350,9 +350,17 @@ class Pool:
             self.procs.append(p)
 
     def call(self, cmds: list[dict[str, Any] | None], timeout: float) -> list[dict[str, Any]]:
+        self.send(cmds)
+        return self.gather(cmds, timeout)
+
+    def send(self, cmds: list[dict[str, Any] | None]) -> None:
+        """Each worker its command (None: that worker none)."""
         for conn, cmd in zip(self.conns, cmds, strict=True):
             if cmd is not None:
                 conn.send(cmd)
+
+    def gather(self, cmds: list[dict[str, Any] | None], timeout: float) -> list[dict[str, Any]]:
+        """The workers' answers to ``cmds`` ({} where a worker had none)."""
         out: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
         for conn, cmd in zip(self.conns, cmds, strict=True):
@@ -562,14 +570,7 @@ class Bench:
                 }
             )
         spy = self.spy(server, profile)
-        for conn_, cmd in zip(self.pool.conns, cmds, strict=True):
-            conn_.send(cmd)
-        server_cpu = self.sample_cpu(server, t0, t1)
-        replies = []
-        for conn_ in self.pool.conns:
-            if not conn_.poll(a.duration + a.warm + 60):
-                raise TimeoutError("fanout: a worker did not answer")
-            replies.append(conn_.recv())
+        server_cpu, replies = self.timed(server, cmds, t0, t1, a.duration + a.warm + 60)
         if spy is not None:
             try:
                 spy.wait(a.duration + 30)
@@ -628,14 +629,7 @@ class Bench:
             }
             for i in range(self.pool.n)
         ]
-        for conn_, cmd in zip(self.pool.conns, cmds, strict=True):
-            conn_.send(cmd)
-        server_cpu = self.sample_cpu(server, t0, t1)
-        replies = []
-        for conn_ in self.pool.conns:
-            if not conn_.poll(duration + a.warm + 60):
-                raise TimeoutError("latency: a worker did not answer")
-            replies.append(conn_.recv())
+        server_cpu, replies = self.timed(server, cmds, t0, t1, duration + a.warm + 60)
         self.close_all(server)
         merged: dict[int, list[int]] = {}
         for r in replies:
@@ -692,14 +686,8 @@ class Bench:
         cmd = {"op": "commit", "t0": t0, "t1": t1, "warm": a.warm, "size": 100}
         cmd["window"] = a.commit_window
         spy = self.spy(server, profile)
-        for conn_ in self.pool.conns:
-            conn_.send(dict(cmd))
-        server_cpu = self.sample_cpu(server, t0, t1)
-        replies = []
-        for conn_ in self.pool.conns:
-            if not conn_.poll(a.duration + a.warm + 60):
-                raise TimeoutError("commit: a worker did not answer")
-            replies.append(conn_.recv())
+        cmds = [dict(cmd) for _ in self.pool.conns]
+        server_cpu, replies = self.timed(server, cmds, t0, t1, a.duration + a.warm + 60)
         if spy is not None:
             try:
                 spy.wait(a.duration + 30)
@@ -723,6 +711,20 @@ class Bench:
         }
         log(f"  commit: {res['acked_per_s']:,.0f} msgs/s acked, p99 {res['p99_ms']:.2f} ms")
         return res
+
+    def timed(
+        self,
+        server: Server,
+        cmds: list[dict[str, Any] | None],
+        t0: int,
+        t1: int,
+        timeout: float,
+    ) -> tuple[float, list[dict[str, Any]]]:
+        """Start ``cmds`` on the workers, sample the server's CPU over the
+        window t0..t1, then gather the answers: (server cores, answers)."""
+        self.pool.send(cmds)
+        server_cpu = self.sample_cpu(server, t0, t1)
+        return server_cpu, self.pool.gather(cmds, timeout)
 
     def handshakes(
         self, server: Server, profile: Path | None = None, unique: bool = False
@@ -748,14 +750,7 @@ class Bench:
             for i in range(self.pool.n)
         ]
         spy = self.spy(server, profile)
-        for conn_, cmd in zip(self.pool.conns, cmds, strict=True):
-            conn_.send(cmd)
-        server_cpu = self.sample_cpu(server, t0, t1)
-        replies = []
-        for conn_ in self.pool.conns:
-            if not conn_.poll(a.duration + a.warm + 60):
-                raise TimeoutError("handshakes: a worker did not answer")
-            replies.append(conn_.recv())
+        server_cpu, replies = self.timed(server, cmds, t0, t1, a.duration + a.warm + 60)
         dur = (t1 - t0) / 1e9
         errors: dict[str, int] = {}
         for r in replies:
@@ -811,14 +806,8 @@ class Bench:
         t0, t1 = self.window(a.duration)
         cmd = {"op": "commit_batch", "t0": t0, "t1": t1, "warm": a.warm, "size": 100}
         cmd.update(window=a.batch_window, batch=100)
-        for conn_ in self.pool.conns:
-            conn_.send(dict(cmd))
-        server_cpu = self.sample_cpu(server, t0, t1)
-        replies = []
-        for conn_ in self.pool.conns:
-            if not conn_.poll(a.duration + a.warm + 60):
-                raise TimeoutError("commit_batch: a worker did not answer")
-            replies.append(conn_.recv())
+        cmds = [dict(cmd) for _ in self.pool.conns]
+        server_cpu, replies = self.timed(server, cmds, t0, t1, a.duration + a.warm + 60)
         self.close_all(server)
         dur = (t1 - t0) / 1e9
         lat = [x / 1e6 for r in replies for x in r["lat_ns"]]
