@@ -246,10 +246,20 @@ class RedisBus(Generic[P]):
         found: list[StoredMessage] = []
         try:
             found = await self.store.after(room_channel(room), after, upto - after)
+            await self._own_offered()
         except Exception as exc:
             log.warning("cluster: cannot read room %s from the store: %s", room, exc)
             await trio.sleep(1.0)
         self._filled(room, found)
+
+    async def _own_offered(self) -> None:
+        """Return once this node's messages committed so far have been
+        offered to the sequencer. A read from the store may find one of them
+        committed but its callback not yet run; delivered from the store, the
+        sender's copy would lack its request_id (its acknowledgement), and the
+        live copy would then come too late to count. With the callbacks run
+        first, the live copy is there and wins (``Sequencer.fill``)."""
+        await self.store.flush()
 
     def _filled(self, room: str, found: list[StoredMessage]) -> None:
         """Deliver what a read from the store made deliverable; read again
@@ -267,6 +277,7 @@ class RedisBus(Generic[P]):
             while True:
                 try:
                     found = await self.store.after(room_channel(room), last, CATCH_UP)
+                    await self._own_offered()
                 except Exception as exc:
                     log.warning("cluster: cannot catch up room %s: %s", room, exc)
                     break
