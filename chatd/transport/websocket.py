@@ -330,7 +330,11 @@ class WebSocketConnection:
         if self._ws.state is GONE or not out:
             return
         try:
-            sent = os.writev(self._fd, out[:WRITEV_MAX])
+            sent = (
+                os.write(self._fd, out[0])
+                if len(out) == 1
+                else os.writev(self._fd, out[:WRITEV_MAX])
+            )
         except BlockingIOError:
             sent = 0
         except OSError as exc:
