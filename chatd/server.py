@@ -137,7 +137,7 @@ class ChatServer:
             self._ctx = ctx
             self._gate = Gate(ctx, fanout, wall)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._summarise_presence, hub, fanout)
+                nursery.start_soon(self._summarise_presence, hub)
                 await self._serve(task_status)
                 nursery.cancel_scope.cancel()
         log.info("chatd stopped")
@@ -186,12 +186,12 @@ class ChatServer:
             )
         log.info("chatd stopped accepting; committing what is queued")
 
-    async def _summarise_presence(self, hub: Hub[Conn], fanout: Fanout[Conn]) -> None:
+    async def _summarise_presence(self, hub: Hub[Conn]) -> None:
         """Send big rooms' presence changes as summaries, once a second."""
         while True:
             await trio.sleep(PRESENCE_SUMMARY_INTERVAL)
             if hub.has_pending_presence():
-                with fanout.corked():
+                with hub.batch():
                     hub.flush_presence(self.wall())
 
     def _announce(self) -> None:

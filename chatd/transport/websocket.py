@@ -330,11 +330,7 @@ class WebSocketConnection:
         if self._ws.state is GONE or not out:
             return
         try:
-            sent = (
-                os.write(self._fd, out[0])
-                if len(out) == 1
-                else os.writev(self._fd, out[:WRITEV_MAX])
-            )
+            sent = self._write_buffered(out)
         except BlockingIOError:
             sent = 0
         except OSError as exc:
@@ -343,6 +339,13 @@ class WebSocketConnection:
         self._consume(sent)
         if self._out:
             self._kick()
+
+    def _write_buffered(self, out: list[bytes | memoryview]) -> int:
+        """Hand the kernel what is buffered (one ``write`` for one buffer);
+        how many bytes it took."""
+        if len(out) == 1:
+            return os.write(self._fd, out[0])
+        return os.writev(self._fd, out[:WRITEV_MAX])
 
     def _too_slow(self) -> None:
         log.warning(
@@ -575,7 +578,7 @@ class WebSocketConnection:
                 if not out:
                     return
                 try:
-                    sent = os.writev(self._fd, out[:WRITEV_MAX])
+                    sent = self._write_buffered(out)
                 except BlockingIOError:
                     sent = 0
                 except InterruptedError:  # pragma: no cover
@@ -629,18 +632,20 @@ class WebSocketConnection:
         connection (at once when it is no longer open): a replay sends its
         next page only then, so it never holds more than that and a page."""
         while self._out_bytes + self._batch_bytes > LOW_WATER and self._ws.state is OPEN:
-            progress = self._progress
-            if progress is None:
-                progress = self._progress = trio.Event()
-            await progress.wait()
+            await self._next_progress()
 
     async def _flushed(self) -> None:
         """Return once everything queued has been handed to the kernel."""
         self._flush_batch()
         while self._out and self._ws.state is not GONE:
-            if self._progress is None:
-                self._progress = trio.Event()
-            await self._progress.wait()
+            await self._next_progress()
+
+    async def _next_progress(self) -> None:
+        """Wait until the writer has written (``_progressed``)."""
+        progress = self._progress
+        if progress is None:
+            progress = self._progress = trio.Event()
+        await progress.wait()
 
     # --- the heartbeat (called by the run's timer task) ---------------------------
 

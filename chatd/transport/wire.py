@@ -68,13 +68,15 @@ from wsproto.frame_protocol import (
 )
 from wsproto.utilities import LocalProtocolError
 
+from chatd.transport.frames import frame_header
+
 
 def _control(opcode: Opcode, payload: bytes) -> bytes:
     """A server's ping or pong frame, as ``FrameProtocol`` writes it: FIN,
     unmasked, no RSV bit (extensions leave control frames alone)."""
     if len(payload) > 125:
         raise ValueError("payload too long for control frame")
-    return bytes((0x80 | opcode, len(payload))) + payload
+    return frame_header(len(payload), opcode=opcode) + payload
 
 
 class State(enum.Enum):
