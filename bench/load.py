@@ -1046,29 +1046,25 @@ class Bench:
             killed = server.killed
             ids = self.room_ids(server) if chatd else None
             target = ids[-1] if ids else 0
-            wdeadline = MONO() + int((30 + a.storm_deadline) * 1e9)
-            self.pool.all(
-                {
-                    "op": "storm_target",
-                    "target": target if ids is not None else None,
-                    "ids": ids or [],
-                    "deadline": wdeadline,
-                },
-                timeout=30,
-            )
+
+            def storm_target(deadline: int) -> None:
+                """Tell the members what to catch up to, and until when."""
+                self.pool.all(
+                    {
+                        "op": "storm_target",
+                        "target": target if ids is not None else None,
+                        "ids": ids or [],
+                        "deadline": deadline,
+                    },
+                    timeout=30,
+                )
+
+            storm_target(MONO() + int((30 + a.storm_deadline) * 1e9))
             server.start(self.server_cpus, restart=True)
             t_listen = MONO()
             deadline = t_listen + int(a.storm_deadline * 1e9)
             # the members stop trying at the storm's deadline
-            self.pool.all(
-                {
-                    "op": "storm_target",
-                    "target": target if ids is not None else None,
-                    "ids": ids or [],
-                    "deadline": deadline,
-                },
-                timeout=30,
-            )
+            storm_target(deadline)
             # the publisher first (it retries every 50 ms), so that the
             # storm has its traffic; then, or after 1 s, everyone else
             head_start = MONO()

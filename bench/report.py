@@ -689,6 +689,11 @@ def batch_section(res: dict[str, Any], servers: list[str]) -> list[str]:
     return [*L, ""]
 
 
+def sec(v: float | None) -> str:
+    """Seconds to one decimal, or "-" when not reached."""
+    return "-" if v is None else f"{v:.1f}"
+
+
 def bigroom_section(res: dict[str, Any], servers: list[str]) -> list[str]:
     rows = [(s, get(res, s).get("bigroom")) for s in servers]
     rows = [(s, x) for s, x in rows if x]
@@ -715,9 +720,6 @@ def bigroom_section(res: dict[str, Any], servers: list[str]) -> list[str]:
         "KiB received per member (max) | RSS after / peak MiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def sec(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
 
     for s, x in rows:
         L.append(
@@ -779,9 +781,6 @@ def storm_section(res: dict[str, Any], servers: list[str]) -> list[str]:
         "(complete) | missing / dups | attempts p50 / max |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def sec(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
 
     for s, x in rows:
         back = f"{x['back']:,}" + (

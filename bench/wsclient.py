@@ -391,23 +391,7 @@ class Client(asyncio.Protocol):
         frame and each holds one room_message, they are counted with
         ``bytes.count``. False (nothing done): anything else, for the
         frame-by-frame path."""
-        i = frames = 0
-        while n - i >= 2:
-            if buf[i] != 0x81:
-                return False
-            ln = buf[i + 1]
-            if ln < 126:
-                end = i + 2 + ln
-            elif ln == 126:
-                if n - i < 4:
-                    break
-                end = i + 4 + ((buf[i + 2] << 8) | buf[i + 3])
-            else:
-                return False
-            if end > n:
-                break
-            i = end
-            frames += 1
+        i, frames = self._plain(buf, n, large=False)
         if not frames or buf.count(ROOM_MESSAGE, 0, i) != frames:
             return False
         stats = self.stats
@@ -462,9 +446,10 @@ class Client(asyncio.Protocol):
         return True
 
     @staticmethod
-    def _plain(buf: bytes, n: int) -> tuple[int, int]:
+    def _plain(buf: bytes, n: int, large: bool = True) -> tuple[int, int]:
         """(end of the last complete frame, frames) when every complete
-        frame of ``buf`` is a whole text frame; (-1, 0) otherwise."""
+        frame of ``buf`` is a whole text frame (``large``: of any length;
+        otherwise under 64 KiB); (-1, 0) otherwise."""
         i = frames = 0
         while n - i >= 2:
             if buf[i] != 0x81:
@@ -476,6 +461,8 @@ class Client(asyncio.Protocol):
                 if n - i < 4:
                     break
                 end = i + 4 + ((buf[i + 2] << 8) | buf[i + 3])
+            elif not large:
+                return -1, 0
             else:
                 if n - i < 10:
                     break
