@@ -26,6 +26,7 @@ from chatd.hub import Hub, Peer
 from chatd.protocol import Member
 from chatd.ratelimit import LimiterTable
 from chatd.store import StoredMessage
+from chatd.transport.frames import OutFrame
 
 P = TypeVar("P", bound=Peer)
 #: A list of members, or the same already encoded as JSON.
@@ -81,6 +82,26 @@ class Bus(Protocol[P_contra]):
     def left(self, ident: Identity, room: str) -> None:
         """The user's last connection in ``room`` on this node has left."""
 
+    def to_user(
+        self, user_id: int, kind: str, payload: bytes, skip: P_contra | None = None
+    ) -> None:
+        """A frame that is not a message (``kind``: its type; ``payload``:
+        it encoded) to every connection of ``user_id``, on every node, but
+        ``skip``. Never blocks."""
+
+    def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
+        """A frame that is not a message to every connection in ``room``, on
+        every node, but those of ``skip_user``. Never blocks."""
+
+    async def online(self, user_ids: Sequence[int]) -> set[int]:
+        """Which of ``user_ids`` have a connection anywhere."""
+
+    def user_online(self, ident: Identity) -> None:
+        """The user's first connection on this node has opened."""
+
+    def user_offline(self, ident: Identity) -> None:
+        """The user's last connection on this node has closed."""
+
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
         """Rate limits named ``name`` (buckets of (capacity, period))."""
 
@@ -113,6 +134,22 @@ class LocalBus(Generic[P]):
 
     def left(self, ident: Identity, room: str) -> None:
         self.hub.announce("user_disconnected", ident, room, self._wall())
+
+    def to_user(self, user_id: int, kind: str, payload: bytes, skip: P | None = None) -> None:
+        self.hub.send_user(user_id, kind, OutFrame(payload), skip)
+
+    def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
+        self.hub.send_room(room, kind, OutFrame(payload), skip_user)
+
+    async def online(self, user_ids: Sequence[int]) -> set[int]:
+        hub = self.hub
+        return {uid for uid in user_ids if hub.online(uid)}
+
+    def user_online(self, ident: Identity) -> None:
+        """(A node alone knows from its hub.)"""
+
+    def user_offline(self, ident: Identity) -> None:
+        """(A node alone knows from its hub.)"""
 
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
         return LocalLimits(limits, self._monotonic)

@@ -135,6 +135,12 @@ class LimitsConfig(_Section, frozen=True):
     #: sent as one room_presence summary a second instead of one
     #: user_connected / user_disconnected per change to every member.
     presence_max_members: Annotated[int, Meta(ge=1, le=10_000_000)] = 100
+    #: Rooms with more members online than this send no read receipts
+    #: (every member would get one per reader per second).
+    receipts_max_members: Annotated[int, Meta(ge=0, le=10_000_000)] = 50
+    #: typing frames per user per minute (burst of the same size); a start
+    #: is relayed at most once per 2 s whatever this is.
+    typing_per_minute: PositiveInt = 60
 
 
 class ApiConfig(_Section, frozen=True):

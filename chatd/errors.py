@@ -28,6 +28,9 @@ class ErrorCode(enum.StrEnum):
     MESSAGE_TOO_LONG = "MESSAGE_TOO_LONG"
     #: Not JSON, a missing or ill-typed field, an unknown type.
     INVALID_FORMAT = "INVALID_FORMAT"
+    #: The message named does not exist, is not in the room or conversation
+    #: named, or is not visible to this user; ``details.message_id``.
+    MESSAGE_NOT_FOUND = "MESSAGE_NOT_FOUND"
     #: The server could not do what was asked (storage failure); nothing was
     #: acknowledged. An addition to the protocol document's table.
     INTERNAL_ERROR = "INTERNAL_ERROR"

@@ -55,6 +55,7 @@ from chatd.auth import Identity
 from chatd.metrics import Metrics
 from chatd.protocol import DirectMessageOut, Member, MessageOut, NotificationOut, encode
 from chatd.store import StoredMessage
+from chatd.tail import Tail
 from chatd.transport.frames import OutFrame
 
 
@@ -98,6 +99,7 @@ class _Room(Generic[P]):
         "peers",
         "pending",
         "presence",
+        "tail",
     )
 
     def __init__(self) -> None:
@@ -121,6 +123,8 @@ class _Room(Generic[P]):
         #: The first members by id, encoded, as joins list them: (how many
         #: asked for, the JSON list), until a change among them.
         self.first: tuple[int, msgspec.Raw] | None = None
+        #: The room's newest messages (``mark_read`` without a store read).
+        self.tail = Tail()
 
     def changed(self, uid: int) -> None:
         """The presence of ``uid`` changed: a cached first page that lists
@@ -231,10 +235,13 @@ class Hub(Generic[P]):
 
     # --- sessions -----------------------------------------------------------
 
-    def connect(self, peer: P) -> None:
+    def connect(self, peer: P) -> bool:
+        """Add ``peer``; True when it is its user's first connection here."""
         self._joined[peer] = _NOWHERE
         uid = peer.identity.user_id
-        self._users[uid] = (*self._users.get(uid, ()), peer)
+        mine = self._users.get(uid, ())
+        self._users[uid] = (*mine, peer)
+        return not mine
 
     def disconnect(self, peer: P) -> list[str]:
         """Forget ``peer``; return the rooms its user has left with it (its
@@ -412,18 +419,65 @@ class Hub(Generic[P]):
                 self._dirty.add(room)
             return
         data = {"user_id": uid, "username": ident.username, "room": room}
-        frame = OutFrame(encode(kind, data, now, user_id=uid))
+        self._to_room(state, kind, OutFrame(encode(kind, data, now, user_id=uid)), uid)
+
+    def send_room(self, room: str, kind: str, frame: OutFrame, skip_user: int) -> None:
+        """A frame that is not a message (typing, a receipt) to every
+        connection in ``room`` on this node but ``skip_user``'s; kept back,
+        in order, for those still joining."""
+        state = self._rooms.get(room)
+        if state is not None:
+            self._to_room(state, kind, frame, skip_user)
+
+    def _to_room(self, state: _Room[P], kind: str, frame: OutFrame, skip_user: int) -> None:
         peers = state.peers
-        if any(mine in peers for mine in self._users.get(uid, ())):
-            sent = state.send(frame, [p for p in peers if p.identity.user_id != uid])
-        else:  # (the usual case: the user's first or last connection here)
+        if any(mine in peers for mine in self._users.get(skip_user, ())):
+            sent = state.send(frame, [p for p in peers if p.identity.user_id != skip_user])
+        else:  # (the usual case for presence: the user's first or last connection here)
             self._fanout.broadcast(peers, frame, None, None)
             sent = len(peers)
         for peer, joining in state.joining.items():
-            if peer.identity.user_id != uid:
+            if peer.identity.user_id != skip_user:
                 joining.held.append((None, frame))
                 sent += 1
         self._metrics.frames_out(kind, sent)
+
+    def send_user(self, user_id: int, kind: str, frame: OutFrame, skip: P | None = None) -> None:
+        """A frame to every connection of ``user_id`` on this node but
+        ``skip``."""
+        sent = 0
+        for peer in self._users.get(user_id, ()):
+            if peer is not skip:
+                peer.send(frame)
+                sent += 1
+        if sent:
+            self._metrics.frames_out(kind, sent)
+
+    def present(self, room: str, user_id: int) -> bool:
+        """Whether the user has a connection in ``room`` on this node."""
+        state = self._rooms.get(room)
+        return state is not None and user_id in state.presence
+
+    def online_count(self, room: str) -> int:
+        """How many users are online in ``room``: the cluster's count as
+        last announced, or this node's when that is more."""
+        state = self._rooms.get(room)
+        return 0 if state is None else max(state.count, len(state.presence))
+
+    def identity(self, user_id: int) -> Identity | None:
+        """Who the user's first connection here is (None: none here)."""
+        peers = self._users.get(user_id)
+        return peers[0].identity if peers else None
+
+    def online(self, user_id: int) -> bool:
+        """Whether the user has a connection on this node."""
+        return user_id in self._users
+
+    def tail(self, room: str) -> Tail | None:
+        """The newest messages of ``room`` delivered here (None: nobody is
+        in the room on this node)."""
+        state = self._rooms.get(room)
+        return None if state is None else state.tail
 
     def flush_presence(self, now: float) -> int:
         """Send each room's waiting presence changes as one ``room_presence``
@@ -498,6 +552,7 @@ class Hub(Generic[P]):
                 own.send(copy)
                 self._metrics.frames_out(kind, 1)
             return
+        state.tail.add(stored)
         members = state.peers
         joining = state.joining
         own_joining = own is not None and own in joining
@@ -567,6 +622,7 @@ def message_out(stored: StoredMessage) -> MessageOut:
         duration=msg.duration,
         reply_to=msg.reply_to,
         data=_raw(msg.data),
+        mentions=msg.mentions,
     )
 
 

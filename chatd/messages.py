@@ -51,12 +51,20 @@ class Messages(Generic[P]):
     """Commit, then deliver."""
 
     def __init__(
-        self, store: Store, bus: Bus[P], metrics: Metrics, monotonic: Callable[[], float]
+        self,
+        store: Store,
+        bus: Bus[P],
+        metrics: Metrics,
+        monotonic: Callable[[], float],
+        sent: Callable[[StoredMessage], None] | None = None,
     ) -> None:
+        """``sent`` runs after each delivery of a message from a connection
+        of this node (its sender's read marker and typing move on)."""
         self._store = store
         self._bus = bus
         self._metrics = metrics
         self._monotonic = monotonic
+        self._sent = sent
 
     async def post(
         self, message: NewMessage, origin: Origin[P], request_id: str | int | None
@@ -69,12 +77,15 @@ class Messages(Generic[P]):
         monotonic = self._monotonic
         received = monotonic()
         peer = origin.peer
+        sent = self._sent
 
         def committed(result: StoredMessage | Exception) -> None:
             if isinstance(result, Exception):
                 origin.failed(_as_chat_error(result, NOT_STORED), request_id)
                 return
             bus.message(result, peer, request_id)
+            if sent is not None:
+                sent(result)
             metrics.messages.inc()
             metrics.delivery_latency.observe(monotonic() - received)
 

@@ -63,8 +63,15 @@ class _Content(_Data, frozen=True, kw_only=True):
     reply_to: Id | None = None
 
 
+#: Most user ids a room message may mention.
+MAX_MENTIONS = 50
+Mentions = Annotated[list[Id], Meta(max_length=MAX_MENTIONS)]
+
+
 class RoomMessage(_Content, frozen=True, kw_only=True):
     room: RoomName
+    #: Users the message mentions (unknown ids are dropped when stored).
+    mentions: Mentions | None = None
 
 
 class DirectMessage(_Content, frozen=True, kw_only=True):
@@ -90,6 +97,48 @@ class RoomMembers(_Data, frozen=True, kw_only=True):
     after_user_id: NonNegative = 0
     #: None: ``[limits] ack_members``; clamped to 1..1000.
     limit: int | None = None
+
+
+class _OneChannel(_Data, frozen=True, kw_only=True):
+    """A frame about a room or a conversation: exactly one of the two."""
+
+    def __post_init__(self) -> None:
+        names = _CHANNEL_FIELDS[type(self)]
+        if sum(getattr(self, name) is not None for name in names) != 1:
+            raise ValueError(f"Object needs exactly one of `{names[0]}` and `{names[1]}`")
+
+
+class MarkRead(_OneChannel, frozen=True, kw_only=True):
+    room: RoomName | None = None
+    #: 0 is the system sender: its conversation holds the user's notifications.
+    with_user: NonNegative | None = None
+    message_id: Id
+    #: No read receipt for this move.
+    private: bool = False
+
+
+class Unread(_Data, frozen=True, kw_only=True):
+    pass
+
+
+class Typing(_OneChannel, frozen=True, kw_only=True):
+    room: RoomName | None = None
+    to_user_id: Id | None = None
+    state: Literal["start", "stop"]
+
+
+#: Most users one presence_query asks about.
+MAX_PRESENCE_QUERY = 100
+
+
+class PresenceQuery(_Data, frozen=True, kw_only=True):
+    user_ids: Annotated[list[NonNegative], Meta(max_length=MAX_PRESENCE_QUERY)]
+
+
+_CHANNEL_FIELDS: dict[type[Any], tuple[str, str]] = {
+    MarkRead: ("room", "with_user"),
+    Typing: ("room", "to_user_id"),
+}
 
 
 class Ping(_Data, frozen=True, kw_only=True):
@@ -123,6 +172,10 @@ CLIENT_TYPES: dict[str, type[Any]] = {
     "room_history": RoomHistory,
     "dm_history": DmHistory,
     "room_members": RoomMembers,
+    "mark_read": MarkRead,
+    "unread": Unread,
+    "typing": Typing,
+    "presence_query": PresenceQuery,
     "ping": Ping,
     "auth": Auth,
     "message_batch": MessageBatch,
@@ -235,6 +288,7 @@ class MessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
     duration: float | None = None
     reply_to: int | None = None
     data: msgspec.Raw | None = None
+    mentions: tuple[int, ...] | None = None
 
 
 class DirectMessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):

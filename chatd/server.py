@@ -119,6 +119,7 @@ class ChatServer:
             presence_max_members=limits.presence_max_members,
             summary_members=limits.ack_members,
         )
+        alarm = Alarm()
         async with (
             open_store(config, metrics, fanout) as store,
             open_bus(config, hub, store, wall, monotonic, metrics) as bus,
@@ -133,12 +134,16 @@ class ChatServer:
                 monotonic=monotonic,
                 metrics=metrics,
                 replays=trio.CapacityLimiter(REPLAYS_AT_ONCE),
+                wake=alarm.ring,
             )
             self._ctx = ctx
             self._gate = Gate(ctx, fanout, wall)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._summarise_presence, hub)
+                nursery.start_soon(self._keep_time, ctx, alarm)
                 await self._serve(task_status)
+                with trio.CancelScope(shield=True):
+                    await self._write_read_state(ctx)
                 nursery.cancel_scope.cancel()
         log.info("chatd stopped")
 
@@ -185,6 +190,33 @@ class ChatServer:
                 trio.current_time() + config.server.shutdown_timeout_seconds
             )
         log.info("chatd stopped accepting; committing what is queued")
+
+    @staticmethod
+    async def _keep_time(ctx: Context[Conn], alarm: Alarm) -> None:
+        """Run the read state's and the typing indicators' timed work (held
+        receipts, marker writes, typing expiry) when due; asleep while
+        neither has any."""
+        work = (ctx.reads, ctx.typists)
+        while True:
+            dues = [due for due in (w.next_due() for w in work) if due is not None]
+            if not dues:
+                await alarm.wait()
+                continue
+            with trio.move_on_at(min(dues)):
+                await alarm.wait()  # (earlier work may come meanwhile)
+            for w in work:
+                due = w.next_due()
+                if due is not None and due <= trio.current_time():
+                    await w.run_due()
+
+    @staticmethod
+    async def _write_read_state(ctx: Context[Conn]) -> None:
+        """Every connection is closed: write the read markers and last-seen
+        times still in memory."""
+        try:
+            await ctx.reads.flush()
+        except Exception:
+            log.exception("read markers of the last second not written")
 
     async def _summarise_presence(self, hub: Hub[Conn]) -> None:
         """Send big rooms' presence changes as summaries, once a second."""
@@ -259,6 +291,21 @@ class ChatServer:
 
     async def dev_user(self, username: str) -> int:
         return await self.ctx.store.dev_user(username)
+
+
+class Alarm:
+    """Wakes a sleeping task: ``ring`` (from anywhere on the Trio thread)
+    ends its current or next ``wait``."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def ring(self) -> None:
+        self._event.set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+        self._event = trio.Event()
 
 
 class _MetricsOnly:

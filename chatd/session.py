@@ -45,6 +45,7 @@ from chatd.hub import Hub, direct_message_out, live_shape, message_out
 from chatd.messages import Messages
 from chatd.metrics import Metrics
 from chatd.ratelimit import TokenBucket
+from chatd.readstate import ReadState
 from chatd.store import (
     Missed,
     NewMessage,
@@ -55,6 +56,7 @@ from chatd.store import (
     room_channel,
 )
 from chatd.transport.frames import OutFrame
+from chatd.typists import Typing
 
 log = logging.getLogger("chatd")
 
@@ -128,6 +130,12 @@ class Context(Generic[S]):
     metrics: Metrics
     #: How many joins replay missed messages at once.
     replays: Slots
+    #: Read markers, unread counts, receipts, last seen.
+    reads: ReadState[S]
+    #: Who is typing where.
+    typists: Typing[S]
+    #: Per-user typing frames (typing_per_minute).
+    typing_limits: Limits
 
     @classmethod
     def create(
@@ -141,14 +149,25 @@ class Context(Generic[S]):
         monotonic: Callable[[], float],
         metrics: Metrics,
         replays: Slots,
+        wake: Callable[[], None],
     ) -> Context[S]:
+        """``wake``: called when ``reads`` or ``typists`` has timed work
+        (the caller then runs their ``run_due`` at their ``next_due``)."""
         specs = _limit_specs(config)
+        limits = config.limits
+        reads = ReadState(store, hub, bus, wall, monotonic, limits.receipts_max_members, wake)
+        typists = Typing(bus, wall, monotonic, wake)
+
+        def sent(stored: StoredMessage) -> None:
+            reads.sent(stored)
+            typists.sent(stored)
+
         return cls(
             config=config,
             hub=hub,
             store=store,
             bus=bus,
-            messages=Messages(store, bus, metrics, monotonic),
+            messages=Messages(store, bus, metrics, monotonic, sent),
             verifier=Verifier(config),
             wall=wall,
             monotonic=monotonic,
@@ -157,6 +176,9 @@ class Context(Generic[S]):
             api_limits=bus.limits("api", specs["api"]),
             metrics=metrics,
             replays=replays,
+            reads=reads,
+            typists=typists,
+            typing_limits=bus.limits("typing", specs["typing"]),
         )
 
     def reload(self, config: Config) -> None:
@@ -175,6 +197,9 @@ class Context(Generic[S]):
             self.read_limits = bus.limits("reads", new["reads"])
         if old["api"] != new["api"]:
             self.api_limits = bus.limits("api", new["api"])
+        if old["typing"] != new["typing"]:
+            self.typing_limits = bus.limits("typing", new["typing"])
+        self.reads.receipts_max_members = limits.receipts_max_members
 
 
 def _limit_specs(config: Config) -> dict[str, list[tuple[int, float]]]:
@@ -184,6 +209,7 @@ def _limit_specs(config: Config) -> dict[str, list[tuple[int, float]]]:
         "messages": [(limits.messages_per_minute, 60.0), (limits.messages_per_hour, 3600.0)],
         "reads": [(limits.reads_per_minute, 60.0)],
         "api": [(api.messages_per_minute, 60.0), (api.messages_per_hour, 3600.0)],
+        "typing": [(limits.typing_per_minute, 60.0)],
     }
 
 
@@ -264,13 +290,24 @@ class Session(Generic[S]):
 
     def start(self) -> None:
         """The connection is authenticated and open."""
-        self.ctx.hub.connect(self.peer)
+        if self.ctx.hub.connect(self.peer):
+            self.ctx.bus.user_online(self.peer.identity)
 
     def end(self) -> None:
         """The connection is gone: leave every room."""
         ctx = self.ctx
+        ident = self.peer.identity
         for room in ctx.hub.disconnect(self.peer):
-            ctx.bus.left(self.peer.identity, room)
+            self._left(room)
+        if not ctx.hub.online(ident.user_id):
+            ctx.bus.user_offline(ident)
+            ctx.typists.gone(ident.user_id)
+            ctx.reads.disconnected(ident.user_id)
+
+    def _left(self, room: str) -> None:
+        """This user's last connection here has left ``room``."""
+        self.ctx.bus.left(self.peer.identity, room)
+        self.ctx.reads.left(self.peer.identity.user_id, room)
 
     def refuse(self, err: ChatError) -> None:
         """Report a failure before the session started (a bad token)."""
@@ -298,12 +335,16 @@ class Session(Generic[S]):
         first = hub.join(peer, room, replaying=since_id is not None)
         try:
             members, count = await ctx.bus.joined(peer, room, first, limits.ack_members)
+            read = await ctx.reads.joined(self.identity.user_id, room)
             ack: dict[str, Any] = {
                 "room": room,
                 "success": True,
                 "message": "Joined room successfully",
                 "members": members,
                 "member_count": count,
+                "last_read_id": read.last_read_id,
+                "unread": read.unread,
+                "mentions": read.mentions,
             }
             if since_id is None:
                 self._reply("join_room_ack", ack, frame)
@@ -337,7 +378,7 @@ class Session(Generic[S]):
             if rejoin and since_id is None:
                 hub.release(peer, room, 0)
             elif hub.is_in(peer, room) and hub.leave(peer, room):
-                ctx.bus.left(peer.identity, room)
+                self._left(room)
             raise
 
     async def _replay(self, room: str, since_id: int, missed: Missed) -> None:
@@ -389,7 +430,7 @@ class Session(Generic[S]):
         if not ctx.hub.is_in(self.peer, data.room):
             raise ChatError(ErrorCode.PERMISSION_DENIED, "Not in this room", {"room": data.room})
         if ctx.hub.leave(self.peer, data.room):
-            ctx.bus.left(self.peer.identity, data.room)
+            self._left(data.room)
         self._reply("leave_room_ack", {"room": data.room, "success": True}, frame)
 
     async def _check_room(self, room: str) -> RoomAccess:
@@ -446,6 +487,7 @@ class Session(Generic[S]):
             media_type=data.media_type,
             duration=data.duration,
             reply_to=data.reply_to,
+            mentions=_mentions(data),
         )
         self._last_write = await ctx.messages.post(message, self, request_id)
 
@@ -492,6 +534,64 @@ class Session(Generic[S]):
             "offset": data.offset,
         }
         self._reply("message_history", reply, frame)
+
+    # --- read state, typing, presence ------------------------------------------
+
+    async def _mark_read(self, frame: p.ClientFrame) -> None:
+        data: p.MarkRead = frame.data
+        ctx = self.ctx
+        if data.room is not None and not ctx.hub.is_in(self.peer, data.room):
+            raise ChatError(
+                ErrorCode.PERMISSION_DENIED, "Join the room to mark it read", {"room": data.room}
+            )
+        if not ctx.store.committed(self._last_write):  # its own newest message
+            await ctx.store.flush()
+        point = await ctx.reads.mark(self.peer, data, self._read_limit)
+        where: dict[str, Any] = (
+            {"room": data.room} if data.room is not None else {"with_user": data.with_user}
+        )
+        reply = {
+            **where,
+            "last_read_id": point.last_read_id,
+            "unread": point.unread,
+            "mentions": point.mentions,
+        }
+        self._reply("mark_read_ack", reply, frame)
+
+    async def _unread(self, frame: p.ClientFrame) -> None:
+        await self._read_limit()
+        store = self.ctx.store
+        if not store.committed(self._last_write):
+            await store.flush()
+        self._reply("unread_counts", await self.ctx.reads.unread(self.identity.user_id), frame)
+
+    async def _typing(self, frame: p.ClientFrame) -> None:
+        data: p.Typing = frame.data
+        ctx = self.ctx
+        wait = await ctx.typing_limits.take(self.identity.user_id)
+        if wait > 0:
+            raise ChatError(
+                ErrorCode.RATE_LIMITED, "Too many typing frames", {"retry_after": int(wait)}
+            )
+        start = data.state == "start"
+        if data.room is not None:
+            if not ctx.hub.is_in(self.peer, data.room):
+                raise ChatError(
+                    ErrorCode.PERMISSION_DENIED, "Join the room to type in it", {"room": data.room}
+                )
+            ctx.typists.typing(self.identity, data.room, 0, start)
+            return
+        assert data.to_user_id is not None
+        if data.to_user_id == self.identity.user_id:
+            return  # (to oneself: never echoed)
+        await self._check_user(data.to_user_id)
+        ctx.typists.typing(self.identity, None, data.to_user_id, start)
+
+    async def _presence_query(self, frame: p.ClientFrame) -> None:
+        data: p.PresenceQuery = frame.data
+        await self._read_limit()
+        users = await self.ctx.reads.presence(data.user_ids)
+        self._reply("presence", {"users": users}, frame)
 
     # --- the rest -------------------------------------------------------------
 
@@ -542,6 +642,12 @@ class Session(Generic[S]):
             raise ChatError(ErrorCode.RATE_LIMITED, "Too many requests", {"retry_after": int(wait)})
 
 
+def _mentions(data: p.RoomMessage | p.DirectMessage) -> tuple[int, ...] | None:
+    """A room message's mentions (direct messages have none)."""
+    named = data.mentions if isinstance(data, p.RoomMessage) else None
+    return tuple(named) if named else None
+
+
 #: The handler of each frame type: one table for every session (a table of
 #: bound methods per session cost ~2 KiB per idle connection).
 _HANDLERS: dict[str, Callable[[Session[Any], p.ClientFrame], Awaitable[None]]] = {
@@ -552,6 +658,10 @@ _HANDLERS: dict[str, Callable[[Session[Any], p.ClientFrame], Awaitable[None]]] =
     "room_history": Session._room_history,
     "dm_history": Session._dm_history,
     "room_members": Session._room_members,
+    "mark_read": Session._mark_read,
+    "unread": Session._unread,
+    "typing": Session._typing,
+    "presence_query": Session._presence_query,
     "ping": Session._ping,
     "auth": Session._auth,
     "message_batch": Session._message_batch,

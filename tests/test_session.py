@@ -42,9 +42,11 @@ from chatd.metrics import Metrics
 from chatd.protocol import Member, rfc3339
 from chatd.session import Context, Session
 from chatd.store import (
+    ChannelMarkers,
     Committed,
     Missed,
     NewMessage,
+    ReadPoint,
     RoomAccess,
     StoredMessage,
     dm_channel,
@@ -159,6 +161,10 @@ class FakeStore:
     errors: dict[str, BaseException] = field(default_factory=dict)
     next_id: int = 1
     last_ticket: int = 0
+    #: (user id, channel) -> (last_read_id, last_read_seq), as written
+    markers: dict[tuple[int, str], tuple[int, int]] = field(default_factory=dict)
+    #: user id -> last seen, as written
+    seen: dict[int, str] = field(default_factory=dict)
 
     # --- writing (the test decides when) --------------------------------------
 
@@ -263,6 +269,68 @@ class FakeStore:
         await self._gate("after")
         return page
 
+    # --- read state -------------------------------------------------------------
+
+    def _top(self, channel: str) -> tuple[int, int]:
+        messages = self.channels.get(channel, [])
+        return (messages[-1].id, messages[-1].seq) if messages else (0, 0)
+
+    def _mentions_after(self, user_id: int, channel: str, seq: int) -> int:
+        return sum(
+            1
+            for m in self.channels.get(channel, [])
+            if m.seq > seq and user_id in (m.message.mentions or ())
+        )
+
+    async def marker(self, channel: str, user_id: int) -> ChannelMarkers:
+        self.calls.append(("marker", channel, user_id))
+        found = {}
+        mark = self.markers.get((user_id, channel))
+        if mark is not None:
+            found[user_id] = (*mark, self._mentions_after(user_id, channel, mark[1]))
+        top = self._top(channel)
+        await self._gate("marker")
+        return ChannelMarkers(*top, found)
+
+    async def unread(self, user_id: int) -> list[tuple[str, ReadPoint]]:
+        self.calls.append(("unread", user_id))
+        return [
+            (
+                channel,
+                ReadPoint(*mark, *self._top(channel), self._mentions_after(uid, channel, mark[1])),
+            )
+            for (uid, channel), mark in sorted(self.markers.items())
+            if uid == user_id
+        ]
+
+    async def read_point(
+        self, user_id: int, channel: str, message_id: int, floor: tuple[int, int]
+    ) -> ReadPoint | None:
+        self.calls.append(("read_point", user_id, channel, message_id))
+        await self._gate("read_point")
+        target = [(m.id, m.seq) for m in self.channels.get(channel, []) if m.id == message_id]
+        if not target:
+            return None
+        stored = self.markers.get((user_id, channel), (0, 0))
+        mark = max(target[0], floor, stored, key=lambda p: p[1])
+        top = self._top(channel)
+        return ReadPoint(*mark, *top, self._mentions_after(user_id, channel, mark[1]))
+
+    async def last_seen(self, user_ids: Sequence[int]) -> dict[int, str]:
+        self.calls.append(("last_seen", tuple(user_ids)))
+        return {uid: self.seen[uid] for uid in user_ids if uid in self.seen}
+
+    async def save_read_state(
+        self, markers: Sequence[tuple[int, str, int, int]], seen: Sequence[tuple[int, str]]
+    ) -> None:
+        self.calls.append(("save_read_state", len(markers), len(seen)))
+        await self._gate("save_read_state")
+        for uid, channel, read_id, read_seq in markers:
+            old = self.markers.get((uid, channel))
+            if old is None or read_seq > old[1]:
+                self.markers[uid, channel] = (read_id, read_seq)
+        self.seen.update(seen)
+
     # --- the rest of the interface: the session never calls it ------------------
 
     async def upsert_user(self, user_id: int, username: str) -> None:
@@ -317,6 +385,8 @@ class FakeBus:
         self.made: dict[str, FakeLimits] = {}
         self.gate: trio.Event | None = None
         self.error: BaseException | None = None
+        self.onlines: list[int] = []
+        self.offlines: list[int] = []
 
     def message(
         self,
@@ -351,6 +421,23 @@ class FakeBus:
         made = self.made[name] = FakeLimits(limits, self.monotonic)
         return made
 
+    def to_user(
+        self, user_id: int, kind: str, payload: bytes, skip: FakePeer | None = None
+    ) -> None:
+        self.hub.send_user(user_id, kind, OutFrame(payload), skip)
+
+    def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
+        self.hub.send_room(room, kind, OutFrame(payload), skip_user)
+
+    async def online(self, user_ids: Sequence[int]) -> set[int]:
+        return {uid for uid in user_ids if self.hub.online(uid)}
+
+    def user_online(self, ident: Identity) -> None:
+        self.onlines.append(ident.user_id)
+
+    def user_offline(self, ident: Identity) -> None:
+        self.offlines.append(ident.user_id)
+
 
 class World:
     """One node: the shared ``Context`` over the fakes and the real parts,
@@ -361,6 +448,8 @@ class World:
         self.wall = Clock(NOW)
         self.monotonic = Clock(1000.0)
         self.metrics = Metrics()
+        #: How many times the read state or typing asked for the timer.
+        self.wakes = 0
         self.hub: Hub[FakePeer] = Hub(SendEach(), self.metrics)
         self.store = FakeStore()
         self.bus = FakeBus(self.hub, self.wall, self.monotonic)
@@ -373,7 +462,20 @@ class World:
             monotonic=self.monotonic,
             metrics=self.metrics,
             replays=trio.CapacityLimiter(2),
+            wake=self.wake,
         )
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+    async def run_due(self) -> None:
+        """Run the timed work of the read state and typing that is due on
+        the test's clock (what the server's timer task does)."""
+        now = self.monotonic()
+        for work in (self.ctx.reads, self.ctx.typists):
+            due = work.next_due()
+            if due is not None and due <= now:
+                await work.run_due()
 
     def connect(self, user_id: int = ALICE, expires_at: float | None = EXP) -> Session[FakePeer]:
         """A started session of a new connection of ``user_id``."""
@@ -826,12 +928,19 @@ async def test_join_room_ack(world: World) -> None:
                 "message": "Joined room successfully",
                 "members": [{"user_id": ALICE, "username": "alice"}],
                 "member_count": 1,
+                # a first join: the marker starts at the room's newest message
+                "last_read_id": 3,
+                "unread": 0,
+                "mentions": 0,
             },
             "timestamp": rfc3339(NOW),
             "request_id": 1,
         }
     ]
-    assert world.store.calls == [("room_access", "general", ALICE)]
+    assert world.store.calls == [
+        ("room_access", "general", ALICE),
+        ("marker", "r:general", ALICE),
+    ]
     # the bus follows the room before the join; alice's first connection there
     assert world.bus.follows == ["general"]
     assert world.bus.joins == [(session.peer, "general", True)]
@@ -900,7 +1009,7 @@ async def test_join_without_since_id_neither_recovers_nor_replays(world: World) 
     session = world.connect()
     ack = await join(session)
     assert "recovered" not in ack["data"]
-    assert [c[0] for c in world.store.calls] == ["room_access"]
+    assert [c[0] for c in world.store.calls] == ["room_access", "marker"]
 
 
 async def test_join_with_since_id_replays_the_missed_messages_after_the_ack(
@@ -1755,13 +1864,19 @@ async def test_direct_messages_follow_the_same_rules(
 
 async def test_the_context_asks_the_bus_for_each_limit(make_world: Callable[..., World]) -> None:
     world = make_world(
-        limits={"messages_per_minute": 7, "messages_per_hour": 70, "reads_per_minute": 9},
+        limits={
+            "messages_per_minute": 7,
+            "messages_per_hour": 70,
+            "reads_per_minute": 9,
+            "typing_per_minute": 11,
+        },
         api={"messages_per_minute": 5, "messages_per_hour": 50},
     )
     assert world.bus.limit_calls == [
         ("messages", [(7, 60.0), (70, 3600.0)]),
         ("reads", [(9, 60.0)]),
         ("api", [(5, 60.0), (50, 3600.0)]),
+        ("typing", [(11, 60.0)]),
     ]
 
 
@@ -2287,3 +2402,51 @@ async def test_bad_batch_entries_count_as_invalid_frames(
     assert [f["request_id"] for f in session.peer.frames] == [0, 1, 2]
     assert session.peer.closes == [(1008, "Too many invalid frames")]
     assert session.peer.dropped == []
+
+
+# --- read state -----------------------------------------------------------------
+
+
+async def test_marking_each_new_message_read_reads_nothing_and_writes_once(
+    make_world: Callable[..., World],
+) -> None:
+    """A member who marks every message of a busy room read as it comes:
+    each ``mark_read`` is answered from the room's tail (no store read), and
+    the markers moved meanwhile are written together, once per interval."""
+    world = make_world(limits={"messages_per_minute": 1000, "messages_per_hour": 10000})
+    alice, bob = world.connect(ALICE), world.connect(BOB)
+    await join(alice)
+    await join(bob)
+    world.store.calls.clear()
+    for i in range(30):
+        await post(bob, f"m{i}")
+        stored = world.store.commit()
+        await send(alice, "mark_read", {"room": "general", "message_id": stored.id}, i)
+        acks = [f for f in alice.peer.take() if f["type"] == "mark_read_ack"]
+        assert [a["data"]["unread"] for a in acks] == [0]
+    assert world.store.calls == []  # not one read, not one write yet
+    assert world.store.markers == {}
+    world.monotonic.advance(1.0)
+    await world.run_due()
+    assert world.store.calls == [("save_read_state", 2, 0)]  # alice's, and bob's own
+    general = room_channel("general")
+    assert world.store.markers[ALICE, general] == world.store.markers[BOB, general]
+
+
+async def test_a_join_reads_a_marker_moved_since_the_last_write(
+    make_world: Callable[..., World],
+) -> None:
+    world = make_world()
+    alice, bob = world.connect(ALICE), world.connect(BOB)
+    await join(alice)
+    await join(bob)
+    for i in range(3):
+        await post(bob, f"m{i}")
+    await world.store.flush()
+    first = world.store.channels[room_channel("general")][0]
+    await send(alice, "mark_read", {"room": "general", "message_id": first.id}, "m")
+    world.store.calls.clear()
+    again = world.connect(ALICE)  # a second device joins before the write is due
+    ack = await join(again)
+    assert (ack["data"]["last_read_id"], ack["data"]["unread"]) == (first.id, 2)
+    assert [c[0] for c in world.store.calls] == ["room_access", "save_read_state", "marker"]

@@ -26,7 +26,16 @@ import trio
 from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode
 from chatd.metrics import Metrics
-from chatd.store import Missed, NewMessage, RoomAccess, StoredMessage, dm_channel, room_channel
+from chatd.store import (
+    ChannelMarkers,
+    Missed,
+    NewMessage,
+    ReadPoint,
+    RoomAccess,
+    StoredMessage,
+    dm_channel,
+    room_channel,
+)
 from chatd.store.postgres import open_postgres_store
 from chatd.store.sqlite import open_sqlite_store
 from tests.helpers.store import (
@@ -547,3 +556,114 @@ async def test_notifications_and_odd_text_round_trip(store: AnyStore) -> None:
     assert [m.message for m in audio] == sent[6:]
     assert await store.missed(GENERAL, 0, 10) == Missed(0, True, messages[-1].id)
     assert await store.after(GENERAL, 0, 10) == messages
+
+
+# --- read state -----------------------------------------------------------------
+
+
+async def test_markers_move_forward_only_and_count_by_position(store: AnyStore) -> None:
+    ids_ = await fill(store, "general", 5)
+    assert await store.marker(GENERAL, 7) == ChannelMarkers(ids_[-1], 5, {})
+    await store.save_read_state([(7, GENERAL, ids_[2], 3)], [])
+    await store.save_read_state([(7, GENERAL, ids_[0], 1)], [])  # back: refused
+    assert await store.marker(GENERAL, 7) == ChannelMarkers(ids_[-1], 5, {7: (ids_[2], 3, 0)})
+    [(channel, point)] = await store.unread(7)
+    assert channel == GENERAL
+    assert point == ReadPoint(ids_[2], 3, ids_[-1], 5, 0)
+    assert point.unread == 2
+    # read_point: moved to a message, never back, never below the floor
+    assert await store.read_point(7, GENERAL, ids_[3], (0, 0)) == ReadPoint(
+        ids_[3], 4, ids_[-1], 5, 0
+    )
+    assert await store.read_point(7, GENERAL, ids_[0], (0, 0)) == ReadPoint(
+        ids_[2], 3, ids_[-1], 5, 0
+    )
+    assert await store.read_point(7, GENERAL, ids_[1], (ids_[4], 5)) == ReadPoint(
+        ids_[4], 5, ids_[-1], 5, 0
+    )
+    other = await fill(store, "random", 1)
+    assert await store.read_point(7, GENERAL, other[0], (0, 0)) is None
+    assert await store.read_point(7, GENERAL, 10**12, (0, 0)) is None
+
+
+async def test_joins_at_once_read_their_markers_together(
+    store: AnyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await fill(store, "general", 2)
+    await store.save_read_state([(u, GENERAL, 0, 0) for u in range(1, 40, 2)], [])
+    reads: list[object] = []
+    read = store.read
+
+    async def counted(fn: Any) -> Any:
+        reads.append(fn)
+        return await read(fn)
+
+    monkeypatch.setattr(store, "read", counted)
+    found: dict[int, ChannelMarkers] = {}
+
+    async def ask(user_id: int) -> None:
+        found[user_id] = await store.marker(GENERAL, user_id)
+
+    async with trio.open_nursery() as nursery:
+        for user_id in range(1, 41):
+            nursery.start_soon(ask, user_id)
+    # the first read, then one for everyone who asked meanwhile
+    assert len(reads) == 2
+    for user_id, markers in found.items():
+        assert (user_id in markers.found) == (user_id % 2 == 1)
+        assert markers.last_seq == 2
+
+
+async def test_mentions_of_known_users_are_stored_and_counted_after_the_marker(
+    store: AnyStore,
+) -> None:
+    for uid, name in ((1, "alice"), (2, "bob")):
+        await store.upsert_user(uid, name)
+    first = await stored(store, msg(0, mentions=(2, 999, 2, 0)))
+    assert isinstance(first, StoredMessage)
+    assert first.message.mentions == (2,)  # unknown ids and repeats dropped
+    await stored(store, msg(1))
+    third = await stored(store, msg(2, mentions=(2,)))
+    assert isinstance(third, StoredMessage)
+    history, _ = await store.history(GENERAL, 10, 0)
+    assert [m.message.mentions for m in history] == [(2,), None, (2,)]
+    await store.save_read_state([(2, GENERAL, 0, 0)], [])
+    [(_, point)] = await store.unread(2)
+    assert (point.unread, point.mentions) == (3, 2)
+    await store.save_read_state([(2, GENERAL, first.id, 1)], [])
+    assert (await store.marker(GENERAL, 2)).found[2] == (first.id, 1, 1)
+    point2 = await store.read_point(2, GENERAL, third.id, (0, 0))
+    assert point2 is not None and point2.mentions == 0
+
+
+async def test_a_conversation_starts_unread_for_both_parties(store: AnyStore) -> None:
+    channel = dm_channel(1, 2)
+    first = await stored(store, msg(0, room=None, user=1, to_user_id=2))
+    assert isinstance(first, StoredMessage)
+    await stored(store, msg(1, room=None, user=1, to_user_id=2))
+    unread = {uid: await store.unread(uid) for uid in (1, 2)}
+    assert [(c, p.last_read_seq, p.last_seq) for c, p in unread[2]] == [(channel, 0, 2)]
+    assert [(c, p.last_read_seq) for c, p in unread[1]] == [(channel, 0)]
+    # a notification begins the user's conversation with the system sender
+    await stored(store, NewMessage(0, "system", "hi", "notification", CREATED, to_user_id=5))
+    assert [c for c, _ in await store.unread(5)] == [dm_channel(0, 5)]
+    assert await store.unread(0) == []
+
+
+async def test_a_new_private_member_starts_at_the_newest_message(store: AnyStore) -> None:
+    await store.declare_rooms(RoomsConfig(private={"staff": (1,)}))
+    staff = room_channel("staff")
+    assert (await store.marker(staff, 1)).found == {1: (0, 0, 0)}
+    newest = (await fill(store, "staff", 3))[-1]
+    await store.declare_rooms(RoomsConfig(private={"staff": (1, 2)}))
+    assert (await store.marker(staff, 1)).found == {1: (0, 0, 0)}  # kept
+    assert (await store.marker(staff, 2)).found == {2: (newest, 3, 0)}
+
+
+async def test_last_seen(store: AnyStore) -> None:
+    await store.upsert_user(1, "alice")
+    await store.upsert_user(2, "bob")
+    assert await store.last_seen([1, 2, 3]) == {}
+    await store.save_read_state([], [(1, "2026-12-07T10:00:00.000Z")])
+    await store.save_read_state([], [(1, "2026-12-07T11:00:00.000Z")])
+    assert await store.last_seen([1, 2, 3]) == {1: "2026-12-07T11:00:00.000Z"}

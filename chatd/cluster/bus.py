@@ -49,6 +49,7 @@ from chatd.metrics import Metrics
 from chatd.protocol import Member, rfc3339
 from chatd.sequencer import Sequencer
 from chatd.store import NewMessage, Store, StoredMessage, room_channel
+from chatd.transport.frames import OutFrame
 
 log = logging.getLogger("chatd.cluster")
 
@@ -68,6 +69,9 @@ REDIS_TIMEOUT = 2.0
 CLOSE_WAIT = 2.0
 #: Direct-message ids remembered, to drop duplicates after a resync.
 DM_SEEN = 65536
+#: The presence "room" every connected user is in (``Bus.online``): not a
+#: valid room name, so never a real room.
+ONLINE = "/online"
 
 
 class Event(msgspec.Struct, array_like=True, frozen=True):
@@ -93,6 +97,7 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
     #: A presence change: the room's online users after it, cluster-wide
     #: (0: not known).
     member_count: int = 0
+    mentions: tuple[int, ...] | None = None
 
     @classmethod
     def of(cls, node: str, stored: StoredMessage) -> Event:
@@ -100,7 +105,7 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
         return cls(
             node, "m", stored.id, stored.seq, m.user_id, m.username, m.content, m.message_type,
             m.created_at, m.room, m.to_user_id, m.media_url, m.media_type, m.duration,
-            m.reply_to, m.data,
+            m.reply_to, m.data, 0, m.mentions,
         )  # fmt: skip
 
     def stored(self) -> StoredMessage:
@@ -117,6 +122,7 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
             duration=self.duration,
             reply_to=self.reply_to,
             data=self.data,
+            mentions=self.mentions,
         )
         return StoredMessage(self.id, message, self.seq)
 
@@ -210,6 +216,34 @@ class RedisBus(Generic[P]):
 
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
         return RedisLimiter(self.client, self._prefix, limits, name)
+
+    def to_user(self, user_id: int, kind: str, payload: bytes, skip: P | None = None) -> None:
+        self.hub.send_user(user_id, kind, OutFrame(payload), skip)
+        self._publish(Event(self.node_id, "u", user_id=user_id, message_type=kind, data=payload))
+
+    def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
+        self.hub.send_room(room, kind, OutFrame(payload), skip_user)
+        event = Event(
+            self.node_id, "r", user_id=skip_user, message_type=kind, room=room, data=payload
+        )
+        self._publish(event)
+
+    async def online(self, user_ids: Sequence[int]) -> set[int]:
+        here = {uid for uid in user_ids if self.hub.online(uid)}
+        away = [uid for uid in user_ids if uid not in here]
+        try:
+            with trio.fail_after(REDIS_TIMEOUT):
+                flags = await self.presence.present(ONLINE, away)
+        except Exception as exc:
+            self._lost("presence", exc)
+            return here
+        return here | {uid for uid, on in zip(away, flags, strict=True) if on}
+
+    def user_online(self, ident: Identity) -> None:
+        self._share("user_connected", ident, ONLINE)
+
+    def user_offline(self, ident: Identity) -> None:
+        self._share("user_disconnected", ident, ONLINE)
 
     # --- delivery on this node --------------------------------------------------
 
@@ -328,7 +362,7 @@ class RedisBus(Generic[P]):
             except Exception as exc:
                 self._lost("presence", exc)
                 changed, count = True, None  # alone for now: say it here at least
-            if changed:
+            if changed and room != ONLINE:
                 self._announce(kind, ident.user_id, ident.username, room, count, publish=True)
 
     def _announce(
@@ -363,9 +397,15 @@ class RedisBus(Generic[P]):
         while True:
             await trio.sleep(self.presence.renew_interval)
             try:
+                held = self.hub.presence() + [(ONLINE, uid) for uid in self.hub.users()]
                 with trio.fail_after(REDIS_TIMEOUT):
-                    lost = await self.presence.renew(self.hub.presence())
+                    lost = await self.presence.renew(held)
                 for room, user_id in lost:  # reaped while cut off, or Redis restarted
+                    if room == ONLINE:
+                        ident = self.hub.identity(user_id)
+                        if ident is not None:
+                            self._share("user_connected", ident, room)
+                        continue
                     for member in self.hub.members(room, user_id - 1, 1):
                         if member.user_id == user_id:
                             ident = Identity(user_id, member.username, None)
@@ -373,6 +413,8 @@ class RedisBus(Generic[P]):
                 with trio.fail_after(REDIS_TIMEOUT):
                     gone = await self.presence.reap()
                 for room, user_id, username, count in gone:
+                    if room == ONLINE:
+                        continue
                     self._announce(
                         "user_disconnected", user_id, username, room, count, publish=True
                     )
@@ -452,6 +494,12 @@ class RedisBus(Generic[P]):
                 self._metrics.bus_received.inc()
                 if event.kind == "m":
                     self._deliver(event.stored())
+                elif event.kind == "u" and event.data is not None:
+                    frame = OutFrame(event.data)
+                    self.hub.send_user(event.user_id, event.message_type, frame)
+                elif event.kind == "r" and event.room is not None and event.data is not None:
+                    frame = OutFrame(event.data)
+                    self.hub.send_room(event.room, event.message_type, frame, event.user_id)
                 elif event.kind == "p" and event.room is not None:
                     self._announce(
                         event.message_type,

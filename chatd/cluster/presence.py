@@ -48,7 +48,7 @@ restart) is returned by ``renew``, to be joined again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import coredis
@@ -255,6 +255,22 @@ return {live_count(room, now), out}
 )
 
 
+# ARGV: prefix, room, uid... -> one 1/0 per uid: whether it has a live entry
+_PRESENT = (
+    _PRELUDE
+    + """
+local room = ARGV[2]
+local now = now_ms()
+local out = {}
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', room_key(room), ARGV[i])
+  if score and tonumber(score) > now then out[#out + 1] = 1 else out[#out + 1] = 0 end
+end
+return out
+"""
+)
+
+
 def _text(value: object) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
@@ -319,6 +335,7 @@ class RedisPresence:
         self._reap: Script[Any] = client.register_script(_REAP)
         self._forget: Script[Any] = client.register_script(_FORGET)
         self._members: Script[Any] = client.register_script(_MEMBERS)
+        self._present: Script[Any] = client.register_script(_PRESENT)
 
     @property
     def renew_interval(self) -> float:
@@ -402,3 +419,10 @@ class RedisPresence:
         many there are in all."""
         reply = _list(await self._members(args=[self._prefix, room, after_user_id, limit]))
         return _members(reply[1]), _int(reply[0])
+
+    async def present(self, room: str, user_ids: Sequence[int]) -> list[bool]:
+        """Whether each user has a live entry in ``room`` on any node."""
+        if not user_ids:
+            return []
+        reply = _list(await self._present(args=[self._prefix, room, *user_ids]))
+        return [_int(flag) == 1 for flag in reply]

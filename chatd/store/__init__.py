@@ -55,6 +55,8 @@ class NewMessage(msgspec.Struct, frozen=True, gc=False):
     reply_to: int | None = None
     #: A notification's JSON payload (``data``), encoded.
     data: bytes | None = None
+    #: Users a room message mentions (known users only, once stored).
+    mentions: tuple[int, ...] | None = None
 
 
 class StoredMessage(msgspec.Struct, frozen=True, gc=False):
@@ -75,6 +77,35 @@ class RoomAccess:
     #: Whether the user may join it and read it: any user a public room,
     #: its members a private one.
     allowed: bool
+
+
+class ReadPoint(NamedTuple):
+    """A user's read marker in a channel, and where the channel ends."""
+
+    #: The newest message the user has read (0: none), and its seq.
+    last_read_id: int
+    last_read_seq: int
+    #: The channel's newest message (0: none), and its seq.
+    last_id: int
+    last_seq: int
+    #: Unread messages that mention the user.
+    mentions: int = 0
+
+    @property
+    def unread(self) -> int:
+        """Messages after the marker: a difference of positions, no count."""
+        return max(0, self.last_seq - self.last_read_seq)
+
+
+class ChannelMarkers(NamedTuple):
+    """Some users' markers in one channel (``Store.markers``)."""
+
+    #: The channel's newest message (0: none), and its seq.
+    last_id: int
+    last_seq: int
+    #: user id -> (last_read_id, last_read_seq, unread mentions), for the
+    #: users that have a marker there.
+    found: dict[int, tuple[int, int, int]]
 
 
 class Missed(NamedTuple):
@@ -148,6 +179,35 @@ class Store(Protocol):
     ) -> list[StoredMessage]:
         """Direct messages to or from any of ``user_ids`` created at or after
         ``created_at`` (RFC 3339), oldest first, at most ``cap``."""
+
+    async def marker(self, channel: str, user_id: int) -> ChannelMarkers:
+        """The user's marker in ``channel`` (in ``found`` when it has one),
+        read together with those of every other user asked for meanwhile:
+        while one read of a channel's markers is under way, the next waits
+        and takes everyone who asked since (``writer.Reads``)."""
+
+    async def unread(self, user_id: int) -> list[tuple[str, ReadPoint]]:
+        """Every channel where the user has a marker, with its counts (one
+        query; each count a difference of positions, never a count of
+        rows)."""
+
+    async def read_point(
+        self, user_id: int, channel: str, message_id: int, floor: tuple[int, int]
+    ) -> ReadPoint | None:
+        """The user's marker in ``channel`` once moved to ``message_id``
+        (never back, nor below ``floor``, an (id, seq) the caller knows of);
+        None when the message is not in that channel."""
+
+    async def last_seen(self, user_ids: Sequence[int]) -> dict[int, str]:
+        """When each of these users (those known to have one) last
+        disconnected, RFC 3339."""
+
+    async def save_read_state(
+        self, markers: Sequence[tuple[int, str, int, int]], seen: Sequence[tuple[int, str]]
+    ) -> None:
+        """Move markers (user id, channel, last_read_id, last_read_seq)
+        forward, never back, and record last-seen times (user id, time), in
+        the next group commit."""
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         """Make sure every room of the config exists (members added, never

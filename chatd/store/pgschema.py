@@ -85,6 +85,36 @@ MIGRATIONS: list[str] = [
     CREATE INDEX messages_direct_to ON messages (to_user_id, created_at)
         WHERE channel LIKE 'd:%';
     """,
+    # 2: read state, as SQLite's migration 3 (schema.py): markers per user
+    # and channel, an index of mentions, last-seen times.
+    """
+    ALTER TABLE messages ADD COLUMN mentions text;
+    ALTER TABLE users ADD COLUMN last_seen text COLLATE "C";
+    CREATE TABLE read_markers (
+        user_id bigint NOT NULL,
+        channel text COLLATE "C" NOT NULL,
+        last_read_id bigint NOT NULL,
+        last_read_seq bigint NOT NULL,
+        PRIMARY KEY (user_id, channel)
+    );
+    CREATE TABLE mentions (
+        user_id bigint NOT NULL,
+        channel text COLLATE "C" NOT NULL,
+        seq bigint NOT NULL,
+        message_id bigint NOT NULL,
+        PRIMARY KEY (user_id, channel, seq)
+    );
+    INSERT INTO read_markers (user_id, channel, last_read_id, last_read_seq)
+        SELECT p.user_id, p.channel,
+            coalesce((SELECT id FROM messages WHERE channel = p.channel
+                      ORDER BY seq DESC LIMIT 1), 0),
+            coalesce((SELECT max(seq) FROM messages WHERE channel = p.channel), 0)
+        FROM (SELECT DISTINCT user_id, channel FROM messages WHERE channel LIKE 'd:%'
+              UNION SELECT DISTINCT to_user_id, channel FROM messages WHERE channel LIKE 'd:%'
+              UNION SELECT user_id, 'r:' || room FROM room_members) p
+        WHERE p.user_id <> 0
+        ON CONFLICT DO NOTHING;
+    """,
 ]
 
 

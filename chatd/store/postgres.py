@@ -60,6 +60,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
+import msgspec
 import psycopg
 import trio
 from psycopg import conninfo as pg_conninfo
@@ -71,14 +72,17 @@ from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.store import (
     Admin,
+    ChannelMarkers,
     Committed,
     Missed,
     NewMessage,
+    ReadPoint,
     RoomAccess,
     StoredMessage,
+    room_channel,
 )
 from chatd.store.pgschema import migrate
-from chatd.store.sqlite import channel_of
+from chatd.store.sqlite import channel_of, mentions_of, mentions_text
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
 log = logging.getLogger("chatd.store")
@@ -113,7 +117,7 @@ Operation = Callable[[Conn], Any]
 
 _MESSAGE_COLUMNS = (
     "id, channel, user_id, username, to_user_id, message_type, content,"
-    " media_url, media_type, duration, reply_to, created_at, data, seq, content_raw"
+    " media_url, media_type, duration, reply_to, created_at, data, seq, content_raw, mentions"
 )
 _LOCK_CHANNEL = (
     "INSERT INTO channels (name, seq)"
@@ -124,8 +128,17 @@ _NEXT_IDS = "SELECT nextval('messages_id_seq') FROM generate_series(1, %s)"
 _REPLY_TARGETS = "SELECT id, channel FROM messages WHERE id = ANY(%s::bigint[])"
 _COPY_MESSAGES = (
     "COPY messages (id, channel, seq, user_id, username, to_user_id, message_type,"
-    " content, content_raw, media_url, media_type, duration, reply_to, created_at, data)"
-    " FROM STDIN"
+    " content, content_raw, media_url, media_type, duration, reply_to, created_at, data,"
+    " mentions) FROM STDIN"
+)
+_KNOWN_USERS = "SELECT id FROM users WHERE id = ANY(%s::bigint[]) AND id <> 0"
+_ADD_MENTIONS = (
+    "INSERT INTO mentions (user_id, channel, seq, message_id) VALUES (%s, %s, %s, %s)"
+    " ON CONFLICT DO NOTHING"
+)
+_FIRST_MARKERS = (
+    "INSERT INTO read_markers (user_id, channel, last_read_id, last_read_seq)"
+    " VALUES (%s, %s, 0, 0) ON CONFLICT DO NOTHING"
 )
 _SET_SEQ = "UPDATE channels SET seq = %s WHERE name = %s"
 
@@ -189,6 +202,8 @@ class PostgresStore(Reads, GroupWriter):
         self._users: dict[int, str] = {}
         self._access = {}
         self._reading_access = {}
+        self._marker_batches = {}
+        self._marker_reads = {}
         # Owned by the writer thread:
         self._conn: Conn | None = None
         self._failures = 0
@@ -326,6 +341,7 @@ class PostgresStore(Reads, GroupWriter):
         messages = [p.message for p in items if p.message is not None]
         channels = sorted({channel_of(m) for m in messages})
         wanted = sorted({m.reply_to for m in messages if m.reply_to is not None})
+        named = sorted({uid for m in messages for uid in m.mentions or ()})
         cur = conn.cursor()
         with conn.pipeline():
             conn.execute("BEGIN")
@@ -333,6 +349,7 @@ class PostgresStore(Reads, GroupWriter):
                 cur.executemany(_LOCK_CHANNEL, [(c, c) for c in channels], returning=True)
             taken = conn.execute(_NEXT_IDS, (len(messages),)) if messages else None
             found = conn.execute(_REPLY_TARGETS, (wanted,)) if wanted else None
+            users = conn.execute(_KNOWN_USERS, (named,)) if named else None
         seqs: dict[str, int] = {}
         for channel in channels:
             row = cur.fetchone()
@@ -342,9 +359,13 @@ class PostgresStore(Reads, GroupWriter):
         read = dict(seqs)
         ids = iter(sorted(int(r[0]) for r in taken)) if taken is not None else iter(())
         targets: dict[int, str] = dict(found.fetchall()) if found is not None else {}
+        known = {int(r[0]) for r in users} if users is not None else set()
 
         results: list[Any] = []
         rows: list[tuple[Any, ...]] = []
+        # Mentions and the first markers of new conversations: written once
+        # the group's messages are in.
+        extra: list[tuple[str, tuple[Any, ...]]] = []
         for pending in items:
             message = pending.message
             if message is None:
@@ -366,12 +387,21 @@ class PostgresStore(Reads, GroupWriter):
             id_ = next(ids)
             seq = seqs[channel] = seqs[channel] + 1
             targets[id_] = channel
+            if message.mentions:
+                kept = tuple(u for u in dict.fromkeys(message.mentions) if u in known)
+                message = msgspec.structs.replace(message, mentions=kept or None)
+                extra.extend((_ADD_MENTIONS, (u, channel, seq, id_)) for u in kept)
+            if seq == 1 and message.room is None:  # a conversation begins
+                parties = (message.user_id, message.to_user_id)
+                extra.extend((_FIRST_MARKERS, (u, channel)) for u in parties if u)
             rows.append(_message_row(id_, channel, seq, message))
             results.append(StoredMessage(id_, message, seq))
         changed = [(seq, channel) for channel, seq in seqs.items() if seq != read[channel]]
         if rows:
             _copy_in(cur, rows)
         with conn.pipeline():
+            for statement, params in extra:
+                conn.execute(statement, params)
             if changed:
                 cur.executemany(_SET_SEQ, changed)
             self._commit_sent = True
@@ -404,6 +434,11 @@ class PostgresStore(Reads, GroupWriter):
             return
         await self._change(lambda conn: upsert_user(conn, user_id, username))
         self._users[user_id] = username
+
+    async def save_read_state(
+        self, markers: Sequence[tuple[int, str, int, int]], seen: Sequence[tuple[int, str]]
+    ) -> None:
+        await self._change(lambda conn: save_read_state(conn, markers, seen))
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         await self._change(lambda conn: declare_rooms(conn, rooms))
@@ -514,6 +549,7 @@ def _message_row(id_: int, channel: str, seq: int, m: NewMessage) -> tuple[Any, 
         m.reply_to,
         m.created_at,
         m.data.decode() if m.data is not None else None,
+        mentions_text(m.mentions),
     )
 
 
@@ -540,11 +576,19 @@ def ensure_room(
 
 
 def _add(conn: Conn, room: str, members: tuple[int, ...]) -> None:
+    """Add members; a new member's marker starts at the room's newest
+    message."""
     if members:
         conn.execute(
-            "INSERT INTO room_members (room, user_id)"
-            " SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING",
-            (room, sorted(set(members))),
+            "WITH added AS (INSERT INTO room_members (room, user_id)"
+            "  SELECT %(r)s, unnest(%(m)s::bigint[]) ON CONFLICT DO NOTHING RETURNING user_id),"
+            " top AS (SELECT coalesce(max(id), 0) AS id, coalesce(max(seq), 0) AS seq"
+            "  FROM (SELECT id, seq FROM messages WHERE channel = %(c)s"
+            "   ORDER BY seq DESC LIMIT 1) t)"
+            " INSERT INTO read_markers (user_id, channel, last_read_id, last_read_seq)"
+            " SELECT added.user_id, %(c)s, top.id, top.seq FROM added, top"
+            " ON CONFLICT DO NOTHING",
+            {"r": room, "m": sorted(set(members)), "c": room_channel(room)},
         )
 
 
@@ -639,6 +683,98 @@ def user_exists(conn: Conn, user_id: int) -> bool:
     return conn.execute("SELECT 1 FROM users WHERE id = %s", (user_id,)).fetchone() is not None
 
 
+# --- read state (sqlite.py says what each returns) ----------------------------
+
+#: A channel's newest message (id, seq), from its row in ``channels``.
+_TOP = (
+    "SELECT m.id, m.seq FROM channels c JOIN messages m ON m.channel = c.name AND m.seq = c.seq"
+    " WHERE c.name = %s"
+)
+_UNREAD_MENTIONS = (
+    "(SELECT count(*) FROM mentions m WHERE m.user_id = r.user_id"
+    " AND m.channel = r.channel AND m.seq > r.last_read_seq)"
+)
+
+
+def markers(conn: Conn, channel: str, user_ids: Sequence[int]) -> ChannelMarkers:
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        last_id, last = conn.execute(_TOP, (channel,)).fetchone() or (0, 0)
+        rows = conn.execute(
+            f"SELECT r.user_id, r.last_read_id, r.last_read_seq, {_UNREAD_MENTIONS}"
+            " FROM read_markers r WHERE r.channel = %s AND r.user_id = ANY(%s::bigint[])",
+            (channel, list(user_ids)),
+        ).fetchall()
+    found = {int(uid): (int(i), int(s), int(n)) for uid, i, s, n in rows}
+    return ChannelMarkers(int(last_id), int(last), found)
+
+
+def unread(conn: Conn, user_id: int) -> list[tuple[str, ReadPoint]]:
+    rows = conn.execute(
+        "SELECT r.channel, r.last_read_id, r.last_read_seq, coalesce(t.id, 0),"
+        f" coalesce(c.seq, 0), {_UNREAD_MENTIONS}"
+        " FROM read_markers r LEFT JOIN channels c ON c.name = r.channel"
+        " LEFT JOIN messages t ON t.channel = c.name AND t.seq = c.seq"
+        " WHERE r.user_id = %s",
+        (user_id,),
+    ).fetchall()
+    return [(row[0], ReadPoint(*(int(v) for v in row[1:]))) for row in rows]
+
+
+def read_point(
+    conn: Conn, user_id: int, channel: str, message_id: int, floor: tuple[int, int]
+) -> ReadPoint | None:
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        target = conn.execute(
+            "SELECT id, seq FROM messages WHERE id = %s AND channel = %s", (message_id, channel)
+        ).fetchone()
+        if target is None:
+            return None
+        stored = conn.execute(
+            "SELECT last_read_id, last_read_seq FROM read_markers"
+            " WHERE user_id = %s AND channel = %s",
+            (user_id, channel),
+        ).fetchone()
+        read_id, read_seq = max(target, floor, stored or (0, 0), key=lambda p: p[1])
+        last_id, last = conn.execute(_TOP, (channel,)).fetchone() or (0, 0)
+        row = conn.execute(
+            "SELECT count(*) FROM mentions WHERE user_id = %s AND channel = %s AND seq > %s",
+            (user_id, channel, read_seq),
+        ).fetchone()
+    assert row is not None
+    return ReadPoint(int(read_id), int(read_seq), int(last_id), int(last), int(row[0]))
+
+
+def last_seen(conn: Conn, user_ids: Sequence[int]) -> dict[int, str]:
+    rows = conn.execute(
+        "SELECT id, last_seen FROM users WHERE id = ANY(%s::bigint[]) AND last_seen IS NOT NULL",
+        (list(user_ids),),
+    ).fetchall()
+    return {int(uid): str(when) for uid, when in rows}
+
+
+def save_read_state(
+    conn: Conn, markers: Sequence[tuple[int, str, int, int]], seen: Sequence[tuple[int, str]]
+) -> None:
+    """Markers forward (never back; in key order, so that two nodes' writes
+    lock rows alike), last-seen times."""
+    cur = conn.cursor()
+    if markers:
+        cur.executemany(
+            "INSERT INTO read_markers (user_id, channel, last_read_id, last_read_seq)"
+            " VALUES (%s, %s, %s, %s) ON CONFLICT (user_id, channel) DO UPDATE SET"
+            " last_read_id = excluded.last_read_id, last_read_seq = excluded.last_read_seq"
+            " WHERE excluded.last_read_seq > read_markers.last_read_seq",
+            sorted(markers),
+        )
+    if seen:
+        cur.executemany(
+            "UPDATE users SET last_seen = %s WHERE id = %s",
+            sorted((when, uid) for uid, when in seen),
+        )
+
+
 def history(conn: Conn, channel: str, limit: int, offset: int) -> tuple[list[StoredMessage], int]:
     """Page ``offset`` back from the newest, oldest first, and the total: one
     statement (one snapshot), the page one range of ``messages_by_channel``."""
@@ -731,6 +867,7 @@ def _row_to_message(row: Sequence[Any]) -> StoredMessage:
         data,
         seq,
         raw,
+        mentions,
     ) = row
     return StoredMessage(
         id_,
@@ -747,6 +884,7 @@ def _row_to_message(row: Sequence[Any]) -> StoredMessage:
             duration=duration,
             reply_to=reply_to,
             data=data.encode() if data is not None else None,
+            mentions=mentions_of(mentions),
         ),
         seq,
     )

@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
 
 from chatd.config import RoomsConfig
@@ -41,9 +42,11 @@ from chatd.errors import ChatError, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.store import (
+    ChannelMarkers,
     Committed,
     Missed,
     NewMessage,
+    ReadPoint,
     RoomAccess,
     StoredMessage,
     dm_channel,
@@ -67,7 +70,7 @@ READERS = 4
 Operation = Callable[[sqlite3.Connection], Any]
 _MESSAGE_COLUMNS = (
     "id, channel, user_id, username, to_user_id, message_type, content,"
-    " media_url, media_type, duration, reply_to, created_at, data, seq"
+    " media_url, media_type, duration, reply_to, created_at, data, seq, mentions"
 )
 
 
@@ -108,6 +111,8 @@ class SqliteStore(Reads, GroupWriter):
         self._users: dict[int, str] = {}
         self._access = {}
         self._reading_access = {}
+        self._marker_batches = {}
+        self._marker_reads = {}
         #: Each channel's last seq; owned by the writer thread.
         self._seqs: dict[str, int] = {}
 
@@ -224,6 +229,11 @@ class SqliteStore(Reads, GroupWriter):
             finally:
                 self._readers.append(conn)
 
+    async def save_read_state(
+        self, markers: Sequence[tuple[int, str, int, int]], seen: Sequence[tuple[int, str]]
+    ) -> None:
+        await self.write(lambda conn: save_read_state(conn, markers, seen))
+
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         await self.write(lambda conn: declare_rooms(conn, rooms))
         self.forget_access()
@@ -324,10 +334,12 @@ def insert_message(
     if seq is None:
         seq = last_seq(conn, channel)
     seq += 1
+    if message.mentions:
+        message = _known_mentions(conn, message)
     cursor = conn.execute(
         "INSERT INTO messages (channel, seq, user_id, username, to_user_id, message_type,"
-        " content, media_url, media_type, duration, reply_to, created_at, data)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " content, media_url, media_type, duration, reply_to, created_at, data, mentions)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             channel,
             seq,
@@ -342,11 +354,45 @@ def insert_message(
             message.reply_to,
             message.created_at,
             message.data.decode() if message.data is not None else None,
+            mentions_text(message.mentions),
         ),
     )
     seqs[channel] = seq
-    assert cursor.lastrowid is not None
-    return StoredMessage(cursor.lastrowid, message, seq)
+    message_id = cursor.lastrowid
+    assert message_id is not None
+    if message.mentions:
+        conn.executemany(
+            "INSERT OR IGNORE INTO mentions (user_id, channel, seq, message_id)"
+            " VALUES (?, ?, ?, ?)",
+            [(uid, channel, seq, message_id) for uid in message.mentions],
+        )
+    if seq == 1 and message.room is None:
+        # A conversation begins: its parties' markers start before it.
+        conn.executemany(
+            "INSERT OR IGNORE INTO read_markers (user_id, channel, last_read_id, last_read_seq)"
+            " VALUES (?, ?, 0, 0)",
+            [(uid, channel) for uid in (message.user_id, message.to_user_id) if uid],
+        )
+    return StoredMessage(message_id, message, seq)
+
+
+def _known_mentions(conn: sqlite3.Connection, message: NewMessage) -> NewMessage:
+    """``message`` with its mentions of unknown users dropped (in order,
+    each once)."""
+    wanted = list(dict.fromkeys(message.mentions or ()))
+    marks = ",".join("?" * len(wanted))
+    known = {uid for (uid,) in conn.execute(f"SELECT id FROM users WHERE id IN ({marks})", wanted)}
+    kept = tuple(uid for uid in wanted if uid in known and uid != 0)
+    return msgspec.structs.replace(message, mentions=kept or None)
+
+
+def mentions_text(mentions: tuple[int, ...] | None) -> str | None:
+    """A message's mentions as stored: ids joined by commas."""
+    return ",".join(map(str, mentions)) if mentions else None
+
+
+def mentions_of(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(uid) for uid in text.split(",")) if text else None
 
 
 def channel_of(message: NewMessage) -> str:
@@ -388,10 +434,26 @@ def ensure_room(
         " ON CONFLICT (name) DO UPDATE SET private = excluded.private",
         (name, int(private), _now(now)),
     )
-    conn.executemany(
-        "INSERT OR IGNORE INTO room_members (room, user_id) VALUES (?, ?)",
-        [(name, member) for member in members],
-    )
+    _add(conn, name, members)
+
+
+def _add(conn: sqlite3.Connection, room: str, members: tuple[int, ...]) -> None:
+    """Add members; a new member's marker starts at the room's newest
+    message."""
+    channel = room_channel(room)
+    top = conn.execute(
+        "SELECT id, seq FROM messages WHERE channel = ? ORDER BY seq DESC LIMIT 1", (channel,)
+    ).fetchone() or (0, 0)
+    for member in members:
+        added = conn.execute(
+            "INSERT OR IGNORE INTO room_members (room, user_id) VALUES (?, ?)", (room, member)
+        ).rowcount
+        if added:
+            conn.execute(
+                "INSERT OR IGNORE INTO read_markers"
+                " (user_id, channel, last_read_id, last_read_seq) VALUES (?, ?, ?, ?)",
+                (member, channel, *top),
+            )
 
 
 def declare_rooms(conn: sqlite3.Connection, rooms: RoomsConfig) -> None:
@@ -417,10 +479,7 @@ def add_members(conn: sqlite3.Connection, room: str, members: tuple[int, ...]) -
     """Add members to an existing room; False when there is no such room."""
     if not conn.execute("SELECT 1 FROM rooms WHERE name = ?", (room,)).fetchone():
         return False
-    conn.executemany(
-        "INSERT OR IGNORE INTO room_members (room, user_id) VALUES (?, ?)",
-        [(room, member) for member in members],
-    )
+    _add(conn, room, members)
     return True
 
 
@@ -526,6 +585,113 @@ def user_exists(conn: sqlite3.Connection, user_id: int) -> bool:
     return conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is not None
 
 
+# --- read state -------------------------------------------------------------
+
+#: A channel's newest message (id, seq): one probe of messages_by_channel.
+_TOP = "SELECT id, seq FROM messages WHERE channel = ? ORDER BY seq DESC LIMIT 1"
+#: A user's mentions in a channel after a seq: a range of the mentions index.
+_MENTIONS_AFTER = "SELECT count(*) FROM mentions WHERE user_id = ? AND channel = ? AND seq > ?"
+#: Most ids in one IN list.
+_IN_CHUNK = 500
+
+
+def markers(conn: sqlite3.Connection, channel: str, user_ids: Sequence[int]) -> ChannelMarkers:
+    """The markers of ``user_ids`` in ``channel``, with their unread
+    mentions, and the channel's newest message (one snapshot)."""
+    found: dict[int, tuple[int, int, int]] = {}
+    conn.execute("BEGIN")
+    try:
+        last_id, last = conn.execute(_TOP, (channel,)).fetchone() or (0, 0)
+        ids = list(user_ids)
+        for start in range(0, len(ids), _IN_CHUNK):
+            chunk = ids[start : start + _IN_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for uid, read_id, read_seq, mentioned in conn.execute(
+                "SELECT r.user_id, r.last_read_id, r.last_read_seq,"
+                " (SELECT count(*) FROM mentions m WHERE m.user_id = r.user_id"
+                "  AND m.channel = r.channel AND m.seq > r.last_read_seq)"
+                f" FROM read_markers r WHERE r.channel = ? AND r.user_id IN ({marks})",
+                (channel, *chunk),
+            ):
+                found[uid] = (read_id, read_seq, mentioned)
+    finally:
+        conn.execute("COMMIT")
+    return ChannelMarkers(last_id, last, found)
+
+
+def unread(conn: sqlite3.Connection, user_id: int) -> list[tuple[str, ReadPoint]]:
+    """Every channel where the user has a marker, with its counts: per
+    channel, a probe of its newest message and a range of the user's
+    mentions after the marker (one statement)."""
+    rows = conn.execute(
+        "SELECT r.channel, r.last_read_id, r.last_read_seq,"
+        " coalesce(t.id, 0), coalesce(t.seq, 0),"
+        " (SELECT count(*) FROM mentions m WHERE m.user_id = r.user_id"
+        "  AND m.channel = r.channel AND m.seq > r.last_read_seq)"
+        " FROM read_markers r LEFT JOIN messages t ON t.channel = r.channel"
+        "  AND t.seq = (SELECT max(seq) FROM messages WHERE channel = r.channel)"
+        " WHERE r.user_id = ?",
+        (user_id,),
+    ).fetchall()
+    return [(row[0], ReadPoint(*row[1:])) for row in rows]
+
+
+def read_point(
+    conn: sqlite3.Connection, user_id: int, channel: str, message_id: int, floor: tuple[int, int]
+) -> ReadPoint | None:
+    """``Store.read_point``: the marker at the furthest of its stored place,
+    ``floor`` and ``message_id`` (None when that is not in ``channel``)."""
+    conn.execute("BEGIN")
+    try:
+        target = conn.execute(
+            "SELECT id, seq FROM messages WHERE id = ? AND channel = ?", (message_id, channel)
+        ).fetchone()
+        if target is None:
+            return None
+        stored = conn.execute(
+            "SELECT last_read_id, last_read_seq FROM read_markers"
+            " WHERE user_id = ? AND channel = ?",
+            (user_id, channel),
+        ).fetchone()
+        read_id, read_seq = max(target, floor, stored or (0, 0), key=lambda p: p[1])
+        last_id, last = conn.execute(_TOP, (channel,)).fetchone()
+        (mentioned,) = conn.execute(_MENTIONS_AFTER, (user_id, channel, read_seq)).fetchone()
+    finally:
+        conn.execute("COMMIT")
+    return ReadPoint(read_id, read_seq, last_id, last, mentioned)
+
+
+def last_seen(conn: sqlite3.Connection, user_ids: Sequence[int]) -> dict[int, str]:
+    ids = list(user_ids)
+    if not ids:
+        return {}
+    marks = ",".join("?" * len(ids))
+    return dict(
+        conn.execute(
+            f"SELECT id, last_seen FROM users WHERE id IN ({marks}) AND last_seen IS NOT NULL",
+            ids,
+        ).fetchall()
+    )
+
+
+def save_read_state(
+    conn: sqlite3.Connection,
+    markers: Sequence[tuple[int, str, int, int]],
+    seen: Sequence[tuple[int, str]],
+) -> None:
+    """Markers forward (never back), last-seen times (``Store.save_read_state``)."""
+    conn.executemany(
+        "INSERT INTO read_markers (user_id, channel, last_read_id, last_read_seq)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (user_id, channel) DO UPDATE SET"
+        " last_read_id = excluded.last_read_id, last_read_seq = excluded.last_read_seq"
+        " WHERE excluded.last_read_seq > read_markers.last_read_seq",
+        markers,
+    )
+    conn.executemany(
+        "UPDATE users SET last_seen = ? WHERE id = ?", [(when, uid) for uid, when in seen]
+    )
+
+
 def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
     (
         id_,
@@ -542,6 +708,7 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
         created_at,
         data,
         seq,
+        mentions,
     ) = row
     room = channel[2:] if channel.startswith("r:") else None
     return StoredMessage(
@@ -559,6 +726,7 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
             duration=duration,
             reply_to=reply_to,
             data=data.encode() if data is not None else None,
+            mentions=mentions_of(mentions),
         ),
         seq,
     )

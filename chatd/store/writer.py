@@ -27,12 +27,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 from typing import Any, Protocol
 
 import trio
 
 from chatd.metrics import Metrics
-from chatd.store import Missed, NewMessage, RoomAccess, StoredMessage
+from chatd.store import (
+    ChannelMarkers,
+    Missed,
+    NewMessage,
+    ReadPoint,
+    RoomAccess,
+    StoredMessage,
+)
 
 log = logging.getLogger("chatd.store")
 
@@ -215,6 +223,23 @@ class Queries(Protocol):
     def direct_since(
         self, conn: Any, user_ids: Sequence[int], created_at: str, cap: int
     ) -> list[StoredMessage]: ...
+    def markers(self, conn: Any, channel: str, user_ids: Sequence[int]) -> ChannelMarkers: ...
+    def unread(self, conn: Any, user_id: int) -> list[tuple[str, ReadPoint]]: ...
+    def read_point(
+        self, conn: Any, user_id: int, channel: str, message_id: int, floor: tuple[int, int]
+    ) -> ReadPoint | None: ...
+    def last_seen(self, conn: Any, user_ids: Sequence[int]) -> dict[int, str]: ...
+
+
+class _Batch:
+    """Users whose markers in one channel are read together."""
+
+    __slots__ = ("done", "result", "users")
+
+    def __init__(self, first: int) -> None:
+        self.users = [first]
+        self.done = trio.Event()
+        self.result: ChannelMarkers | None = None
 
 
 class Reads:
@@ -222,6 +247,10 @@ class Reads:
     pooled connection) and its module's query functions (``queries``)."""
 
     queries: Queries
+    #: channel -> the users waiting for the next read of its markers
+    _marker_batches: dict[str, _Batch]
+    #: channel -> set when the read of its markers under way is done
+    _marker_reads: dict[str, trio.Event]
     #: Users known to be stored (with this name): connects skip the write.
     _users: dict[int, str]
     #: (room, user id, or 0 for anyone in a public room) -> (until, access)
@@ -322,4 +351,55 @@ class Reads:
         result: list[StoredMessage] = await self.read(
             lambda c: q.direct_since(c, ids, created_at, cap)
         )
+        return result
+
+    async def marker(self, channel: str, user_id: int) -> ChannelMarkers:
+        # (10,000 joins of one room in a reconnect storm read their markers
+        # in a few queries, not one each on a worker thread.)
+        while True:
+            batch = self._marker_batches.get(channel)
+            if batch is not None:
+                batch.users.append(user_id)
+                await batch.done.wait()
+                if batch.result is not None:
+                    return batch.result
+                continue  # its read failed or was cancelled: read again
+            batch = self._marker_batches[channel] = _Batch(user_id)
+            try:
+                reading = self._marker_reads.get(channel)
+                if reading is not None:
+                    await reading.wait()
+            except BaseException:
+                del self._marker_batches[channel]
+                batch.done.set()  # (its users read again)
+                raise
+            del self._marker_batches[channel]
+            done = self._marker_reads[channel] = trio.Event()
+            try:
+                batch.result = await self.read(
+                    partial(self.queries.markers, channel=channel, user_ids=batch.users)
+                )
+            finally:
+                del self._marker_reads[channel]
+                done.set()
+                batch.done.set()
+            return batch.result
+
+    async def unread(self, user_id: int) -> list[tuple[str, ReadPoint]]:
+        q = self.queries
+        result: list[tuple[str, ReadPoint]] = await self.read(lambda c: q.unread(c, user_id))
+        return result
+
+    async def read_point(
+        self, user_id: int, channel: str, message_id: int, floor: tuple[int, int]
+    ) -> ReadPoint | None:
+        q = self.queries
+        result: ReadPoint | None = await self.read(
+            lambda c: q.read_point(c, user_id, channel, message_id, floor)
+        )
+        return result
+
+    async def last_seen(self, user_ids: Sequence[int]) -> dict[int, str]:
+        q, ids = self.queries, list(user_ids)
+        result: dict[int, str] = await self.read(lambda c: q.last_seen(c, ids))
         return result
