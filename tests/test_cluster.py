@@ -537,6 +537,75 @@ async def test_presence_counts_a_user_once_across_nodes(cluster_of):
                 assert member_ids(await join(uma)) == {10, 11, 14}
 
 
+async def test_read_state_receipts_and_typing_cross_nodes(cluster_of):
+    """alice reads on node 0: her tab on node 1 clears its badge, bob on
+    node 1 gets her receipt, and node 1's counts agree once node 0 has
+    written her marker (within a second). Typing crosses nodes, in rooms
+    and conversations, and presence_query sees users online on any node."""
+    async with cluster_of(2) as cluster:
+        async with (
+            connect_to(cluster[0], 1, "alice") as alice,
+            connect_to(cluster[1], 1, "alice") as tab,
+            connect_to(cluster[1], 2, "bob") as bob,
+        ):
+            for client in (alice, tab, bob):
+                await join(client)
+            sent = await said(bob, "read me")
+            for client in (alice, tab):
+                assert (await next_frame(client, ("room_message",)))["data"]["id"] == sent["id"]
+            ack = await ask(alice, "mark_read", {"room": "general", "message_id": sent["id"]}, "m")
+            assert ack["type"] == "mark_read_ack" and ack["data"]["unread"] == 0, ack
+            marker = await next_frame(tab, ("read_marker",))
+            assert marker["data"]["last_read_id"] == sent["id"]
+            receipt = await next_frame(bob, ("read_receipt",))
+            assert receipt["data"] == {
+                "room": "general",
+                "user_id": 1,
+                "username": "alice",
+                "last_read_id": sent["id"],
+            }
+            with trio.fail_after(WAIT):
+                while True:
+                    counts = await ask(tab, "unread", {}, "u")
+                    [general] = [r for r in counts["data"]["rooms"] if r["room"] == "general"]
+                    if general["last_read_id"] == sent["id"]:
+                        break
+                    await trio.sleep(0.2)
+            assert general["unread"] == 0
+
+            await alice.send("typing", {"room": "general", "state": "start"})
+            typing = await next_frame(bob, ("typing",))
+            assert typing["data"] == {
+                "room": "general",
+                "user_id": 1,
+                "username": "alice",
+                "state": "start",
+            }
+            await bob.send("typing", {"to_user_id": 1, "state": "start"})
+            for client in (alice, tab):
+                frame = await next_frame(client, ("typing",))
+                assert frame["data"]["with_user"] == 2 and frame["data"]["state"] == "start"
+
+            reply = await ask(bob, "presence_query", {"user_ids": [1, 3]}, "q")
+            assert reply["data"]["users"] == [
+                {"user_id": 1, "online": True, "last_seen": None},
+                {"user_id": 3, "online": False, "last_seen": None},
+            ]
+            await alice.ws.aclose()  # alice's tab on node 1 is still there
+            reply = await ask(bob, "presence_query", {"user_ids": [1]}, "q2")
+            assert reply["data"]["users"][0]["online"] is True
+        async with connect_to(cluster[0], 3, "carol") as carol:
+            with trio.fail_after(WAIT):
+                while True:
+                    reply = await ask(carol, "presence_query", {"user_ids": [1, 2]}, "q")
+                    users = reply["data"]["users"]
+                    if not any(u["online"] for u in users) and all(
+                        u["last_seen"] for u in users
+                    ):
+                        break
+                    await trio.sleep(0.2)
+
+
 async def test_a_big_room_is_counted_and_summarised_across_nodes(cluster_of):
     """Above presence_max_members the cluster's rooms are summarised on every
     node, by the cluster's count (from Redis): the ack and room_members count
