@@ -68,6 +68,12 @@ async def unread(client: Client) -> dict[str, Any]:
             return dict(frame["data"])
 
 
+async def enter(client: Client, room: str) -> dict[str, Any]:
+    """Join ``room``; its ack (presence frames before it skipped)."""
+    await client.send("join_room", {"room": room}, f"join:{room}")
+    return await next_of(client, "join_room_ack")
+
+
 def room_counts(counts: dict[str, Any], room: str) -> dict[str, Any]:
     [found] = [r for r in counts["rooms"] if r["room"] == room]
     return dict(found)
@@ -420,3 +426,32 @@ async def test_last_seen_and_online_through_presence_query(
                 assert len(users) == 3  # each asked-for user once
             error = await alice.request("presence_query", {"user_ids": list(range(101))}, "q")
             assert error["type"] == "error" and error["data"]["code"] == "INVALID_FORMAT"
+
+
+async def test_a_private_rooms_read_state_reaches_only_its_members(
+    make_config: Callable[..., Config], slow_autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(rooms={"public": ["general"], "private": {"staff": [ALICE, BOB]}})
+    async with running(config) as server:
+        async with (
+            connect(server, ALICE, "alice") as alice,
+            connect(server, BOB, "bob") as bob,
+            connect(server, CAROL, "carol") as carol,
+        ):
+            for client in (alice, bob, carol):
+                await enter(client, "general")
+            await enter(alice, "staff")
+            await enter(bob, "staff")
+            sent = await post(bob, "staff", "staff only", mentions=[ALICE, CAROL])
+            await next_of(alice, "room_message")
+            await mark(alice, room="staff", message_id=sent)
+            assert (await next_of(bob, "read_receipt"))["data"]["room"] == "staff"
+            await alice.send("typing", {"room": "staff", "state": "start"})
+            assert (await next_of(bob, "typing"))["data"]["room"] == "staff"
+            # carol: not a member; no receipt, no typing, no count of the room
+            assert [r["room"] for r in (await unread(carol))["rooms"]] == ["general"]
+            await carol.nothing_pending()
+            denied = await mark(carol, room="staff", message_id=sent)
+            assert denied["data"]["code"] == "PERMISSION_DENIED"
+            await carol.send("join_room", {"room": "staff"}, "j")
+            assert (await next_of(carol, "error"))["data"]["code"] == "PERMISSION_DENIED"
