@@ -17,13 +17,13 @@ asks for.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import msgspec
 
 from chatd.auth import Identity
 from chatd.hub import Hub, Peer
-from chatd.protocol import Member
+from chatd.protocol import Member, encode
 from chatd.ratelimit import LimiterTable
 from chatd.store import StoredMessage
 from chatd.transport.frames import OutFrame
@@ -104,6 +104,27 @@ class Bus(Protocol[P_contra]):
 
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
         """Rate limits named ``name`` (buckets of (capacity, period))."""
+
+
+def to_channel(
+    bus: Bus[Any],
+    kind: str,
+    fields: dict[str, Any],
+    now: float,
+    *,
+    sender: int,
+    room: str | None,
+    to_user: int = 0,
+) -> None:
+    """A frame about ``sender`` that is not a message (a receipt, typing):
+    ``{room, **fields}`` to the room's connections but the sender's, or
+    ``{with_user: sender, **fields}`` to ``to_user``'s connections."""
+    where: dict[str, Any] = {"room": room} if room is not None else {"with_user": sender}
+    payload = encode(kind, {**where, **fields}, now)
+    if room is not None:
+        bus.to_room(room, kind, payload, sender)
+    else:
+        bus.to_user(to_user, kind, payload)
 
 
 class LocalBus(Generic[P]):

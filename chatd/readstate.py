@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from chatd import protocol as p
-from chatd.bus import Bus
+from chatd.bus import Bus, to_channel
 from chatd.errors import ChatError, ErrorCode
 from chatd.hub import Hub, Peer
 from chatd.store import ReadPoint, Store, StoredMessage, dm_channel, room_channel
@@ -240,27 +240,22 @@ class ReadState(Generic[P]):
             self._wake()
 
     def _send_receipt(self, receipt: _Receipt) -> None:
-        now = self._wall()
-        read_id = receipt.position[0]
-        if receipt.room is None:
-            data: dict[str, Any] = {
-                "with_user": receipt.reader,
-                "user_id": receipt.reader,
-                "last_read_id": read_id,
-            }
-            frame = p.encode("read_receipt", data, now)
-            self._bus.to_user(receipt.with_user, "read_receipt", frame)
+        room = receipt.room
+        if room is not None and self._hub.online_count(room) > self.receipts_max_members:
             return
-        if self._hub.online_count(receipt.room) > self.receipts_max_members:
-            return
-        data = {
-            "room": receipt.room,
-            "user_id": receipt.reader,
-            "username": receipt.username,
-            "last_read_id": read_id,
-        }
-        frame = p.encode("read_receipt", data, now)
-        self._bus.to_room(receipt.room, "read_receipt", frame, receipt.reader)
+        fields: dict[str, Any] = {"user_id": receipt.reader}
+        if room is not None:
+            fields["username"] = receipt.username
+        fields["last_read_id"] = receipt.position[0]
+        to_channel(
+            self._bus,
+            "read_receipt",
+            fields,
+            self._wall(),
+            sender=receipt.reader,
+            room=room,
+            to_user=receipt.with_user,
+        )
 
     # --- asking ------------------------------------------------------------------
 

@@ -23,11 +23,10 @@ and the server's timer calls ``run_due`` at ``next_due``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
-from chatd import protocol as p
 from chatd.auth import Identity
-from chatd.bus import Bus
+from chatd.bus import Bus, to_channel
 from chatd.hub import Peer
 from chatd.store import StoredMessage, dm_channel, room_channel
 
@@ -114,25 +113,16 @@ class Typing(Generic[P]):
 
     def _relay(self, typist: _Typist, state: str) -> None:
         ident = typist.ident
-        now = self._wall()
-        data: dict[str, Any]
-        if typist.room is not None:
-            data = {
-                "room": typist.room,
-                "user_id": ident.user_id,
-                "username": ident.username,
-                "state": state,
-            }
-            frame = p.encode("typing", data, now)
-            self._bus.to_room(typist.room, "typing", frame, ident.user_id)
-        else:
-            data = {
-                "with_user": ident.user_id,
-                "user_id": ident.user_id,
-                "username": ident.username,
-                "state": state,
-            }
-            self._bus.to_user(typist.to_user, "typing", p.encode("typing", data, now))
+        fields = {"user_id": ident.user_id, "username": ident.username, "state": state}
+        to_channel(
+            self._bus,
+            "typing",
+            fields,
+            self._wall(),
+            sender=ident.user_id,
+            room=typist.room,
+            to_user=typist.to_user,
+        )
 
     def next_due(self) -> float | None:
         """When the first start not renewed expires (None: nobody types)."""

@@ -599,9 +599,7 @@ async def test_read_state_receipts_and_typing_cross_nodes(cluster_of):
                 while True:
                     reply = await ask(carol, "presence_query", {"user_ids": [1, 2]}, "q")
                     users = reply["data"]["users"]
-                    if not any(u["online"] for u in users) and all(
-                        u["last_seen"] for u in users
-                    ):
+                    if not any(u["online"] for u in users) and all(u["last_seen"] for u in users):
                         break
                     await trio.sleep(0.2)
 

@@ -390,14 +390,7 @@ async def test_joins_at_once_read_a_rooms_access_once(
     read under way: one for a public room; a private room's answer is each
     user's own, read for each user the shared one does not let in."""
     await store.declare_rooms(RoomsConfig(public=("general",), private={"staff": (1, 2)}))
-    reads: list[object] = []
-    read = store.read
-
-    async def counted(fn: Any) -> Any:
-        reads.append(fn)
-        return await read(fn)
-
-    monkeypatch.setattr(store, "read", counted)
+    reads = counted_reads(store, monkeypatch)
     answers: dict[tuple[str, int], RoomAccess | None] = {}
 
     async def ask(room: str, user_id: int) -> None:
@@ -445,6 +438,19 @@ async def test_room_access_is_reused_only_when_it_lets_the_user_in(store: AnySto
     # The server's own declaration (a reload) forgets what it reused.
     await store.declare_rooms(RoomsConfig(private={"general": (5,)}))
     assert await store.room_access("general", 6) == RoomAccess("general", True, False)
+
+
+def counted_reads(store: AnyStore, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Every read the store makes from now on, in a list."""
+    reads: list[object] = []
+    read = store.read
+
+    async def counted(fn: Any) -> Any:
+        reads.append(fn)
+        return await read(fn)
+
+    monkeypatch.setattr(store, "read", counted)
+    return reads
 
 
 def _ensure(store: AnyStore, conn: Any, name: str, private: bool, members: tuple[int, ...]) -> None:
@@ -591,14 +597,7 @@ async def test_joins_at_once_read_their_markers_together(
 ) -> None:
     await fill(store, "general", 2)
     await store.save_read_state([(u, GENERAL, 0, 0) for u in range(1, 40, 2)], [])
-    reads: list[object] = []
-    read = store.read
-
-    async def counted(fn: Any) -> Any:
-        reads.append(fn)
-        return await read(fn)
-
-    monkeypatch.setattr(store, "read", counted)
+    reads = counted_reads(store, monkeypatch)
     found: dict[int, ChannelMarkers] = {}
 
     async def ask(user_id: int) -> None:
