@@ -4,10 +4,23 @@
 //
 // Everything shown comes from the network and is shown as text: the DOM is
 // built with createElement/textContent only, never innerHTML.
+//
+// Read state: unread badges per room and conversation (counts from the server:
+// join_room_ack, unread_counts, mark_read_ack, read_marker; raised by messages
+// arriving meanwhile), the open conversation marked read while the page is
+// visible and shows its newest message, "Seen" from read receipts. Also typing
+// indicators, @name mentions, and the other party's last seen (presence_query).
 'use strict';
 
 const PAGE_SIZE = 50;
 const TOKEN_KEY = 'chatd.token';
+// Typing: a start is renewed this often while the user types; someone else's
+// start is forgotten after TYPING_FORGET ms without a renewal (the server
+// sends a stop itself after 6 s: this only covers a stop that never came).
+const TYPING_RENEW = 3000;
+const TYPING_FORGET = 10000;
+// The header's "last seen" of the open conversation is asked again this often.
+const PRESENCE_REFRESH = 30000;
 const $ = (id) => document.getElementById(id);
 
 // The reference class hard-codes ws://localhost:8080. ChatClient overrides
@@ -52,6 +65,9 @@ let opened = false;     // has this login been connected once (then: a reconnect
 let current = null;     // key of the conversation shown
 const convs = new Map(); // 'room:NAME' | 'dm:ID' -> conversation
 const notificationIds = new Set();
+let typingIn = null;    // {key, at}: where this user was last said to be typing
+let presenceTimer = null;
+let markTimer = null;   // a scheduled markRead
 
 function el(tag, attrs = {}, ...children) {
     const node = document.createElement(tag);
@@ -98,6 +114,8 @@ function login(token) {
     client.onClose = onClose;
     setStatus('Connecting…');
     client.connect();
+    clearInterval(presenceTimer);
+    presenceTimer = setInterval(queryPresence, PRESENCE_REFRESH);
 }
 
 function logout(message) {
@@ -112,9 +130,17 @@ function logout(message) {
     for (const id of ['room-list', 'dm-list', 'online-list', 'views', 'notifications']) {
         $(id).replaceChildren();
     }
+    for (const conv of convs.values()) forgetTypists(conv);
     convs.clear();
     notificationIds.clear();
     current = null;
+    typingIn = null;
+    clearInterval(presenceTimer);
+    clearTimeout(markTimer);
+    presenceTimer = markTimer = null;
+    renderTyping();
+    renderPresence();
+    renderTotal();
     $('whoami').textContent = '';
     $('chat').hidden = true;
     $('logout').hidden = true;
@@ -159,13 +185,26 @@ function onOpen() {
             client.send('dm_history', { with_user: conv.userId, limit: PAGE_SIZE, offset: 0 });
         }
     }
+    // Unread counts of every room and conversation (answered after the joins:
+    // a connection's frames are handled in order).
+    client.send('unread', {});
+    queryPresence();
     opened = true;
 }
 
 function onClose(event) {
     if (event.code === 4001) return; // AUTH_FAILED, already shown
-    for (const conv of convs.values()) if (conv.kind === 'room') conv.members.clear();
+    for (const conv of convs.values()) {
+        if (conv.kind === 'room') {
+            conv.members.clear();
+            conv.joined = false;
+        }
+        conv.sentReadId = conv.lastReadId; // a mark_read sent may have been lost
+        forgetTypists(conv);
+    }
+    typingIn = null;
     renderOnline();
+    renderTyping();
     if (client.reconnectAttempts < client.maxReconnectAttempts) {
         setStatus(`Disconnected (${event.code}); reconnecting (attempt ${client.reconnectAttempts + 1})…`, 'error');
     } else {
@@ -181,11 +220,25 @@ function conversation(key, kind, fields) {
     const list = el('ol', { class: 'messages', 'data-testid': 'messages', 'data-conv': key });
     list.hidden = true;
     $('views').append(list);
-    const button = el('button', { type: 'button', 'data-conv': key });
+    const label = el('span', { class: 'label' });
+    const badge = el('span', { class: 'badge', 'data-testid': 'unread-badge' });
+    badge.hidden = true;
+    const button = el('button', { type: 'button', 'data-conv': key }, label, badge);
     button.addEventListener('click', () => show(key));
     const li = el('li', {}, button);
     $(kind === 'room' ? 'room-list' : 'dm-list').append(li);
-    conv = { key, kind, list, button, li, ids: new Set(), lastId: null, hasMore: true, loaded: false, ...fields };
+    conv = {
+        key, kind, list, button, label, badge, li, ids: new Set(), lastId: null, hasMore: true, loaded: false,
+        // Read state: this user's marker (lastReadId), the newest id sent in a
+        // mark_read (sentReadId), the newest id the unread count accounts for
+        // (countedId), the counts; in a conversation, how far the other party
+        // has read (peerReadId) and whether they are online (presence).
+        lastReadId: 0, sentReadId: 0, countedId: 0, unread: 0, mentions: 0,
+        peerReadId: 0, presence: null,
+        typists: new Map(), // user id -> {name, timer}: who is typing here
+        joined: false,
+        ...fields,
+    };
     convs.set(key, conv);
     retitle(conv);
     return conv;
@@ -206,32 +259,38 @@ function addDm(userId, username) {
 
 function retitle(conv) {
     conv.title = conv.kind === 'room' ? `# ${conv.name}` : `${conv.username || 'user'} (#${conv.userId})`;
-    conv.button.textContent = conv.title;
+    conv.label.textContent = conv.title;
     if (conv.key === current) $('view-title').textContent = conv.title;
 }
 
 function removeConv(conv) {
     conv.list.remove();
     conv.li.remove();
+    forgetTypists(conv);
     convs.delete(conv.key);
+    renderTotal();
     if (current === conv.key) show('room:general');
 }
 
 function show(key) {
     const conv = convs.get(key) || addRoom('general');
+    if (typingIn && typingIn.key !== conv.key) stopTyping();
     current = conv.key;
     for (const c of convs.values()) {
         c.list.hidden = c !== conv;
         c.button.setAttribute('aria-current', c === conv ? 'true' : 'false');
     }
-    conv.button.classList.remove('unread');
     $('view-title').textContent = conv.title;
     if (conv.kind === 'dm' && !conv.loaded && client) {
         client.send('dm_history', { with_user: conv.userId, limit: PAGE_SIZE, offset: 0 });
     }
     renderOlder();
     renderOnline();
+    renderTyping();
+    renderPresence();
+    if (conv.kind === 'dm') queryPresence();
     $('views').scrollTop = $('views').scrollHeight;
+    scheduleMarkRead();
 }
 
 function renderOlder() {
@@ -247,8 +306,221 @@ function renderOnline() {
     if (list.hidden) return;
     const members = [...conv.members].sort((a, b) => a[1].localeCompare(b[1]));
     for (const [id, name] of members) {
-        list.append(el('li', { 'data-testid': 'online-user', 'data-user-id': String(id) }, `${name} (#${id})`));
+        const label = `${name} (#${id})`;
+        let entry = label;
+        if (id !== me.id) { // another member: a click opens the conversation with them
+            entry = el('button', { type: 'button', title: `Write to ${name}` }, label);
+            entry.addEventListener('click', () => show(addDm(id, name).key));
+        }
+        list.append(el('li', { 'data-testid': 'online-user', 'data-user-id': String(id) }, entry));
     }
+}
+
+// --- read state: unread badges, marking read, "Seen" ---------------------------
+
+function visible() {
+    return document.visibilityState === 'visible';
+}
+
+// The view shows its newest message (the reader is not scrolled up).
+function atBottom() {
+    const views = $('views');
+    return views.scrollHeight - views.scrollTop - views.clientHeight < 40;
+}
+
+function newestId(conv) {
+    let newest = 0;
+    for (const id of conv.ids) if (id > newest) newest = id;
+    return newest;
+}
+
+function renderBadge(conv) {
+    const { badge, unread, mentions } = conv;
+    badge.hidden = !(unread > 0);
+    badge.textContent = unread > 0 ? (unread > 99 ? '99+' : String(unread)) : '';
+    badge.dataset.unread = String(unread);
+    badge.dataset.mentions = String(mentions);
+    badge.classList.toggle('mention', mentions > 0);
+    badge.title = unread > 0
+        ? `${unread} unread${mentions > 0 ? `, ${mentions} mentioning you` : ''}` : '';
+    conv.button.classList.toggle('unread', unread > 0);
+    renderTotal();
+}
+
+function renderTotal() {
+    let total = 0;
+    for (const conv of convs.values()) total += conv.unread;
+    document.title = total > 0 ? `(${total}) chatd` : 'chatd';
+}
+
+// Counts from the server (join_room_ack, unread_counts, mark_read_ack,
+// read_marker): they replace the page's, unless a newer mark_read is on its
+// way (its answer will tell).
+function applyCounts(conv, counts) {
+    const readId = counts.last_read_id ?? 0;
+    conv.lastReadId = Math.max(conv.lastReadId, readId);
+    conv.sentReadId = Math.max(conv.sentReadId, conv.lastReadId);
+    conv.countedId = Math.max(conv.countedId, counts.last_message_id ?? readId);
+    if (readId < conv.sentReadId) return;
+    conv.unread = counts.unread ?? 0;
+    conv.mentions = counts.mentions ?? 0;
+    renderBadge(conv);
+}
+
+function mentionsMe(m) {
+    return Array.isArray(m.mentions) && me.id !== null && m.mentions.includes(me.id);
+}
+
+// A message delivered live (not history): one more unread unless it is this
+// user's own (which moved their marker) or about to be marked read.
+function countLive(conv, m) {
+    const from = m.user_id ?? m.from_user_id;
+    if (from === me.id) {
+        conv.lastReadId = Math.max(conv.lastReadId, m.id);
+        conv.sentReadId = Math.max(conv.sentReadId, m.id);
+        conv.countedId = Math.max(conv.countedId, m.id);
+        conv.unread = conv.mentions = 0;
+        renderBadge(conv);
+        return;
+    }
+    if (m.id <= conv.countedId || m.id <= conv.lastReadId) return;
+    conv.countedId = m.id;
+    if (conv.key === current && visible() && atBottom()) return; // read at once
+    conv.unread += 1;
+    if (mentionsMe(m)) conv.mentions += 1;
+    renderBadge(conv);
+}
+
+// Mark the open conversation read up to its newest message, once the page
+// is visible and shows it. Scheduled, so that a page of history or a burst
+// of messages is one mark_read.
+function scheduleMarkRead() {
+    if (markTimer === null) markTimer = setTimeout(markRead, 0);
+}
+
+function markRead() {
+    markTimer = null;
+    const conv = convs.get(current);
+    if (!conv || !client || !client.ws || client.ws.readyState !== WebSocket.OPEN) return;
+    if (!visible() || !atBottom()) return;
+    if (conv.kind === 'room' && !conv.joined) return; // the server would refuse it
+    const newest = newestId(conv);
+    if (newest <= conv.sentReadId) return;
+    conv.sentReadId = newest;
+    if (newest >= conv.countedId) { // shown now: nothing left unread
+        conv.unread = conv.mentions = 0;
+        renderBadge(conv);
+    }
+    const where = conv.kind === 'room' ? { room: conv.name } : { with_user: conv.userId };
+    client.send('mark_read', { ...where, message_id: newest });
+}
+
+// "Seen" under this user's newest direct message the other party has read.
+function renderSeen(conv) {
+    if (conv.kind !== 'dm') return;
+    let seen = null;
+    for (let li = conv.list.lastElementChild; li; li = li.previousElementSibling) {
+        if (li.dataset.mine === 'true' && Number(li.dataset.id) <= conv.peerReadId) {
+            seen = li;
+            break;
+        }
+    }
+    const old = conv.list.querySelector('.seen');
+    if (old && old.parentElement === seen) return;
+    if (old) old.remove();
+    if (seen) seen.append(el('span', { class: 'seen', 'data-testid': 'seen' }, 'Seen'));
+}
+
+// --- typing ------------------------------------------------------------------
+
+function typingTarget(conv) {
+    return conv.kind === 'room' ? { room: conv.name } : { to_user_id: conv.userId };
+}
+
+function connected() {
+    return client && client.ws && client.ws.readyState === WebSocket.OPEN;
+}
+
+// The composer changed: say that this user types (renewed every few
+// seconds), or that they stopped when the input is empty.
+function onComposerInput() {
+    const conv = convs.get(current);
+    if (!conv || !connected()) return;
+    if (!$('message-input').value.trim()) {
+        stopTyping();
+        return;
+    }
+    if (conv.kind === 'room' && !conv.joined) return;
+    if (typingIn && typingIn.key !== conv.key) stopTyping();
+    const now = Date.now();
+    if (typingIn && now - typingIn.at < TYPING_RENEW) return;
+    client.send('typing', { ...typingTarget(conv), state: 'start' });
+    typingIn = { key: conv.key, at: now };
+}
+
+function stopTyping() {
+    if (!typingIn) return;
+    const conv = convs.get(typingIn.key);
+    typingIn = null;
+    if (conv && connected()) client.send('typing', { ...typingTarget(conv), state: 'stop' });
+}
+
+function setTypist(conv, userId, name, typing) {
+    const old = conv.typists.get(userId);
+    if (old) clearTimeout(old.timer);
+    if (typing) {
+        const timer = setTimeout(() => setTypist(conv, userId, name, false), TYPING_FORGET);
+        conv.typists.set(userId, { name, timer });
+    } else {
+        conv.typists.delete(userId);
+    }
+    if (conv.key === current) renderTyping();
+}
+
+function forgetTypists(conv) {
+    for (const t of conv.typists.values()) clearTimeout(t.timer);
+    conv.typists.clear();
+}
+
+function renderTyping() {
+    const conv = convs.get(current);
+    const names = conv ? [...conv.typists.values()].map((t) => t.name) : [];
+    let text = '';
+    if (names.length === 1) text = `${names[0]} is typing…`;
+    else if (names.length === 2) text = `${names[0]} and ${names[1]} are typing…`;
+    else if (names.length > 2) text = `${names.length} people are typing…`;
+    $('typing').textContent = text;
+}
+
+// --- presence of the other party ----------------------------------------------
+
+function queryPresence() {
+    const conv = convs.get(current);
+    if (conv && conv.kind === 'dm' && connected() && visible()) {
+        client.send('presence_query', { user_ids: [conv.userId] });
+    }
+}
+
+function renderPresence() {
+    const conv = convs.get(current);
+    const node = $('view-presence');
+    node.replaceChildren();
+    node.hidden = !conv || conv.kind !== 'dm' || !conv.presence;
+    if (node.hidden) return;
+    const { online, last_seen: lastSeen } = conv.presence;
+    node.dataset.online = String(online);
+    if (online) {
+        node.textContent = 'online';
+        return;
+    }
+    const when = new Date(lastSeen);
+    if (!lastSeen || isNaN(when)) {
+        node.textContent = 'offline';
+        return;
+    }
+    const time = when.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
+    const day = when.toDateString() === new Date().toDateString() ? 'today' : when.toLocaleDateString();
+    node.append('last seen ', el('time', { datetime: lastSeen, title: lastSeen }, `${day} at ${time}`));
 }
 
 // --- messages --------------------------------------------------------------
@@ -259,7 +531,13 @@ function safeMediaUrl(url) {
 
 function renderMessage(m, notification) {
     const li = el('li', { class: 'message', 'data-testid': 'message', 'data-id': String(m.id) });
-    const who = notification ? 'notification' : (m.username ?? m.from_username ?? `user${m.user_id ?? m.from_user_id}`);
+    const from = m.user_id ?? m.from_user_id;
+    const who = notification ? 'notification' : (m.username ?? m.from_username ?? `user${from}`);
+    if (!notification && me.id !== null && from === me.id) li.dataset.mine = 'true';
+    if (!notification && mentionsMe(m)) {
+        li.classList.add('mention');
+        li.dataset.mention = 'true';
+    }
     const when = new Date(m.created_at);
     const time = el('time', { datetime: m.created_at, title: m.created_at },
         isNaN(when) ? '' : when.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }));
@@ -293,8 +571,21 @@ function addMessage(conv, m, notification = false) {
     while (after && Number(after.dataset.id) > m.id) after = after.previousElementSibling;
     if (after) after.after(node);
     else conv.list.prepend(node);
-    if (conv.key !== current) conv.button.classList.add('unread');
-    else if (atBottom && node === conv.list.lastElementChild) views.scrollTop = views.scrollHeight;
+    if (conv.key === current && atBottom && node === conv.list.lastElementChild) views.scrollTop = views.scrollHeight;
+}
+
+// A message delivered live: shown, counted, its sender no longer typing there.
+function receive(conv, m, notification = false) {
+    addMessage(conv, m, notification);
+    countLive(conv, m);
+    const from = m.user_id ?? m.from_user_id;
+    if (conv.typists.has(from)) setTypist(conv, from, '', false);
+    if (conv.kind === 'dm') {
+        // The other party's message moved their marker: they have read what came before.
+        if (from === conv.userId) conv.peerReadId = Math.max(conv.peerReadId, m.id);
+        renderSeen(conv);
+    }
+    if (conv.key === current) scheduleMarkRead();
 }
 
 // Newest first, once each.
@@ -314,7 +605,9 @@ function dmPeer(m) {
 const handlers = {
     join_room_ack(data) {
         const conv = addRoom(data.room);
+        conv.joined = true;
         conv.members = new Map((data.members || []).map((u) => [u.user_id, u.username]));
+        applyCounts(conv, data);
         if (data.recovered === false) {
             // More was missed than the server replays: start again from the newest.
             conv.list.replaceChildren();
@@ -323,15 +616,18 @@ const handlers = {
             if (conv.key === current) renderOlder();
         }
         if (!conv.loaded) client.getRoomHistory(conv.name, PAGE_SIZE, 0);
-        if (conv.key === current) renderOnline();
+        if (conv.key === current) {
+            renderOnline();
+            scheduleMarkRead();
+        }
     },
     leave_room_ack() {},
     room_message(data) {
-        addMessage(addRoom(data.room), data);
+        receive(addRoom(data.room), data);
     },
     direct_message(data) {
         const [peer, name] = dmPeer(data);
-        addMessage(addDm(peer, name), data);
+        receive(addDm(peer, name), data);
     },
     message_history(data) {
         if (data.with_user === 0) {
@@ -348,27 +644,93 @@ const handlers = {
         }
         const views = $('views');
         const before = views.scrollHeight;
-        for (const m of data.messages) addMessage(conv, m);
+        for (const m of data.messages) {
+            addMessage(conv, m);
+            if (conv.kind === 'dm' && m.from_user_id === conv.userId) {
+                conv.peerReadId = Math.max(conv.peerReadId, m.id);
+            }
+        }
         if (data.offset === 0 && conv.kind === 'room') conv.lastId = Math.max(conv.lastId ?? 0, 0);
         if (data.offset > 0) views.scrollTop += views.scrollHeight - before; // keep the reader's place
         else if (conv.key === current) views.scrollTop = views.scrollHeight;
         conv.loaded = true;
         conv.hasMore = data.has_more;
         renderOlder();
+        renderSeen(conv);
+        if (conv.key === current) scheduleMarkRead();
+    },
+    mark_read_ack(data) {
+        const conv = data.room !== undefined ? convs.get(`room:${data.room}`) : convs.get(`dm:${data.with_user}`);
+        if (conv) applyCounts(conv, data);
+    },
+    read_marker(data) { // this user read on another device
+        const conv = data.room !== undefined ? convs.get(`room:${data.room}`) : convs.get(`dm:${data.with_user}`);
+        if (conv) applyCounts(conv, data);
+    },
+    unread_counts(data) {
+        for (const r of data.rooms || []) {
+            const conv = convs.get(`room:${r.room}`);
+            if (conv) applyCounts(conv, r);
+        }
+        const listed = new Set();
+        for (const d of data.direct || []) {
+            if (d.with_user === 0) continue; // notifications: shown in their own list
+            listed.add(d.with_user);
+            const known = convs.has(`dm:${d.with_user}`);
+            const conv = addDm(d.with_user);
+            applyCounts(conv, d);
+            // A conversation this page did not know: its history (and its name).
+            if (!known && !conv.loaded) {
+                client.send('dm_history', { with_user: d.with_user, limit: PAGE_SIZE, offset: 0 });
+            }
+        }
+        // The conversations not listed have nothing unread.
+        for (const conv of convs.values()) {
+            if (conv.kind === 'dm' && !listed.has(conv.userId) && conv.sentReadId <= conv.lastReadId) {
+                conv.unread = conv.mentions = 0;
+                renderBadge(conv);
+            }
+        }
+        scheduleMarkRead();
+    },
+    read_receipt(data) {
+        if (data.room !== undefined) return; // receipts in rooms are not shown
+        const conv = convs.get(`dm:${data.with_user}`);
+        if (!conv) return;
+        conv.peerReadId = Math.max(conv.peerReadId, data.last_read_id);
+        renderSeen(conv);
+    },
+    typing(data) {
+        const conv = data.room !== undefined ? convs.get(`room:${data.room}`) : convs.get(`dm:${data.with_user}`);
+        if (!conv || data.user_id === me.id) return;
+        setTypist(conv, data.user_id, data.username || `user${data.user_id}`, data.state === 'start');
+    },
+    presence(data) {
+        for (const u of data.users || []) {
+            const conv = convs.get(`dm:${u.user_id}`);
+            if (!conv) continue;
+            conv.presence = { online: Boolean(u.online), last_seen: u.last_seen ?? null };
+            if (conv.key === current) renderPresence();
+        }
     },
     user_connected(data) {
         const conv = convs.get(`room:${data.room}`);
         if (conv) conv.members.set(data.user_id, data.username);
         if (conv && conv.key === current) renderOnline();
+        if (current === `dm:${data.user_id}`) queryPresence();
     },
     user_disconnected(data) {
         const conv = convs.get(`room:${data.room}`);
-        if (conv) conv.members.delete(data.user_id);
+        if (conv) {
+            conv.members.delete(data.user_id);
+            if (conv.typists.has(data.user_id)) setTypist(conv, data.user_id, '', false);
+        }
         if (conv && conv.key === current) renderOnline();
+        if (current === `dm:${data.user_id}`) queryPresence();
     },
     notification(data) {
         if (data.room) {
-            addMessage(addRoom(data.room), data, true);
+            receive(addRoom(data.room), data, true);
         } else {
             addNotification(data);
             setStatus('New notification.', 'info');
@@ -389,6 +751,12 @@ const handlers = {
         if (room && !room.loaded && room.name !== 'general') removeConv(room);
         const dm = convs.get(`dm:${details.user_id}`);
         if (dm && !dm.loaded && data.code === 'USER_NOT_FOUND') removeConv(dm);
+        // A mark_read refused: its answer will not come.
+        for (const conv of convs.values()) {
+            if (details.message_id !== undefined && conv.sentReadId === details.message_id) {
+                conv.sentReadId = conv.lastReadId;
+            }
+        }
     },
 };
 
@@ -444,9 +812,47 @@ onSubmit('send-form', () => {
         setStatus('Not connected: the message was not sent.', 'error');
         return;
     }
-    if (conv.kind === 'room') client.sendRoomMessage(conv.name, content);
-    else client.sendDirectMessage(conv.userId, content);
+    if (conv.kind === 'room') {
+        const mentions = mentionedIn(conv, content);
+        if (mentions.length) {
+            // The reference sendRoomMessage, with the users mentioned.
+            client.send('room_message', { room: conv.name, content, message_type: 'text', mentions });
+        } else {
+            client.sendRoomMessage(conv.name, content);
+        }
+    } else {
+        client.sendDirectMessage(conv.userId, content);
+    }
     input.value = '';
+    stopTyping();
+});
+
+// The members online in the room whose name follows an @ in the text
+// ("@alice", not "@alicein"), case-insensitive.
+function mentionedIn(conv, content) {
+    const text = content.toLowerCase();
+    const ids = [];
+    for (const [id, name] of conv.members) {
+        const tag = `@${name.toLowerCase()}`;
+        for (let at = text.indexOf(tag); at !== -1; at = text.indexOf(tag, at + 1)) {
+            const next = text.charAt(at + tag.length);
+            if (!next || !/[\p{L}\p{N}_]/u.test(next)) {
+                ids.push(id);
+                break;
+            }
+        }
+    }
+    return ids.slice(0, 50);
+}
+
+$('message-input').addEventListener('input', onComposerInput);
+$('views').addEventListener('scroll', () => {
+    if (atBottom()) scheduleMarkRead();
+}, { passive: true });
+document.addEventListener('visibilitychange', () => {
+    if (!visible()) return;
+    scheduleMarkRead();
+    queryPresence();
 });
 
 $('load-older').addEventListener('click', () => {

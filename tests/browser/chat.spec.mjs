@@ -143,6 +143,19 @@ async function signIn(p, username) {
 
 const view = (p, key) => p.page.locator(`ol[data-conv="${key}"]`);
 const message = (p, key, text) => view(p, key).locator('.content', { hasText: text });
+const row = (p, key, text) => view(p, key).locator('li.message', { hasText: text });
+const entry = (p, key) => p.page.locator(`#room-list, #dm-list`).locator(`button[data-conv="${key}"]`);
+// The unread badge of a room or conversation, when it shows `count`.
+const badge = (p, key, count) => entry(p, key).locator('[data-testid="unread-badge"]:not([hidden])',
+    count === undefined ? {} : { hasText: new RegExp(`^${count}$`) });
+const typing = (p, text) => p.page.locator('#typing', { hasText: text });
+const presence = (p, text) => p.page.locator('#view-presence:not([hidden])', { hasText: text });
+const received = (p, pred) => p.frames.some(([, f]) => pred(f));
+
+// Waits until the badge of a room or conversation is not shown.
+async function noBadge(p, key) {
+    await badge(p, key).waitFor({ state: 'hidden' });
+}
 
 async function say(p, text) {
     await p.page.getByLabel('Message', { exact: true }).fill(text);
@@ -336,10 +349,165 @@ try {
         await bob.page.locator(`#online-list [data-user-id="${alice.userId}"]`).waitFor();
     });
 
-    await step('no page errors, no CSP violations, no dialogs', async () => {
+    // --- read state, typing, mentions, presence: alice and bob, two contexts ---
+    const dmBob = () => `dm:${bob.userId}`;     // alice's conversation with bob
+    const dmAlice = () => `dm:${alice.userId}`; // bob's conversation with alice
+
+    await step('a click on a member online opens the conversation; its header says online', async () => {
+        // Alice's own name is not a link.
+        await alice.page.locator(`#online-list [data-user-id="${alice.userId}"]`).waitFor();
+        assert.equal(await alice.page.locator(`#online-list [data-user-id="${alice.userId}"] button`).count(), 0);
+        await alice.page.locator(`#online-list [data-user-id="${bob.userId}"] button`, { hasText: 'bob' }).click();
+        await alice.page.locator('#view-title', { hasText: `bob (#${bob.userId})` }).waitFor();
+        // The conversation of the earlier step, not a second one.
+        await message(alice, dmBob(), 'psst, just for bob').waitFor();
+        assert.equal(await alice.page.locator(`#dm-list button[data-conv="${dmBob()}"]`).count(), 1);
+        assert.equal(await view(alice, dmBob()).isVisible(), true);
+        await presence(alice, /^online$/).waitFor();
+        assert.equal(await alice.page.locator('#online-list').isVisible(), false, 'no member list in a conversation');
+    });
+
+    await step('unread badges: a room\'s count while away, cleared when read', async () => {
+        // Alice reads her conversation with bob; bob talks in general.
+        await say(bob, 'first unread');
+        await badge(alice, 'room:general', 1).waitFor();
+        await say(bob, 'second unread');
+        await badge(alice, 'room:general', 2).waitFor();
+        assert.equal(await alice.page.title(), '(2) chatd');
+        assert.equal(await badge(bob, 'room:general').count(), 0, 'own messages are never unread');
+        await alice.page.locator('#room-list button', { hasText: '# general' }).click();
+        await message(alice, 'room:general', 'second unread').waitFor();
+        await noBadge(alice, 'room:general');
+        const second = Number(await row(alice, 'room:general', 'second unread').getAttribute('data-id'));
+        await until('the server to agree: general read', () => received(alice, (f) => f.type === 'mark_read_ack'
+            && f.data.room === 'general' && f.data.last_read_id >= second && f.data.unread === 0));
+        assert.equal(await alice.page.title(), 'chatd');
+        // Read where she is: a message in the room she shows raises no badge.
+        await say(bob, 'seen at once');
+        await message(alice, 'room:general', 'seen at once').waitFor();
+        const id = Number(await row(alice, 'room:general', 'seen at once').getAttribute('data-id'));
+        await until('alice to have read it', () => received(alice, (f) => f.type === 'mark_read_ack'
+            && f.data.room === 'general' && f.data.last_read_id >= id && f.data.unread === 0));
+        assert.equal(await badge(alice, 'room:general').count(), 0);
+    });
+
+    await step('a conversation\'s badge (kept across a reload) and "Seen" under the message read', async () => {
+        await bob.page.locator(`#online-list [data-user-id="${alice.userId}"] button`).click();
+        await bob.page.locator('#view-title', { hasText: `alice (#${alice.userId})` }).waitFor();
+        await say(bob, 'are you there?');
+        await badge(alice, dmBob(), 1).waitFor();
+        await alice.page.locator(`#dm-list button[data-conv="${dmBob()}"]`).click();
+        await noBadge(alice, dmBob());
+        // Bob sees that alice read it.
+        const asked = row(bob, dmAlice(), 'are you there?');
+        await asked.locator('[data-testid="seen"]', { hasText: 'Seen' }).waitFor();
+        // Alice goes back to the room; bob writes again: a badge, and "Seen" stays where it was.
+        await alice.page.locator('#room-list button', { hasText: '# general' }).click();
+        await say(bob, 'ping while you are away');
+        await badge(alice, dmBob(), 1).waitFor();
+        assert.equal(await view(bob, dmAlice()).locator('[data-testid="seen"]').count(), 1);
+        assert.equal(await asked.locator('[data-testid="seen"]').count(), 1);
+        // The count comes from the server after a reload (unread_counts).
+        await alice.page.reload();
+        await alice.page.locator('#status', { hasText: 'Connected.' }).waitFor();
+        await badge(alice, dmBob(), 1).waitFor();
+        await alice.page.locator(`#dm-list button[data-conv="${dmBob()}"]`, { hasText: 'bob' }).waitFor();
+        // Read: the badge goes, and bob's "Seen" moves to his newest message.
+        await alice.page.locator(`#dm-list button[data-conv="${dmBob()}"]`).click();
+        await message(alice, dmBob(), 'ping while you are away').waitFor();
+        await noBadge(alice, dmBob());
+        await row(bob, dmAlice(), 'ping while you are away').locator('[data-testid="seen"]').waitFor();
+        assert.equal(await view(bob, dmAlice()).locator('[data-testid="seen"]').count(), 1);
+        // Alice's side, from the history alone: bob has written since her
+        // last message, so he has read it.
+        await row(alice, dmBob(), 'psst, just for bob').locator('[data-testid="seen"]').waitFor();
+        assert.equal(await view(alice, dmBob()).locator('[data-testid="seen"]').count(), 1);
+    });
+
+    await step('typing: "alice is typing…" in the conversation, gone when she clears or sends', async () => {
+        // Both show their conversation: alice with bob, bob with alice.
+        const input = alice.page.getByLabel('Message', { exact: true });
+        const stops = () => bob.frames.filter(([, f]) => f.type === 'typing' && f.data.with_user === alice.userId
+            && f.data.state === 'stop').length;
+        await input.fill('I am typ');
+        await typing(bob, 'alice is typing…').waitFor();
+        const before = stops();
+        await input.fill('');
+        await typing(bob, 'typing').waitFor({ state: 'hidden' });
+        await until('the stop alice sent', () => stops() === before + 1);
+        await input.fill('typed and sent');
+        await typing(bob, 'alice is typing…').waitFor();
+        await alice.page.locator('#send-button').click();
+        await message(bob, dmAlice(), 'typed and sent').waitFor();
+        await typing(bob, 'typing').waitFor({ state: 'hidden' });
+        // Shown only with the conversation: bob goes to general, where nobody types.
+        await input.fill('again');
+        await typing(bob, 'alice is typing…').waitFor();
+        await bob.page.locator('#room-list button', { hasText: '# general' }).click();
+        await bob.page.locator('#view-title', { hasText: '# general' }).waitFor();
+        assert.equal(await bob.page.locator('#typing').textContent(), '');
+        await input.fill('');
+        await until('alice\'s stops', () => stops() >= before + 3); // cleared, sent, cleared
+        // Never echoed to the typist.
+        assert.equal(await alice.page.locator('#typing').textContent(), '');
+        assert.ok(!received(alice, (f) => f.type === 'typing' && f.data.user_id === alice.userId), 'not to the typist');
+    });
+
+    await step('typing in a room; the server ends a start not renewed', async () => {
+        await alice.page.locator('#room-list button', { hasText: '# general' }).click();
+        const input = bob.page.getByLabel('Message', { exact: true });
+        await input.fill('hmm');
+        await typing(alice, 'bob is typing…').waitFor();
+        // Bob stops typing without clearing: the server says stop after 6 s.
+        await typing(alice, 'typing').waitFor({ state: 'hidden', timeout: 20_000 });
+        await until('the server\'s stop', () => received(alice, (f) =>
+            f.type === 'typing' && f.data.room === 'general' && f.data.user_id === bob.userId && f.data.state === 'stop'));
+        await input.fill('');
+    });
+
+    await step('mentions: "@alice" highlights the message for alice and marks her badge', async () => {
+        await alice.page.locator(`#dm-list button[data-conv="${dmBob()}"]`).click();
+        await say(bob, 'hey @alice, look at this');
+        const mentioned = badge(alice, 'room:general', 1);
+        await mentioned.waitFor();
+        assert.equal(await mentioned.getAttribute('data-mentions'), '1');
+        assert.match(await mentioned.getAttribute('class'), /\bmention\b/);
+        const frame = alice.frames.find(([, f]) => f.type === 'room_message' && f.data.content === 'hey @alice, look at this');
+        assert.deepEqual(frame[1].data.mentions, [alice.userId]);
+        await alice.page.locator('#room-list button', { hasText: '# general' }).click();
+        await noBadge(alice, 'room:general');
+        await row(alice, 'room:general', 'hey @alice, look at this').and(alice.page.locator('li.mention')).waitFor();
+        assert.equal(await row(alice, 'room:general', 'first unread').getAttribute('data-mention'), null);
+        // Only for the one mentioned.
+        await row(bob, 'room:general', 'hey @alice, look at this').waitFor();
+        assert.equal(await row(bob, 'room:general', 'hey @alice, look at this').getAttribute('data-mention'), null);
+        // "@bobby" is not bob; "@Bob" is.
+        await say(alice, 'not @bobby, but @Bob');
+        await row(bob, 'room:general', 'not @bobby, but @Bob').and(bob.page.locator('li.mention')).waitFor();
+        await say(alice, 'and not @bobby');
+        await message(bob, 'room:general', 'and not @bobby').waitFor();
+        assert.equal(await row(bob, 'room:general', 'and not @bobby').getAttribute('data-mention'), null);
+    });
+
+    await step('last seen: bob\'s header says when alice left, online when she is back', async () => {
+        await bob.page.locator(`#dm-list button[data-conv="${dmAlice()}"]`).click();
+        await presence(bob, /^online$/).waitFor();
+        const left = Date.now();
+        await alice.page.locator('#logout').click();
+        await presence(bob, /^last seen /).waitFor();
+        const when = Date.parse(await bob.page.locator('#view-presence time').getAttribute('datetime'));
+        assert.ok(Math.abs(when - left) < 60_000, `last seen ${new Date(when).toISOString()}, left ${new Date(left).toISOString()}`);
+        const id = alice.userId;
+        await signIn(alice, 'alice');
+        assert.equal(alice.userId, id, 'the same alice');
+        await presence(bob, /^online$/).waitFor();
+    });
+
+    await step('no page errors, no CSP violations, no dialogs, no error frames', async () => {
         for (const p of pages) {
             assert.deepEqual(p.problems, [], p.name);
             assert.deepEqual(p.dialogs, [], p.name);
+            assert.deepEqual(p.frames.filter(([, f]) => f.type === 'error'), [], p.name);
         }
     });
 
