@@ -28,8 +28,11 @@ room's ``Tail`` (no store read); others read the store (``read_point``).
 When the marker moves, the user's other connections get ``read_marker``
 and, unless the move is private, the other party of a conversation (or the
 members of a room with at most ``receipts_max_members`` online) get a
-``read_receipt``: at most one per (reader, channel) per
-``RECEIPT_INTERVAL``, the newest (``throttle.Coalescer``).
+``read_receipt``: each at most once per (reader, channel) per
+``RECEIPT_INTERVAL``, the first at once and the newest at the end of the
+interval (``throttle.Coalescer``), so a member marking every message of a
+busy room read costs the others (and, in a cluster, Redis) one frame a
+second, not one a message.
 
 A user's last connection on this node closing records their last-seen
 time, written with the markers.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 from chatd import protocol as p
@@ -71,21 +75,6 @@ def not_found(message_id: int) -> ChatError:
     )
 
 
-class _Receipt:
-    """A read receipt waiting for its turn."""
-
-    __slots__ = ("position", "reader", "room", "username", "with_user")
-
-    def __init__(
-        self, reader: int, username: str, room: str | None, with_user: int, position: Position
-    ) -> None:
-        self.reader = reader
-        self.username = username
-        self.room = room
-        self.with_user = with_user
-        self.position = position
-
-
 class ReadState(Generic[P]):
     """Every user's read markers as this node knows them."""
 
@@ -115,7 +104,11 @@ class ReadState(Generic[P]):
         self._writing = 0
         #: When the moves noted since the last write are due to be written.
         self._write_at: float | None = None
-        self._receipts: Coalescer[Key, _Receipt] = Coalescer(RECEIPT_INTERVAL)
+        #: read_marker and read_receipt frames, each a sending to call:
+        #: at most one per (kind, user, channel) per RECEIPT_INTERVAL
+        self._notices: Coalescer[tuple[str, int, str], Callable[[], None]] = Coalescer(
+            RECEIPT_INTERVAL
+        )
         self._wake = wake
 
     # --- joins ----------------------------------------------------------------
@@ -205,14 +198,25 @@ class ReadState(Generic[P]):
             "unread": point.unread,
             "mentions": point.mentions,
         }
-        self._bus.to_user(uid, "read_marker", p.encode("read_marker", marker, self._wall()), peer)
-        if not data.private:
-            receipt = _Receipt(uid, ident.username, room, other, position)
-            if self._receipts.offer(key, receipt, self._clock()):
-                self._send_receipt(receipt)
-            else:
-                self._wake()
+        self._tell(("m", uid, channel), partial(self._send_marker, uid, marker, peer))
+        if not data.private and (
+            room is None or self._hub.online_count(room) <= self.receipts_max_members
+        ):
+            receipt = partial(self._send_receipt, uid, ident.username, room, other, position[0])
+            self._tell(("r", uid, channel), receipt)
         return point
+
+    def _tell(self, key: tuple[str, int, str], send: Callable[[], None]) -> None:
+        """Send now, or (within a second of the last of its kind) once its
+        turn comes, unless a newer one replaces it meanwhile."""
+        if self._notices.offer(key, send, self._clock()):
+            send()
+        else:
+            self._wake()
+
+    def _send_marker(self, user_id: int, marker: dict[str, Any], skip: P) -> None:
+        frame = p.encode("read_marker", marker, self._wall())
+        self._bus.to_user(user_id, "read_marker", frame, skip)
 
     def sent(self, stored: StoredMessage) -> None:
         """A message committed from this node: its sender has read up to it."""
@@ -239,22 +243,21 @@ class ReadState(Generic[P]):
             self._write_at = self._clock() + FLUSH_INTERVAL
             self._wake()
 
-    def _send_receipt(self, receipt: _Receipt) -> None:
-        room = receipt.room
-        if room is not None and self._hub.online_count(room) > self.receipts_max_members:
-            return
-        fields: dict[str, Any] = {"user_id": receipt.reader}
+    def _send_receipt(
+        self, reader: int, username: str, room: str | None, other: int, read_id: int
+    ) -> None:
+        fields: dict[str, Any] = {"user_id": reader}
         if room is not None:
-            fields["username"] = receipt.username
-        fields["last_read_id"] = receipt.position[0]
+            fields["username"] = username
+        fields["last_read_id"] = read_id
         to_channel(
             self._bus,
             "read_receipt",
             fields,
             self._wall(),
-            sender=receipt.reader,
+            sender=reader,
             room=room,
-            to_user=receipt.with_user,
+            to_user=other,
         )
 
     # --- asking ------------------------------------------------------------------
@@ -340,7 +343,7 @@ class ReadState(Generic[P]):
 
     def next_due(self) -> float | None:
         """When ``run_due`` has something to do (None: nothing for now)."""
-        due = self._receipts.next_due()
+        due = self._notices.next_due()
         write_at = self._write_at
         if due is None or (write_at is not None and write_at < due):
             return write_at
@@ -350,11 +353,11 @@ class ReadState(Generic[P]):
         """Send the receipts held back whose turn has come; write the
         markers moved when their interval has passed."""
         now = self._clock()
-        ready = self._receipts.due(now)
+        ready = self._notices.due(now)
         if ready:
             with self._hub.batch():
-                for receipt in ready:
-                    self._send_receipt(receipt)
+                for send in ready:
+                    send()
         if self._write_at is not None and now >= self._write_at:
             try:
                 await self.flush()
