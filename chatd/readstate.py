@@ -98,6 +98,8 @@ class ReadState(Generic[P]):
         self.receipts_max_members = receipts_max_members
         self._markers: dict[Key, Position] = {}
         self._dirty: set[Key] = set()
+        #: (sender, room, to_user_id) -> the newest message it sent from here
+        self._sent: dict[tuple[int, str | None, int | None], StoredMessage] = {}
         #: user id -> last seen (RFC 3339), to write
         self._seen: dict[int, str] = {}
         #: Writes queued and not yet committed.
@@ -118,6 +120,7 @@ class ReadState(Generic[P]):
         the user's first join) and the room's counts, for ``join_room_ack``."""
         channel = room_channel(room)
         key = (user_id, channel)
+        self._absorb()
         if key in self._dirty:
             await self.flush()
         found = await self._store.marker(channel, user_id)
@@ -165,6 +168,7 @@ class ReadState(Generic[P]):
         other = data.with_user if data.with_user is not None else 0
         channel = room_channel(room) if room is not None else dm_channel(uid, other)
         key = (uid, channel)
+        self._absorb()
         known = self._markers.get(key)
         point = None
         tail = self._hub.tail(room) if room is not None else None
@@ -219,19 +223,32 @@ class ReadState(Generic[P]):
         self._bus.to_user(user_id, "read_marker", frame, skip)
 
     def sent(self, stored: StoredMessage) -> None:
-        """A message committed from this node: its sender has read up to it."""
+        """A message committed from this node: its sender has read up to it.
+        (Noted in one dict set, the newest per sender and channel: this runs
+        for every message; ``_absorb`` moves the markers before they are
+        read or written.)"""
         msg = stored.message
-        if not msg.user_id:
+        if msg.user_id:
+            self._sent[msg.user_id, msg.room, msg.to_user_id] = stored
+            if self._write_at is None:
+                self._due_to_write()
+
+    def _absorb(self) -> None:
+        """Move the markers of the messages ``sent`` noted."""
+        if not self._sent:
             return
-        if msg.room is not None:
-            channel = room_channel(msg.room)
-        else:
-            assert msg.to_user_id is not None
-            channel = dm_channel(msg.user_id, msg.to_user_id)
-        key = (msg.user_id, channel)
-        known = self._markers.get(key)
-        if known is None or stored.seq > known[1]:
-            self._move(key, (stored.id, stored.seq))
+        sent, self._sent = self._sent, {}
+        for (uid, room, to_user), stored in sent.items():
+            if room is not None:
+                channel = room_channel(room)
+            else:
+                assert to_user is not None
+                channel = dm_channel(uid, to_user)
+            key = (uid, channel)
+            known = self._markers.get(key)
+            if known is None or stored.seq > known[1]:
+                self._markers[key] = (stored.id, stored.seq)
+                self._dirty.add(key)
 
     def _move(self, key: Key, position: Position) -> None:
         self._markers[key] = position
@@ -265,6 +282,7 @@ class ReadState(Generic[P]):
     async def unread(self, user_id: int) -> dict[str, Any]:
         """``unread_counts``: every room where the user has a marker, every
         conversation with something unread (one store query)."""
+        self._absorb()
         if any(key[0] == user_id for key in self._dirty):
             await self.flush()
         rooms: list[dict[str, Any]] = []
@@ -313,6 +331,7 @@ class ReadState(Generic[P]):
         write (or, with nothing new to write, an empty one) is committed,
         so is any write queued before it."""
         self._write_at = None
+        self._absorb()
         if not self._dirty and not self._seen:
             if self._writing:
                 await self._store.flush()
