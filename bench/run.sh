@@ -8,7 +8,7 @@
 #
 #   bash bench/run.sh            full run (~13-15 min): bench/results/latest.json,
 #                                docs/benchmarks.md, docs/benchmarks-fanout.png
-#   bash bench/run.sh --quick    tiny counts (~1 min), written to a temp dir:
+#   bash bench/run.sh --quick    tiny counts (~2 min), written to a temp dir:
 #                                checks that the benchmark works, asserts no speed
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -81,6 +81,9 @@ for name, s in servers.items():
 if failed:
     sys.exit(f"bench --quick: scenarios failed: {failed}")
 PY
+    # Read state (unread counts, mark_read, typing) at tiny sizes: exits
+    # non-zero when a scenario broke (a client refused, a count wrong).
+    .venv/bin/python readstate.py all --quick --json "$out/readstate.json"
     echo "bench --quick: ok (results in a temp dir, docs/benchmarks.md untouched)"
 else
     .venv/bin/python load.py --profile --out results/latest.json
