@@ -11,7 +11,13 @@ state of each (typist, channel):
 * a ``start`` not renewed within ``EXPIRY`` seconds ends with a ``stop``
   the server sends itself (the typist's tab closed mid-sentence);
 * the typist's message to that channel ends it with a ``stop`` sent right
-  after the message (``sent``); so does the typist's connection closing.
+  after the message (``sent``); so does the typist's connection closing;
+* a room shows at most ``ROOM_TYPISTS`` typists at once (per node): a start
+  from one more is dropped, not relayed, and its next renewal gets in once
+  one of them stops. Every member of a room of 1,000 typing at once would
+  otherwise be a million frames every two seconds; capped, the work is
+  ``ROOM_TYPISTS`` times the room's size, whoever types (a screen says
+  "several people are typing" past three anyway).
 
 A flood of ``typing`` frames costs a dict lookup each; the session counts
 them against the ``typing_per_minute`` limit too.
@@ -36,6 +42,8 @@ P = TypeVar("P", bound=Peer)
 RELAY_INTERVAL = 2.0
 #: A start not renewed within this many seconds ends.
 EXPIRY = 6.0
+#: Most typists relayed at once in one room (from one node).
+ROOM_TYPISTS = 5
 
 
 class _Typist:
@@ -64,6 +72,8 @@ class Typing(Generic[P]):
         self._wall = wall
         self._clock = clock
         self._typing: dict[tuple[int, str], _Typist] = {}
+        #: room channel -> typists relayed there now
+        self._in_room: dict[str, int] = {}
         self._wake = wake
 
     def __len__(self) -> int:
@@ -77,8 +87,7 @@ class Typing(Generic[P]):
         typist = self._typing.get(key)
         if not start:
             if typist is not None:
-                del self._typing[key]
-                self._relay(typist, "stop")
+                self._end(key)
             return
         if typist is not None:
             typist.expires = now + EXPIRY
@@ -86,9 +95,23 @@ class Typing(Generic[P]):
                 return
             typist.relayed = now
         else:
+            if room is not None:
+                count = self._in_room.get(key[1], 0)
+                if count >= ROOM_TYPISTS:
+                    return
+                self._in_room[key[1]] = count + 1
             typist = self._typing[key] = _Typist(ident, room, to_user, now)
             self._wake()
         self._relay(typist, "start")
+
+    def _end(self, key: tuple[int, str]) -> None:
+        """The typist stops: ``stop`` relayed, its room's place freed."""
+        typist = self._typing.pop(key)
+        if typist.room is not None:
+            count = self._in_room.pop(key[1]) - 1
+            if count:
+                self._in_room[key[1]] = count
+        self._relay(typist, "stop")
 
     def sent(self, stored: StoredMessage) -> None:
         """A message committed from this node: its sender stops typing there."""
@@ -100,16 +123,15 @@ class Typing(Generic[P]):
         else:
             assert msg.to_user_id is not None
             channel = dm_channel(msg.user_id, msg.to_user_id)
-        typist = self._typing.pop((msg.user_id, channel), None)
-        if typist is not None:
-            self._relay(typist, "stop")
+        if (msg.user_id, channel) in self._typing:
+            self._end((msg.user_id, channel))
 
     def gone(self, user_id: int) -> None:
         """The user's last connection on this node has closed."""
         if not self._typing:
             return
         for key in [k for k in self._typing if k[0] == user_id]:
-            self._relay(self._typing.pop(key), "stop")
+            self._end(key)
 
     def _relay(self, typist: _Typist, state: str) -> None:
         ident = typist.ident
@@ -132,4 +154,4 @@ class Typing(Generic[P]):
         """Stop every start not renewed in time."""
         now = self._clock()
         for key in [k for k, t in self._typing.items() if t.expires <= now]:
-            self._relay(self._typing.pop(key), "stop")
+            self._end(key)

@@ -375,6 +375,39 @@ async def test_typing_is_relayed_throttled_and_expired(
             assert [m["content"] for m in history["data"]["messages"]] == ["done typing"]
 
 
+async def test_a_room_shows_at_most_a_few_typists_at_once(
+    make_config: Callable[..., Config], slow_autojump_clock: trio.testing.MockClock
+) -> None:
+    """Past ``ROOM_TYPISTS`` typists in a room, one more's start is not
+    relayed; its next renewal is, once a place is free."""
+    from contextlib import AsyncExitStack
+
+    from chatd.typists import ROOM_TYPISTS
+
+    async with running(make_config()) as server, AsyncExitStack() as stack:
+        watcher = await stack.enter_async_context(connect(server, 100, "watcher"))
+        await watcher.join("general")
+        typists = []
+        for uid in range(1, ROOM_TYPISTS + 2):
+            client = await stack.enter_async_context(connect(server, uid, f"user{uid}"))
+            await client.join("general")
+            typists.append(client)
+        for uid, client in enumerate(typists[:-1], 1):
+            await client.send("typing", {"room": "general", "state": "start"})
+            assert (await next_of(watcher, "typing"))["data"]["user_id"] == uid
+        await typists[-1].send("typing", {"room": "general", "state": "start"})
+        with trio.move_on_after(3):  # not relayed (3 s: past a renewal's 2)
+            frame = await next_of(watcher, "typing")
+            raise AssertionError(f"a start past {ROOM_TYPISTS} typists was relayed: {frame}")
+        # the first stops; the last one's renewal takes its place
+        await typists[0].send("typing", {"room": "general", "state": "stop"})
+        stop = await next_of(watcher, "typing")
+        assert (stop["data"]["user_id"], stop["data"]["state"]) == (1, "stop")
+        await typists[-1].send("typing", {"room": "general", "state": "start"})
+        start = await next_of(watcher, "typing")
+        assert (start["data"]["user_id"], start["data"]["state"]) == (ROOM_TYPISTS + 1, "start")
+
+
 async def test_typing_in_conversations_and_its_errors(
     make_config: Callable[..., Config], slow_autojump_clock: trio.testing.MockClock
 ) -> None:
