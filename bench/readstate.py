@@ -937,7 +937,9 @@ def scenario_typing(a: argparse.Namespace) -> dict[str, Any]:
             [
                 "first round at every member (p50 / max s)",
                 f"{res['first_round_s']['p50']:.2f} / {res['first_round_s']['max']:.2f}"
-                f" ({res['first_round_s']['members']:,} members)",
+                f" ({res['first_round_s']['members']:,} members)"
+                if res["first_round_s"]["members"]
+                else "none: at most chatd.typists.ROOM_TYPISTS relayed a room",
             ],
             ["last worker's first sends done (s after t0)", f"{res['send_round_spread_s']:.3f}"],
             ["chatd cores, first renew period", f"{res['server_cpu_first_round']:.2f}"],
