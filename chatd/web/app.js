@@ -362,6 +362,12 @@ function applyCounts(conv, counts) {
     conv.sentReadId = Math.max(conv.sentReadId, conv.lastReadId);
     conv.countedId = Math.max(conv.countedId, counts.last_message_id ?? readId);
     if (readId < conv.sentReadId) return;
+    if (conv.key === current && visible() && atBottom()) { // read as it comes
+        conv.unread = conv.mentions = 0;
+        renderBadge(conv);
+        scheduleMarkRead();
+        return;
+    }
     conv.unread = counts.unread ?? 0;
     conv.mentions = counts.mentions ?? 0;
     renderBadge(conv);
@@ -393,9 +399,15 @@ function countLive(conv, m) {
 
 // Mark the open conversation read up to its newest message, once the page
 // is visible and shows it. Scheduled, so that a page of history or a burst
-// of messages is one mark_read.
+// of messages is one mark_read, and at most one a second: in a busy room a
+// mark_read per message would cost the server a frame per member and
+// message, and the badge of the open conversation stays clear meanwhile.
+const MARK_EVERY = 1000; // ms
+let lastMark = 0;        // when the last mark_read was sent (Date.now())
+
 function scheduleMarkRead() {
-    if (markTimer === null) markTimer = setTimeout(markRead, 0);
+    if (markTimer !== null) return;
+    markTimer = setTimeout(markRead, Math.max(0, lastMark + MARK_EVERY - Date.now()));
 }
 
 function markRead() {
@@ -407,6 +419,7 @@ function markRead() {
     const newest = newestId(conv);
     if (newest <= conv.sentReadId) return;
     conv.sentReadId = newest;
+    lastMark = Date.now();
     if (newest >= conv.countedId) { // shown now: nothing left unread
         conv.unread = conv.mentions = 0;
         renderBadge(conv);
