@@ -57,7 +57,11 @@ async def open_bus(
     """The bus the config asks for, running for the block."""
     if config.bus.backend == "redis":
         from chatd.cluster.bus import open_redis_bus
+        from chatd.store.postgres import PostgresStore
 
+        # (the config asks for PostgreSQL with Redis: its positions order
+        # what the nodes deliver)
+        assert isinstance(store, PostgresStore), "[bus] redis needs the postgres store"
         async with open_redis_bus(config, hub, store, wall, metrics) as bus:
             yield bus
     else:

@@ -25,7 +25,7 @@ from chatd.auth import Identity
 from chatd.hub import Hub, Peer
 from chatd.protocol import Member, encode
 from chatd.ratelimit import LimiterTable
-from chatd.store import StoredMessage
+from chatd.store import Entry
 from chatd.transport.frames import OutFrame
 
 P = TypeVar("P", bound=Peer)
@@ -57,12 +57,13 @@ class Bus(Protocol[P_contra]):
 
     def message(
         self,
-        stored: StoredMessage,
+        stored: Entry,
         origin: P_contra | None = None,
         request_id: str | int | None = None,
     ) -> None:
-        """Deliver a committed message everywhere; ``origin``'s copy carries
-        ``request_id``. Called in commit order; never blocks."""
+        """Deliver a committed message (or an edit or deletion of one)
+        everywhere; ``origin``'s copy carries ``request_id``. Called in
+        commit order; never blocks."""
 
     async def follow(self, room: str) -> None:
         """A connection is about to join ``room`` on this node: from now on
@@ -138,7 +139,7 @@ class LocalBus(Generic[P]):
         self._monotonic = monotonic
 
     def message(
-        self, stored: StoredMessage, origin: P | None = None, request_id: str | int | None = None
+        self, stored: Entry, origin: P | None = None, request_id: str | int | None = None
     ) -> None:
         self.hub.deliver(stored, self._wall(), origin, request_id)
 

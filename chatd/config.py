@@ -141,6 +141,9 @@ class LimitsConfig(_Section, frozen=True):
     #: typing frames per user per minute (burst of the same size); a start
     #: is relayed at most once per 2 s whatever this is.
     typing_per_minute: PositiveInt = 60
+    #: Seconds after sending it that its author may edit a message (0: no
+    #: limit). Deletions have no window.
+    edit_window_seconds: Annotated[int, Meta(ge=0, le=10 * 365 * 86400)] = 0
 
 
 class ApiConfig(_Section, frozen=True):

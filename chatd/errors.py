@@ -91,6 +91,14 @@ def invalid_format(message: str, field: str | None = None) -> ChatError:
     return ChatError(ErrorCode.INVALID_FORMAT, message, {"field": field} if field else {})
 
 
+def message_not_found(message_id: int) -> ChatError:
+    """``MESSAGE_NOT_FOUND``: no such message, or none this user may see
+    (the same answer: it never reveals that a message exists)."""
+    return ChatError(
+        ErrorCode.MESSAGE_NOT_FOUND, "No such message here", {"message_id": message_id}
+    )
+
+
 class ConfigError(Exception):
     """A configuration problem, reported as one line naming file and key."""
 

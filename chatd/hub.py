@@ -53,8 +53,16 @@ import msgspec
 
 from chatd.auth import Identity
 from chatd.metrics import Metrics
-from chatd.protocol import DirectMessageOut, Member, MessageOut, NotificationOut, encode
-from chatd.store import StoredMessage
+from chatd.protocol import (
+    DeletedOut,
+    DirectMessageOut,
+    EditedOut,
+    Member,
+    MessageOut,
+    NotificationOut,
+    encode,
+)
+from chatd.store import Entry, StoredEvent, StoredMessage
 from chatd.tail import Tail
 from chatd.transport.frames import OutFrame
 
@@ -517,25 +525,28 @@ class Hub(Generic[P]):
 
     def deliver(
         self,
-        stored: StoredMessage,
+        stored: Entry,
         now: float,
         origin: P | None = None,
         request_id: str | int | None = None,
     ) -> None:
-        """Fan a committed message out: a room message to every connection in
-        its room, a direct message to every connection of its recipient and
-        of its sender. ``origin``'s copy alone carries ``request_id``."""
-        msg = stored.message
+        """Fan a committed message (or an edit or deletion of one) out: in a
+        room to every connection in the room, in a conversation to every
+        connection of both parties. ``origin``'s copy alone carries
+        ``request_id``."""
         kind, data, sender = live_shape(stored)
         own = origin if request_id is not None and origin in self._joined else None
         copy = None
         if own is not None:
             copy = OutFrame(encode(kind, data, now, user_id=sender, request_id=request_id))
-        room = msg.room
+        if isinstance(stored, StoredMessage):
+            msg = stored.message
+            room, parties = msg.room, (msg.to_user_id or 0, msg.user_id)
+        else:
+            room, parties = stored.room, (stored.to_user_id, stored.from_user_id)
         if room is None:
-            assert msg.to_user_id is not None
             users = self._users
-            peers = {*users.get(msg.to_user_id, ()), *users.get(msg.user_id, ())}
+            peers = {*users.get(parties[0], ()), *users.get(parties[1], ())}
             if own is not None:
                 peers.discard(own)
             if peers:
@@ -552,7 +563,8 @@ class Hub(Generic[P]):
                 own.send(copy)
                 self._metrics.frames_out(kind, 1)
             return
-        state.tail.add(stored)
+        if isinstance(stored, StoredMessage):
+            state.tail.add(stored)
         members = state.peers
         joining = state.joining
         own_joining = own is not None and own in joining
@@ -586,13 +598,18 @@ class Hub(Generic[P]):
 
 _encode_members = msgspec.json.Encoder().encode
 
-Shape = tuple[str, MessageOut | DirectMessageOut | NotificationOut, int | None]
+Shape = tuple[
+    str, MessageOut | DirectMessageOut | NotificationOut | EditedOut | DeletedOut, int | None
+]
 
 
-def live_shape(stored: StoredMessage) -> Shape:
-    """The frame type, data and envelope ``user_id`` a stored message is
-    delivered live with (and replayed with, on recovery). A notification is
-    caused by no user: its envelope has no ``user_id``."""
+def live_shape(stored: Entry) -> Shape:
+    """The frame type, data and envelope ``user_id`` a stored message (or
+    an edit or deletion) is delivered live with (and replayed with, on
+    recovery). A notification, and a deletion by the publish API, are caused
+    by no user: their envelope has no ``user_id``."""
+    if isinstance(stored, StoredEvent):
+        return event_shape(stored)
     msg = stored.message
     if msg.message_type == "notification":
         return "notification", notification_out(stored), None
@@ -623,6 +640,8 @@ def message_out(stored: StoredMessage) -> MessageOut:
         reply_to=msg.reply_to,
         data=_raw(msg.data),
         mentions=msg.mentions,
+        edited_at=msg.edited_at,
+        deleted=msg.deleted,
     )
 
 
@@ -643,6 +662,8 @@ def direct_message_out(stored: StoredMessage) -> DirectMessageOut:
         duration=msg.duration,
         reply_to=msg.reply_to,
         data=_raw(msg.data),
+        edited_at=msg.edited_at,
+        deleted=msg.deleted,
     )
 
 
@@ -657,6 +678,30 @@ def notification_out(stored: StoredMessage) -> NotificationOut:
         to_user_id=msg.to_user_id,
         data=_raw(msg.data),
     )
+
+
+def event_shape(event: StoredEvent) -> Shape:
+    """``message_edited`` or ``message_deleted``: where (the room, or the
+    conversation's parties), what, and who."""
+    if event.room is not None:
+        where: dict[str, Any] = {"room": event.room}
+    else:
+        where = {"from_user_id": event.from_user_id, "to_user_id": event.to_user_id}
+    sender = event.user_id or None
+    if event.kind == "edited":
+        edited = EditedOut(
+            id=event.id,
+            message_id=event.message_id,
+            content=event.content,
+            edited_at=event.at,
+            user_id=event.user_id,
+            **where,
+        )
+        return "message_edited", edited, sender
+    deleted = DeletedOut(
+        id=event.id, message_id=event.message_id, deleted_by=event.user_id, **where
+    )
+    return "message_deleted", deleted, sender
 
 
 def _raw(data: bytes | None) -> msgspec.Raw | None:

@@ -11,6 +11,10 @@ which delivers it everywhere (the sender's own copy carries its
 refuses is reported to its origin alone (``Origin.failed``), which turns it
 into the sender's ``error`` frame.
 
+Edits and deletions (``change``) take the same path: checked and committed
+by the store, then delivered by the bus as ``message_edited`` /
+``message_deleted``.
+
 So a message's path runs one way: transport -> session -> ``Messages`` ->
 store -> ``Messages`` (the commit callback) -> bus -> hub -> fan-out ->
 transport.
@@ -27,7 +31,7 @@ from chatd.bus import Bus
 from chatd.errors import ChatError, ErrorCode
 from chatd.hub import Peer
 from chatd.metrics import Metrics
-from chatd.store import NewMessage, Store, StoredMessage
+from chatd.store import Change, NewMessage, Store, StoredEvent, StoredMessage
 
 P = TypeVar("P", bound=Peer)
 P_co = TypeVar("P_co", bound=Peer, covariant=True)
@@ -90,6 +94,36 @@ class Messages(Generic[P]):
             metrics.delivery_latency.observe(monotonic() - received)
 
         return await self._store.append(message, committed)
+
+    async def change(
+        self,
+        change: Change,
+        origin: Origin[P] | None,
+        request_id: str | int | None = None,
+        done: Callable[[StoredEvent | ChatError], None] | None = None,
+    ) -> int:
+        """Queue an edit or a deletion; once committed, deliver its event
+        like a message (``origin``'s copy with ``request_id``). A refusal
+        goes to ``origin`` (its error frame) and to ``done``. Returns the
+        write's ticket."""
+        bus = self._bus
+        metrics = self._metrics
+        peer = origin.peer if origin is not None else None
+
+        def committed(result: StoredEvent | Exception) -> None:
+            if isinstance(result, Exception):
+                err = _as_chat_error(result, "The change could not be stored")
+                if origin is not None:
+                    origin.failed(err, request_id)
+                if done is not None:
+                    done(err)
+                return
+            bus.message(result, peer, request_id)
+            metrics.changes.labels(result.kind).inc()
+            if done is not None:
+                done(result)
+
+        return await self._store.change(change, committed)
 
     async def publish(
         self, message: NewMessage, done: Callable[[StoredMessage | ChatError], None]

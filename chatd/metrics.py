@@ -59,6 +59,12 @@ class Metrics:
             registry=r,
         )
         self.messages = Counter("chatd_messages", "Messages committed and delivered", registry=r)
+        self.changes = Counter(
+            "chatd_message_changes",
+            "Edits and deletions committed and delivered, by kind (edited, deleted)",
+            ["kind"],
+            registry=r,
+        )
         self.delivery_latency = Histogram(
             "chatd_delivery_latency_seconds",
             "From a message's receipt to its hand-off to the last recipient's socket",

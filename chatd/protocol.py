@@ -121,6 +121,19 @@ class Unread(_Data, frozen=True, kw_only=True):
     pass
 
 
+class EditMessage(_Data, frozen=True, kw_only=True):
+    message_id: Id
+    content: str
+
+
+class DeleteMessage(_Data, frozen=True, kw_only=True):
+    message_id: Id
+
+
+class MessageVersions(_Data, frozen=True, kw_only=True):
+    message_id: Id
+
+
 class Typing(_OneChannel, frozen=True, kw_only=True):
     room: RoomName | None = None
     to_user_id: Id | None = None
@@ -174,6 +187,9 @@ CLIENT_TYPES: dict[str, type[Any]] = {
     "room_members": RoomMembers,
     "mark_read": MarkRead,
     "unread": Unread,
+    "edit_message": EditMessage,
+    "delete_message": DeleteMessage,
+    "message_versions": MessageVersions,
     "typing": Typing,
     "presence_query": PresenceQuery,
     "ping": Ping,
@@ -289,6 +305,8 @@ class MessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
     reply_to: int | None = None
     data: msgspec.Raw | None = None
     mentions: tuple[int, ...] | None = None
+    edited_at: str | None = None
+    deleted: bool = False
 
 
 class DirectMessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -306,6 +324,8 @@ class DirectMessageOut(msgspec.Struct, omit_defaults=True, kw_only=True):
     duration: float | None = None
     reply_to: int | None = None
     data: msgspec.Raw | None = None
+    edited_at: str | None = None
+    deleted: bool = False
 
 
 class NotificationOut(msgspec.Struct, omit_defaults=True, kw_only=True):
@@ -317,6 +337,30 @@ class NotificationOut(msgspec.Struct, omit_defaults=True, kw_only=True):
     room: str | None = None
     to_user_id: int | None = None
     data: msgspec.Raw | None = None
+
+
+class EditedOut(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """``message_edited``: live, and replayed on recovery."""
+
+    id: int
+    message_id: int
+    room: str | None = None
+    from_user_id: int | None = None
+    to_user_id: int | None = None
+    content: str
+    edited_at: str
+    user_id: int
+
+
+class DeletedOut(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """``message_deleted``: live, and replayed on recovery."""
+
+    id: int
+    message_id: int
+    room: str | None = None
+    from_user_id: int | None = None
+    to_user_id: int | None = None
+    deleted_by: int
 
 
 class ErrorData(msgspec.Struct):

@@ -1,4 +1,5 @@
-"""The publish API's service: a notification from the application's backend.
+"""The publish API's services: a notification from the application's
+backend, and a deletion (moderation from the backend).
 
 ``POST /api/publish`` (``routes.py``) decodes the request; ``publish``
 checks it (exactly one of ``room`` and ``user_id``, the content rules of
@@ -6,6 +7,10 @@ checks it (exactly one of ``room`` and ``user_id``, the content rules of
 takes one unit of the system sender's rate limit (per node alone, across
 the cluster with Redis), and posts it as a ``notification`` from the system
 sender (user 0): committed, delivered, and in history like any message.
+
+``DELETE /api/messages/{id}``: ``delete`` takes a unit of the same limit and
+deletes any message as the system sender (``chatd.edits``), delivered as a
+``message_deleted`` with ``deleted_by: 0``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from chatd.content import validate
 from chatd.errors import ChatError, ErrorCode, invalid_format
 from chatd.protocol import rfc3339
 from chatd.session import Context
-from chatd.store import NewMessage, StoredMessage
+from chatd.store import Change, NewMessage, StoredEvent, StoredMessage
 
 #: The sender of notifications from the publish API (a user row of its own).
 SYSTEM_USER = Identity(0, "system", None)
@@ -58,12 +63,7 @@ async def publish(
             raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": room})
     elif user_id is not None and not await store.user_exists(user_id):
         raise ChatError(ErrorCode.USER_NOT_FOUND, "User not found", {"user_id": user_id})
-    wait = await ctx.api_limits.take(SYSTEM_USER.user_id)
-    if wait > 0:
-        ctx.metrics.rate_limited.inc()
-        raise ChatError(
-            ErrorCode.RATE_LIMITED, "Too many notifications", {"retry_after": int(wait)}
-        )
+    await _api_limit(ctx)
     done = trio.Event()
     box: list[StoredMessage | ChatError] = []
 
@@ -77,3 +77,31 @@ async def publish(
     if isinstance(box[0], ChatError):
         raise box[0]
     return box[0]
+
+
+async def delete(ctx: Context[Any], message_id: int) -> StoredEvent:
+    """Delete a message as the system sender; its ``message_deleted`` goes
+    wherever the message went. Raises ``ChatError``."""
+    await _api_limit(ctx)
+    done = trio.Event()
+    box: list[StoredEvent | ChatError] = []
+
+    def outcome(result: StoredEvent | ChatError) -> None:
+        box.append(result)
+        done.set()
+
+    change = Change(message_id, SYSTEM_USER.user_id, rfc3339(ctx.wall()))
+    await ctx.messages.change(change, None, done=outcome)
+    with trio.CancelScope(shield=True):  # committed either way: see it through
+        await done.wait()
+    if isinstance(box[0], ChatError):
+        raise box[0]
+    return box[0]
+
+
+async def _api_limit(ctx: Context[Any]) -> None:
+    """One unit of the system sender's rate limit (``[api]``)."""
+    wait = await ctx.api_limits.take(SYSTEM_USER.user_id)
+    if wait > 0:
+        ctx.metrics.rate_limited.inc()
+        raise ChatError(ErrorCode.RATE_LIMITED, "Too many API requests", {"retry_after": int(wait)})

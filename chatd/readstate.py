@@ -47,7 +47,7 @@ from typing import Any, Generic, TypeVar
 
 from chatd import protocol as p
 from chatd.bus import Bus, to_channel
-from chatd.errors import ChatError, ErrorCode
+from chatd.errors import message_not_found
 from chatd.hub import Hub, Peer
 from chatd.store import ReadPoint, Store, StoredMessage, dm_channel, room_channel
 from chatd.throttle import Coalescer
@@ -65,14 +65,6 @@ Key = tuple[int, str]
 #: (id, seq) of a message
 Position = tuple[int, int]
 _NOWHERE: Position = (0, 0)
-
-
-def not_found(message_id: int) -> ChatError:
-    return ChatError(
-        ErrorCode.MESSAGE_NOT_FOUND,
-        "No such message here",
-        {"message_id": message_id},
-    )
 
 
 class ReadState(Generic[P]):
@@ -175,7 +167,7 @@ class ReadState(Generic[P]):
         if tail is not None and known is not None:
             seq = tail.seq_of(data.message_id)
             if seq == -1:
-                raise not_found(data.message_id)
+                raise message_not_found(data.message_id)
             if seq is not None:
                 mark = _furthest(known, (data.message_id, seq))
                 mentions = tail.mentions_after(uid, mark[1])
@@ -185,7 +177,7 @@ class ReadState(Generic[P]):
             await before_read()
             point = await self._store.read_point(uid, channel, data.message_id, known or _NOWHERE)
             if point is None:
-                raise not_found(data.message_id)
+                raise message_not_found(data.message_id)
         if known is None:
             moved = point.last_read_id == data.message_id
         else:

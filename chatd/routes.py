@@ -27,7 +27,7 @@ from chatd.config import Config
 from chatd.errors import ChatError, ErrorCode
 from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.protocol import Id, RoomName
-from chatd.store import StoredMessage
+from chatd.store import StoredEvent, StoredMessage
 from chatd.transport.http import Response
 from chatd.transport.http import json_error as _error
 from chatd.transport.http import json_response as _json
@@ -68,6 +68,9 @@ class Node(Protocol):
     ) -> Awaitable[StoredMessage]:
         """The publish API's service (``publish.publish``)."""
 
+    def delete_message(self, message_id: int) -> Awaitable[StoredEvent]:
+        """The publish API's deletion (``publish.delete``)."""
+
     def dev_user(self, username: str) -> Awaitable[int]:
         """The id of the user with this name, made up if there is none."""
 
@@ -86,6 +89,8 @@ async def handle(
     else:
         routes = _ROUTES if node.config.server.metrics_listen == "" else _PUBLIC_ROUTES
     route = routes.get(path)
+    if route is None and path.startswith(MESSAGES) and not metrics_only:
+        route = ("DELETE", _delete_message)
     if route is None:
         asset = node.assets.get(path)
         if asset is None or metrics_only:
@@ -138,8 +143,9 @@ class PublishRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     data: dict[str, Any] | None = None
 
 
-async def _publish(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
-    """A backend sends a notification to a room or a user."""
+def _api_refusal(node: Node, request: h11.Request) -> Response | None:
+    """The answer to an API request that may not go on (the API off, a
+    missing or wrong key, the node draining); None when it may."""
     keys = node.config.api.keys
     if not keys:
         return _error(404, "the publish API is off: set [api] keys")
@@ -148,6 +154,24 @@ async def _publish(node: Node, request: h11.Request, body: bytes, remote: str) -
         return _json(401, {"error": "missing or wrong API key"}, [("www-authenticate", "Bearer")])
     if node.draining:
         return _error(503, "draining")
+    return None
+
+
+def _chat_error(err: ChatError) -> Response:
+    """A refusal of the API's service, as HTTP."""
+    status = _STATUS.get(err.code, 400)
+    headers = []
+    if err.code is ErrorCode.RATE_LIMITED:
+        headers.append(("retry-after", str(err.details.get("retry_after", 1))))
+    reply = {"error": err.message, "code": err.code.value, "details": err.details}
+    return _json(status, reply, headers)
+
+
+async def _publish(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
+    """A backend sends a notification to a room or a user."""
+    refused = _api_refusal(node, request)
+    if refused is not None:
+        return refused
     try:
         publish = msgspec.json.decode(body, type=PublishRequest)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as exc:
@@ -155,12 +179,7 @@ async def _publish(node: Node, request: h11.Request, body: bytes, remote: str) -
     try:
         stored = await node.publish(publish.content, publish.room, publish.user_id, publish.data)
     except ChatError as err:
-        status = _STATUS.get(err.code, 400)
-        headers = []
-        if err.code is ErrorCode.RATE_LIMITED:
-            headers.append(("retry-after", str(err.details.get("retry_after", 1))))
-        reply = {"error": err.message, "code": err.code.value, "details": err.details}
-        return _json(status, reply, headers)
+        return _chat_error(err)
     log.info(
         "API_PUBLISH: IP=%s, Id=%d, %s",
         remote,
@@ -170,8 +189,33 @@ async def _publish(node: Node, request: h11.Request, body: bytes, remote: str) -
     return _json(200, {"id": stored.id, "created_at": stored.message.created_at})
 
 
+# --- DELETE /api/messages/{id} ------------------------------------------------
+
+MESSAGES = "/api/messages/"
+
+
+async def _delete_message(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
+    """A backend deletes a message (moderation): a tombstone in history,
+    ``message_deleted`` to whoever gets the message's channel."""
+    refused = _api_refusal(node, request)
+    if refused is not None:
+        return refused
+    path = urlsplit(request.target.decode("latin-1")).path
+    text = path[len(MESSAGES) :]
+    if not (text.isdecimal() and text.isascii() and 0 < int(text) < 2**63):
+        return _error(400, "the message id must be a positive integer", code="INVALID_FORMAT")
+    try:
+        event = await node.delete_message(int(text))
+    except ChatError as err:
+        return _chat_error(err)
+    log.info("API_DELETE: IP=%s, Id=%d, MessageId=%d", remote, event.id, event.message_id)
+    return _json(200, {"id": event.id, "message_id": event.message_id, "deleted_at": event.at})
+
+
 _STATUS = {
     ErrorCode.INVALID_FORMAT: 400,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.MESSAGE_NOT_FOUND: 404,
     ErrorCode.MESSAGE_TOO_LONG: 413,
     ErrorCode.ROOM_NOT_FOUND: 404,
     ErrorCode.USER_NOT_FOUND: 404,

@@ -43,9 +43,9 @@ from chatd.errors import CloseCode
 from chatd.handshake import WS_PATH, Gate
 from chatd.hub import Hub
 from chatd.metrics import Metrics
-from chatd.publish import publish
+from chatd.publish import delete, publish
 from chatd.session import Context
-from chatd.store import StoredMessage
+from chatd.store import StoredEvent, StoredMessage
 from chatd.transport.fanout import Fanout
 from chatd.transport.http import (
     Response,
@@ -288,6 +288,9 @@ class ChatServer:
         self, content: str, room: str | None, user_id: int | None, data: dict[str, Any] | None
     ) -> StoredMessage:
         return await publish(self.ctx, content, room, user_id, data)
+
+    async def delete_message(self, message_id: int) -> StoredEvent:
+        return await delete(self.ctx, message_id)
 
     async def dev_user(self, username: str) -> int:
         return await self.ctx.store.dev_user(username)

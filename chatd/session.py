@@ -47,6 +47,8 @@ from chatd.metrics import Metrics
 from chatd.ratelimit import TokenBucket
 from chatd.readstate import ReadState
 from chatd.store import (
+    Change,
+    Entry,
     Missed,
     NewMessage,
     RoomAccess,
@@ -382,31 +384,34 @@ class Session(Generic[S]):
             raise
 
     async def _replay(self, room: str, since_id: int, missed: Missed) -> None:
-        """Send the room's messages after ``since_id``, oldest first, a page
-        at a time (the first read with ``missed``, each next one once the
-        connection's buffer has drained), then end the join: once the replay
-        has reached the newest message the hub dropped for it."""
+        """Send the room's messages, edits and deletions after ``since_id``,
+        in id order, a page at a time (the first read with ``missed``, each
+        next one once the connection's buffer has drained), then end the
+        join: once the replay has reached the newest entry the hub dropped
+        for it."""
         ctx = self.ctx
         peer = self.peer
         channel = room_channel(room)
-        seq = missed.after_seq
-        # Live messages up to the last one the client has (by the replay, or
-        # before it: its since_id, but never past the newest stored message)
+        seq, after_id = missed.after_seq, missed.after_id
+        # Live entries up to the last one the client has (by the replay, or
+        # before it: its since_id, but never past the newest stored entry)
         # are not sent again.
         last_id = min(since_id, missed.newest_id)
-        page: Sequence[StoredMessage] = missed.messages
+        page: Sequence[Entry] = missed.entries
+        more = missed.more
         while peer.open:
             now = ctx.wall()
-            for stored in page:
-                kind, shape, sender = live_shape(stored)
+            for entry in page:
+                kind, shape, sender = live_shape(entry)
                 self._send(p.encode(kind, shape, now, user_id=sender), kind)
+                if isinstance(entry, StoredMessage):
+                    seq = entry.seq
             if page:
-                seq = page[-1].seq
-                last_id = page[-1].id
-            if len(page) < REPLAY_PAGE and ctx.hub.release(peer, room, last_id):
+                after_id = last_id = page[-1].id
+            if not more and ctx.hub.release(peer, room, last_id):
                 return
             await peer.drained()
-            page = await ctx.store.after(channel, seq, REPLAY_PAGE)
+            page, more = await ctx.store.replay(channel, seq, after_id, REPLAY_PAGE)
 
     async def _room_members(self, frame: p.ClientFrame) -> None:
         data: p.RoomMembers = frame.data
@@ -490,6 +495,51 @@ class Session(Generic[S]):
             mentions=_mentions(data),
         )
         self._last_write = await ctx.messages.post(message, self, request_id)
+
+    async def _edit_message(self, frame: p.ClientFrame) -> None:
+        data: p.EditMessage = frame.data
+        await self._change(data.message_id, data.content, frame.request_id)
+
+    async def _delete_message(self, frame: p.ClientFrame) -> None:
+        data: p.DeleteMessage = frame.data
+        await self._change(data.message_id, None, frame.request_id)
+
+    async def _change(
+        self, message_id: int, content: str | None, request_id: str | int | None
+    ) -> None:
+        """An edit (``content``) or a deletion: the length rule and the
+        message rate limit here, the rest where it is stored
+        (``chatd.edits``); delivered after commit, like a message."""
+        self._check_token()
+        ctx = self.ctx
+        limits = ctx.config.limits
+        if content is not None and len(content) > limits.max_content_length:
+            raise ChatError(
+                ErrorCode.MESSAGE_TOO_LONG,
+                f"Content is longer than {limits.max_content_length} characters",
+                {"max_length": limits.max_content_length},
+            )
+        await self._message_limit()
+        change = Change(
+            message_id,
+            self.identity.user_id,
+            p.rfc3339(ctx.wall()),
+            content,
+            window=limits.edit_window_seconds,
+        )
+        self._last_write = await ctx.messages.change(change, self, request_id)
+
+    async def _message_versions(self, frame: p.ClientFrame) -> None:
+        data: p.MessageVersions = frame.data
+        await self._read_limit()
+        store = self.ctx.store
+        if not store.committed(self._last_write):  # its own edit, read back
+            await store.flush()
+        found = await store.versions(data.message_id, self.identity.user_id)
+        versions = [{"content": content, "edited_at": at} for content, at in found]
+        self._reply(
+            "message_versions", {"message_id": data.message_id, "versions": versions}, frame
+        )
 
     async def _check_user(self, user_id: int) -> None:
         if not await self.ctx.store.user_exists(user_id):
@@ -660,6 +710,9 @@ _HANDLERS: dict[str, Callable[[Session[Any], p.ClientFrame], Awaitable[None]]] =
     "room_members": Session._room_members,
     "mark_read": Session._mark_read,
     "unread": Session._unread,
+    "edit_message": Session._edit_message,
+    "delete_message": Session._delete_message,
+    "message_versions": Session._message_versions,
     "typing": Session._typing,
     "presence_query": Session._presence_query,
     "ping": Session._ping,

@@ -1183,3 +1183,89 @@ async def test_scenario_recovery_then_live(target):
             live = await said(bob, "live")
             assert await room_messages(alice, 1) == [live]
             await alice.nothing_pending()
+
+
+# === edits and deletions =========================================================
+
+CHANGES = ("room_message", "message_edited", "message_deleted")
+
+
+async def test_edits_and_deletions_from_two_nodes_reach_everyone_in_one_order(cluster_of):
+    """alice on node 0 and bob on node 1 post, edit and delete at once;
+    watchers on both nodes see one sequence of messages and events, ids
+    increasing; eve, away for part of it, comes back on the other node with
+    her last id and, applying what she gets in order, ends with exactly
+    what history shows."""
+    from tests.test_edits import apply
+
+    rounds = 8
+    async with cluster_of(2) as cluster:
+        async with (
+            connect_to(cluster[0], 1, "alice") as alice,
+            connect_to(cluster[1], 2, "bob") as bob,
+            connect_to(cluster[0], 3, "carol") as carol,
+            connect_to(cluster[1], 4, "dave") as dave,
+        ):
+            for client in (alice, bob, carol, dave):
+                await join(client)
+            await barrier(dave, [alice, bob, carol])
+            eve_view: dict[int, dict] = {}
+            eve_last = 0
+            async with connect_to(cluster[0], 5, "eve") as eve:
+                await join(eve)
+                first = await said(alice, "before eve left")
+                eve_last = apply(eve_view, await next_frame(eve, CHANGES))
+                assert eve_last == first["id"]
+                for watcher in (carol, dave):
+                    assert (await next_frame(watcher, CHANGES))["data"]["id"] == first["id"]
+
+            async def work(client: Client, name: str) -> None:
+                for i in range(rounds):
+                    mine = await said(client, f"{name}{i}")
+                    edited = await ask(
+                        client,
+                        "edit_message",
+                        {"message_id": mine["id"], "content": f"{name}{i}!"},
+                        f"e{i}",
+                    )
+                    assert edited["type"] == "message_edited", edited
+                    if i % 3 == 1:
+                        gone = await ask(
+                            client, "delete_message", {"message_id": mine["id"]}, f"d{i}"
+                        )
+                        assert gone["type"] == "message_deleted", gone
+
+            expected = 2 * (rounds * 2 + len([i for i in range(rounds) if i % 3 == 1]))
+            seen: dict[str, list[dict]] = {}
+
+            async def watch(name: str, client: Client) -> None:
+                seen[name] = [await next_frame(client, CHANGES) for _ in range(expected)]
+
+            with trio.fail_after(WAIT * 2):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(work, alice, "a")
+                    nursery.start_soon(work, bob, "b")
+                    nursery.start_soon(watch, "carol", carol)
+                    nursery.start_soon(watch, "dave", dave)
+            history = (await all_history(dave, room="general"))[0]
+            # eve comes back on the other node
+            async with connect_to(cluster[1], 5, "eve") as eve:
+                ack = await ask(eve, "join_room", {"room": "general", "since_id": eve_last}, "j")
+                assert ack["data"]["recovered"] is True
+                ids = [apply(eve_view, await next_frame(eve, CHANGES)) for _ in range(expected)]
+                await eve.nothing_pending()
+
+    watched = [[f["data"]["id"] for f in frames] for frames in seen.values()]
+    assert watched[0] == watched[1]
+    assert_increasing(watched[0])
+    assert ids == watched[0]
+    for frames in seen.values():
+        view: dict[int, dict] = {}
+        for frame in frames:
+            apply(view, frame)
+        assert [view[m["id"]] for m in history if m["id"] in view] == [
+            m for m in history if m["id"] in view
+        ]
+    since_eve = [m for m in history if m["id"] >= first["id"]]
+    assert len(since_eve) == 1 + 2 * rounds
+    assert [eve_view[m["id"]] for m in since_eve] == since_eve

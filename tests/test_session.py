@@ -260,14 +260,24 @@ class FakeStore:
         newest = stored[-1].id if stored else 0
         after_seq = kept[0].seq - 1 if kept else (stored[-1].seq if stored else 0)
         first = [m for m in stored if m.seq > after_seq][:page] if newest > since_id else []
+        complete = len(kept) == len(newer)
+        after_id = since_id if complete else stored[after_seq - 1].id
         await self._gate("missed")
-        return Missed(after_seq, len(kept) == len(newer), newest, tuple(first))
+        more = bool(page) and len(first) >= page
+        return Missed(after_seq, after_id, complete, newest, tuple(first), more)
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
         self.calls.append(("after", channel, after_seq, cap))
         page = [m for m in self.channels.get(channel, []) if m.seq > after_seq][:cap]
         await self._gate("after")
         return page
+
+    async def replay(
+        self, channel: str, after_seq: int, after_id: int, page: int
+    ) -> tuple[list[StoredMessage], bool]:
+        """(This store has no edits nor deletions: messages alone.)"""
+        found = await self.after(channel, after_seq, page)
+        return found, len(found) >= page
 
     # --- read state -------------------------------------------------------------
 

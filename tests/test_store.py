@@ -25,13 +25,22 @@ import trio.testing
 
 from chatd.errors import ChatError, ErrorCode
 from chatd.protocol import clamp_limit
-from chatd.store import NewMessage, RoomAccess, StoredMessage, dm_channel, room_channel
+from chatd.store import (
+    Change,
+    NewMessage,
+    RoomAccess,
+    StoredMessage,
+    dm_channel,
+    room_channel,
+)
 from chatd.store.schema import MIGRATIONS
 from chatd.store.sqlite import (
     MAX_GROUP,
     SqliteStore,
     ensure_room,
     history,
+    log_page,
+    missed,
     open_sqlite_store,
 )
 from tests.helpers.store import CREATED, PEOPLE, Recorder, fill, msg, writer_held
@@ -572,6 +581,41 @@ async def test_history_page_is_an_index_range(path: str) -> None:
                 text = plan(conn, sql)
                 assert "SCAN" not in text and "TEMP B-TREE" not in text, (sql, text)
             assert "messages_by_channel" in plan(conn, statements[1])
+
+
+async def test_edits_and_deletions_keep_every_read_an_index_range(path: str) -> None:
+    """History with edited and deleted messages in it runs the same two
+    statements; a replay's reads of messages and events, and the events'
+    newest id, are index SEARCHes, never a SCAN."""
+    async with open_sqlite_store(path) as store:
+        ids = await fill(store, "general", 300)
+        await fill(store, "random", 300)
+        rec = Recorder()
+        for i, message_id in enumerate(ids[::10]):
+            change = Change(message_id, 1, "2024-05-01T13:00:00.000Z", None if i % 2 else "new")
+            await store.change(change, rec)  # type: ignore[arg-type]
+        await store.flush()
+        assert len(rec.results) == 30 and not any(isinstance(r, Exception) for r in rec.results)
+    with plain(path) as conn:
+        conn.execute("ANALYZE")
+        for read in (
+            lambda: history(conn, "r:general", 50, 100),
+            lambda: missed(conn, "r:general", ids[100], 1000),
+            lambda: log_page(conn, "r:general", 100, ids[100], 100),
+        ):
+            statements: list[str] = []
+            conn.set_trace_callback(statements.append)
+            read()
+            conn.set_trace_callback(None)
+            selects = [sql for sql in statements if sql.lstrip().upper().startswith("SELECT")]
+            assert selects
+            for sql in selects:
+                text = plan(conn, sql)
+                assert "SCAN" not in text and "TEMP B-TREE" not in text, (sql, text)
+                assert "messages_by_channel" in text or "message_events_by_channel" in text, text
+        page, total = history(conn, "r:general", 50, 250)
+        assert total == 300 and [m.id for m in page] == ids[:50]
+        assert page[0].message.edited_at is not None and page[10].message.deleted
 
 
 async def test_history_cost_does_not_grow_with_the_offset(path: str) -> None:

@@ -27,11 +27,13 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode
 from chatd.metrics import Metrics
 from chatd.store import (
+    Change,
     ChannelMarkers,
     Missed,
     NewMessage,
     ReadPoint,
     RoomAccess,
+    StoredEvent,
     StoredMessage,
     dm_channel,
     room_channel,
@@ -295,7 +297,7 @@ async def test_history_pages_count_back_from_the_newest(store: AnyStore) -> None
 
 
 async def test_missed(store: AnyStore) -> None:
-    assert await store.missed(GENERAL, 0, 10) == Missed(0, True, 0)
+    assert await store.missed(GENERAL, 0, 10) == Missed(0, 0, True, 0)
     general = await fill(store, "general", 6)
     random = await fill(store, "random", 1)
     general += await fill(store, "general", 4)
@@ -560,7 +562,7 @@ async def test_notifications_and_odd_text_round_trip(store: AnyStore) -> None:
     assert [m.message for m in messages] == sent[2:6]
     audio, _ = await store.history(dm_channel(5, 6), 10, 0)
     assert [m.message for m in audio] == sent[6:]
-    assert await store.missed(GENERAL, 0, 10) == Missed(0, True, messages[-1].id)
+    assert await store.missed(GENERAL, 0, 10) == Missed(0, 0, True, messages[-1].id)
     assert await store.after(GENERAL, 0, 10) == messages
 
 
@@ -666,3 +668,111 @@ async def test_last_seen(store: AnyStore) -> None:
     await store.save_read_state([], [(1, "2026-12-07T10:00:00.000Z")])
     await store.save_read_state([], [(1, "2026-12-07T11:00:00.000Z")])
     assert await store.last_seen([1, 2, 3]) == {1: "2026-12-07T11:00:00.000Z"}
+
+
+# --- edits and deletions ----------------------------------------------------------
+
+AT = "2024-05-01T12:30:00.000Z"
+
+
+async def change(store: AnyStore, message_id: int, user: int, content: str | None) -> Any:
+    """One edit (``content``) or deletion, committed; the event or the
+    refusal the callback got."""
+    rec = Recorder()
+    await store.change(Change(message_id, user, AT, content), rec)  # type: ignore[arg-type]
+    await store.flush()
+    (result,) = rec.results
+    return result
+
+
+async def test_edits_and_deletions_change_history_in_place(store: AnyStore) -> None:
+    general = await fill(store, "general", 5)
+    await fill(store, "random", 2)
+    edited = await change(store, general[1], 1, "message 1, fixed")
+    assert isinstance(edited, StoredEvent)
+    assert (edited.kind, edited.message_id, edited.user_id, edited.room) == (
+        "edited",
+        general[1],
+        1,
+        "general",
+    )
+    assert edited.content == "message 1, fixed" and edited.at == AT
+    assert edited.id > max(general)  # from the messages' own sequence
+    deleted = await change(store, general[3], 1, None)
+    assert isinstance(deleted, StoredEvent) and deleted.kind == "deleted"
+    assert deleted.id > edited.id
+    later = await fill(store, "general", 1)
+    assert later[0] > deleted.id  # the next message's id comes after the events'
+    messages, total = await store.history(GENERAL, 10, 0)
+    assert total == 6 and ids(messages) == general + later
+    by_id = {m.id: m.message for m in messages}
+    assert by_id[general[1]].content == "message 1, fixed"
+    assert by_id[general[1]].edited_at == AT and not by_id[general[1]].deleted
+    gone = by_id[general[3]]
+    assert gone.deleted and gone.content == "" and gone.media_url is None
+    assert by_id[general[0]].edited_at is None
+    assert await store.versions(general[1], 1) == [("message 1", None), ("message 1, fixed", AT)]
+
+
+async def test_refused_changes_are_returned_and_change_nothing(store: AnyStore) -> None:
+    general = await fill(store, "general", 2)
+    await store.declare_rooms(RoomsConfig(public=("general",), private={"staff": (2,)}))
+    kept = await stored(store, msg(9, room="staff", user=2))
+    assert isinstance(kept, StoredMessage)
+    secret = kept.id
+    cases = [
+        (general[0], 2, "x", ErrorCode.PERMISSION_DENIED),  # someone else's
+        (general[0], 2, None, ErrorCode.PERMISSION_DENIED),
+        (secret, 1, "x", ErrorCode.MESSAGE_NOT_FOUND),  # a private room not joined
+        (10**9, 1, "x", ErrorCode.MESSAGE_NOT_FOUND),
+    ]
+    for message_id, user, content, code in cases:
+        refused = await change(store, message_id, user, content)
+        assert isinstance(refused, ChatError) and refused.code is code, (message_id, refused)
+    assert isinstance(await change(store, general[1], 1, None), StoredEvent)
+    refused = await change(store, general[1], 1, "back")
+    assert isinstance(refused, ChatError) and refused.code is ErrorCode.MESSAGE_NOT_FOUND
+    messages, _ = await store.history(GENERAL, 10, 0)
+    assert [(m.message.content, m.message.edited_at) for m in messages] == [
+        ("message 0", None),
+        ("", None),
+    ]
+    # the system sender deletes anything
+    assert isinstance(await change(store, secret, 0, None), StoredEvent)
+
+
+async def test_a_replay_merges_messages_and_events_in_id_order(store: AnyStore) -> None:
+    general = await fill(store, "general", 3)
+    events = [await change(store, general[0], 1, "e0")]
+    general += await fill(store, "general", 2)
+    events.append(await change(store, general[4], 1, None))
+    events.append(await change(store, general[1], 1, "e1"))
+    general += await fill(store, "general", 1)
+    entries = sorted([*general, *(e.id for e in events)])
+
+    async def replay(since_id: int, cap: int, page: int) -> tuple[list[int], bool]:
+        where = await store.missed(GENERAL, since_id, cap, page)
+        assert where.newest_id == entries[-1]
+        got = [e.id for e in where.entries]
+        seq, after_id, more = where.after_seq, where.after_id, where.more
+        for e in where.entries:
+            seq = e.seq if isinstance(e, StoredMessage) else seq
+        after_id = got[-1] if got else after_id
+        while more:
+            page_, more = await store.replay(GENERAL, seq, after_id, page)
+            for e in page_:
+                seq = e.seq if isinstance(e, StoredMessage) else seq
+            got += [e.id for e in page_]
+            after_id = got[-1] if got else after_id
+        return got, where.complete
+
+    for page in (1, 2, 3, 100):
+        assert await replay(0, 100, page) == (entries, True), page
+        assert await replay(general[2], 100, page) == (
+            [i for i in entries if i > general[2]],
+            True,
+        ), page
+    # past the cap: the newest messages, and the events after the first of them
+    got, complete = await replay(0, 2, 100)
+    assert not complete and got == [i for i in entries if i > general[3]]
+    assert await store.replay(GENERAL, 6, entries[-1], 10) == ([], False)

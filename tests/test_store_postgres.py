@@ -28,7 +28,7 @@ from psycopg import conninfo
 
 from chatd.errors import ChatError, ErrorCode, StorageError
 from chatd.metrics import Metrics
-from chatd.store import NewMessage, StoredMessage, dm_channel, room_channel
+from chatd.store import Change, NewMessage, StoredMessage, dm_channel, room_channel
 from chatd.store import postgres as pg
 from chatd.store.pgschema import MIGRATIONS, migrate
 from chatd.store.postgres import PostgresStore, open_postgres_store
@@ -405,8 +405,12 @@ class Recording:
         self.statements: list[tuple[str, Any]] = []
 
     def execute(self, sql: str, params: Any = None) -> Any:
-        self.statements.append((sql, params))
+        if sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            self.statements.append((sql, params))
         return self.conn.execute(sql, params)
+
+    def transaction(self) -> Any:
+        return self.conn.transaction()
 
 
 async def test_reads_use_the_indexes(pg_dsn: str) -> None:
@@ -426,6 +430,9 @@ async def test_reads_use_the_indexes(pg_dsn: str) -> None:
             lambda c: pg.missed(c, "r:room1", 5, 50),
             lambda c: pg.after(c, "r:room1", 30, 50),
             lambda c: pg.last_seq(c, "r:room1"),
+            lambda c: pg.events(c, "r:room1", 5, 50),
+            lambda c: pg.log_page(c, "r:room1", 30, 5, 50),
+            lambda c: pg.log_range(c, "r:room1", 30, 60, 20, 25),
         ]
 
         def plans(queries: list[Callable[[Any], object]]) -> list[str]:
@@ -441,7 +448,15 @@ async def test_reads_use_the_indexes(pg_dsn: str) -> None:
 
         channel_plans = plans(by_channel)
         assert len(channel_plans) >= 5  # missed reads the newest message first, then where to start
-        assert all("messages_by_channel" in plan for plan in channel_plans)
+        # every read of a channel is a range of one of its indexes: its
+        # messages by seq, its edits and deletions by id or by position
+        events = ("message_events_by_channel", "message_events_by_pos")
+        assert all(
+            "messages_by_channel" in plan or any(name in plan for name in events)
+            for plan in channel_plans
+        ), channel_plans
+        for name in events:
+            assert any(name in plan for plan in channel_plans), name
         (direct,) = plans([lambda c: pg.direct_since(c, [3, 4], "2024-01-01T00:45:00Z", 50)])
         assert "messages_direct_from" in direct and "messages_direct_to" in direct
         (access,) = plans([lambda c: pg.room_access(c, "room1", 3)])
@@ -480,7 +495,47 @@ def test_conninfo_adds_timeouts_the_dsn_leaves_unset() -> None:
 
 def test_nul_in_content_is_kept_readable_and_exact() -> None:
     m = NewMessage(1, "a", "x\x00y", "text", "t", room="r")
-    row = pg._message_row(1, "r:r", 1, m)
+    row = pg._message_row(1, "r:r", 1, m, 1)
     assert row[7:9] == ("x\ufffdy", b"x\x00y")
-    assert pg._message_row(1, "r:r", 1, msg(0))[8] is None
+    assert pg._message_row(1, "r:r", 1, msg(0), 1)[8] is None
     assert dm_channel(2, 1) == "d:1:2"
+
+
+# --- positions -------------------------------------------------------------------
+
+
+async def test_positions_count_messages_and_events_densely(pg_dsn: str) -> None:
+    """Positions (what several nodes' sequencers follow) number a channel's
+    messages and events together, densely; seqs count the messages alone."""
+    async with open_postgres_store(pg_dsn) as store:
+        await _positions(store)
+
+
+async def _positions(store: PostgresStore) -> None:
+    rec = Recorder()
+    for i in range(3):
+        await store.append(msg(i), rec)
+    await store.flush()
+    first = rec.stored
+    event = await _change(store, first[0].id, 1, "edited")
+    rec = Recorder()
+    await store.append(msg(9), rec)
+    await store.flush()
+    assert [m.pos for m in first] == [1, 2, 3] and event.pos == 4 and rec.stored[0].pos == 5
+    assert rec.stored[0].seq == 4  # seqs count messages alone
+    assert await store.last_pos("r:general") == (5, 4)
+    entries = await store.log_range("r:general", 2, 5, 0, 0)
+    assert [(type(e).__name__, e.pos) for e in entries] == [
+        ("StoredMessage", 3),
+        ("StoredEvent", 4),
+        ("StoredMessage", 5),
+    ]
+    assert await store.log_range("r:general", 3, 4, 3, 3) == [entries[1]]
+
+
+async def _change(store: PostgresStore, message_id: int, user: int, content: str | None) -> Any:
+    rec = Recorder()
+    await store.change(Change(message_id, user, "2024-05-01T12:30:00.000Z", content), rec)  # type: ignore[arg-type]
+    await store.flush()
+    (result,) = rec.results
+    return result

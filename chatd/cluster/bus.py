@@ -8,15 +8,18 @@ not once per user; each node then fans it out to its own connections.
 Nothing is lost when Redis is not there, because Redis only carries what is
 already in the store:
 
-- Room messages go through a ``Sequencer``: a node follows each room that has
-  members on it, from the room's last seq at the first join, and delivers
-  seqs in order. A message that arrives early (two nodes' messages crossed)
-  waits, and the seqs it skipped are read from the store; they are committed,
-  since seqs follow commit order.
+- Room messages, and their edits and deletions, go through a ``Sequencer``: a
+  node follows each room that has members on it, from the room's last
+  position (``pos``: messages and events counted together, dense like seqs,
+  taken under the same lock) at the first join, and delivers positions in
+  order. An entry that arrives early (two nodes' entries crossed) waits,
+  and the positions it skipped are read from the store; they are committed,
+  since positions follow commit order. So every node delivers a room's
+  messages, edits and deletions in id order, as a replay does.
 - When the subscription comes back after Redis restarted or was unreachable,
-  the node reads every followed room from its last delivered seq, and the
-  direct messages of its connected users created since shortly before it last
-  heard from Redis (duplicates are dropped by id).
+  the node reads every followed room from its last delivered position, and
+  the direct messages of its connected users created since shortly before
+  it last heard from Redis (duplicates are dropped by id).
 - Events that could not be published wait in a bounded outbox and go out
   when Redis is back (receivers drop what they already have).
 
@@ -33,7 +36,7 @@ import socket
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import coredis
 import msgspec
@@ -48,7 +51,7 @@ from chatd.hub import Hub, Peer
 from chatd.metrics import Metrics
 from chatd.protocol import Member, rfc3339
 from chatd.sequencer import Sequencer
-from chatd.store import NewMessage, Store, StoredMessage, room_channel
+from chatd.store import Entry, NewMessage, Store, StoredEvent, StoredMessage, room_channel
 from chatd.transport.frames import OutFrame
 
 log = logging.getLogger("chatd.cluster")
@@ -74,11 +77,28 @@ DM_SEEN = 65536
 ONLINE = "/online"
 
 
+class LogStore(Store, Protocol):
+    """A store that counts positions (PostgreSQL's): what the sequencers
+    follow."""
+
+    async def last_pos(self, channel: str) -> tuple[int, int]:
+        """The channel's last position and last seq (0, 0: none)."""
+
+    async def log_range(
+        self, channel: str, after_pos: int, upto_pos: int, floor_seq: int, floor_pos: int
+    ) -> list[Entry]:
+        """The channel's entries with a position in ``(after_pos,
+        upto_pos]``, in order; (``floor_pos``, ``floor_seq``) is a position
+        at or before ``after_pos`` and the seq of the last message there."""
+
+
 class Event(msgspec.Struct, array_like=True, frozen=True):
     """One thing that happened on a node, as it crosses Redis."""
 
     node: str
-    #: "m": a committed message; "p": a presence change
+    #: "m": a committed message; "e": an edit or deletion of one
+    #: (``message_type`` says which); "p": a presence change; "u", "r":
+    #: another frame to a user's or a room's connections
     kind: str
     id: int = 0
     seq: int = 0
@@ -98,15 +118,44 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
     #: (0: not known).
     member_count: int = 0
     mentions: tuple[int, ...] | None = None
+    #: A message's or an event's position in its channel.
+    pos: int = 0
+    #: An edit's or deletion's message, and a conversation's first party.
+    message_id: int = 0
+    from_user_id: int = 0
 
     @classmethod
-    def of(cls, node: str, stored: StoredMessage) -> Event:
+    def of(cls, node: str, stored: Entry) -> Event:
+        if isinstance(stored, StoredEvent):
+            e = stored
+            return cls(
+                node, "e", e.id, user_id=e.user_id, content=e.content, message_type=e.kind,
+                created_at=e.at, room=e.room, to_user_id=e.to_user_id, pos=e.pos,
+                message_id=e.message_id, from_user_id=e.from_user_id,
+            )  # fmt: skip
         m = stored.message
         return cls(
             node, "m", stored.id, stored.seq, m.user_id, m.username, m.content, m.message_type,
             m.created_at, m.room, m.to_user_id, m.media_url, m.media_type, m.duration,
-            m.reply_to, m.data, 0, m.mentions,
+            m.reply_to, m.data, 0, m.mentions, stored.pos,
         )  # fmt: skip
+
+    def entry(self) -> Entry:
+        """The message or event this carries."""
+        if self.kind == "m":
+            return self.stored()
+        return StoredEvent(
+            id=self.id,
+            kind=self.message_type,
+            message_id=self.message_id,
+            user_id=self.user_id,
+            at=self.created_at,
+            room=self.room,
+            from_user_id=self.from_user_id,
+            to_user_id=self.to_user_id or 0,
+            content=self.content,
+            pos=self.pos,
+        )
 
     def stored(self) -> StoredMessage:
         message = NewMessage(
@@ -124,14 +173,14 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
             data=self.data,
             mentions=self.mentions,
         )
-        return StoredMessage(self.id, message, self.seq)
+        return StoredMessage(self.id, message, self.seq, self.pos)
 
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(list[Event]).decode
 
 P = TypeVar("P", bound=Peer)
-Item = tuple[StoredMessage, P | None, str | int | None]
+Item = tuple[Entry, P | None, str | int | None]
 PresenceOp = tuple[str, Identity, str] | trio.Event
 
 
@@ -142,7 +191,7 @@ class RedisBus(Generic[P]):
         self,
         config: Config,
         hub: Hub[P],
-        store: Store,
+        store: LogStore,
         client: coredis.Redis[bytes],
         wall: Callable[[], float],
         metrics: Metrics,
@@ -158,6 +207,9 @@ class RedisBus(Generic[P]):
         self._wall = wall
         self._metrics = metrics
         self._rooms: Sequencer[Item[P]] = Sequencer()
+        #: room -> the seq of the last message delivered there (with the
+        #: sequencer's last position: where a read of the store starts)
+        self._seqs: dict[str, int] = {}
         self._dm_seen: set[int] = set()
         self._dm_order: deque[int] = deque()
         self._outbox: deque[Event] = deque(maxlen=MAX_OUTBOX)
@@ -172,7 +224,7 @@ class RedisBus(Generic[P]):
     # --- the Bus interface ----------------------------------------------------
 
     def message(
-        self, stored: StoredMessage, origin: P | None = None, request_id: str | int | None = None
+        self, stored: Entry, origin: P | None = None, request_id: str | int | None = None
     ) -> None:
         self._publish(Event.of(self.node_id, stored))
         self._deliver(stored, origin, request_id)
@@ -184,12 +236,14 @@ class RedisBus(Generic[P]):
         self._outbox_ready.set()
 
     async def follow(self, room: str) -> None:
-        """Follow the room from its newest seq, read now (before the join:
-        what is committed after it reaches the hub in order), unless this
-        node follows it already."""
+        """Follow the room from its newest position, read now (before the
+        join: what is committed after it reaches the hub in order), unless
+        this node follows it already."""
         if self._rooms.last(room) is None:
-            last = await self.store.last_seq(room_channel(room))
-            self._rooms.track(room, last)
+            pos, seq = await self.store.last_pos(room_channel(room))
+            if self._rooms.last(room) is None:
+                self._rooms.track(room, pos)
+                self._seqs[room] = seq
 
     async def joined(self, peer: P, room: str, first: bool, limit: int) -> tuple[Members, int]:
         if first:
@@ -212,6 +266,7 @@ class RedisBus(Generic[P]):
     def left(self, ident: Identity, room: str) -> None:
         if not self.hub.has_room(room):
             self._rooms.forget(room)
+            self._seqs.pop(room, None)
         self._share("user_disconnected", ident, room)
 
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
@@ -248,23 +303,26 @@ class RedisBus(Generic[P]):
     # --- delivery on this node --------------------------------------------------
 
     def _deliver(
-        self, stored: StoredMessage, origin: P | None = None, request_id: str | int | None = None
+        self, stored: Entry, origin: P | None = None, request_id: str | int | None = None
     ) -> None:
-        room = stored.message.room
+        room = stored.message.room if isinstance(stored, StoredMessage) else stored.room
         if room is None:
             if stored.id in self._dm_seen:
                 return
             self._remember_dm(stored.id)
             self.hub.deliver(stored, self._wall(), origin, request_id)
             return
-        ready, gap = self._rooms.offer(room, stored.seq, (stored, origin, request_id))
+        ready, gap = self._rooms.offer(room, stored.pos, (stored, origin, request_id))
         self._send(ready)
         if gap is not None and self._nursery is not None:
             self._nursery.start_soon(self._fill, room, gap)
 
     def _send(self, items: list[Item[P]]) -> None:
         now = self._wall()
+        seqs = self._seqs
         for stored, origin, request_id in items:
+            if isinstance(stored, StoredMessage) and stored.message.room is not None:
+                seqs[stored.message.room] = stored.seq
             self.hub.deliver(stored, now, origin, request_id)
 
     def _remember_dm(self, message_id: int) -> None:
@@ -274,12 +332,12 @@ class RedisBus(Generic[P]):
             self._dm_seen.discard(self._dm_order.popleft())
 
     async def _fill(self, room: str, gap: tuple[int, int]) -> None:
-        """Read seqs ``gap[0] < seq <= gap[1]`` of ``room`` from the store."""
+        """Read positions ``gap[0] < pos <= gap[1]`` of ``room`` from the store."""
         after, upto = gap
         self._metrics.bus_gap_reads.inc(upto - after)
-        found: list[StoredMessage] = []
+        found: list[Entry] = []
         try:
-            found = await self.store.after(room_channel(room), after, upto - after)
+            found = await self._read(room, after, upto)
             await self._own_offered()
         except Exception as exc:
             log.warning("cluster: cannot read room %s from the store: %s", room, exc)
@@ -295,12 +353,21 @@ class RedisBus(Generic[P]):
         first, the live copy is there and wins (``Sequencer.fill``)."""
         await self.store.flush()
 
-    def _filled(self, room: str, found: list[StoredMessage]) -> None:
+    async def _read(self, room: str, after: int, upto: int) -> list[Entry]:
+        """Positions ``after < pos <= upto`` of a followed room, read from
+        the store from the last one delivered here."""
+        floor_pos = self._rooms.last(room)
+        if floor_pos is None:
+            return []
+        floor_seq = self._seqs.get(room, 0)
+        return await self.store.log_range(room_channel(room), after, upto, floor_seq, floor_pos)
+
+    def _filled(self, room: str, found: list[Entry]) -> None:
         """Deliver what a read from the store made deliverable; read again
-        when a gap is still open (the read failed, or messages arrived early
+        when a gap is still open (the read failed, or entries arrived early
         meanwhile)."""
         with self.hub.batch():
-            self._send(self._rooms.fill(room, [(m.seq, (m, None, None)) for m in found]))
+            self._send(self._rooms.fill(room, [(e.pos, (e, None, None)) for e in found]))
         again = self._rooms.fetch_done(room)
         if again is not None and self._nursery is not None:
             self._nursery.start_soon(self._fill, room, again)
@@ -310,7 +377,7 @@ class RedisBus(Generic[P]):
         for room, last in self._rooms.tracked().items():
             while True:
                 try:
-                    found = await self.store.after(room_channel(room), last, CATCH_UP)
+                    found = await self._read(room, last, last + CATCH_UP)
                     await self._own_offered()
                 except Exception as exc:
                     log.warning("cluster: cannot catch up room %s: %s", room, exc)
@@ -318,7 +385,7 @@ class RedisBus(Generic[P]):
                 self._filled(room, found)
                 if len(found) < CATCH_UP or self._rooms.last(room) is None:
                     break
-                last = found[-1].seq
+                last = found[-1].pos
         users = self.hub.users()
         if users:
             since = rfc3339(heard - DM_MARGIN_SECONDS)
@@ -492,8 +559,8 @@ class RedisBus(Generic[P]):
                 if event.node == self.node_id:
                     continue
                 self._metrics.bus_received.inc()
-                if event.kind == "m":
-                    self._deliver(event.stored())
+                if event.kind in ("m", "e"):
+                    self._deliver(event.entry())
                 elif event.kind == "u" and event.data is not None:
                     frame = OutFrame(event.data)
                     self.hub.send_user(event.user_id, event.message_type, frame)
@@ -551,7 +618,7 @@ class RedisBus(Generic[P]):
 async def open_redis_bus(
     config: Config,
     hub: Hub[P],
-    store: Store,
+    store: LogStore,
     wall: Callable[[], float],
     metrics: Metrics,
 ) -> AsyncIterator[RedisBus[P]]:

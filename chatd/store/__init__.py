@@ -57,6 +57,10 @@ class NewMessage(msgspec.Struct, frozen=True, gc=False):
     data: bytes | None = None
     #: Users a room message mentions (known users only, once stored).
     mentions: tuple[int, ...] | None = None
+    #: When its content was last edited (RFC 3339), as read back.
+    edited_at: str | None = None
+    #: Deleted: a tombstone (no content, no media), as read back.
+    deleted: bool = False
 
 
 class StoredMessage(msgspec.Struct, frozen=True, gc=False):
@@ -66,6 +70,53 @@ class StoredMessage(msgspec.Struct, frozen=True, gc=False):
     id: int
     message: NewMessage
     seq: int = 0
+    #: Its place among its channel's messages and events (PostgreSQL only:
+    #: what the nodes' sequencers deliver in; 0 on SQLite).
+    pos: int = 0
+
+
+class Change(msgspec.Struct, frozen=True, gc=False):
+    """An edit (``content`` set) or a deletion (``content`` None) of a
+    stored message, not yet stored: checked and applied in the writer's
+    transaction (``Store.change``), where the message is read."""
+
+    message_id: int
+    #: Who asks (0: the publish API's system sender).
+    user_id: int
+    #: Now, RFC 3339 (``edited_at``, the event's time).
+    at: str
+    content: str | None = None
+    #: Edits: refused (PERMISSION_DENIED) when the message was created more
+    #: than this many seconds before ``at`` (0: no limit).
+    window: float = 0.0
+
+
+class StoredEvent(msgspec.Struct, frozen=True, gc=False):
+    """A committed edit or deletion. Its ``id`` comes from the sequence of
+    message ids, so a channel's messages and events are one log in id order
+    (recovery replays both)."""
+
+    id: int
+    #: "edited" or "deleted"
+    kind: str
+    message_id: int
+    #: Who did it (0: the system sender).
+    user_id: int
+    #: RFC 3339: the edit's ``edited_at``, or when it was deleted.
+    at: str
+    #: Where the message is: its room, else its conversation's parties (the
+    #: message's sender, then its recipient).
+    room: str | None = None
+    from_user_id: int = 0
+    to_user_id: int = 0
+    #: An edit's new content.
+    content: str = ""
+    #: Its place among its channel's messages and events (``StoredMessage.pos``).
+    pos: int = 0
+
+
+#: One entry of a channel's log, in id order.
+Entry = StoredMessage | StoredEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,23 +162,51 @@ class ChannelMarkers(NamedTuple):
 class Missed(NamedTuple):
     """What a reconnecting client missed in a channel (``Store.missed``)."""
 
-    #: Replay the channel's messages with a seq above this, oldest first.
+    #: Replay the channel's messages with a seq above this, oldest first,
     after_seq: int
-    #: Whether that is every message after the client's ``since_id`` (False:
-    #: the cap left the oldest out).
+    #: and its edits and deletions with an id above this, in id order with
+    #: the messages.
+    after_id: int
+    #: Whether that is everything after the client's ``since_id`` (False:
+    #: the cap left the oldest messages out).
     complete: bool
-    #: The channel's newest id when it was read (0: no message); every
-    #: message with an id up to it and above ``since_id`` has a seq above
-    #: ``after_seq``.
+    #: The channel's newest id (message or event) when it was read (0:
+    #: none); every entry with an id up to it and above ``since_id`` is in
+    #: the replay.
     newest_id: int
-    #: The first of those messages (a page, oldest first), read with the
-    #: rest in one go when asked for.
-    messages: tuple[StoredMessage, ...] = ()
+    #: The replay's first page, read with the rest in one go when asked for.
+    entries: tuple[Entry, ...] = ()
+    #: Whether more pages follow it.
+    more: bool = False
+
+
+def merge_log(
+    messages: Sequence[StoredMessage], events: Sequence[StoredEvent], cap: int
+) -> tuple[list[Entry], bool]:
+    """One page of a channel's log: ``messages`` (the next ``cap`` at most,
+    by seq) and ``events`` (the next ``cap`` at most, by id) in id order, up
+    to where the first list that came back full ends (what lies beyond it
+    is read with the next page); and whether a next page may hold more."""
+    end = None
+    if len(messages) >= cap:
+        end = messages[-1].id
+    if len(events) >= cap and (end is None or events[-1].id < end):
+        end = events[-1].id
+    entries: list[Entry] = sorted([*messages, *events], key=_by_id)
+    if end is not None:
+        entries = [e for e in entries if e.id <= end]
+    return entries, end is not None
+
+
+def _by_id(entry: Entry) -> int:
+    return entry.id
 
 
 #: Called on the Trio thread with the committed message, or the exception
 #: that kept it from being committed.
 Committed = Callable[[StoredMessage | Exception], None]
+#: The same for an edit or a deletion.
+Changed = Callable[[StoredEvent | Exception], None]
 
 
 class Store(Protocol):
@@ -135,6 +214,11 @@ class Store(Protocol):
         """Queue ``message`` for the next group commit (waits only when the
         queue is full); return its ticket. ``on_done`` runs after the
         commit, in commit order."""
+
+    async def change(self, change: Change, on_done: Changed) -> int:
+        """Queue an edit or a deletion for the next group commit, like
+        ``append``; ``on_done`` gets the event, or the ``ChatError`` that
+        refused it (``chatd.edits``)."""
 
     def committed(self, ticket: int) -> bool:
         """Whether the write with this ticket (0: none) is committed (or
@@ -165,10 +249,24 @@ class Store(Protocol):
         the channel's total."""
 
     async def missed(self, channel: str, since_id: int, cap: int, page: int = 0) -> Missed:
-        """Where the channel's messages with an id above ``since_id`` start
-        (at most the newest ``cap`` of them), read from the channel's index,
-        with the first ``page`` of them; the rest are then read in pages
-        (``after``). One read for a client that missed a page or less."""
+        """Where the channel's entries with an id above ``since_id`` start
+        (at most the newest ``cap`` messages, with the events among and
+        after them), read from the channel's indexes, with the first page
+        of them (``page`` of each kind at most); the rest are then read in
+        pages (``replay``). One read for a client that missed a page or
+        less."""
+
+    async def replay(
+        self, channel: str, after_seq: int, after_id: int, page: int
+    ) -> tuple[list[Entry], bool]:
+        """The next page of a replay: messages with a seq above
+        ``after_seq`` and events with an id above ``after_id``, in id order
+        (``merge_log``), and whether more may follow."""
+
+    async def versions(self, message_id: int, user_id: int) -> list[tuple[str, str | None]]:
+        """Every content of a message, oldest first, with when it was
+        written by an edit (None: the first); for its author (raises
+        ``ChatError`` otherwise, see ``chatd.edits``)."""
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
         """The channel's messages with a seq above ``after_seq``, oldest

@@ -20,6 +20,10 @@ Differences from SQLite, each for a reason:
   timestamps compare in (a locale's collation may ignore punctuation).
 * Two partial indexes serve ``direct_since`` (direct messages to or from a
   user since a time) without reading the whole table.
+* ``pos`` (migration 3): the place of a message or an edit or deletion in
+  its channel's log, dense like ``seq`` but counting both; ``channels.pos``
+  is the last, taken under the same row lock as the seqs. SQLite (one node)
+  needs no such count: its writer's commit order is the delivery order.
 * ``messages_id_seq`` (the ``bigserial``'s) must keep ``CACHE 1``, the
   default: with a cache, each session hands out numbers it reserved earlier,
   and ids would no longer follow commit order across nodes.
@@ -114,6 +118,39 @@ MIGRATIONS: list[str] = [
               UNION SELECT user_id, 'r:' || room FROM room_members) p
         WHERE p.user_id <> 0
         ON CONFLICT DO NOTHING;
+    """,
+    # 3: edits and deletions, as SQLite's migration 4, plus positions: a
+    # channel's messages and events share one dense count (``channels.pos``,
+    # each entry's ``pos``), which the nodes' sequencers deliver in. Rows
+    # from before have none (NULL: their seq, as no event came before them).
+    """
+    ALTER TABLE messages ADD COLUMN edited_at text COLLATE "C";
+    ALTER TABLE messages ADD COLUMN deleted boolean NOT NULL DEFAULT false;
+    ALTER TABLE messages ADD COLUMN pos bigint;
+    ALTER TABLE channels ADD COLUMN pos bigint;
+    UPDATE channels SET pos = seq;
+    ALTER TABLE channels ALTER COLUMN pos SET NOT NULL;
+    CREATE TABLE message_events (
+        id bigint PRIMARY KEY,
+        channel text COLLATE "C" NOT NULL,
+        pos bigint NOT NULL,
+        message_id bigint NOT NULL,
+        kind text NOT NULL,
+        user_id bigint NOT NULL,
+        content text,
+        content_raw bytea,
+        at text COLLATE "C" NOT NULL
+    );
+    CREATE INDEX message_events_by_channel ON message_events (channel, id);
+    CREATE UNIQUE INDEX message_events_by_pos ON message_events (channel, pos);
+    CREATE TABLE message_versions (
+        message_id bigint NOT NULL,
+        version integer NOT NULL,
+        content text NOT NULL,
+        content_raw bytea,
+        edited_at text COLLATE "C",
+        PRIMARY KEY (message_id, version)
+    );
     """,
 ]
 

@@ -66,19 +66,25 @@ import trio
 from psycopg import conninfo as pg_conninfo
 from psycopg.pq import TransactionStatus
 
+from chatd import edits
 from chatd.config import RoomsConfig
-from chatd.errors import ChatError, ErrorCode, StorageError, invalid_format
+from chatd.errors import ChatError, ErrorCode, StorageError, invalid_format, message_not_found
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.store import (
     Admin,
+    Change,
+    Changed,
     ChannelMarkers,
     Committed,
+    Entry,
     Missed,
     NewMessage,
     ReadPoint,
     RoomAccess,
+    StoredEvent,
     StoredMessage,
+    merge_log,
     room_channel,
 )
 from chatd.store.pgschema import migrate
@@ -117,19 +123,21 @@ Operation = Callable[[Conn], Any]
 
 _MESSAGE_COLUMNS = (
     "id, channel, user_id, username, to_user_id, message_type, content,"
-    " media_url, media_type, duration, reply_to, created_at, data, seq, content_raw, mentions"
+    " media_url, media_type, duration, reply_to, created_at, data, seq, content_raw, mentions,"
+    " edited_at, deleted, pos"
 )
+# (A channel without a row has had no event: its last position is its last seq.)
 _LOCK_CHANNEL = (
-    "INSERT INTO channels (name, seq)"
-    " VALUES (%s, (SELECT coalesce(max(seq), 0) FROM messages WHERE channel = %s))"
-    " ON CONFLICT (name) DO UPDATE SET seq = channels.seq RETURNING seq"
+    "WITH last AS (SELECT coalesce(max(seq), 0) AS seq FROM messages WHERE channel = %s)"
+    " INSERT INTO channels (name, seq, pos) SELECT %s, last.seq, last.seq FROM last"
+    " ON CONFLICT (name) DO UPDATE SET seq = channels.seq RETURNING seq, pos"
 )
 _NEXT_IDS = "SELECT nextval('messages_id_seq') FROM generate_series(1, %s)"
 _REPLY_TARGETS = "SELECT id, channel FROM messages WHERE id = ANY(%s::bigint[])"
 _COPY_MESSAGES = (
     "COPY messages (id, channel, seq, user_id, username, to_user_id, message_type,"
     " content, content_raw, media_url, media_type, duration, reply_to, created_at, data,"
-    " mentions) FROM STDIN"
+    " mentions, pos) FROM STDIN"
 )
 _KNOWN_USERS = "SELECT id FROM users WHERE id = ANY(%s::bigint[]) AND id <> 0"
 _ADD_MENTIONS = (
@@ -140,7 +148,7 @@ _FIRST_MARKERS = (
     "INSERT INTO read_markers (user_id, channel, last_read_id, last_read_seq)"
     " VALUES (%s, %s, 0, 0) ON CONFLICT DO NOTHING"
 )
-_SET_SEQ = "UPDATE channels SET seq = %s WHERE name = %s"
+_SET_SEQ = "UPDATE channels SET seq = %s, pos = %s WHERE name = %s"
 
 
 def conninfo(dsn: str) -> str:
@@ -339,7 +347,10 @@ class PostgresStore(Reads, GroupWriter):
         """One transaction: lock the channels, take ids, number and insert
         the messages, run the other operations in order, commit."""
         messages = [p.message for p in items if p.message is not None]
-        channels = sorted({channel_of(m) for m in messages})
+        changes = sum(p.change is not None for p in items)
+        channels = sorted(
+            {channel_of(m) for m in messages} | {p.channel for p in items if p.change is not None}
+        )
         wanted = sorted({m.reply_to for m in messages if m.reply_to is not None})
         named = sorted({uid for m in messages for uid in m.mentions or ()})
         cur = conn.cursor()
@@ -347,16 +358,18 @@ class PostgresStore(Reads, GroupWriter):
             conn.execute("BEGIN")
             if channels:
                 cur.executemany(_LOCK_CHANNEL, [(c, c) for c in channels], returning=True)
-            taken = conn.execute(_NEXT_IDS, (len(messages),)) if messages else None
+            wanted_ids = len(messages) + changes
+            taken = conn.execute(_NEXT_IDS, (wanted_ids,)) if wanted_ids else None
             found = conn.execute(_REPLY_TARGETS, (wanted,)) if wanted else None
             users = conn.execute(_KNOWN_USERS, (named,)) if named else None
         seqs: dict[str, int] = {}
+        positions: dict[str, int] = {}
         for channel in channels:
             row = cur.fetchone()
             assert row is not None
-            seqs[channel] = int(row[0])
+            seqs[channel], positions[channel] = int(row[0]), int(row[1])
             cur.nextset()
-        read = dict(seqs)
+        read = dict(positions)
         ids = iter(sorted(int(r[0]) for r in taken)) if taken is not None else iter(())
         targets: dict[int, str] = dict(found.fetchall()) if found is not None else {}
         known = {int(r[0]) for r in users} if users is not None else set()
@@ -369,10 +382,15 @@ class PostgresStore(Reads, GroupWriter):
         for pending in items:
             message = pending.message
             if message is None:
-                assert pending.op is not None
                 if rows:  # the op sees every message queued before it
                     _copy_in(cur, rows)
                     rows = []
+                if pending.change is not None:
+                    results.append(
+                        change_message(conn, pending.change, pending.channel, next(ids), positions)
+                    )
+                    continue
+                assert pending.op is not None
                 results.append(pending.op(conn))
                 continue
             channel = channel_of(message)
@@ -386,6 +404,7 @@ class PostgresStore(Reads, GroupWriter):
                 continue
             id_ = next(ids)
             seq = seqs[channel] = seqs[channel] + 1
+            pos = positions[channel] = positions[channel] + 1
             targets[id_] = channel
             if message.mentions:
                 kept = tuple(u for u in dict.fromkeys(message.mentions) if u in known)
@@ -394,9 +413,13 @@ class PostgresStore(Reads, GroupWriter):
             if seq == 1 and message.room is None:  # a conversation begins
                 parties = (message.user_id, message.to_user_id)
                 extra.extend((_FIRST_MARKERS, (u, channel)) for u in parties if u)
-            rows.append(_message_row(id_, channel, seq, message))
-            results.append(StoredMessage(id_, message, seq))
-        changed = [(seq, channel) for channel, seq in seqs.items() if seq != read[channel]]
+            rows.append(_message_row(id_, channel, seq, message, pos))
+            results.append(StoredMessage(id_, message, seq, pos))
+        changed = [
+            (seqs[channel], pos, channel)
+            for channel, pos in positions.items()
+            if pos != read[channel]
+        ]
         if rows:
             _copy_in(cur, rows)
         with conn.pipeline():
@@ -425,9 +448,35 @@ class PostgresStore(Reads, GroupWriter):
     async def append(self, message: NewMessage, on_done: Committed) -> int:
         return await self._enqueue(Pending(None, message, on_done))
 
+    async def change(self, change: Change, on_done: Changed) -> int:
+        """The message's channel is read first: the writer locks it with
+        the group's other channels, in order, before taking the event's id
+        and position (``change_message`` checks it is still the same)."""
+        row = await self.read(
+            lambda c: c.execute(
+                "SELECT channel FROM messages WHERE id = %s", (change.message_id,)
+            ).fetchone()
+        )
+        if row is None:
+            on_done(message_not_found(change.message_id))
+            return 0
+        return await self._enqueue(Pending(None, None, on_done, change, str(row[0])))
+
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
         await self._change(lambda conn: None)
+
+    async def last_pos(self, channel: str) -> tuple[int, int]:
+        result: tuple[int, int] = await self.read(lambda c: last_pos(c, channel))
+        return result
+
+    async def log_range(
+        self, channel: str, after_pos: int, upto_pos: int, floor_seq: int, floor_pos: int
+    ) -> list[Entry]:
+        result: list[Entry] = await self.read(
+            lambda c: log_range(c, channel, after_pos, upto_pos, floor_seq, floor_pos)
+        )
+        return result
 
     async def upsert_user(self, user_id: int, username: str) -> None:
         if self._users.get(user_id) == username:
@@ -529,10 +578,16 @@ def _close_all(conns: list[Conn]) -> None:
 # --- operations: plain functions of a connection, shared with the CLI ---------
 
 
-def _message_row(id_: int, channel: str, seq: int, m: NewMessage) -> tuple[Any, ...]:
-    content, raw = m.content, None
-    if "\x00" in content:  # text cannot hold NUL: keep the bytes (pgschema.py)
-        content, raw = content.replace("\x00", "\ufffd"), content.encode()
+def _text(content: str) -> tuple[str, bytes | None]:
+    """Content as stored: ``text`` cannot hold NUL, so such content keeps
+    its bytes too (``content_raw``, pgschema.py)."""
+    if "\x00" in content:
+        return content.replace("\x00", "\ufffd"), content.encode()
+    return content, None
+
+
+def _message_row(id_: int, channel: str, seq: int, m: NewMessage, pos: int) -> tuple[Any, ...]:
+    content, raw = _text(m.content)
     return (
         id_,
         channel,
@@ -550,6 +605,99 @@ def _message_row(id_: int, channel: str, seq: int, m: NewMessage) -> tuple[Any, 
         m.created_at,
         m.data.decode() if m.data is not None else None,
         mentions_text(m.mentions),
+        pos,
+    )
+
+
+def change_message(
+    conn: Conn, change: Change, channel: str, event_id: int, positions: dict[str, int]
+) -> StoredEvent | ChatError:
+    """Edit or delete a message, as ``sqlite.change_message``, inside the
+    group's transaction (its channel locked): the event takes ``event_id``
+    and the channel's next position. A refusal is returned, not raised."""
+    row = conn.execute(
+        "SELECT channel, user_id, to_user_id, message_type, content, content_raw, created_at,"
+        " deleted, edited_at, seq, mentions FROM messages WHERE id = %s",
+        (change.message_id,),
+    ).fetchone()
+    target = None
+    if row is not None and row[0] == channel:
+        author, to_user, kind, content, raw, created_at, deleted, edited_at, seq, named = row[1:]
+        visible = True
+        if channel.startswith("r:") and change.user_id != edits.SYSTEM:
+            access = room_access(conn, channel[2:], change.user_id)
+            visible = access is None or access.allowed  # (unknown: not private)
+        target = edits.Target(channel, author, to_user, kind, created_at, bool(deleted), visible)
+    refused = edits.check(change, target)
+    if refused is not None:
+        return refused
+    pos = positions[channel] = positions[channel] + 1
+    cur = conn.cursor()
+    with conn.pipeline():
+        conn.execute(
+            "INSERT INTO message_versions (message_id, version, content, content_raw, edited_at)"
+            " SELECT %s, count(*) + 1, %s, %s, %s FROM message_versions WHERE message_id = %s",
+            (change.message_id, content, raw, edited_at, change.message_id),
+        )
+        if change.content is not None:
+            new, new_raw = _text(change.content)
+            conn.execute(
+                "UPDATE messages SET content = %s, content_raw = %s, edited_at = %s WHERE id = %s",
+                (new, new_raw, change.at, change.message_id),
+            )
+            kind_ = "edited"
+        else:
+            new, new_raw = None, None
+            conn.execute(
+                "UPDATE messages SET content = '', content_raw = NULL, media_url = NULL,"
+                " media_type = NULL, duration = NULL, data = NULL, mentions = NULL,"
+                " deleted = true WHERE id = %s",
+                (change.message_id,),
+            )
+            mentioned = mentions_of(named) or ()
+            if mentioned:
+                cur.executemany(
+                    "DELETE FROM mentions WHERE user_id = %s AND channel = %s AND seq = %s",
+                    [(uid, channel, seq) for uid in mentioned],
+                )
+            kind_ = "deleted"
+        conn.execute(
+            "INSERT INTO message_events"
+            " (id, channel, pos, message_id, kind, user_id, content, content_raw, at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (event_id, channel, pos, change.message_id, kind_, change.user_id, new, new_raw,
+             change.at),
+        )  # fmt: skip
+    return _event(
+        event_id, channel, pos, change.message_id, kind_, change.user_id, change.at,
+        change.content, author, to_user,
+    )  # fmt: skip
+
+
+def _event(
+    event_id: int,
+    channel: str,
+    pos: int,
+    message_id: int,
+    kind: str,
+    user_id: int,
+    at: str,
+    content: str | None,
+    author: int,
+    to_user: int | None,
+) -> StoredEvent:
+    room = channel[2:] if channel.startswith("r:") else None
+    return StoredEvent(
+        id=int(event_id),
+        kind=kind,
+        message_id=int(message_id),
+        user_id=int(user_id),
+        at=at,
+        room=room,
+        from_user_id=0 if room is not None else int(author),
+        to_user_id=int(to_user or 0) if room is None else 0,
+        content=content or "",
+        pos=int(pos),
     )
 
 
@@ -792,29 +940,44 @@ def history(conn: Conn, channel: str, limit: int, offset: int) -> tuple[list[Sto
 
 def missed(conn: Conn, channel: str, since_id: int, cap: int) -> Missed:
     """Where the messages of ``channel`` with an id above ``since_id`` start,
-    at most the newest ``cap`` of them (``Store.missed``).
+    at most the newest ``cap`` of them, and its newest event (``Store.missed``).
 
-    Two index lookups: the channel's newest message, then the first seq
-    after ``since_id`` among the newest ``cap + 1`` up to it (ids increase
-    with seq within a channel, and seqs are dense). A message committed
-    between the two has a seq above the newest read: the replay reads it."""
-    top = conn.execute(
-        "SELECT id, seq FROM messages WHERE channel = %(c)s ORDER BY seq DESC LIMIT 1",
-        {"c": channel},
-    ).fetchone()
+    Index lookups in one snapshot: the channel's newest message, then the
+    first seq after ``since_id`` among the newest ``cap + 1`` up to it (ids
+    increase with seq within a channel, and seqs are dense), then the
+    newest event. An entry committed after has an id above those read: the
+    replay reads it."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        top = conn.execute(
+            "SELECT id, seq FROM messages WHERE channel = %(c)s ORDER BY seq DESC LIMIT 1",
+            {"c": channel},
+        ).fetchone()
+        event = conn.execute(
+            "SELECT coalesce(max(id), 0) FROM message_events WHERE channel = %s", (channel,)
+        ).fetchone()
+        first = None
+        if top is not None:
+            newest_seq = int(top[1])
+            first = conn.execute(
+                "SELECT id, seq FROM messages WHERE channel = %(c)s AND id > %(s)s"
+                " AND seq > %(low)s AND seq <= %(high)s ORDER BY seq LIMIT 1",
+                {"c": channel, "s": since_id, "low": newest_seq - cap - 1, "high": newest_seq},
+            ).fetchone()
+            start = None
+            if first is not None and newest_seq - int(first[1]) + 1 > cap:
+                start = conn.execute(
+                    "SELECT id FROM messages WHERE channel = %s AND seq = %s",
+                    (channel, newest_seq - cap),
+                ).fetchone()
+    newest = max(int(top[0]) if top is not None else 0, int(event[0]) if event else 0)
     if top is None:
-        return Missed(0, True, 0)
-    newest_id, newest_seq = int(top[0]), int(top[1])
-    first = conn.execute(
-        "SELECT seq FROM messages WHERE channel = %(c)s AND id > %(s)s"
-        " AND seq > %(low)s AND seq <= %(high)s ORDER BY seq LIMIT 1",
-        {"c": channel, "s": since_id, "low": newest_seq - cap - 1, "high": newest_seq},
-    ).fetchone()
+        return Missed(0, since_id, True, newest)
     if first is None:
-        return Missed(newest_seq, True, newest_id)
-    if newest_seq - int(first[0]) + 1 > cap:
-        return Missed(newest_seq - cap, False, newest_id)
-    return Missed(int(first[0]) - 1, True, newest_id)
+        return Missed(newest_seq, since_id, True, newest)
+    if start is not None:
+        return Missed(newest_seq - cap, int(start[0]), False, newest)
+    return Missed(int(first[1]) - 1, since_id, True, newest)
 
 
 def after(conn: Conn, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
@@ -826,6 +989,109 @@ def after(conn: Conn, channel: str, after_seq: int, cap: int) -> list[StoredMess
         (channel, after_seq, cap),
     ).fetchall()
     return [_row_to_message(r) for r in rows]
+
+
+_EVENT_COLUMNS = (
+    "e.id, e.channel, e.pos, e.message_id, e.kind, e.user_id, e.at, e.content, e.content_raw,"
+    " m.user_id, m.to_user_id"
+)
+_EVENTS = f"SELECT {_EVENT_COLUMNS} FROM message_events e JOIN messages m ON m.id = e.message_id"
+
+
+def events(conn: Conn, channel: str, after_id: int, cap: int) -> list[StoredEvent]:
+    """The channel's edits and deletions with an id above ``after_id``,
+    oldest first, at most ``cap`` (one index range)."""
+    rows = conn.execute(
+        f"{_EVENTS} WHERE e.channel = %s AND e.id > %s ORDER BY e.id LIMIT %s",
+        (channel, after_id, cap),
+    ).fetchall()
+    return [_row_to_event(r) for r in rows]
+
+
+def log_page(
+    conn: Conn, channel: str, after_seq: int, after_id: int, cap: int
+) -> tuple[list[Entry], bool]:
+    """As ``sqlite.log_page``: both reads in one snapshot."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        messages = after(conn, channel, after_seq, cap)
+        found = events(conn, channel, after_id, cap)
+    return merge_log(messages, found, cap)
+
+
+def last_pos(conn: Conn, channel: str) -> tuple[int, int]:
+    """The channel's last position and last seq (0, 0: none), from its row
+    (a channel without one has had no event: its position is its seq)."""
+    row = conn.execute("SELECT pos, seq FROM channels WHERE name = %s", (channel,)).fetchone()
+    if row is not None:
+        return int(row[0]), int(row[1])
+    seq = last_seq(conn, channel)
+    return seq, seq
+
+
+def log_range(
+    conn: Conn, channel: str, after_pos: int, upto_pos: int, floor_seq: int, floor_pos: int
+) -> list[Entry]:
+    """The channel's entries with a position in ``(after_pos, upto_pos]``, in
+    order, in one snapshot. ``floor_pos`` is a position at or before
+    ``after_pos`` and ``floor_seq`` the seq of the last message at or before
+    it: the messages wanted are among the next ``upto_pos - floor_pos`` by
+    seq (one index range)."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        messages = [
+            m
+            for m in after(conn, channel, floor_seq, upto_pos - floor_pos)
+            if after_pos < m.pos <= upto_pos
+        ]
+        rows = conn.execute(
+            f"{_EVENTS} WHERE e.channel = %s AND e.pos > %s AND e.pos <= %s ORDER BY e.pos",
+            (channel, after_pos, upto_pos),
+        ).fetchall()
+    entries: list[Entry] = [*messages, *(_row_to_event(r) for r in rows)]
+    entries.sort(key=lambda e: e.pos)
+    return entries
+
+
+def versions(conn: Conn, message_id: int, user_id: int) -> list[tuple[str, str | None]]:
+    """As ``sqlite.versions``."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        row = conn.execute(
+            "SELECT channel, user_id, to_user_id, message_type, created_at, deleted,"
+            " content, content_raw, edited_at FROM messages WHERE id = %s",
+            (message_id,),
+        ).fetchone()
+        target = None
+        if row is not None:
+            channel, author, to_user, kind, created_at, deleted = row[:6]
+            visible = True
+            if channel.startswith("r:"):
+                access = room_access(conn, channel[2:], user_id)
+                visible = access is None or access.allowed  # (unknown: not private)
+            target = edits.Target(
+                channel, author, to_user, kind, created_at, bool(deleted), visible
+            )
+        refused = edits.may_read_versions(user_id, message_id, target)
+        if refused is not None:
+            raise refused
+        assert row is not None
+        earlier = conn.execute(
+            "SELECT content, content_raw, edited_at FROM message_versions WHERE message_id = %s"
+            " ORDER BY version",
+            (message_id,),
+        ).fetchall()
+    return [(_stored_text(c, raw), at) for c, raw, at in [*earlier, row[6:9]]]
+
+
+def _stored_text(content: str, raw: bytes | None) -> str:
+    return bytes(raw).decode() if raw is not None else content
+
+
+def _row_to_event(row: Sequence[Any]) -> StoredEvent:
+    id_, channel, pos, message_id, kind, user_id, at, content, raw, author, to_user = row
+    text = _stored_text(content, raw) if content is not None else None
+    return _event(id_, channel, pos, message_id, kind, user_id, at, text, author, to_user)
 
 
 def direct_since(
@@ -868,13 +1134,16 @@ def _row_to_message(row: Sequence[Any]) -> StoredMessage:
         seq,
         raw,
         mentions,
+        edited_at,
+        deleted,
+        pos,
     ) = row
     return StoredMessage(
         id_,
         NewMessage(
             user_id=user_id,
             username=username,
-            content=bytes(raw).decode() if raw is not None else content,
+            content=_stored_text(content, raw),
             message_type=message_type,
             created_at=created_at,
             room=channel[2:] if channel.startswith("r:") else None,
@@ -885,8 +1154,11 @@ def _row_to_message(row: Sequence[Any]) -> StoredMessage:
             reply_to=reply_to,
             data=data.encode() if data is not None else None,
             mentions=mentions_of(mentions),
+            edited_at=edited_at,
+            deleted=bool(deleted),
         ),
         seq,
+        seq if pos is None else pos,
     )
 
 

@@ -14,6 +14,13 @@ newest message read and its ``seq``, so a channel's unread count is its last
 ``seq`` minus the marker's: two index probes, whatever the channel's size.
 ``mentions`` indexes the messages that mention each user by (user, channel,
 seq): the unread mentions are a range of it after the marker.
+
+Edits and deletions (migration 4) change a message's row in place (its
+content, ``edited_at``, ``deleted``), so history and its totals cost what
+they did; each one is also an event (``message_events``, by channel and id)
+with an id from the messages' own sequence (``sqlite_sequence``), which a
+reconnecting client replays in id order with the messages it missed.
+``message_versions`` keeps every content an edit or a deletion replaced.
 """
 
 from __future__ import annotations
@@ -93,6 +100,32 @@ MIGRATIONS: list[str] = [
               UNION SELECT DISTINCT to_user_id, channel FROM messages WHERE channel LIKE 'd:%'
               UNION SELECT user_id, 'r:' || room FROM room_members) p
         WHERE p.user_id != 0
+    """,
+    # 4: edits and deletions. A message's row holds its current content (a
+    # deleted one: none, ``deleted`` 1), so history reads stay one index
+    # range; ``message_versions`` keeps each content it replaced;
+    # ``message_events`` the edits and deletions themselves, in the order of
+    # their ids (taken from the messages' sequence), for recovery.
+    """
+    ALTER TABLE messages ADD COLUMN edited_at TEXT;
+    ALTER TABLE messages ADD COLUMN deleted INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE message_events (
+        id INTEGER PRIMARY KEY,
+        channel TEXT NOT NULL,
+        message_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        user_id INTEGER NOT NULL,
+        content TEXT,
+        at TEXT NOT NULL
+    );
+    CREATE INDEX message_events_by_channel ON message_events (channel, id);
+    CREATE TABLE message_versions (
+        message_id INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        content TEXT NOT NULL,
+        edited_at TEXT,
+        PRIMARY KEY (message_id, version)
+    ) WITHOUT ROWID
     """,
 ]
 

@@ -37,19 +37,25 @@ from typing import Any
 import msgspec
 import trio
 
+from chatd import edits
 from chatd.config import RoomsConfig
 from chatd.errors import ChatError, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.store import (
+    Change,
+    Changed,
     ChannelMarkers,
     Committed,
+    Entry,
     Missed,
     NewMessage,
     ReadPoint,
     RoomAccess,
+    StoredEvent,
     StoredMessage,
     dm_channel,
+    merge_log,
     room_channel,
 )
 from chatd.store.checkpoint import (
@@ -70,7 +76,8 @@ READERS = 4
 Operation = Callable[[sqlite3.Connection], Any]
 _MESSAGE_COLUMNS = (
     "id, channel, user_id, username, to_user_id, message_type, content,"
-    " media_url, media_type, duration, reply_to, created_at, data, seq, mentions"
+    " media_url, media_type, duration, reply_to, created_at, data, seq, mentions,"
+    " edited_at, deleted"
 )
 
 
@@ -207,6 +214,10 @@ class SqliteStore(Reads, GroupWriter):
         seqs = self._seqs
         insert = lambda conn: insert_message(conn, message, seqs)  # noqa: E731
         return await self._enqueue(Pending(insert, None, on_done))
+
+    async def change(self, change: Change, on_done: Changed) -> int:
+        apply = lambda conn: change_message(conn, change)  # noqa: E731
+        return await self._enqueue(Pending(apply, None, on_done))
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
@@ -395,6 +406,100 @@ def mentions_of(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(uid) for uid in text.split(",")) if text else None
 
 
+def change_message(conn: sqlite3.Connection, change: Change) -> StoredEvent | ChatError:
+    """Edit or delete a message (``Store.change``): checked by
+    ``edits.check`` against the row as it is in this transaction; the
+    content it replaces kept in ``message_versions``; the event stored with
+    the next id of the messages' sequence. A refusal is returned, not
+    raised (the rest of the group commits)."""
+    row = conn.execute(
+        "SELECT channel, user_id, to_user_id, message_type, content, created_at, deleted,"
+        " edited_at, seq, mentions FROM messages WHERE id = ?",
+        (change.message_id,),
+    ).fetchone()
+    target = None
+    if row is not None:
+        channel, author, to_user, kind, content, created_at, deleted, edited_at, seq, named = row
+        visible = True
+        if channel.startswith("r:") and change.user_id != edits.SYSTEM:
+            access = room_access(conn, channel[2:], change.user_id)
+            visible = access is None or access.allowed  # (unknown: not private)
+        target = edits.Target(channel, author, to_user, kind, created_at, bool(deleted), visible)
+    refused = edits.check(change, target)
+    if refused is not None:
+        return refused
+    (version,) = conn.execute(
+        "SELECT count(*) FROM message_versions WHERE message_id = ?", (change.message_id,)
+    ).fetchone()
+    conn.execute(
+        "INSERT INTO message_versions (message_id, version, content, edited_at)"
+        " VALUES (?, ?, ?, ?)",
+        (change.message_id, version + 1, content, edited_at),
+    )
+    if change.content is not None:
+        conn.execute(
+            "UPDATE messages SET content = ?, edited_at = ? WHERE id = ?",
+            (change.content, change.at, change.message_id),
+        )
+        kind_ = "edited"
+    else:
+        conn.execute(
+            "UPDATE messages SET content = '', media_url = NULL, media_type = NULL,"
+            " duration = NULL, data = NULL, mentions = NULL, deleted = 1 WHERE id = ?",
+            (change.message_id,),
+        )
+        # Its mentions no longer count as unread.
+        mentioned = mentions_of(named) or ()
+        conn.executemany(
+            "DELETE FROM mentions WHERE user_id = ? AND channel = ? AND seq = ?",
+            [(uid, channel, seq) for uid in mentioned],
+        )
+        kind_ = "deleted"
+    conn.execute("UPDATE sqlite_sequence SET seq = seq + 1 WHERE name = 'messages'")
+    (event_id,) = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'messages'").fetchone()
+    conn.execute(
+        "INSERT INTO message_events (id, channel, message_id, kind, user_id, content, at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (event_id, channel, change.message_id, kind_, change.user_id, change.content, change.at),
+    )
+    return _event(
+        event_id,
+        channel,
+        change.message_id,
+        kind_,
+        change.user_id,
+        change.at,
+        change.content,
+        author,
+        to_user,
+    )
+
+
+def _event(
+    event_id: int,
+    channel: str,
+    message_id: int,
+    kind: str,
+    user_id: int,
+    at: str,
+    content: str | None,
+    author: int,
+    to_user: int | None,
+) -> StoredEvent:
+    room = channel[2:] if channel.startswith("r:") else None
+    return StoredEvent(
+        id=event_id,
+        kind=kind,
+        message_id=message_id,
+        user_id=user_id,
+        at=at,
+        room=room,
+        from_user_id=0 if room is not None else author,
+        to_user_id=(to_user or 0) if room is None else 0,
+        content=content or "",
+    )
+
+
 def channel_of(message: NewMessage) -> str:
     if message.room is not None:
         return room_channel(message.room)
@@ -531,26 +636,100 @@ def missed(conn: sqlite3.Connection, channel: str, since_id: int, cap: int) -> M
     """Where the messages of ``channel`` with an id above ``since_id`` start,
     at most the newest ``cap`` of them (``Store.missed``).
 
-    Walks the channel's index back from the newest message (one statement:
-    one snapshot; ids and seqs only, which the index holds) and stops at
-    ``since_id`` or after ``cap`` rows, so it costs what is missed, and
-    reads no message."""
+    Walks the channel's index back from the newest message (ids and seqs
+    only, which the index holds) and stops at ``since_id`` or after ``cap``
+    rows, so it costs what is missed, and reads no message; then one probe
+    of the events' index for the newest event (one snapshot for both)."""
     newest = 0
     count = 0
-    cursor = conn.execute(
-        "SELECT id, seq FROM messages WHERE channel = ? ORDER BY seq DESC", (channel,)
-    )
+    where = Missed(0, since_id, True, 0)
+    conn.execute("BEGIN")
     try:
+        cursor = conn.execute(
+            "SELECT id, seq FROM messages WHERE channel = ? ORDER BY seq DESC", (channel,)
+        )
         for message_id, seq in cursor:
             newest = newest or message_id
             if message_id <= since_id:
-                return Missed(seq, True, newest)
+                where = Missed(seq, since_id, True, newest)
+                break
             if count == cap:
-                return Missed(seq, False, newest)
+                where = Missed(seq, message_id, False, newest)
+                break
             count += 1
-    finally:
+        else:
+            where = Missed(0, since_id, True, newest)
         cursor.close()
-    return Missed(0, True, newest)
+        (event,) = conn.execute(
+            "SELECT coalesce(max(id), 0) FROM message_events WHERE channel = ?", (channel,)
+        ).fetchone()
+    finally:
+        conn.execute("COMMIT")
+    return where._replace(newest_id=max(where.newest_id, event))
+
+
+def log_page(
+    conn: sqlite3.Connection, channel: str, after_seq: int, after_id: int, cap: int
+) -> tuple[list[Entry], bool]:
+    """A page of a channel's messages after ``after_seq`` and events after
+    ``after_id``, in id order (``merge_log``), from one snapshot: an entry
+    committed between two reads could otherwise be skipped."""
+    conn.execute("BEGIN")
+    try:
+        return merge_log(
+            after(conn, channel, after_seq, cap), events(conn, channel, after_id, cap), cap
+        )
+    finally:
+        conn.execute("COMMIT")
+
+
+def events(conn: sqlite3.Connection, channel: str, after_id: int, cap: int) -> list[StoredEvent]:
+    """The channel's edits and deletions with an id above ``after_id``,
+    oldest first, at most ``cap`` (one index range)."""
+    rows = conn.execute(
+        "SELECT e.id, e.message_id, e.kind, e.user_id, e.at, e.content, m.user_id, m.to_user_id"
+        # (the channel's range of its index, whatever the statistics say: a
+        # range of all channels' newest events would grow with the others)
+        " FROM message_events e INDEXED BY message_events_by_channel"
+        " JOIN messages m ON m.id = e.message_id"
+        " WHERE e.channel = ? AND e.id > ? ORDER BY e.id LIMIT ?",
+        (channel, after_id, cap),
+    ).fetchall()
+    return [_event(r[0], channel, r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+
+
+def versions(
+    conn: sqlite3.Connection, message_id: int, user_id: int
+) -> list[tuple[str, str | None]]:
+    """Every content a message has had, oldest first (content, edited_at:
+    None for the first), for its author; raises ``ChatError``."""
+    conn.execute("BEGIN")
+    try:
+        row = conn.execute(
+            "SELECT channel, user_id, to_user_id, message_type, created_at, deleted,"
+            " content, edited_at FROM messages WHERE id = ?",
+            (message_id,),
+        ).fetchone()
+        target = None
+        if row is not None:
+            visible = True
+            if row[0].startswith("r:"):
+                access = room_access(conn, row[0][2:], user_id)
+                visible = access is None or access.allowed  # (unknown: not private)
+            channel, author, to_user, kind, created_at, deleted = row[:6]
+            target = edits.Target(
+                channel, author, to_user, kind, created_at, bool(deleted), visible
+            )
+        refused = edits.may_read_versions(user_id, message_id, target)
+        if refused is not None:
+            raise refused
+        earlier = conn.execute(
+            "SELECT content, edited_at FROM message_versions WHERE message_id = ? ORDER BY version",
+            (message_id,),
+        ).fetchall()
+    finally:
+        conn.execute("COMMIT")
+    return [*earlier, (row[6], row[7])]
 
 
 def after(conn: sqlite3.Connection, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
@@ -709,6 +888,8 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
         data,
         seq,
         mentions,
+        edited_at,
+        deleted,
     ) = row
     room = channel[2:] if channel.startswith("r:") else None
     return StoredMessage(
@@ -727,6 +908,8 @@ def _row_to_message(row: tuple[Any, ...]) -> StoredMessage:
             reply_to=reply_to,
             data=data.encode() if data is not None else None,
             mentions=mentions_of(mentions),
+            edited_at=edited_at,
+            deleted=bool(deleted),
         ),
         seq,
     )

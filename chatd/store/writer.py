@@ -34,7 +34,9 @@ import trio
 
 from chatd.metrics import Metrics
 from chatd.store import (
+    Change,
     ChannelMarkers,
+    Entry,
     Missed,
     NewMessage,
     ReadPoint,
@@ -59,19 +61,25 @@ ACCESS_CACHE_MAX = 100_000
 
 
 class Pending:
-    """One queued item: an operation or a message, and its callback."""
+    """One queued item: an operation, a message or a change (an edit or a
+    deletion, with the channel of its message: PostgreSQL's writer locks
+    it), and its callback."""
 
-    __slots__ = ("callback", "message", "op")
+    __slots__ = ("callback", "change", "channel", "message", "op")
 
     def __init__(
         self,
         op: Callable[[Any], Any] | None,
         message: NewMessage | None,
         callback: Callable[[Any], None],
+        change: Change | None = None,
+        channel: str = "",
     ) -> None:
         self.op = op
         self.message = message
         self.callback = callback
+        self.change = change
+        self.channel = channel
 
 
 class Cork(Protocol):
@@ -220,6 +228,12 @@ class Queries(Protocol):
     ) -> tuple[list[StoredMessage], int]: ...
     def missed(self, conn: Any, channel: str, since_id: int, cap: int) -> Missed: ...
     def after(self, conn: Any, channel: str, after_seq: int, cap: int) -> list[StoredMessage]: ...
+    def log_page(
+        self, conn: Any, channel: str, after_seq: int, after_id: int, cap: int
+    ) -> tuple[list[Entry], bool]: ...
+    def versions(
+        self, conn: Any, message_id: int, user_id: int
+    ) -> list[tuple[str, str | None]]: ...
     def direct_since(
         self, conn: Any, user_ids: Sequence[int], created_at: str, cap: int
     ) -> list[StoredMessage]: ...
@@ -332,11 +346,27 @@ class Reads:
         def read(conn: Any) -> Missed:
             where = q.missed(conn, channel, since_id, cap)
             if page and where.newest_id > since_id:
-                first = q.after(conn, channel, where.after_seq, page)
-                return where._replace(messages=tuple(first))
+                first, more = q.log_page(conn, channel, where.after_seq, where.after_id, page)
+                return where._replace(entries=tuple(first), more=more)
             return where
 
         result: Missed = await self.read(read)
+        return result
+
+    async def replay(
+        self, channel: str, after_seq: int, after_id: int, page: int
+    ) -> tuple[list[Entry], bool]:
+        q = self.queries
+        result: tuple[list[Entry], bool] = await self.read(
+            lambda c: q.log_page(c, channel, after_seq, after_id, page)
+        )
+        return result
+
+    async def versions(self, message_id: int, user_id: int) -> list[tuple[str, str | None]]:
+        q = self.queries
+        result: list[tuple[str, str | None]] = await self.read(
+            lambda c: q.versions(c, message_id, user_id)
+        )
         return result
 
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
