@@ -23,10 +23,11 @@ Pure: no I/O.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from typing import NamedTuple
 
 from chatd.errors import ChatError, ErrorCode, invalid_format, message_not_found
-from chatd.store import Change
+from chatd.store import Change, RoomAccess
 
 #: The system sender: the publish API's messages and deletions.
 SYSTEM = 0
@@ -44,6 +45,26 @@ class Target(NamedTuple):
     deleted: bool
     #: Whether the requester may see it (a member of its private room).
     visible: bool
+
+
+def target(
+    channel: str,
+    author: int,
+    to_user: int | None,
+    kind: str,
+    created_at: str,
+    deleted: bool,
+    user_id: int,
+    access: Callable[[str, int], RoomAccess | None],
+) -> Target:
+    """A stored message as ``user_id`` may see it: ``access`` (the store's
+    ``room_access`` on its connection) says whether a room is private to
+    others. A room unknown is not private; the system sender sees all."""
+    visible = True
+    if channel.startswith("r:") and user_id != SYSTEM:
+        found = access(channel[2:], user_id)
+        visible = found is None or found.allowed
+    return Target(channel, author, to_user, kind, created_at, bool(deleted), visible)
 
 
 def seen(user_id: int, message_id: int, target: Target | None) -> ChatError | None:

@@ -15,6 +15,7 @@ deletes any message as the system sender (``chatd.edits``), delivered as a
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -64,35 +65,34 @@ async def publish(
     elif user_id is not None and not await store.user_exists(user_id):
         raise ChatError(ErrorCode.USER_NOT_FOUND, "User not found", {"user_id": user_id})
     await _api_limit(ctx)
-    done = trio.Event()
-    box: list[StoredMessage | ChatError] = []
-
-    def outcome(result: StoredMessage | ChatError) -> None:
-        box.append(result)
-        done.set()
-
-    await ctx.messages.publish(message, outcome)
-    with trio.CancelScope(shield=True):  # committed either way: see it through
-        await done.wait()
-    if isinstance(box[0], ChatError):
-        raise box[0]
-    return box[0]
+    stored: StoredMessage = await _settled(lambda outcome: ctx.messages.publish(message, outcome))
+    return stored
 
 
 async def delete(ctx: Context[Any], message_id: int) -> StoredEvent:
     """Delete a message as the system sender; its ``message_deleted`` goes
     wherever the message went. Raises ``ChatError``."""
     await _api_limit(ctx)
-    done = trio.Event()
-    box: list[StoredEvent | ChatError] = []
+    change = Change(message_id, SYSTEM_USER.user_id, rfc3339(ctx.wall()))
+    event: StoredEvent = await _settled(
+        lambda outcome: ctx.messages.change(change, None, done=outcome)
+    )
+    return event
 
-    def outcome(result: StoredEvent | ChatError) -> None:
+
+async def _settled(queue: Callable[[Callable[[Any], None]], Awaitable[object]]) -> Any:
+    """Queue a write with ``queue(outcome)`` and wait for its outcome (once
+    queued it is committed or refused either way: see it through); raise
+    the ``ChatError`` that refused it."""
+    done = trio.Event()
+    box: list[Any] = []
+
+    def outcome(result: Any) -> None:
         box.append(result)
         done.set()
 
-    change = Change(message_id, SYSTEM_USER.user_id, rfc3339(ctx.wall()))
-    await ctx.messages.change(change, None, done=outcome)
-    with trio.CancelScope(shield=True):  # committed either way: see it through
+    await queue(outcome)
+    with trio.CancelScope(shield=True):
         await done.wait()
     if isinstance(box[0], ChatError):
         raise box[0]

@@ -8,24 +8,14 @@ from collections.abc import Callable
 from typing import Any
 
 from chatd.config import Config
-from tests.helpers.clients import Client, connect
+from tests.helpers.clients import PRESENCE, Client, connect, next_of
 from tests.helpers.clocks import WallClock
 from tests.helpers.http_client import http_request
 from tests.helpers.servers import running
 
 ALICE, BOB, CAROL = 1, 2, 3
-PRESENCE = {"user_connected", "user_disconnected", "room_presence"}
 #: What reaches a member without asking.
 LIVE = {"room_message", "direct_message", "message_edited", "message_deleted"}
-
-
-async def next_of(client: Client, type_: str, wait: float = 5.0) -> dict[str, Any]:
-    """The next frame of ``type_``, skipping presence announcements."""
-    while True:
-        frame = await client.recv(wait)
-        if frame["type"] == type_:
-            return frame
-        assert frame["type"] in PRESENCE, frame
 
 
 async def answer(client: Client, type_: str, data: Any, request_id: str) -> dict[str, Any]:

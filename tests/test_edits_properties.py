@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from chatd.config import Config
 from tests.helpers.clients import Client, connect
-from tests.test_edits import LIVE, apply
+from tests.test_edits import LIVE, answer, apply
 from tests.test_session_properties import ServerThread
 
 EXAMPLES = 25
@@ -54,14 +54,6 @@ def server_thread(make_config: Callable[..., Config]) -> Iterator[ServerThread]:
         yield thread
     finally:
         thread.stop()
-
-
-async def answer(client: Client, type_: str, data: Any, request_id: str) -> dict[str, Any]:
-    await client.send(type_, data, request_id)
-    while True:
-        frame = await client.recv()
-        if frame.get("request_id") == request_id:
-            return frame
 
 
 async def history(client: Client) -> list[dict[str, Any]]:

@@ -16,20 +16,10 @@ import trio
 import trio.testing
 
 from chatd.config import Config
-from tests.helpers.clients import Client, connect
+from tests.helpers.clients import PRESENCE, Client, connect, next_of
 from tests.helpers.servers import running
 
 ALICE, BOB, CAROL = 1, 2, 3
-PRESENCE = {"user_connected", "user_disconnected", "room_presence"}
-
-
-async def next_of(client: Client, type_: str, wait: float = 5.0) -> dict[str, Any]:
-    """The next frame of ``type_``, skipping presence announcements."""
-    while True:
-        frame = await client.recv(wait)
-        if frame["type"] == type_:
-            return frame
-        assert frame["type"] in PRESENCE, frame
 
 
 async def post(client: Client, room: str, content: str, **extra: Any) -> int:

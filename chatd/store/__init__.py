@@ -119,6 +119,36 @@ class StoredEvent(msgspec.Struct, frozen=True, gc=False):
 Entry = StoredMessage | StoredEvent
 
 
+def event_of(
+    event_id: int,
+    channel: str,
+    message_id: int,
+    kind: str,
+    user_id: int,
+    at: str,
+    content: str | None,
+    author: int,
+    to_user: int | None,
+    pos: int = 0,
+) -> StoredEvent:
+    """An event as either store reads or writes it: where its message is
+    (``channel``; a conversation's parties are the message's ``author`` and
+    ``to_user``)."""
+    room = channel[2:] if channel.startswith("r:") else None
+    return StoredEvent(
+        id=int(event_id),
+        kind=kind,
+        message_id=int(message_id),
+        user_id=int(user_id),
+        at=at,
+        room=room,
+        from_user_id=0 if room is not None else int(author),
+        to_user_id=int(to_user or 0) if room is None else 0,
+        content=content or "",
+        pos=int(pos),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class RoomAccess:
     """A room as one user may see it."""

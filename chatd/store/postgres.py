@@ -58,6 +58,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -84,6 +85,7 @@ from chatd.store import (
     RoomAccess,
     StoredEvent,
     StoredMessage,
+    event_of,
     merge_log,
     room_channel,
 )
@@ -623,11 +625,10 @@ def change_message(
     target = None
     if row is not None and row[0] == channel:
         author, to_user, kind, content, raw, created_at, deleted, edited_at, seq, named = row[1:]
-        visible = True
-        if channel.startswith("r:") and change.user_id != edits.SYSTEM:
-            access = room_access(conn, channel[2:], change.user_id)
-            visible = access is None or access.allowed  # (unknown: not private)
-        target = edits.Target(channel, author, to_user, kind, created_at, bool(deleted), visible)
+        target = edits.target(
+            channel, author, to_user, kind, created_at, deleted, change.user_id,
+            partial(room_access, conn),
+        )  # fmt: skip
     refused = edits.check(change, target)
     if refused is not None:
         return refused
@@ -668,37 +669,10 @@ def change_message(
             (event_id, channel, pos, change.message_id, kind_, change.user_id, new, new_raw,
              change.at),
         )  # fmt: skip
-    return _event(
-        event_id, channel, pos, change.message_id, kind_, change.user_id, change.at,
-        change.content, author, to_user,
+    return event_of(
+        event_id, channel, change.message_id, kind_, change.user_id, change.at,
+        change.content, author, to_user, pos,
     )  # fmt: skip
-
-
-def _event(
-    event_id: int,
-    channel: str,
-    pos: int,
-    message_id: int,
-    kind: str,
-    user_id: int,
-    at: str,
-    content: str | None,
-    author: int,
-    to_user: int | None,
-) -> StoredEvent:
-    room = channel[2:] if channel.startswith("r:") else None
-    return StoredEvent(
-        id=int(event_id),
-        kind=kind,
-        message_id=int(message_id),
-        user_id=int(user_id),
-        at=at,
-        room=room,
-        from_user_id=0 if room is not None else int(author),
-        to_user_id=int(to_user or 0) if room is None else 0,
-        content=content or "",
-        pos=int(pos),
-    )
 
 
 def upsert_user(conn: Conn, user_id: int, username: str, now: float | None = None) -> None:
@@ -1065,13 +1039,10 @@ def versions(conn: Conn, message_id: int, user_id: int) -> list[tuple[str, str |
         target = None
         if row is not None:
             channel, author, to_user, kind, created_at, deleted = row[:6]
-            visible = True
-            if channel.startswith("r:"):
-                access = room_access(conn, channel[2:], user_id)
-                visible = access is None or access.allowed  # (unknown: not private)
-            target = edits.Target(
-                channel, author, to_user, kind, created_at, bool(deleted), visible
-            )
+            target = edits.target(
+                channel, author, to_user, kind, created_at, deleted, user_id,
+                partial(room_access, conn),
+            )  # fmt: skip
         refused = edits.may_read_versions(user_id, message_id, target)
         if refused is not None:
             raise refused
@@ -1091,7 +1062,7 @@ def _stored_text(content: str, raw: bytes | None) -> str:
 def _row_to_event(row: Sequence[Any]) -> StoredEvent:
     id_, channel, pos, message_id, kind, user_id, at, content, raw, author, to_user = row
     text = _stored_text(content, raw) if content is not None else None
-    return _event(id_, channel, pos, message_id, kind, user_id, at, text, author, to_user)
+    return event_of(id_, channel, message_id, kind, user_id, at, text, author, to_user, pos)
 
 
 def direct_since(

@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,7 @@ from chatd.store import (
     StoredEvent,
     StoredMessage,
     dm_channel,
+    event_of,
     merge_log,
     room_channel,
 )
@@ -420,11 +422,10 @@ def change_message(conn: sqlite3.Connection, change: Change) -> StoredEvent | Ch
     target = None
     if row is not None:
         channel, author, to_user, kind, content, created_at, deleted, edited_at, seq, named = row
-        visible = True
-        if channel.startswith("r:") and change.user_id != edits.SYSTEM:
-            access = room_access(conn, channel[2:], change.user_id)
-            visible = access is None or access.allowed  # (unknown: not private)
-        target = edits.Target(channel, author, to_user, kind, created_at, bool(deleted), visible)
+        target = edits.target(
+            channel, author, to_user, kind, created_at, deleted, change.user_id,
+            partial(room_access, conn),
+        )  # fmt: skip
     refused = edits.check(change, target)
     if refused is not None:
         return refused
@@ -462,42 +463,10 @@ def change_message(conn: sqlite3.Connection, change: Change) -> StoredEvent | Ch
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         (event_id, channel, change.message_id, kind_, change.user_id, change.content, change.at),
     )
-    return _event(
-        event_id,
-        channel,
-        change.message_id,
-        kind_,
-        change.user_id,
-        change.at,
-        change.content,
-        author,
-        to_user,
-    )
-
-
-def _event(
-    event_id: int,
-    channel: str,
-    message_id: int,
-    kind: str,
-    user_id: int,
-    at: str,
-    content: str | None,
-    author: int,
-    to_user: int | None,
-) -> StoredEvent:
-    room = channel[2:] if channel.startswith("r:") else None
-    return StoredEvent(
-        id=event_id,
-        kind=kind,
-        message_id=message_id,
-        user_id=user_id,
-        at=at,
-        room=room,
-        from_user_id=0 if room is not None else author,
-        to_user_id=(to_user or 0) if room is None else 0,
-        content=content or "",
-    )
+    return event_of(
+        event_id, channel, change.message_id, kind_, change.user_id, change.at,
+        change.content, author, to_user,
+    )  # fmt: skip
 
 
 def channel_of(message: NewMessage) -> str:
@@ -695,7 +664,7 @@ def events(conn: sqlite3.Connection, channel: str, after_id: int, cap: int) -> l
         " WHERE e.channel = ? AND e.id > ? ORDER BY e.id LIMIT ?",
         (channel, after_id, cap),
     ).fetchall()
-    return [_event(r[0], channel, r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows]
+    return [event_of(r[0], channel, *r[1:]) for r in rows]
 
 
 def versions(
@@ -712,14 +681,11 @@ def versions(
         ).fetchone()
         target = None
         if row is not None:
-            visible = True
-            if row[0].startswith("r:"):
-                access = room_access(conn, row[0][2:], user_id)
-                visible = access is None or access.allowed  # (unknown: not private)
             channel, author, to_user, kind, created_at, deleted = row[:6]
-            target = edits.Target(
-                channel, author, to_user, kind, created_at, bool(deleted), visible
-            )
+            target = edits.target(
+                channel, author, to_user, kind, created_at, deleted, user_id,
+                partial(room_access, conn),
+            )  # fmt: skip
         refused = edits.may_read_versions(user_id, message_id, target)
         if refused is not None:
             raise refused

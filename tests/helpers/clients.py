@@ -77,6 +77,20 @@ class Client:
         assert frame["type"] == "pong" and frame.get("request_id") == "__barrier__", frame
 
 
+#: Presence announcements, which a test waiting for something else skips.
+PRESENCE = frozenset({"user_connected", "user_disconnected", "room_presence"})
+
+
+async def next_of(client: Client, type_: str, wait: float = 5.0) -> dict[str, Any]:
+    """The next frame of ``type_``, skipping presence announcements (any
+    other frame on the way is a failure)."""
+    while True:
+        frame = await client.recv(wait)
+        if frame["type"] == type_:
+            return frame
+        assert frame["type"] in PRESENCE, frame
+
+
 def ws_url(target: int | HasPort, token: str | None = None, **query: str) -> str:
     """The chat endpoint of ``target`` (a port, or anything with ``.port``)."""
     port = target if isinstance(target, int) else target.port
