@@ -837,6 +837,20 @@ async def test_a_node_cut_off_from_redis_catches_up_from_the_store(
                     dm = await next_frame(bob, ("direct_message",))
                 assert dm["data"]["id"] == own["data"]["id"]
                 await bob.nothing_pending()
+
+                # and edits, in the room and in the conversation
+                link.cut()
+                edits = []
+                for target, content in ((missed[0], "edited"), (own["data"]["id"], "psst!")):
+                    data = {"message_id": target, "content": content}
+                    edited = await ask(alice, "edit_message", data, f"edit:{target}")
+                    assert edited["type"] == "message_edited", edited
+                    edits.append(edited["data"])
+                link.restore()
+                with trio.fail_after(WAIT * 3):
+                    got = [(await next_frame(bob, ("message_edited",)))["data"] for _ in edits]
+                assert got == edits
+                await bob.nothing_pending()
     gc.collect()
 
 

@@ -459,6 +459,8 @@ async def test_reads_use_the_indexes(pg_dsn: str) -> None:
             assert any(name in plan for plan in channel_plans), name
         (direct,) = plans([lambda c: pg.direct_since(c, [3, 4], "2024-01-01T00:45:00Z", 50)])
         assert "messages_direct_from" in direct and "messages_direct_to" in direct
+        (events,) = plans([lambda c: pg.direct_events_since(c, [3, 4], "2024-01-01T00:45:00Z", 50)])
+        assert "message_events_by_at" in events
         (access,) = plans([lambda c: pg.room_access(c, "room1", 3)])
         assert "messages" not in access  # the room and its members alone
 

@@ -19,7 +19,8 @@ already in the store:
 - When the subscription comes back after Redis restarted or was unreachable,
   the node reads every followed room from its last delivered position, and
   the direct messages of its connected users created since shortly before
-  it last heard from Redis (duplicates are dropped by id).
+  it last heard from Redis, and their edits and deletions (duplicates are
+  dropped by id).
 - Events that could not be published wait in a bounded outbox and go out
   when Redis is back (receivers drop what they already have).
 
@@ -90,6 +91,12 @@ class LogStore(Store, Protocol):
         """The channel's entries with a position in ``(after_pos,
         upto_pos]``, in order; (``floor_pos``, ``floor_seq``) is a position
         at or before ``after_pos`` and the seq of the last message there."""
+
+    async def direct_events_since(
+        self, user_ids: Sequence[int], at: str, cap: int
+    ) -> list[StoredEvent]:
+        """Edits and deletions of direct messages to or from any of
+        ``user_ids`` made at or after ``at`` (RFC 3339), oldest first."""
 
 
 class Event(msgspec.Struct, array_like=True, frozen=True):
@@ -390,10 +397,14 @@ class RedisBus(Generic[P]):
         if users:
             since = rfc3339(heard - DM_MARGIN_SECONDS)
             try:
-                missed = await self.store.direct_since(users, since, 10 * CATCH_UP)
+                missed: list[Entry] = [
+                    *await self.store.direct_since(users, since, 10 * CATCH_UP),
+                    *await self.store.direct_events_since(users, since, 10 * CATCH_UP),
+                ]
             except Exception as exc:
                 log.warning("cluster: cannot catch up direct messages: %s", exc)
                 return
+            missed.sort(key=lambda entry: entry.id)
             with self.hub.batch():
                 for stored in missed:
                     self._deliver(stored)

@@ -143,6 +143,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX message_events_by_channel ON message_events (channel, id);
     CREATE UNIQUE INDEX message_events_by_pos ON message_events (channel, pos);
+    CREATE INDEX message_events_by_at ON message_events (at);
     CREATE TABLE message_versions (
         message_id bigint NOT NULL,
         version integer NOT NULL,

@@ -468,6 +468,13 @@ class PostgresStore(Reads, GroupWriter):
         """Return once everything queued before this call is committed."""
         await self._change(lambda conn: None)
 
+    async def direct_events_since(
+        self, user_ids: Sequence[int], at: str, cap: int
+    ) -> list[StoredEvent]:
+        ids = list(user_ids)
+        result: list[StoredEvent] = await self.read(lambda c: direct_events_since(c, ids, at, cap))
+        return result
+
     async def last_pos(self, channel: str) -> tuple[int, int]:
         result: tuple[int, int] = await self.read(lambda c: last_pos(c, channel))
         return result
@@ -978,6 +985,24 @@ def events(conn: Conn, channel: str, after_id: int, cap: int) -> list[StoredEven
     rows = conn.execute(
         f"{_EVENTS} WHERE e.channel = %s AND e.id > %s ORDER BY e.id LIMIT %s",
         (channel, after_id, cap),
+    ).fetchall()
+    return [_row_to_event(r) for r in rows]
+
+
+def direct_events_since(
+    conn: Conn, user_ids: Sequence[int], at: str, cap: int
+) -> list[StoredEvent]:
+    """Edits and deletions of direct messages to or from any of
+    ``user_ids`` made at or after ``at``, oldest first, at most ``cap`` (a
+    range of ``message_events_by_at``)."""
+    if not user_ids:
+        return []
+    ids = list(user_ids)
+    rows = conn.execute(
+        f"{_EVENTS} WHERE e.at >= %s AND e.channel LIKE 'd:%%'"
+        " AND (m.user_id = ANY(%s::bigint[]) OR m.to_user_id = ANY(%s::bigint[]))"
+        " ORDER BY e.id LIMIT %s",
+        (at, ids, ids, cap),
     ).fetchall()
     return [_row_to_event(r) for r in rows]
 
