@@ -1001,10 +1001,10 @@ def direct_events_since(
     rows = conn.execute(
         f"{_EVENTS} WHERE e.at >= %s AND e.channel LIKE 'd:%%'"
         " AND (m.user_id = ANY(%s::bigint[]) OR m.to_user_id = ANY(%s::bigint[]))"
-        " ORDER BY e.id LIMIT %s",
+        " ORDER BY e.at, e.id LIMIT %s",  # (by time: the index's order, never all of it)
         (at, ids, ids, cap),
     ).fetchall()
-    return [_row_to_event(r) for r in rows]
+    return sorted((_row_to_event(r) for r in rows), key=lambda e: e.id)
 
 
 def log_page(
