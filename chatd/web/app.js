@@ -10,6 +10,13 @@
 // arriving meanwhile), the open conversation marked read while the page is
 // visible and shows its newest message, "Seen" from read receipts. Also typing
 // indicators, @name mentions, and the other party's last seen (presence_query).
+//
+// Edits and deletions: the user's own messages have Edit (an inline input:
+// Enter saves, Escape cancels) and Delete (confirmed inline: no dialogs);
+// message_edited / message_deleted re-render the row in place, "(edited)"
+// or a "message deleted" tombstone, as history shows them. Each conversation
+// keeps its messages by id for this, and its "last id" for since_id counts
+// these events too, so a reconnection replays the ones missed.
 'use strict';
 
 const PAGE_SIZE = 50;
@@ -64,10 +71,13 @@ let me = null;          // {id, name}
 let opened = false;     // has this login been connected once (then: a reconnection)
 let current = null;     // key of the conversation shown
 const convs = new Map(); // 'room:NAME' | 'dm:ID' -> conversation
-const notificationIds = new Set();
+// The user's notifications (the conversation with user 0), shown in their own
+// list; shaped as a conversation so that a deletion re-renders a row alike.
+const notices = { key: 'notices', kind: 'notices', list: $('notifications'), messages: new Map() };
 let typingIn = null;    // {key, at}: where this user was last said to be typing
 let presenceTimer = null;
 let markTimer = null;   // a scheduled markRead
+let editing = null;     // {key, id}: the message whose inline editor is open
 
 function el(tag, attrs = {}, ...children) {
     const node = document.createElement(tag);
@@ -132,8 +142,9 @@ function logout(message) {
     }
     for (const conv of convs.values()) forgetTypists(conv);
     convs.clear();
-    notificationIds.clear();
+    notices.messages.clear();
     current = null;
+    editing = null;
     typingIn = null;
     clearInterval(presenceTimer);
     clearTimeout(markTimer);
@@ -228,7 +239,9 @@ function conversation(key, kind, fields) {
     const li = el('li', {}, button);
     $(kind === 'room' ? 'room-list' : 'dm-list').append(li);
     conv = {
-        key, kind, list, button, label, badge, li, ids: new Set(), lastId: null, hasMore: true, loaded: false,
+        key, kind, list, button, label, badge, li, lastId: null, hasMore: true, loaded: false,
+        // The messages shown, by id (kept to re-render a row edited or deleted).
+        messages: new Map(),
         // Read state: this user's marker (lastReadId), the newest id sent in a
         // mark_read (sentReadId), the newest id the unread count accounts for
         // (countedId), the counts; in a conversation, how far the other party
@@ -330,7 +343,7 @@ function atBottom() {
 
 function newestId(conv) {
     let newest = 0;
-    for (const id of conv.ids) if (id > newest) newest = id;
+    for (const id of conv.messages.keys()) if (id > newest) newest = id;
     return newest;
 }
 
@@ -556,11 +569,19 @@ function renderMessage(m, notification) {
         isNaN(when) ? '' : when.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' }));
     li.append(el('span', { class: 'meta' }, el('strong', { class: 'user' }, who), ' ', time), ' ');
     if (notification) li.classList.add('notification');
+    if (m.deleted) { // a tombstone keeps the message's place, and nothing of what it said
+        li.classList.add('deleted');
+        li.append(el('span', { class: 'tombstone', 'data-testid': 'tombstone' }, 'message deleted'));
+        return li;
+    }
     if (m.message_type && m.message_type !== 'text' && !notification) {
         li.append(el('span', { class: 'kind' }, `[${m.message_type}]`), ' ');
     }
     if (m.reply_to) li.append(el('span', { class: 'reply' }, `↪ #${m.reply_to}`), ' ');
     li.append(el('span', { class: 'content', 'data-testid': 'content' }, m.content ?? ''));
+    if (m.edited_at) {
+        li.append(' ', el('span', { class: 'edited', 'data-testid': 'edited', title: m.edited_at }, '(edited)'));
+    }
     const url = safeMediaUrl(m.media_url);
     if (url) {
         li.append(' ', el('a', { href: url, rel: 'noopener noreferrer', target: '_blank', class: 'media' },
@@ -569,22 +590,58 @@ function renderMessage(m, notification) {
     if (m.data !== undefined && m.data !== null) {
         li.append(' ', el('code', { class: 'data' }, JSON.stringify(m.data)));
     }
+    // The server lets only the author edit or delete, and never a reaction's text.
+    if (li.dataset.mine === 'true' && m.message_type !== 'reaction') li.append(' ', renderActions());
     return li;
+}
+
+function actionButton(action, label, title) {
+    return el('button', { type: 'button', class: 'action', 'data-action': action, 'data-testid': action, title }, label);
+}
+
+// Edit and Delete; their clicks are handled once for all rows (onRowAction).
+function renderActions() {
+    return el('span', { class: 'actions' },
+        actionButton('edit', 'Edit', 'Edit this message'),
+        actionButton('delete', 'Delete', 'Delete this message'));
+}
+
+// Kept as shown: a notification, live or from history, as message_type
+// 'notification' (how history has it), so that a re-render knows it.
+function kept(m, notification) {
+    return notification && m.message_type !== 'notification' ? { ...m, message_type: 'notification' } : m;
 }
 
 // Insert in id order, once; keep the view at the bottom when it was there.
 function addMessage(conv, m, notification = false) {
-    if (conv.ids.has(m.id)) return;
-    conv.ids.add(m.id);
+    m = kept(m, notification || m.message_type === 'notification');
     if (conv.kind === 'room') conv.lastId = Math.max(conv.lastId ?? 0, m.id);
+    if (conv.messages.has(m.id)) {
+        refresh(conv, m);
+        return;
+    }
+    conv.messages.set(m.id, m);
     const views = $('views');
     const atBottom = views.scrollHeight - views.scrollTop - views.clientHeight < 40;
-    const node = renderMessage(m, notification || m.message_type === 'notification');
+    const node = renderMessage(m, m.message_type === 'notification');
     let after = conv.list.lastElementChild;
     while (after && Number(after.dataset.id) > m.id) after = after.previousElementSibling;
     if (after) after.after(node);
     else conv.list.prepend(node);
     if (conv.key === current && atBottom && node === conv.list.lastElementChild) views.scrollTop = views.scrollHeight;
+}
+
+// A message shown already, come again (a page of history overlapping the
+// last; a conversation's first page reloaded after a reconnection, which is
+// how a conversation catches up on edits and deletions): a newer edit or a
+// deletion replaces what is shown; a deletion is final.
+function refresh(conv, m) {
+    const old = conv.messages.get(m.id);
+    if (old.deleted) return;
+    if (m.deleted || (m.edited_at && m.edited_at > (old.edited_at ?? ''))) {
+        conv.messages.set(m.id, m);
+        rerender(conv, m.id);
+    }
 }
 
 // A message delivered live: shown, counted, its sender no longer typing there.
@@ -603,12 +660,163 @@ function receive(conv, m, notification = false) {
 
 // Newest first, once each.
 function addNotification(m) {
-    if (notificationIds.has(m.id)) return;
-    notificationIds.add(m.id);
-    const list = $('notifications');
+    if (notices.messages.has(m.id)) return;
+    m = kept(m, true);
+    notices.messages.set(m.id, m);
+    const list = notices.list;
     let before = list.firstElementChild;
     while (before && Number(before.dataset.id) > m.id) before = before.nextElementSibling;
     list.insertBefore(renderMessage(m, true), before);
+}
+
+// --- edits and deletions -------------------------------------------------------
+
+function rowOf(conv, id) {
+    return conv.list.querySelector(`:scope > li[data-id="${Number(id)}"]`);
+}
+
+// The row of a kept message drawn again from it, in the same place. An open
+// editor stays open through someone else's edit (the draft is not lost; a
+// Cancel shows the new content), not through a deletion.
+function rerender(conv, id) {
+    const old = rowOf(conv, id);
+    const m = conv.messages.get(id);
+    if (!old || !m) return;
+    if (editing && editing.key === conv.key && editing.id === id) {
+        if (!m.deleted) return;
+        editing = null;
+    }
+    old.replaceWith(renderMessage(m, m.message_type === 'notification'));
+    renderSeen(conv); // "Seen" was in the old row
+}
+
+// What a deleted message keeps (as history shows it): who, when, where.
+function tombstone(m) {
+    const { id, room, user_id, username, from_user_id, from_username, to_user_id, created_at, message_type } = m;
+    return { id, room, user_id, username, from_user_id, from_username, to_user_id, created_at, message_type,
+        content: '', deleted: true };
+}
+
+// The conversation of a message_edited / message_deleted: its room, or the
+// other party of a conversation (user 0: the notifications list).
+function eventConv(data) {
+    if (data.room !== undefined) return convs.get(`room:${data.room}`);
+    const peer = data.from_user_id === me.id ? data.to_user_id : data.from_user_id;
+    return peer === 0 ? notices : convs.get(`dm:${peer}`);
+}
+
+// An edit or deletion, live or replayed: applied in id order, which is how
+// they come, it leaves the message as history shows it. A room's lastId
+// counts it, so that since_id after a reconnection does not replay it again.
+function applyChange(data, change) {
+    const conv = eventConv(data);
+    if (!conv) return;
+    if (conv.kind === 'room') conv.lastId = Math.max(conv.lastId ?? 0, data.id);
+    const m = conv.messages.get(data.message_id);
+    if (!m || m.deleted) return; // not loaded here: history will show it as it is
+    conv.messages.set(m.id, change(m));
+    rerender(conv, m.id);
+}
+
+// An edit or deletion asked of the server; its answer (message_edited or
+// message_deleted, or an error frame) re-renders the row or says why not.
+function sendChange(type, data) {
+    if (!connected()) {
+        setStatus('Not connected: the message was not changed.', 'error');
+        return false;
+    }
+    client.send(type, data);
+    return true;
+}
+
+function startEdit(conv, li, m) {
+    if (editing) closeEditor();
+    const input = el('input', {
+        class: 'edit-input', 'data-testid': 'edit-input', 'aria-label': 'Edited message',
+        maxlength: String($('message-input').maxLength), autocomplete: 'off',
+    });
+    input.value = m.content ?? '';
+    const form = el('form', { class: 'edit-form' }, input,
+        el('button', { type: 'submit', 'data-testid': 'edit-save' }, 'Save'),
+        actionButton('edit-cancel', 'Cancel', 'Keep the message as it is'));
+    li.querySelector('.content').replaceWith(form);
+    li.querySelector('.actions').hidden = true;
+    editing = { key: conv.key, id: m.id };
+    input.focus();
+    input.setSelectionRange(input.value.length, input.value.length);
+}
+
+// The open editor closed, its row shown from the kept message.
+function closeEditor() {
+    if (!editing) return;
+    const conv = editing.key === notices.key ? notices : convs.get(editing.key);
+    const id = editing.id;
+    editing = null;
+    if (conv) rerender(conv, id);
+}
+
+function saveEdit(conv, form, m) {
+    const content = form.querySelector('.edit-input').value;
+    if (content === m.content) {
+        closeEditor();
+        return;
+    }
+    if (m.message_type === 'text' && !content.trim()) { // the server would refuse it
+        setStatus('A message cannot be empty: Delete takes it back.', 'error');
+        return;
+    }
+    // Shown as it was until the server says it changed.
+    if (sendChange('edit_message', { message_id: m.id, content })) closeEditor();
+}
+
+// Delete asks first, in the row itself (a dialog would block the page).
+function confirmDelete(conv, li) {
+    const actions = li.querySelector('.actions');
+    actions.classList.add('confirm');
+    actions.replaceChildren('Delete this message? ',
+        actionButton('delete-yes', 'Yes', 'Delete it'),
+        actionButton('delete-no', 'No', 'Keep it'));
+}
+
+const rowActions = {
+    edit: startEdit,
+    'edit-cancel': () => closeEditor(),
+    delete: confirmDelete,
+    'delete-no': (conv, li, m) => rerender(conv, m.id),
+    'delete-yes': (conv, li, m) => {
+        sendChange('delete_message', { message_id: m.id });
+        rerender(conv, m.id); // as it was until the server says it is gone
+    },
+};
+
+// The conversation, row and kept message of an element in a row.
+function rowContext(target) {
+    const li = target.closest('li.message');
+    const list = li && li.closest('ol.messages');
+    const conv = list && convs.get(list.dataset.conv);
+    const m = conv && conv.messages.get(Number(li.dataset.id));
+    return m ? { conv, li, m } : null;
+}
+
+function onRowAction(event) {
+    const button = event.target.closest('button[data-action]');
+    const at = button && rowContext(button);
+    if (at) rowActions[button.dataset.action](at.conv, at.li, at.m);
+}
+
+function onEditSubmit(event) {
+    const form = event.target.closest('form.edit-form');
+    if (!form) return;
+    event.preventDefault();
+    const at = rowContext(form);
+    if (at) saveEdit(at.conv, form, at.m);
+}
+
+function onEditKey(event) {
+    if (event.key === 'Escape' && event.target.matches('.edit-input')) {
+        event.preventDefault();
+        closeEditor();
+    }
 }
 
 function dmPeer(m) {
@@ -624,7 +832,7 @@ const handlers = {
         if (data.recovered === false) {
             // More was missed than the server replays: start again from the newest.
             conv.list.replaceChildren();
-            conv.ids.clear();
+            conv.messages.clear();
             conv.hasMore = true;
             if (conv.key === current) renderOlder();
         }
@@ -671,6 +879,12 @@ const handlers = {
         renderOlder();
         renderSeen(conv);
         if (conv.key === current) scheduleMarkRead();
+    },
+    message_edited(data) {
+        applyChange(data, (m) => ({ ...m, content: data.content, edited_at: data.edited_at }));
+    },
+    message_deleted(data) {
+        applyChange(data, tombstone);
     },
     mark_read_ack(data) {
         const conv = data.room !== undefined ? convs.get(`room:${data.room}`) : convs.get(`dm:${data.with_user}`);
@@ -859,6 +1073,9 @@ function mentionedIn(conv, content) {
 }
 
 $('message-input').addEventListener('input', onComposerInput);
+$('views').addEventListener('click', onRowAction);
+$('views').addEventListener('submit', onEditSubmit);
+$('views').addEventListener('keydown', onEditKey);
 $('views').addEventListener('scroll', () => {
     if (atBottom()) scheduleMarkRead();
 }, { passive: true });
@@ -871,7 +1088,7 @@ document.addEventListener('visibilitychange', () => {
 $('load-older').addEventListener('click', () => {
     const conv = convs.get(current);
     if (!conv) return;
-    const page = { limit: PAGE_SIZE, offset: conv.ids.size }; // offset: messages already shown
+    const page = { limit: PAGE_SIZE, offset: conv.messages.size }; // offset: messages already shown
     if (conv.kind === 'room') client.getRoomHistory(conv.name, page.limit, page.offset);
     else client.send('dm_history', { with_user: conv.userId, ...page });
 });

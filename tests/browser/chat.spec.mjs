@@ -503,6 +503,151 @@ try {
         await presence(bob, /^online$/).waitFor();
     });
 
+    // --- edits and deletions --------------------------------------------------
+    const general = 'room:general';
+    const byId = (p, key, id) => view(p, key).locator(`li.message[data-id="${id}"]`);
+    const idOf = async (p, key, text) => Number(await row(p, key, text).getAttribute('data-id'));
+    const shownIds = (p, key) => view(p, key).locator('li').evaluateAll((els) => els.map((e) => Number(e.dataset.id)));
+
+    // A user edits a message of theirs through the page: Edit, the new text, Enter.
+    async function edit(p, id, content) {
+        const mine = byId(p, general, id);
+        await mine.locator('[data-testid="edit"]').click();
+        const input = mine.locator('[data-testid="edit-input"]');
+        await input.fill(content);
+        await input.press('Enter');
+        await mine.locator('.content', { hasText: content }).waitFor();
+        await mine.locator('[data-testid="edited"]').waitFor();
+    }
+
+    // ... and deletes one: Delete, then "Yes" in the row.
+    async function remove(p, id) {
+        const mine = byId(p, general, id);
+        await mine.locator('[data-testid="delete"]').click();
+        await mine.locator('[data-testid="delete-yes"]').click();
+        await mine.locator('[data-testid="tombstone"]').waitFor();
+    }
+
+    // A row shown as a tombstone: in place, nothing of what it said, no actions.
+    async function isTombstone(p, id, text) {
+        const gone = byId(p, general, id);
+        await gone.locator('[data-testid="tombstone"]', { hasText: 'message deleted' }).waitFor();
+        assert.equal(await gone.locator('.content, a.media, button').count(), 0, `${p.name}: ${text} is gone`);
+        assert.equal(await message(p, general, text).count(), 0, `${p.name}: ${text} is gone`);
+    }
+
+    await step('alice edits her message in place and deletes another after confirming; bob sees both live', async () => {
+        await bob.page.locator('#room-list button', { hasText: '# general' }).click();
+        await bob.page.locator('#view-title', { hasText: '# general' }).waitFor();
+        await say(alice, 'a typo: teh end');
+        await say(alice, 'a message to take back');
+        for (const p of [alice, bob]) await message(p, general, 'a message to take back').waitFor();
+        const typo = await idOf(alice, general, 'a typo: teh end');
+        const back = await idOf(alice, general, 'a message to take back');
+        const before = [await shownIds(alice, general), await shownIds(bob, general)];
+        // Edit: an input in place of the text, prefilled and focused; Escape changes nothing.
+        const mine = byId(alice, general, typo);
+        await mine.locator('[data-testid="edit"]').click();
+        const input = mine.locator('[data-testid="edit-input"]');
+        assert.equal(await input.inputValue(), 'a typo: teh end');
+        assert.ok(await input.evaluate((e) => e === document.activeElement), 'the input has the focus');
+        await input.fill('never sent');
+        await input.press('Escape');
+        await mine.locator('.content', { hasText: 'a typo: teh end' }).waitFor();
+        assert.equal(await mine.locator('[data-testid="edited"]').count(), 0);
+        // Then for real: Save (Enter), and bob sees the new text marked "(edited)".
+        await edit(alice, typo, 'a typo: the end');
+        const theirs = byId(bob, general, typo);
+        await theirs.locator('.content', { hasText: /^a typo: the end$/ }).waitFor();
+        const marker = theirs.locator('[data-testid="edited"]', { hasText: '(edited)' });
+        await marker.waitFor();
+        const edited = bob.frames.find(([, f]) => f.type === 'message_edited' && f.data.message_id === typo);
+        assert.equal(await marker.getAttribute('title'), edited[1].data.edited_at);
+        assert.ok(!received(alice, (f) => f.type === 'message_edited' && f.data.content === 'never sent'));
+        // Delete: asked in the row; "No" keeps it, "Yes" leaves a tombstone.
+        const other = byId(alice, general, back);
+        await other.locator('[data-testid="delete"]').click();
+        await other.getByText('Delete this message?').waitFor();
+        await other.locator('[data-testid="delete-no"]').click();
+        await other.locator('[data-testid="delete"]').waitFor();
+        assert.equal(await message(alice, general, 'a message to take back').count(), 1);
+        await remove(alice, back);
+        for (const p of [alice, bob]) await isTombstone(p, back, 'a message to take back');
+        // Both rows kept their places.
+        assert.deepEqual([await shownIds(alice, general), await shownIds(bob, general)], before);
+    });
+
+    await step('bob, offline meanwhile, recovers an edit and a deletion (since_id counts events)', async () => {
+        await say(alice, 'edit me while bob is away');
+        await say(alice, 'delete me while bob is away');
+        await message(bob, general, 'delete me while bob is away').waitFor();
+        const later = await idOf(alice, general, 'edit me while bob is away');
+        const away = await idOf(alice, general, 'delete me while bob is away');
+        // An edit bob sees: the newest id he has is this event's, not a message's.
+        await edit(alice, later, 'edited once');
+        await byId(bob, general, later).locator('.content', { hasText: 'edited once' }).waitFor();
+        const seen = bob.frames.find(([, f]) => f.type === 'message_edited' && f.data.message_id === later)[1].data.id;
+        const sockets = new Set(bob.frames.map(([n]) => n));
+        // Offline stops new connections, not the open one: it drops as a lost network would.
+        await bob.context.setOffline(true);
+        await bob.page.evaluate(() => client.ws.close()); // the page's ChatClient
+        await bob.page.locator('#status', { hasText: 'reconnecting' }).waitFor();
+        await edit(alice, later, 'edited twice');
+        await remove(alice, away);
+        assert.equal(await message(bob, general, 'edited twice').count(), 0, 'bob is away');
+        await bob.context.setOffline(false);
+        await bob.page.locator('#status', { hasText: 'Reconnected.' }).waitFor({ timeout: 20_000 });
+        await byId(bob, general, later).locator('.content', { hasText: /^edited twice$/ }).waitFor();
+        await byId(bob, general, later).locator('[data-testid="edited"]').waitFor();
+        await isTombstone(bob, away, 'delete me while bob is away');
+        // Recovered by the re-join's replay, which began after the edit bob had.
+        const fresh = bob.frames.filter(([n]) => !sockets.has(n)).map(([, f]) => f);
+        const ack = fresh.find((f) => f.type === 'join_room_ack' && f.data.room === 'general');
+        assert.ok(ack, 'bob re-joined general on a new connection');
+        assert.equal(ack.data.recovered, true, 'with since_id, and recovered');
+        assert.ok(fresh.some((f) => f.type === 'message_edited' && f.data.message_id === later && f.data.content === 'edited twice'));
+        assert.ok(fresh.some((f) => f.type === 'message_deleted' && f.data.message_id === away));
+        const replayed = ['room_message', 'notification', 'message_edited', 'message_deleted'];
+        assert.ok(!fresh.some((f) => replayed.includes(f.type) && f.data.id <= seen), 'nothing replayed twice');
+        assert.ok(!fresh.some((f) => f.type === 'message_history' && f.data.room === 'general'), 'no history needed');
+    });
+
+    await step('after a reload, history shows the edited text and the tombstones in place', async () => {
+        const expected = await shownIds(alice, general);
+        const sockets = new Set(bob.frames.map(([n]) => n));
+        await bob.page.reload();
+        await bob.page.locator('#whoami', { hasText: 'bob' }).waitFor();
+        await message(bob, general, 'edited twice').waitFor();
+        for (const [text, content] of [['a typo: teh end', 'a typo: the end'], ['edit me while bob is away', 'edited twice']]) {
+            const id = await idOf(alice, general, content);
+            await byId(bob, general, id).locator('.content', { hasText: new RegExp(`^${content}$`) }).waitFor();
+            await byId(bob, general, id).locator('[data-testid="edited"]').waitFor();
+            assert.equal(await message(bob, general, text).count(), 0);
+        }
+        const tombs = await view(alice, general).locator('li.message.deleted').evaluateAll((els) => els.map((e) => Number(e.dataset.id)));
+        assert.equal(tombs.length, 2);
+        await isTombstone(bob, tombs[0], 'a message to take back');
+        await isTombstone(bob, tombs[1], 'delete me while bob is away');
+        const page = bob.frames.find(([n, f]) => !sockets.has(n) && f.type === 'message_history' && f.data.room === 'general');
+        assert.ok(page[1].data.messages.filter((m) => m.deleted).length === 2, 'tombstones from history');
+        // The same rows, in the same order, as alice's page (kept through it all).
+        assert.deepEqual(await shownIds(bob, general), expected.slice(-50));
+    });
+
+    await step('only the author has Edit and Delete, and not on a notification', async () => {
+        const alices = await idOf(alice, general, 'a typo: the end');
+        const bobs = await idOf(alice, general, 'back online');
+        for (const [p, own, other] of [[alice, alices, bobs], [bob, bobs, alices]]) {
+            await byId(p, general, own).locator('[data-testid="edit"]').waitFor();
+            assert.equal(await byId(p, general, own).locator('[data-testid="delete"]').count(), 1, `${p.name}: own`);
+            assert.equal(await byId(p, general, other).locator('button').count(), 0, `${p.name}: not another's`);
+            assert.equal(await view(p, general).locator('li.notification button').count(), 0, `${p.name}: notification`);
+            // Every row with Edit is the user's own.
+            const users = await view(p, general).locator('li:has([data-testid="edit"]) .user').allTextContents();
+            assert.ok(users.length > 0 && users.every((u) => u === p.name), `${p.name}: ${users}`);
+        }
+    });
+
     await step('no page errors, no CSP violations, no dialogs, no error frames', async () => {
         for (const p of pages) {
             assert.deepEqual(p.problems, [], p.name);
