@@ -13,6 +13,8 @@ Relative paths are taken from the working directory.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 import tomllib
@@ -156,6 +158,29 @@ class ApiConfig(_Section, frozen=True):
     max_data_bytes: Annotated[int, Meta(ge=0, le=65536)] = 8192
 
 
+class WebhooksConfig(_Section, frozen=True):
+    """Deliveries to the application's backend (docs/webhooks.md)."""
+
+    #: Where deliveries are POSTed ("" = webhooks off).
+    url: str = ""
+    #: The signing secret, ``whsec_`` + base64 (Standard Webhooks).
+    secret: str = ""
+    #: While rotating: the secret before ``secret``; deliveries carry both
+    #: signatures until it is removed.
+    previous_secret: str = ""
+    #: Which events are sent.
+    events: tuple[Literal["message.created", "message.unread"], ...] = (
+        "message.created",
+        "message.unread",
+    )
+    #: How long after a message a user away is told of it, when still unread.
+    debounce_seconds: Annotated[float, Meta(ge=0, le=86400)] = 60.0
+    #: One attempt's time limit (connect, send, answer).
+    timeout_seconds: Annotated[float, Meta(gt=0, le=300)] = 5.0
+    #: Attempts of a delivery before it is given up (logged, counted).
+    max_attempts: Annotated[int, Meta(ge=1, le=1000)] = 10
+
+
 class BusConfig(_Section, frozen=True):
     """How nodes tell each other about messages and presence."""
 
@@ -182,6 +207,7 @@ class Config(_Section, frozen=True):
     rooms: RoomsConfig = msgspec.field(default_factory=RoomsConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     #: Where the config came from, for messages; not a TOML key.
@@ -315,6 +341,17 @@ def _check(config: Config) -> Config:
         )
     if config.api.messages_per_hour < config.api.messages_per_minute:
         raise ConfigError(f"{src}: [api] messages_per_hour: must be at least messages_per_minute")
+    hooks = config.webhooks
+    if hooks.url:
+        if not hooks.url.lower().startswith(("http://", "https://")):
+            raise ConfigError(f"{src}: [webhooks] url: must be an http:// or https:// URL")
+        for key in ("secret", "previous_secret"):
+            value = getattr(hooks, key)
+            if (value or key == "secret") and webhook_key(value) is None:
+                raise ConfigError(
+                    f"{src}: [webhooks] {key}: must be whsec_ followed by base64"
+                    " (at least 16 bytes)"
+                )
     if config.server.metrics_listen:
         try:
             split_address(config.server.metrics_listen)
@@ -342,3 +379,14 @@ def _check(config: Config) -> Config:
         if not algorithms & HMAC_ALGORITHMS:
             raise ConfigError(f"{src}: [server] dev_tokens: needs an HS* jwt_secret to sign with")
     return msgspec.structs.replace(config, public_key=public_key)
+
+
+def webhook_key(secret: str) -> bytes | None:
+    """A Standard Webhooks secret's key (``whsec_`` + base64), or None."""
+    if not secret.startswith("whsec_"):
+        return None
+    try:
+        key = base64.b64decode(secret[len("whsec_") :], validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    return key if len(key) >= 16 else None

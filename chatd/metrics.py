@@ -59,6 +59,21 @@ class Metrics:
             registry=r,
         )
         self.messages = Counter("chatd_messages", "Messages committed and delivered", registry=r)
+        self.webhook_deliveries = Counter(
+            "chatd_webhook_deliveries",
+            "Webhook deliveries by event and outcome (delivered, retried, given_up)",
+            ["event", "outcome"],
+            registry=r,
+        )
+        self.webhooks_pending = Gauge(
+            "chatd_webhooks_pending", "Webhook deliveries stored and not yet sent", registry=r
+        )
+        self.webhook_attempt_seconds = Histogram(
+            "chatd_webhook_attempt_seconds",
+            "Time of one webhook delivery attempt",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.changes = Counter(
             "chatd_message_changes",
             "Edits and deletions committed and delivered, by kind (edited, deleted)",

@@ -35,7 +35,7 @@ import h11
 import msgspec
 import trio
 
-from chatd import __version__, routes
+from chatd import __version__, routes, webhooks
 from chatd.auth import MIN_SECRET_BYTES
 from chatd.backends import open_bus, open_store
 from chatd.config import Config, split_address
@@ -56,6 +56,7 @@ from chatd.transport.http import (
 )
 from chatd.transport.websocket import WebSocketConnection
 from chatd.web import load_assets
+from chatd.webhook_sender import WebhookSender
 
 log = logging.getLogger("chatd")
 
@@ -141,6 +142,12 @@ class ChatServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._summarise_presence, hub)
                 nursery.start_soon(self._keep_time, ctx, alarm)
+                hooks = config.webhooks
+                if webhooks.wanted(hooks, webhooks.CREATED):
+                    sender = WebhookSender(hooks, store, metrics, wall)
+                    await nursery.start(sender.run)
+                    store.outbox = webhooks.created_body
+                    store.outbox_wake = sender.wake
                 await self._serve(task_status)
                 with trio.CancelScope(shield=True):
                     await self._write_read_state(ctx)

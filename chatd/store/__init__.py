@@ -240,6 +240,11 @@ Changed = Callable[[StoredEvent | Exception], None]
 
 
 class Store(Protocol):
+    #: Webhooks on: the delivery a commit group's results cause (stored in
+    #: its transaction; chatd.webhooks), and what is called once one is.
+    outbox: Callable[[Sequence[Any], float], bytes | None] | None
+    outbox_wake: Callable[[], None] | None
+
     async def append(self, message: NewMessage, on_done: Committed) -> int:
         """Queue ``message`` for the next group commit (waits only when the
         queue is full); return its ticket. ``on_done`` runs after the
@@ -336,6 +341,21 @@ class Store(Protocol):
         """Move markers (user id, channel, last_read_id, last_read_seq)
         forward, never back, and record last-seen times (user id, time), in
         the next group commit."""
+
+    async def outbox_leader(self) -> bool:
+        """Whether this node sends the webhook outbox (one node does)."""
+
+    async def outbox_head(self, limit: int) -> list[tuple[int, str, bytes, float, int]]:
+        """The oldest stored deliveries (id, event, body, due, attempts)."""
+
+    async def outbox_pending(self) -> int:
+        """How many deliveries are stored."""
+
+    async def outbox_done(self, delivery_id: int) -> None:
+        """A delivery sent (or given up): removed."""
+
+    async def outbox_retry(self, delivery_id: int, due: float, attempts: int) -> None:
+        """A delivery to try again at ``due`` (Unix time)."""
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         """Make sure every room of the config exists (members added, never

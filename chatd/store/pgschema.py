@@ -153,6 +153,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (message_id, version)
     );
     """,
+    # 4: webhook deliveries, as SQLite's migration 5.
+    """
+    CREATE TABLE webhook_outbox (
+        id bigserial PRIMARY KEY,
+        event text NOT NULL,
+        body bytea NOT NULL,
+        due double precision NOT NULL DEFAULT 0,
+        attempts integer NOT NULL DEFAULT 0
+    );
+    """,
 ]
 
 

@@ -106,6 +106,8 @@ BACKOFF = (0.05, 2.0)
 WRITER_IDLE_TIMEOUT = "10s"
 #: ``pg_advisory_xact_lock`` key serializing ``dev_user`` across nodes.
 DEV_USER_LOCK = 0x636861746402
+#: Session advisory lock of the node that sends the webhooks.
+OUTBOX_LOCK = 0x636861746403
 #: Connection parameters used unless the DSN sets them.
 CONNECTION_DEFAULTS: dict[str, Any] = {
     "connect_timeout": CONNECT_TIMEOUT,
@@ -219,6 +221,8 @@ class PostgresStore(Reads, GroupWriter):
         self._failures = 0
         self._retry_at = 0.0
         self._commit_sent = False
+        #: The session holding OUTBOX_LOCK (this node sends the webhooks).
+        self._leader: Conn | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -257,6 +261,9 @@ class PostgresStore(Reads, GroupWriter):
         with trio.CancelScope(shield=True):
             self._closed = True
             readers, self._readers = self._readers, []
+            if self._leader is not None:
+                readers.append(self._leader)
+                self._leader = None
             await trio.to_thread.run_sync(_close_all, readers)
 
     # --- the writer thread --------------------------------------------------
@@ -424,11 +431,18 @@ class PostgresStore(Reads, GroupWriter):
         ]
         if rows:
             _copy_in(cur, rows)
+        outbox = self.outbox
+        body = outbox(results, time.time()) if outbox is not None else None
         with conn.pipeline():
             for statement, params in extra:
                 conn.execute(statement, params)
             if changed:
                 cur.executemany(_SET_SEQ, changed)
+            if body is not None:
+                conn.execute(
+                    "INSERT INTO webhook_outbox (event, body) VALUES (%s, %s)",
+                    ("message.created", body),
+                )
             self._commit_sent = True
             conn.execute("COMMIT")
         return results
@@ -467,6 +481,34 @@ class PostgresStore(Reads, GroupWriter):
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
         await self._change(lambda conn: None)
+
+    async def outbox_leader(self) -> bool:
+        """Whether this node sends the webhooks: it holds ``OUTBOX_LOCK``
+        in a session of its own (checked alive each call). When the node
+        dies, its session ends, and the next node to ask takes the lock."""
+        return bool(await trio.to_thread.run_sync(self._hold_outbox))
+
+    def _hold_outbox(self) -> bool:
+        conn = self._leader
+        if conn is not None:
+            try:
+                conn.execute("SELECT 1")
+                return True
+            except psycopg.Error:
+                conn.close()
+                self._leader = None
+        if self._closed:
+            return False
+        try:
+            conn = psycopg.connect(self._conninfo, autocommit=True)
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (OUTBOX_LOCK,)).fetchone()
+        except psycopg.Error:
+            return False
+        if row is not None and row[0]:
+            self._leader = conn
+            return True
+        conn.close()
+        return False
 
     async def direct_events_since(
         self, user_ids: Sequence[int], at: str, cap: int
@@ -1181,3 +1223,30 @@ def open_admin(dsn: str, rooms: RoomsConfig) -> Iterator[Admin]:
                 yield Admin(conn, sys.modules[__name__])
     except psycopg.Error as exc:
         raise StorageError(f"database {describe(dsn)}: {' '.join(str(exc).split())}") from exc
+
+
+# --- the webhook outbox -------------------------------------------------------
+
+
+def outbox_head(conn: Any, limit: int) -> list[tuple[int, str, bytes, float, int]]:
+    rows = conn.execute(
+        "SELECT id, event, body, due, attempts FROM webhook_outbox ORDER BY id LIMIT %s",
+        (limit,),
+    ).fetchall()
+    return [(int(i), str(e), bytes(b), float(d), int(a)) for i, e, b, d, a in rows]
+
+
+def outbox_pending(conn: Any) -> int:
+    (count,) = conn.execute("SELECT count(*) FROM webhook_outbox").fetchone()
+    return int(count)
+
+
+def outbox_done(conn: Any, delivery_id: int) -> None:
+    conn.execute("DELETE FROM webhook_outbox WHERE id = %s", (delivery_id,))
+
+
+def outbox_retry(conn: Any, delivery_id: int, due: float, attempts: int) -> None:
+    conn.execute(
+        "UPDATE webhook_outbox SET due = %s, attempts = %s WHERE id = %s",
+        (due, attempts, delivery_id),
+    )

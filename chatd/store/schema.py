@@ -127,6 +127,17 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (message_id, version)
     ) WITHOUT ROWID
     """,
+    # 5: webhook deliveries, stored with the commit that causes them and
+    # deleted once delivered (or given up); ids never reused (webhook-id).
+    """
+    CREATE TABLE webhook_outbox (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        event TEXT NOT NULL,
+        body BLOB NOT NULL,
+        due REAL NOT NULL DEFAULT 0,
+        attempts INTEGER NOT NULL DEFAULT 0
+    )
+    """,
 ]
 
 

@@ -202,7 +202,7 @@ class SqliteStore(Reads, GroupWriter):
         conn = self._writer_conn
         assert conn is not None
         with self._gate.group():
-            results = _apply(conn, group, on_rollback=self._seqs.clear)
+            results = _apply(conn, group, self._seqs.clear, self.outbox)
         self._groups += 1
         return results
 
@@ -224,6 +224,10 @@ class SqliteStore(Reads, GroupWriter):
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
         await self.write(lambda conn: None)
+
+    async def outbox_leader(self) -> bool:
+        """The one node sends the webhooks."""
+        return True
 
     async def upsert_user(self, user_id: int, username: str) -> None:
         if self._users.get(user_id) == username:
@@ -280,13 +284,22 @@ async def open_sqlite_store(
         await store._stop()
 
 
+Outbox = Callable[[Sequence[Any], float], bytes | None]
+
+
 def _apply(
-    conn: sqlite3.Connection, group: list[Pending], on_rollback: Callable[[], None]
+    conn: sqlite3.Connection,
+    group: list[Pending],
+    on_rollback: Callable[[], None],
+    outbox: Outbox | None = None,
 ) -> list[Any]:
-    """Run a group in one transaction; on failure, each op alone."""
+    """Run a group in one transaction; on failure, each op alone. With
+    ``outbox``, the webhook delivery the group causes is stored in its
+    transaction."""
     try:
         conn.execute("BEGIN IMMEDIATE")
         results = [_run(pending, conn) for pending in group]
+        _to_outbox(conn, outbox, results)
         conn.execute("COMMIT")
         return results
     except Exception as exc:
@@ -300,6 +313,7 @@ def _apply(
         try:
             conn.execute("BEGIN IMMEDIATE")
             result = _run(pending, conn)
+            _to_outbox(conn, outbox, [result])
             conn.execute("COMMIT")
         except Exception as exc:
             _rollback(conn)
@@ -308,6 +322,14 @@ def _apply(
             result = exc
         results.append(result)
     return results
+
+
+def _to_outbox(conn: sqlite3.Connection, outbox: Outbox | None, results: Sequence[Any]) -> None:
+    body = outbox(results, time.time()) if outbox is not None else None
+    if body is not None:
+        conn.execute(
+            "INSERT INTO webhook_outbox (event, body) VALUES (?, ?)", ("message.created", body)
+        )
 
 
 def _run(pending: Pending, conn: sqlite3.Connection) -> Any:
@@ -951,3 +973,30 @@ def check_copy(conn: sqlite3.Connection) -> tuple[str, int]:
         return str(result), 0
     (count,) = conn.execute("SELECT count(*) FROM messages").fetchone()
     return "ok", int(count)
+
+
+# --- the webhook outbox -------------------------------------------------------
+
+
+def outbox_head(conn: Any, limit: int) -> list[tuple[int, str, bytes, float, int]]:
+    rows = conn.execute(
+        "SELECT id, event, body, due, attempts FROM webhook_outbox ORDER BY id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [(int(i), str(e), bytes(b), float(d), int(a)) for i, e, b, d, a in rows]
+
+
+def outbox_pending(conn: Any) -> int:
+    (count,) = conn.execute("SELECT count(*) FROM webhook_outbox").fetchone()
+    return int(count)
+
+
+def outbox_done(conn: Any, delivery_id: int) -> None:
+    conn.execute("DELETE FROM webhook_outbox WHERE id = ?", (delivery_id,))
+
+
+def outbox_retry(conn: Any, delivery_id: int, due: float, attempts: int) -> None:
+    conn.execute(
+        "UPDATE webhook_outbox SET due = ?, attempts = ? WHERE id = ?",
+        (due, attempts, delivery_id),
+    )

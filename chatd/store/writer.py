@@ -41,6 +41,7 @@ from chatd.store import (
     NewMessage,
     ReadPoint,
     RoomAccess,
+    StoredEvent,
     StoredMessage,
 )
 
@@ -93,6 +94,13 @@ class GroupWriter:
 
     #: The writer thread's name.
     thread_name = "chatd-writer"
+    #: Webhooks on: the body of the delivery a group's results cause (on the
+    #: writer thread, stored in the group's transaction; None: none), and
+    #: what to call, on the Trio thread, once such a group is committed.
+    outbox: Callable[[Sequence[Any], float], bytes | None] | None = None
+    outbox_wake: Callable[[], None] | None = None
+    #: The store module's functions (set by each store).
+    queries: Queries
 
     def __init__(self, metrics: Metrics | None, cork: Cork | None = None) -> None:
         self._metrics = metrics
@@ -175,6 +183,9 @@ class GroupWriter:
         """On the Trio thread: callbacks in commit order, all inside one
         corked block."""
         self._done += len(group)
+        wake = self.outbox_wake
+        if wake is not None and any(isinstance(r, StoredMessage | StoredEvent) for r in results):
+            wake()
         with self._around():
             for pending, result in zip(group, results, strict=True):
                 self._space.release()
@@ -182,6 +193,17 @@ class GroupWriter:
                     pending.callback(result)
                 except Exception:  # a callback bug must not stop later ones
                     log.exception("store: callback failed")
+
+    # --- the webhook outbox's writes --------------------------------------------
+
+    async def outbox_done(self, delivery_id: int) -> None:
+        """Delivered, or given up: gone from the outbox."""
+        q = self.queries
+        await self.write(lambda c: q.outbox_done(c, delivery_id))
+
+    async def outbox_retry(self, delivery_id: int, due: float, attempts: int) -> None:
+        q = self.queries
+        await self.write(lambda c: q.outbox_retry(c, delivery_id, due, attempts))
 
     # --- queueing -------------------------------------------------------------
 
@@ -243,6 +265,10 @@ class Queries(Protocol):
         self, conn: Any, user_id: int, channel: str, message_id: int, floor: tuple[int, int]
     ) -> ReadPoint | None: ...
     def last_seen(self, conn: Any, user_ids: Sequence[int]) -> dict[int, str]: ...
+    def outbox_head(self, conn: Any, limit: int) -> list[tuple[int, str, bytes, float, int]]: ...
+    def outbox_pending(self, conn: Any) -> int: ...
+    def outbox_done(self, conn: Any, delivery_id: int) -> None: ...
+    def outbox_retry(self, conn: Any, delivery_id: int, due: float, attempts: int) -> None: ...
 
 
 class _Batch:
@@ -414,6 +440,21 @@ class Reads:
                 done.set()
                 batch.done.set()
             return batch.result
+
+    # --- the webhook outbox (chatd/webhook_sender.py) ---------------------------
+
+    async def outbox_head(self, limit: int) -> list[tuple[int, str, bytes, float, int]]:
+        """The oldest stored deliveries, in id order."""
+        q = self.queries
+        rows: list[tuple[int, str, bytes, float, int]] = await self.read(
+            lambda c: q.outbox_head(c, limit)
+        )
+        return rows
+
+    async def outbox_pending(self) -> int:
+        q = self.queries
+        count: int = await self.read(q.outbox_pending)
+        return count
 
     async def unread(self, user_id: int) -> list[tuple[str, ReadPoint]]:
         q = self.queries

@@ -1,0 +1,156 @@
+"""Sends the webhook outbox to the application's backend.
+
+The store keeps the deliveries (``webhook_outbox``, written in the
+transaction of the commit that caused each one: ``chatd.webhooks``). One
+task per node sends them, in id order, one at a time, with an HTTP client
+that runs under Trio (httpx, on anyio; one pooled connection reused):
+
+* only the node that holds the outbox sends (``Store.outbox_leader``: always
+  the one node on SQLite; on PostgreSQL the node whose session holds an
+  advisory lock, so that each delivery is sent by one node, and another
+  takes over within ``LEADER_CHECK`` seconds when that node dies);
+* a delivery is deleted once the backend answers 2xx, or once it is given
+  up (logged, counted); a retried one waits for its time and holds the ones
+  after it (the backend gets them in order);
+* the task wakes when a commit stores a delivery (``wake``), else every
+  ``LEADER_CHECK`` seconds; with the backend down, deliveries pile up on
+  disk, not in memory, and chat goes on: nothing here is on a message's path.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Protocol
+
+import httpx
+import trio
+
+from chatd import webhooks
+from chatd.config import WebhooksConfig
+from chatd.metrics import Metrics
+
+log = logging.getLogger("chatd.webhooks")
+
+#: Deliveries read from the outbox at once.
+BATCH = 50
+#: Seconds between checks of the outbox lock (and of the outbox, when idle).
+LEADER_CHECK = 5.0
+#: Seconds between recounts of the deliveries pending (the gauge).
+RECOUNT = 10.0
+
+#: One stored delivery: id, event, body, due (Unix time), attempts so far.
+Row = tuple[int, str, bytes, float, int]
+
+
+class Outbox(Protocol):
+    """What the sender needs of the store."""
+
+    async def outbox_leader(self) -> bool: ...
+    async def outbox_head(self, limit: int) -> list[Row]: ...
+    async def outbox_pending(self) -> int: ...
+    async def outbox_done(self, delivery_id: int) -> None: ...
+    async def outbox_retry(self, delivery_id: int, due: float, attempts: int) -> None: ...
+
+
+class WebhookSender:
+    """The outbox's one sender on this node."""
+
+    def __init__(
+        self,
+        config: WebhooksConfig,
+        store: Outbox,
+        metrics: Metrics,
+        wall: Any,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.config = config
+        self._store = store
+        self._metrics = metrics
+        self._wall = wall
+        self._transport = transport
+        self._woken = trio.Event()
+        self._counted_at = -RECOUNT
+
+    def wake(self) -> None:
+        """A commit stored a delivery (on the Trio thread)."""
+        self._woken.set()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        timeout = httpx.Timeout(self.config.timeout_seconds)
+        async with httpx.AsyncClient(timeout=timeout, transport=self._transport) as client:
+            task_status.started()
+            while True:
+                try:
+                    await self._round(client)
+                except Exception as exc:  # the store failed: try again later
+                    log.warning("webhooks: cannot read the outbox: %s", exc)
+                    await trio.sleep(LEADER_CHECK)
+
+    async def _round(self, client: httpx.AsyncClient) -> None:
+        """Send what is due, in order; then sleep until there is more."""
+        store = self._store
+        if not await store.outbox_leader():
+            await trio.sleep(LEADER_CHECK)
+            return
+        self._woken = trio.Event()  # (before reading: a commit meanwhile wakes us)
+        rows = await store.outbox_head(BATCH)
+        await self._recount(bool(rows))
+        wait = LEADER_CHECK
+        for row in rows:
+            due = row[3] - self._wall()
+            if due > 0:  # a retry's time: the ones after it wait with it
+                wait = due
+                break
+            if not await self._attempt(client, row):
+                wait = 0.0  # retried: the loop finds its new due time
+                break
+        else:
+            if len(rows) == BATCH:
+                return  # more waiting
+        if wait > 0:
+            with trio.move_on_after(wait):
+                await self._woken.wait()
+
+    async def _recount(self, busy: bool) -> None:
+        now = trio.current_time()
+        if not busy:
+            self._metrics.webhooks_pending.set(0)
+        elif now - self._counted_at >= RECOUNT:
+            self._counted_at = now
+            self._metrics.webhooks_pending.set(await self._store.outbox_pending())
+
+    async def _attempt(self, client: httpx.AsyncClient, row: Row) -> bool:
+        """One attempt at one delivery; whether the next may follow (it
+        was delivered or given up, not retried)."""
+        delivery_id, event, body, _, attempts = row
+        config = self.config
+        headers = webhooks.headers(config, delivery_id, body, self._wall())
+        started = trio.current_time()
+        status: int | None = None
+        retry_after = None
+        try:
+            answer = await client.post(config.url, content=body, headers=headers)
+            status, retry_after = answer.status_code, answer.headers.get("retry-after")
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        else:
+            error = f"HTTP {status}"
+        self._metrics.webhook_attempt_seconds.observe(trio.current_time() - started)
+        attempts += 1
+        verdict = webhooks.verdict(status)
+        if verdict == "retry" and attempts < config.max_attempts:
+            delay = webhooks.backoff(attempts, retry_after, random.random())
+            await self._store.outbox_retry(delivery_id, self._wall() + delay, attempts)
+            self._metrics.webhook_deliveries.labels(event, "retried").inc()
+            log.info("webhooks: msg_%d %s, attempt %d: %s; again in %.1fs",
+                     delivery_id, event, attempts, error, delay)  # fmt: skip
+            return False
+        await self._store.outbox_done(delivery_id)
+        if verdict == "delivered":
+            self._metrics.webhook_deliveries.labels(event, "delivered").inc()
+        else:
+            self._metrics.webhook_deliveries.labels(event, "given_up").inc()
+            log.warning("webhooks: msg_%d %s given up after %d attempts: %s",
+                        delivery_id, event, attempts, error)  # fmt: skip
+        return True

@@ -1,0 +1,116 @@
+"""Webhooks to the application's backend: what is sent, signed, and retried.
+
+A delivery is an HTTP POST of ``{"type", "timestamp", "data"}`` with the
+Standard Webhooks headers, so a backend verifies it with any Standard
+Webhooks library (docs/webhooks.md):
+
+* ``webhook-id``: ``msg_`` + the delivery's outbox id, the same on every
+  attempt (the receiver deduplicates by it: delivery is at least once);
+* ``webhook-timestamp``: the attempt's time, Unix seconds;
+* ``webhook-signature``: ``v1,`` + base64 of HMAC-SHA256 over
+  ``id.timestamp.body`` keyed by the secret's bytes; during a rotation one
+  signature per secret, separated by a space.
+
+``message.created`` carries every message, notification, edit and deletion
+of one commit group, in id order, as their live frames (``{"type",
+"data"}``): ``created_body`` is called by the store's writer, inside the
+group's transaction, so the delivery is stored with the commit that caused it
+and cannot be lost to a crash (the outbox, ``store``'s ``webhook_outbox``).
+
+An attempt's outcome (``verdict``): 2xx is delivered; a network error, a
+timeout, 408, 429 and 5xx are retried after ``backoff`` (exponential with
+jitter, or the answer's ``Retry-After``) until ``max_attempts``; any other
+status is given up.
+
+Pure: no I/O; time and randomness are passed in.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from chatd.config import WebhooksConfig, webhook_key
+from chatd.hub import live_shape
+from chatd.protocol import rfc3339
+from chatd.store import StoredEvent, StoredMessage
+
+CREATED = "message.created"
+UNREAD = "message.unread"
+#: The first retry waits about this long; each next one twice as long...
+BACKOFF_FIRST = 1.0
+#: ... up to this.
+BACKOFF_MAX = 600.0
+
+_encode = msgspec.json.Encoder().encode
+
+Verdict = Literal["delivered", "retry", "give_up"]
+
+
+def created_body(entries: Sequence[Any], now: float) -> bytes | None:
+    """The ``message.created`` body of a commit group's results (messages
+    and events; anything else, a refusal or an operation's value, is not
+    one), or None when the group committed none."""
+    items = []
+    for entry in entries:
+        if isinstance(entry, StoredMessage | StoredEvent):
+            kind, shape, _ = live_shape(entry)
+            items.append({"type": kind, "data": shape})
+    if not items:
+        return None
+    return body(CREATED, {"messages": items}, now)
+
+
+def body(event: str, data: Any, now: float) -> bytes:
+    """A delivery's JSON body."""
+    return _encode({"type": event, "timestamp": rfc3339(now), "data": data})
+
+
+def headers(
+    config: WebhooksConfig, delivery_id: int, body: bytes, now: float
+) -> list[tuple[str, str]]:
+    """The Standard Webhooks headers of one attempt."""
+    message_id = f"msg_{delivery_id}"
+    timestamp = str(int(now))
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    signatures = []
+    for secret in (config.secret, config.previous_secret):
+        key = webhook_key(secret) if secret else None
+        if key is not None:
+            digest = hmac.new(key, signed, hashlib.sha256).digest()
+            signatures.append("v1," + base64.b64encode(digest).decode())
+    return [
+        ("content-type", "application/json"),
+        ("webhook-id", message_id),
+        ("webhook-timestamp", timestamp),
+        ("webhook-signature", " ".join(signatures)),
+    ]
+
+
+def verdict(status: int | None) -> Verdict:
+    """What an attempt's answer (None: no answer: a network error or a
+    timeout) means."""
+    if status is not None and 200 <= status < 300:
+        return "delivered"
+    if status is None or status in (408, 429) or status >= 500:
+        return "retry"
+    return "give_up"
+
+
+def backoff(attempts: int, retry_after: str | None, jitter: float) -> float:
+    """Seconds before the next attempt after ``attempts`` failed ones:
+    ``Retry-After`` (seconds) when the receiver gave one, else
+    exponential with ``jitter`` (0..1) taking off up to half."""
+    if retry_after is not None and retry_after.strip().isdigit():
+        return min(float(retry_after.strip()), BACKOFF_MAX)
+    delay: float = min(BACKOFF_FIRST * 2 ** max(0, attempts - 1), BACKOFF_MAX)
+    return delay * (1 - jitter / 2)
+
+
+def wanted(config: WebhooksConfig, event: str) -> bool:
+    return bool(config.url) and event in config.events
