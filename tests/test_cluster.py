@@ -1283,3 +1283,55 @@ async def test_edits_and_deletions_from_two_nodes_reach_everyone_in_one_order(cl
     since_eve = [m for m in history if m["id"] >= first["id"]]
     assert len(since_eve) == 1 + 2 * rounds
     assert [eve_view[m["id"]] for m in since_eve] == since_eve
+
+
+# === webhooks ====================================================================
+
+
+async def test_webhooks_are_sent_by_one_node_and_another_takes_over(cluster_of):
+    """Both nodes commit messages; every one reaches the backend once, each
+    delivery sent by one node (the holder of the outbox lock). When that node
+    stops, the other takes over and sends what follows."""
+    from tests.helpers.receiver import receiving
+    from tests.test_webhooks import hooks, verified
+
+    async with receiving() as receiver:
+        async with cluster_of(2, webhooks=hooks(receiver.url)) as cluster:
+            sent = []
+            async with (
+                connect_to(cluster[0], 1, "alice") as alice,
+                connect_to(cluster[1], 2, "bob") as bob,
+            ):
+                await join(alice)
+                await join(bob)
+                for i in range(5):
+                    sent.append(await said(alice, f"a{i}"))
+                    sent.append(await said(bob, f"b{i}"))
+
+                def delivered() -> list[dict]:
+                    return [
+                        m["data"]
+                        for r in receiver.requests
+                        for m in verified(r)["data"]["messages"]
+                    ]
+
+                with trio.fail_after(WAIT * 2):
+                    while len(delivered()) < len(sent):
+                        await receiver.wait_for(len(receiver.requests) + 1)
+                assert sorted(delivered(), key=lambda m: m["id"]) == sorted(
+                    sent, key=lambda m: m["id"]
+                )
+                # the sender stops: the other node takes over
+                before = len(receiver.requests)
+                leader = next(n for n in cluster.nodes if n.server.ctx.store._leader is not None)
+                other = cluster.nodes[1 - leader.index]
+                await leader.stop()
+                client = bob if other.index == 1 else alice
+                after = await said(client, "after the stop")
+                with trio.fail_after(WAIT * 2):
+                    while after["id"] not in [m["id"] for m in delivered()]:
+                        await receiver.wait_for(len(receiver.requests) + 1)
+                assert other.server.ctx.store._leader is not None
+    ids = [r.headers["webhook-id"] for r in receiver.requests]
+    assert len(ids) == len(set(ids)), ids  # each delivery sent once
+    assert len(receiver.requests) > before
