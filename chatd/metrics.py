@@ -61,7 +61,8 @@ class Metrics:
         self.messages = Counter("chatd_messages", "Messages committed and delivered", registry=r)
         self.webhook_deliveries = Counter(
             "chatd_webhook_deliveries",
-            "Webhook deliveries by event and outcome (delivered, retried, given_up)",
+            "Webhook deliveries by event and outcome (delivered, retried, given_up;"
+            " read: a message.unread not sent, the user having read meanwhile)",
             ["event", "outcome"],
             registry=r,
         )

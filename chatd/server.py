@@ -143,10 +143,10 @@ class ChatServer:
                 nursery.start_soon(self._summarise_presence, hub)
                 nursery.start_soon(self._keep_time, ctx, alarm)
                 hooks = config.webhooks
-                if webhooks.wanted(hooks, webhooks.CREATED):
+                if hooks.url and hooks.events:
                     sender = WebhookSender(hooks, store, metrics, wall)
                     await nursery.start(sender.run)
-                    store.outbox = webhooks.created_body
+                    store.outbox = webhooks.Deliveries(hooks).rows
                     store.outbox_wake = sender.wake
                 await self._serve(task_status)
                 with trio.CancelScope(shield=True):

@@ -10,8 +10,10 @@ that runs under Trio (httpx, on anyio; one pooled connection reused):
   advisory lock, so that each delivery is sent by one node, and another
   takes over within ``LEADER_CHECK`` seconds when that node dies);
 * a delivery is deleted once the backend answers 2xx, or once it is given
-  up (logged, counted); a retried one waits for its time and holds the ones
-  after it (the backend gets them in order);
+  up (logged, counted); a retried ``message.created`` waits for its time
+  and holds the ones after it (the backend gets them in order); each
+  ``message.unread`` goes on its own when due, made from the user's read
+  state then (dropped, counted as ``read``, when nothing is unread);
 * the task wakes when a commit stores a delivery (``wake``), else every
   ``LEADER_CHECK`` seconds; with the backend down, deliveries pile up on
   disk, not in memory, and chat goes on: nothing here is on a message's path.
@@ -29,6 +31,7 @@ import trio
 from chatd import webhooks
 from chatd.config import WebhooksConfig
 from chatd.metrics import Metrics
+from chatd.store import ReadPoint
 
 log = logging.getLogger("chatd.webhooks")
 
@@ -48,9 +51,15 @@ class Outbox(Protocol):
 
     async def outbox_leader(self) -> bool: ...
     async def outbox_head(self, limit: int) -> list[Row]: ...
+    async def outbox_unread(
+        self, now: float, limit: int
+    ) -> tuple[list[tuple[int, int, bytes, int]], float | None]: ...
     async def outbox_pending(self) -> int: ...
     async def outbox_done(self, delivery_id: int) -> None: ...
     async def outbox_retry(self, delivery_id: int, due: float, attempts: int) -> None: ...
+    async def outbox_body(self, delivery_id: int, body: bytes) -> None: ...
+    async def unread(self, user_id: int) -> list[tuple[str, ReadPoint]]: ...
+    async def username(self, user_id: int) -> str: ...
 
 
 class WebhookSender:
@@ -88,29 +97,56 @@ class WebhookSender:
                     await trio.sleep(LEADER_CHECK)
 
     async def _round(self, client: httpx.AsyncClient) -> None:
-        """Send what is due, in order; then sleep until there is more."""
+        """Send what is due; then sleep until more is, or a commit stores
+        some (or, idle, ``LEADER_CHECK``: another node's may have)."""
         store = self._store
         if not await store.outbox_leader():
             await trio.sleep(LEADER_CHECK)
             return
         self._woken = trio.Event()  # (before reading: a commit meanwhile wakes us)
         rows = await store.outbox_head(BATCH)
-        await self._recount(bool(rows))
-        wait = LEADER_CHECK
-        for row in rows:
-            due = row[3] - self._wall()
-            if due > 0:  # a retry's time: the ones after it wait with it
-                wait = due
+        unread, later = await store.outbox_unread(self._wall(), BATCH)
+        await self._recount(bool(rows or unread or later is not None))
+        waits = []
+        for row in rows:  # message.created: in order, a retried one holds the rest
+            delivery_id, event, body, due, attempts = row
+            if due > self._wall():
+                waits.append(due - self._wall())
                 break
-            if not await self._attempt(client, row):
-                wait = 0.0  # retried: the loop finds its new due time
+            if not await self._attempt(client, delivery_id, event, body, attempts):
+                waits.append(0.0)  # retried: the next round finds its new time
                 break
         else:
             if len(rows) == BATCH:
-                return  # more waiting
+                waits.append(0.0)
+        for delivery_id, user_id, body, attempts in unread:  # each on its own
+            await self._unread(client, delivery_id, user_id, body, attempts)
+        if len(unread) == BATCH:
+            waits.append(0.0)
+        if later is not None:
+            waits.append(later - self._wall())
+        wait = min(waits) if waits else LEADER_CHECK
         if wait > 0:
             with trio.move_on_after(wait):
                 await self._woken.wait()
+
+    async def _unread(
+        self, client: httpx.AsyncClient, delivery_id: int, user_id: int, body: bytes, attempts: int
+    ) -> None:
+        """A ``message.unread`` due: made from the user's read state now
+        (none left unread: dropped), then sent like any delivery."""
+        store = self._store
+        if not body:
+            data = webhooks.unread_data(
+                user_id, await store.username(user_id), await store.unread(user_id)
+            )
+            if data is None:
+                await store.outbox_done(delivery_id)
+                self._metrics.webhook_deliveries.labels(webhooks.UNREAD, "read").inc()
+                return
+            body = webhooks.body(webhooks.UNREAD, data, self._wall())
+            await store.outbox_body(delivery_id, body)
+        await self._attempt(client, delivery_id, webhooks.UNREAD, body, attempts)
 
     async def _recount(self, busy: bool) -> None:
         now = trio.current_time()
@@ -120,10 +156,11 @@ class WebhookSender:
             self._counted_at = now
             self._metrics.webhooks_pending.set(await self._store.outbox_pending())
 
-    async def _attempt(self, client: httpx.AsyncClient, row: Row) -> bool:
-        """One attempt at one delivery; whether the next may follow (it
-        was delivered or given up, not retried)."""
-        delivery_id, event, body, _, attempts = row
+    async def _attempt(
+        self, client: httpx.AsyncClient, delivery_id: int, event: str, body: bytes, attempts: int
+    ) -> bool:
+        """One attempt at one delivery; whether it is done (delivered or
+        given up, not retried)."""
         config = self.config
         headers = webhooks.headers(config, delivery_id, body, self._wall())
         started = trio.current_time()

@@ -13,9 +13,13 @@ Webhooks library (docs/webhooks.md):
 
 ``message.created`` carries every message, notification, edit and deletion
 of one commit group, in id order, as their live frames (``{"type",
-"data"}``): ``created_body`` is called by the store's writer, inside the
-group's transaction, so the delivery is stored with the commit that caused it
-and cannot be lost to a crash (the outbox, ``store``'s ``webhook_outbox``).
+"data"}``). ``message.unread`` is due ``debounce_seconds`` after a direct
+message to a user or a room message mentioning one; its body is made when it
+is due, from the user's read state then, and nothing is sent when nothing is
+unread any more. ``Deliveries.rows`` is called by the store's writer, inside
+a commit group's transaction, so the deliveries are stored with the commit
+that caused them and cannot be lost to a crash (the outbox, ``store``'s
+``webhook_outbox``; a user has one ``message.unread`` pending at most).
 
 An attempt's outcome (``verdict``): 2xx is delivered; a network error, a
 timeout, 408, 429 and 5xx are retried after ``backoff`` (exponential with
@@ -38,7 +42,7 @@ import msgspec
 from chatd.config import WebhooksConfig, webhook_key
 from chatd.hub import live_shape
 from chatd.protocol import rfc3339
-from chatd.store import StoredEvent, StoredMessage
+from chatd.store import OutboxRow, ReadPoint, StoredEvent, StoredMessage
 
 CREATED = "message.created"
 UNREAD = "message.unread"
@@ -50,6 +54,65 @@ BACKOFF_MAX = 600.0
 _encode = msgspec.json.Encoder().encode
 
 Verdict = Literal["delivered", "retry", "give_up"]
+
+
+class Deliveries:
+    """What a commit group's results cause, as the config asks."""
+
+    def __init__(self, config: WebhooksConfig) -> None:
+        self.created = wanted(config, CREATED)
+        self.unread = wanted(config, UNREAD)
+        self.debounce = config.debounce_seconds
+
+    def rows(self, results: Sequence[Any], now: float) -> list[OutboxRow]:
+        """The deliveries to store with the group (on the writer thread)."""
+        rows: list[OutboxRow] = []
+        if self.created:
+            created = created_body(results, now)
+            if created is not None:
+                rows.append((CREATED, created, 0.0, None))
+        if self.unread:
+            due = now + self.debounce
+            for user_id in sorted(_told(results)):
+                rows.append((UNREAD, b"", due, user_id))
+        return rows
+
+
+def _told(results: Sequence[Any]) -> set[int]:
+    """The users a group's messages are for, personally: a direct message's
+    recipient, a room message's mentioned users (not their senders)."""
+    users: set[int] = set()
+    for result in results:
+        if not isinstance(result, StoredMessage):
+            continue
+        msg = result.message
+        if msg.room is None and msg.to_user_id:
+            users.add(msg.to_user_id)
+        elif msg.mentions:
+            users.update(uid for uid in msg.mentions if uid != msg.user_id)
+    return users
+
+
+def unread_data(user_id: int, username: str, points: Sequence[tuple[str, ReadPoint]]) -> Any:
+    """``message.unread``'s data from a user's read state (``Store.unread``):
+    the conversations with unread messages and the rooms with unread
+    mentions; None when there is none of either."""
+    direct = []
+    mentions = []
+    for channel, point in points:
+        if channel.startswith("d:") and point.unread:
+            low, high = (int(part) for part in channel[2:].split(":"))
+            other = high if low == user_id else low
+            direct.append(
+                {"with_user": other, "unread": point.unread, "last_message_id": point.last_id}
+            )
+        elif channel.startswith("r:") and point.mentions:
+            mentions.append(
+                {"room": channel[2:], "unread": point.mentions, "last_message_id": point.last_id}
+            )
+    if not direct and not mentions:
+        return None
+    return {"user_id": user_id, "username": username, "direct": direct, "mentions": mentions}
 
 
 def created_body(entries: Sequence[Any], now: float) -> bytes | None:

@@ -26,6 +26,7 @@ from chatd.config import Config
 from tests.helpers.clients import Client, connect
 from tests.helpers.receiver import Receiver, receiving
 from tests.helpers.servers import chatd_process, config_text, free_port, running, wait_healthy
+from tests.test_edits import answer
 
 standardwebhooks = pytest.importorskip("standardwebhooks")
 
@@ -209,3 +210,48 @@ async def test_a_dead_backend_never_slows_chat_and_gets_everything_later(
     ]
     assert got == sent
     assert len({r.headers["webhook-id"] for r in receiver.requests}) == len(receiver.requests)
+
+
+async def test_a_user_away_gets_one_unread_notice_unless_they_read_meanwhile(
+    make_config: Callable[..., Config], slow_autojump_clock: trio.testing.MockClock
+) -> None:
+    """bob gets two direct messages within the window and reads nothing:
+    one message.unread, debounce_seconds after the first. carol is
+    mentioned, and reads it before the window ends: nothing for her."""
+    async with receiving() as receiver:
+        events = {"events": ["message.unread"], "debounce_seconds": 60}
+        config = make_config(webhooks=hooks(receiver.url, **events))
+        async with running(config, wall=trio_wall()) as server:
+            async with connect(server, 2, "bob"):
+                pass  # bob is known (connected once), and away from now on
+            async with connect(server, 1, "alice") as alice, connect(server, 3, "carol") as carol:
+                await alice.join("general")
+                await carol.join("general")
+                started = trio.current_time()
+                first = await answer(
+                    alice, "direct_message", {"to_user_id": 2, "content": "hi"}, "1"
+                )
+                await trio.sleep(10)
+                second = await answer(
+                    alice, "direct_message", {"to_user_id": 2, "content": "?"}, "2"
+                )
+                data = {"room": "general", "content": "@carol", "mentions": [3]}
+                mention = await answer(alice, "room_message", data, "3")
+                read = {"room": "general", "message_id": mention["data"]["id"]}
+                assert (await answer(carol, "mark_read", read, "m"))["type"] == "mark_read_ack"
+                with trio.fail_after(600):
+                    await receiver.wait_for(1)
+                assert trio.current_time() - started >= 60
+                await trio.sleep(120)  # nothing else comes (carol read hers)
+    (request,) = receiver.requests
+    payload = verified(request, virtual=True)
+    assert payload["type"] == "message.unread"
+    assert payload["data"] == {
+        "user_id": 2,
+        "username": "bob",
+        "direct": [{"with_user": 1, "unread": 2, "last_message_id": second["data"]["id"]}],
+        "mentions": [],
+    }
+    assert first["data"]["id"] < second["data"]["id"]
+    read_count = server.metrics.webhook_deliveries.labels("message.unread", "read")._value.get()
+    assert read_count == 1

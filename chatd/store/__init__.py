@@ -239,10 +239,17 @@ Committed = Callable[[StoredMessage | Exception], None]
 Changed = Callable[[StoredEvent | Exception], None]
 
 
+#: A webhook delivery to store: event, body (b"": made when it is sent),
+#: due (Unix time), whose (``message.unread``: at most one pending a user).
+OutboxRow = tuple[str, bytes, float, int | None]
+#: What a commit group's results cause (chatd.webhooks).
+Outbox = Callable[[Sequence[Any], float], list[OutboxRow]]
+
+
 class Store(Protocol):
-    #: Webhooks on: the delivery a commit group's results cause (stored in
-    #: its transaction; chatd.webhooks), and what is called once one is.
-    outbox: Callable[[Sequence[Any], float], bytes | None] | None
+    #: Webhooks on: the deliveries a commit group's results cause (stored in
+    #: its transaction), and what is called once some are.
+    outbox: Outbox | None
     outbox_wake: Callable[[], None] | None
 
     async def append(self, message: NewMessage, on_done: Committed) -> int:
@@ -346,7 +353,20 @@ class Store(Protocol):
         """Whether this node sends the webhook outbox (one node does)."""
 
     async def outbox_head(self, limit: int) -> list[tuple[int, str, bytes, float, int]]:
-        """The oldest stored deliveries (id, event, body, due, attempts)."""
+        """The oldest stored ``message.created`` deliveries (id, event,
+        body, due, attempts), in order."""
+
+    async def outbox_unread(
+        self, now: float, limit: int
+    ) -> tuple[list[tuple[int, int, bytes, int]], float | None]:
+        """The ``message.unread`` deliveries due (id, user id, body,
+        attempts), and when the next one not due yet is (None: none)."""
+
+    async def outbox_body(self, delivery_id: int, body: bytes) -> None:
+        """A delivery's body, made at its first attempt, kept for the next."""
+
+    async def username(self, user_id: int) -> str:
+        """A known user's name ("" when unknown)."""
 
     async def outbox_pending(self) -> int:
         """How many deliveries are stored."""

@@ -160,8 +160,12 @@ MIGRATIONS: list[str] = [
         event text NOT NULL,
         body bytea NOT NULL,
         due double precision NOT NULL DEFAULT 0,
-        attempts integer NOT NULL DEFAULT 0
+        attempts integer NOT NULL DEFAULT 0,
+        user_id bigint
     );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox (event, due);
+    CREATE UNIQUE INDEX webhook_outbox_unread ON webhook_outbox (user_id)
+        WHERE event = 'message.unread';
     """,
 ]
 

@@ -432,16 +432,17 @@ class PostgresStore(Reads, GroupWriter):
         if rows:
             _copy_in(cur, rows)
         outbox = self.outbox
-        body = outbox(results, time.time()) if outbox is not None else None
+        hooks = outbox(results, time.time()) if outbox is not None else []
         with conn.pipeline():
             for statement, params in extra:
                 conn.execute(statement, params)
             if changed:
                 cur.executemany(_SET_SEQ, changed)
-            if body is not None:
-                conn.execute(
-                    "INSERT INTO webhook_outbox (event, body) VALUES (%s, %s)",
-                    ("message.created", body),
+            if hooks:  # (a user's message.unread already pending stays)
+                cur.executemany(
+                    "INSERT INTO webhook_outbox (event, body, due, user_id)"
+                    " VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                    hooks,
                 )
             self._commit_sent = True
             conn.execute("COMMIT")
@@ -1230,7 +1231,8 @@ def open_admin(dsn: str, rooms: RoomsConfig) -> Iterator[Admin]:
 
 def outbox_head(conn: Any, limit: int) -> list[tuple[int, str, bytes, float, int]]:
     rows = conn.execute(
-        "SELECT id, event, body, due, attempts FROM webhook_outbox ORDER BY id LIMIT %s",
+        "SELECT id, event, body, due, attempts FROM webhook_outbox"
+        " WHERE event = 'message.created' ORDER BY id LIMIT %s",
         (limit,),
     ).fetchall()
     return [(int(i), str(e), bytes(b), float(d), int(a)) for i, e, b, d, a in rows]
@@ -1250,3 +1252,28 @@ def outbox_retry(conn: Any, delivery_id: int, due: float, attempts: int) -> None
         "UPDATE webhook_outbox SET due = %s, attempts = %s WHERE id = %s",
         (due, attempts, delivery_id),
     )
+
+
+def outbox_unread(
+    conn: Any, now: float, limit: int
+) -> tuple[list[tuple[int, int, bytes, int]], float | None]:
+    rows = conn.execute(
+        "SELECT id, user_id, body, attempts FROM webhook_outbox"
+        " WHERE event = 'message.unread' AND due <= %s ORDER BY due LIMIT %s",
+        (now, limit),
+    ).fetchall()
+    (later,) = conn.execute(
+        "SELECT min(due) FROM webhook_outbox WHERE event = 'message.unread' AND due > %s",
+        (now,),
+    ).fetchone()
+    found = [(int(i), int(u), bytes(b), int(a)) for i, u, b, a in rows]
+    return found, None if later is None else float(later)
+
+
+def outbox_body(conn: Any, delivery_id: int, body: bytes) -> None:
+    conn.execute("UPDATE webhook_outbox SET body = %s WHERE id = %s", (body, delivery_id))
+
+
+def username(conn: Any, user_id: int) -> str:
+    row = conn.execute("SELECT username FROM users WHERE id = %s", (user_id,)).fetchone()
+    return "" if row is None else str(row[0])

@@ -129,14 +129,19 @@ MIGRATIONS: list[str] = [
     """,
     # 5: webhook deliveries, stored with the commit that causes them and
     # deleted once delivered (or given up); ids never reused (webhook-id).
+    # A user has at most one message.unread pending (the debounce window).
     """
     CREATE TABLE webhook_outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         event TEXT NOT NULL,
         body BLOB NOT NULL,
         due REAL NOT NULL DEFAULT 0,
-        attempts INTEGER NOT NULL DEFAULT 0
-    )
+        attempts INTEGER NOT NULL DEFAULT 0,
+        user_id INTEGER
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox (event, due);
+    CREATE UNIQUE INDEX webhook_outbox_unread ON webhook_outbox (user_id)
+        WHERE event = 'message.unread'
     """,
 ]
 

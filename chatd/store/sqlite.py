@@ -51,6 +51,7 @@ from chatd.store import (
     Entry,
     Missed,
     NewMessage,
+    Outbox,
     ReadPoint,
     RoomAccess,
     StoredEvent,
@@ -284,9 +285,6 @@ async def open_sqlite_store(
         await store._stop()
 
 
-Outbox = Callable[[Sequence[Any], float], bytes | None]
-
-
 def _apply(
     conn: sqlite3.Connection,
     group: list[Pending],
@@ -325,10 +323,12 @@ def _apply(
 
 
 def _to_outbox(conn: sqlite3.Connection, outbox: Outbox | None, results: Sequence[Any]) -> None:
-    body = outbox(results, time.time()) if outbox is not None else None
-    if body is not None:
-        conn.execute(
-            "INSERT INTO webhook_outbox (event, body) VALUES (?, ?)", ("message.created", body)
+    rows = outbox(results, time.time()) if outbox is not None else None
+    if rows:
+        # (a user's message.unread already pending stays: its window runs)
+        conn.executemany(
+            "INSERT OR IGNORE INTO webhook_outbox (event, body, due, user_id) VALUES (?, ?, ?, ?)",
+            rows,
         )
 
 
@@ -980,7 +980,8 @@ def check_copy(conn: sqlite3.Connection) -> tuple[str, int]:
 
 def outbox_head(conn: Any, limit: int) -> list[tuple[int, str, bytes, float, int]]:
     rows = conn.execute(
-        "SELECT id, event, body, due, attempts FROM webhook_outbox ORDER BY id LIMIT ?",
+        "SELECT id, event, body, due, attempts FROM webhook_outbox"
+        " WHERE event = 'message.created' ORDER BY id LIMIT ?",
         (limit,),
     ).fetchall()
     return [(int(i), str(e), bytes(b), float(d), int(a)) for i, e, b, d, a in rows]
@@ -1000,3 +1001,28 @@ def outbox_retry(conn: Any, delivery_id: int, due: float, attempts: int) -> None
         "UPDATE webhook_outbox SET due = ?, attempts = ? WHERE id = ?",
         (due, attempts, delivery_id),
     )
+
+
+def outbox_unread(
+    conn: Any, now: float, limit: int
+) -> tuple[list[tuple[int, int, bytes, int]], float | None]:
+    rows = conn.execute(
+        "SELECT id, user_id, body, attempts FROM webhook_outbox"
+        " WHERE event = 'message.unread' AND due <= ? ORDER BY due LIMIT ?",
+        (now, limit),
+    ).fetchall()
+    (later,) = conn.execute(
+        "SELECT min(due) FROM webhook_outbox WHERE event = 'message.unread' AND due > ?",
+        (now,),
+    ).fetchone()
+    found = [(int(i), int(u), bytes(b), int(a)) for i, u, b, a in rows]
+    return found, None if later is None else float(later)
+
+
+def outbox_body(conn: Any, delivery_id: int, body: bytes) -> None:
+    conn.execute("UPDATE webhook_outbox SET body = ? WHERE id = ?", (body, delivery_id))
+
+
+def username(conn: Any, user_id: int) -> str:
+    row = conn.execute("SELECT username FROM users WHERE id = ?", (user_id,)).fetchone()
+    return "" if row is None else str(row[0])

@@ -39,6 +39,7 @@ from chatd.store import (
     Entry,
     Missed,
     NewMessage,
+    Outbox,
     ReadPoint,
     RoomAccess,
     StoredEvent,
@@ -97,7 +98,7 @@ class GroupWriter:
     #: Webhooks on: the body of the delivery a group's results cause (on the
     #: writer thread, stored in the group's transaction; None: none), and
     #: what to call, on the Trio thread, once such a group is committed.
-    outbox: Callable[[Sequence[Any], float], bytes | None] | None = None
+    outbox: Outbox | None = None
     outbox_wake: Callable[[], None] | None = None
     #: The store module's functions (set by each store).
     queries: Queries
@@ -205,6 +206,10 @@ class GroupWriter:
         q = self.queries
         await self.write(lambda c: q.outbox_retry(c, delivery_id, due, attempts))
 
+    async def outbox_body(self, delivery_id: int, body: bytes) -> None:
+        q = self.queries
+        await self.write(lambda c: q.outbox_body(c, delivery_id, body))
+
     # --- queueing -------------------------------------------------------------
 
     async def _enqueue(self, pending: Pending) -> int:
@@ -267,6 +272,11 @@ class Queries(Protocol):
     def last_seen(self, conn: Any, user_ids: Sequence[int]) -> dict[int, str]: ...
     def outbox_head(self, conn: Any, limit: int) -> list[tuple[int, str, bytes, float, int]]: ...
     def outbox_pending(self, conn: Any) -> int: ...
+    def outbox_unread(
+        self, conn: Any, now: float, limit: int
+    ) -> tuple[list[tuple[int, int, bytes, int]], float | None]: ...
+    def outbox_body(self, conn: Any, delivery_id: int, body: bytes) -> None: ...
+    def username(self, conn: Any, user_id: int) -> str: ...
     def outbox_done(self, conn: Any, delivery_id: int) -> None: ...
     def outbox_retry(self, conn: Any, delivery_id: int, due: float, attempts: int) -> None: ...
 
@@ -455,6 +465,20 @@ class Reads:
         q = self.queries
         count: int = await self.read(q.outbox_pending)
         return count
+
+    async def outbox_unread(
+        self, now: float, limit: int
+    ) -> tuple[list[tuple[int, int, bytes, int]], float | None]:
+        q = self.queries
+        result: tuple[list[tuple[int, int, bytes, int]], float | None] = await self.read(
+            lambda c: q.outbox_unread(c, now, limit)
+        )
+        return result
+
+    async def username(self, user_id: int) -> str:
+        q = self.queries
+        name: str = await self.read(lambda c: q.username(c, user_id))
+        return name
 
     async def unread(self, user_id: int) -> list[tuple[str, ReadPoint]]:
         q = self.queries
