@@ -10,6 +10,7 @@ server's wall clock here (``wall``): a backoff of minutes passes at once.
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import trio.testing
 
 from chatd.config import Config
 from tests.helpers.clients import Client, connect
+from tests.helpers.http_client import http_request
 from tests.helpers.receiver import Receiver, receiving
 from tests.helpers.servers import chatd_process, config_text, free_port, running, wait_healthy
 from tests.test_edits import answer
@@ -123,6 +125,10 @@ async def test_a_failing_backend_is_retried_with_the_same_id_then_given_up(
                 assert trio.current_time() - began >= 60
     attempts = receiver.requests[:5]
     assert len({r.headers["webhook-id"] for r in attempts}) == 1  # one delivery, five tries
+    gaps = [b.at - a.at for a, b in itertools.pairwise(attempts)]
+    # backing off: 1, 2, 4 s less a jitter of up to half; then the 429's Retry-After
+    assert gaps[0] >= 0.5 and gaps[1] >= 1.0 and gaps[2] >= 2.0 and gaps[3] >= 120, gaps
+    assert gaps[2] < 120
     assert {r.body for r in attempts} == {attempts[0].body}
     assert verified(attempts[-1])["data"]["messages"][0]["data"] == first
     assert verified(receiver.requests[5])["data"]["messages"][0]["data"] == second
@@ -191,6 +197,7 @@ async def test_a_dead_backend_never_slows_chat_and_gets_everything_later(
         await trio.sleep(120)
         retried = server.metrics.webhook_deliveries.labels("message.created", "retried")
         assert retried._value.get() >= 5
+        assert (await http_request(server.port, "GET", "/readyz")).status == 200
         receiver = Receiver(port=port)
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(trio.serve_tcp, receiver.serve, port, host="127.0.0.1"))

@@ -21,6 +21,8 @@ import trio
 class Request:
     headers: dict[str, str]
     body: bytes
+    #: When it arrived (Trio's clock).
+    at: float = 0.0
 
     @property
     def json(self) -> Any:
@@ -73,7 +75,7 @@ class Receiver:
                         return
                 assert request is not None
                 headers = {k.decode().lower(): v.decode() for k, v in request.headers}
-                self.requests.append(Request(headers, body))
+                self.requests.append(Request(headers, body, trio.current_time()))
                 self.arrived.set()
                 answer = self.script.popleft() if self.script else 200
                 if answer == "stall":
