@@ -116,9 +116,11 @@ def unread_data(user_id: int, username: str, points: Sequence[tuple[str, ReadPoi
 
 
 def created_body(entries: Sequence[Any], now: float) -> bytes | None:
-    """The ``message.created`` body of a commit group's results (messages
-    and events; anything else, a refusal or an operation's value, is not
-    one), or None when the group committed none."""
+    """What a commit group's results (messages and events; anything else,
+    a refusal or an operation's value, is not one) add to ``message.created``
+    as the outbox keeps it: the time, a newline, and the items' JSON
+    without the list's brackets (``merged`` joins rows by concatenation,
+    decoding nothing); None when the group committed none."""
     items = []
     for entry in entries:
         if isinstance(entry, StoredMessage | StoredEvent):
@@ -126,7 +128,22 @@ def created_body(entries: Sequence[Any], now: float) -> bytes | None:
             items.append({"type": kind, "data": shape})
     if not items:
         return None
-    return body(CREATED, {"messages": items}, now)
+    return rfc3339(now).encode() + b"\n" + _encode(items)[1:-1]
+
+
+def merged(rows: Sequence[bytes]) -> bytes:
+    """The ``message.created`` body of outbox rows (``created_body``): their
+    items in order, the first one's time. The same bytes every time for the
+    same rows, so that a retry is the same delivery."""
+    timestamp = rows[0].split(b"\n", 1)[0]
+    items = b",".join(row.split(b"\n", 1)[1] for row in rows)
+    return (
+        b'{"type":"message.created","timestamp":"'
+        + timestamp
+        + b'","data":{"messages":['
+        + items
+        + b"]}}"
+    )
 
 
 def body(event: str, data: Any, now: float) -> bytes:

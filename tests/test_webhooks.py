@@ -83,7 +83,8 @@ async def test_every_message_edit_and_deletion_is_delivered_signed_in_order(
             )
             deleted = await alice.request("delete_message", {"message_id": second["id"]}, "d")
             with trio.fail_after(10):
-                await receiver.wait_for(4)
+                while sum(len(verified(r)["data"]["messages"]) for r in receiver.requests) < 4:
+                    await receiver.wait_for(len(receiver.requests) + 1)
     items = []
     ids = []
     for request in receiver.requests:

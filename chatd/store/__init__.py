@@ -352,9 +352,14 @@ class Store(Protocol):
     async def outbox_leader(self) -> bool:
         """Whether this node sends the webhook outbox (one node does)."""
 
-    async def outbox_head(self, limit: int) -> list[tuple[int, str, bytes, float, int]]:
-        """The oldest stored ``message.created`` deliveries (id, event,
-        body, due, attempts), in order."""
+    async def outbox_head(self, limit: int) -> list[tuple[int, bytes, float, int, int | None]]:
+        """The oldest stored ``message.created`` rows (id, body, due,
+        attempts, batch_end: the last row of the delivery it begins, once
+        sent), in order."""
+
+    async def outbox_batch(self, first: int, last: int) -> None:
+        """The ``message.created`` rows from ``first`` to ``last`` are sent
+        together from now on (a retry sends the same ones)."""
 
     async def outbox_unread(
         self, now: float, limit: int
@@ -371,11 +376,13 @@ class Store(Protocol):
     async def outbox_pending(self) -> int:
         """How many deliveries are stored."""
 
-    async def outbox_done(self, delivery_id: int) -> None:
-        """A delivery sent (or given up): removed."""
+    async def outbox_done(self, first: int, last: int, event: str) -> None:
+        """A delivery sent (or given up): its ``event`` rows from ``first``
+        to ``last`` removed."""
 
-    async def outbox_retry(self, delivery_id: int, due: float, attempts: int) -> None:
-        """A delivery to try again at ``due`` (Unix time)."""
+    async def outbox_retry(self, first: int, due: float, attempts: int) -> None:
+        """A delivery (the one whose first row is ``first``) to try again at
+        ``due`` (Unix time)."""
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         """Make sure every room of the config exists (members added, never

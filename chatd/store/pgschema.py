@@ -161,7 +161,8 @@ MIGRATIONS: list[str] = [
         body bytea NOT NULL,
         due double precision NOT NULL DEFAULT 0,
         attempts integer NOT NULL DEFAULT 0,
-        user_id bigint
+        user_id bigint,
+        batch_end bigint
     );
     CREATE INDEX webhook_outbox_due ON webhook_outbox (event, due);
     CREATE UNIQUE INDEX webhook_outbox_unread ON webhook_outbox (user_id)

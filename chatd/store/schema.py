@@ -130,6 +130,8 @@ MIGRATIONS: list[str] = [
     # 5: webhook deliveries, stored with the commit that causes them and
     # deleted once delivered (or given up); ids never reused (webhook-id).
     # A user has at most one message.unread pending (the debounce window).
+    # message.created rows sent together: the first one holds the last one's
+    # id (batch_end), so a retry sends the same rows again.
     """
     CREATE TABLE webhook_outbox (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -137,7 +139,8 @@ MIGRATIONS: list[str] = [
         body BLOB NOT NULL,
         due REAL NOT NULL DEFAULT 0,
         attempts INTEGER NOT NULL DEFAULT 0,
-        user_id INTEGER
+        user_id INTEGER,
+        batch_end INTEGER
     );
     CREATE INDEX webhook_outbox_due ON webhook_outbox (event, due);
     CREATE UNIQUE INDEX webhook_outbox_unread ON webhook_outbox (user_id)

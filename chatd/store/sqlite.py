@@ -978,13 +978,16 @@ def check_copy(conn: sqlite3.Connection) -> tuple[str, int]:
 # --- the webhook outbox -------------------------------------------------------
 
 
-def outbox_head(conn: Any, limit: int) -> list[tuple[int, str, bytes, float, int]]:
+def outbox_head(conn: Any, limit: int) -> list[tuple[int, bytes, float, int, int | None]]:
     rows = conn.execute(
-        "SELECT id, event, body, due, attempts FROM webhook_outbox"
+        "SELECT id, body, due, attempts, batch_end FROM webhook_outbox"
         " WHERE event = 'message.created' ORDER BY id LIMIT ?",
         (limit,),
     ).fetchall()
-    return [(int(i), str(e), bytes(b), float(d), int(a)) for i, e, b, d, a in rows]
+    return [
+        (int(i), bytes(b), float(d), int(a), None if n is None else int(n))
+        for i, b, d, a, n in rows
+    ]
 
 
 def outbox_pending(conn: Any) -> int:
@@ -992,15 +995,25 @@ def outbox_pending(conn: Any) -> int:
     return int(count)
 
 
-def outbox_done(conn: Any, delivery_id: int) -> None:
-    conn.execute("DELETE FROM webhook_outbox WHERE id = ?", (delivery_id,))
+def outbox_done(conn: Any, first: int, last: int, event: str) -> None:
+    """The ``event`` rows from ``first`` to ``last`` (one range of ids)."""
+    conn.execute(
+        "DELETE FROM webhook_outbox WHERE id >= ? AND id <= ? AND event = ?",
+        (first, last, event),
+    )
 
 
-def outbox_retry(conn: Any, delivery_id: int, due: float, attempts: int) -> None:
+def outbox_retry(conn: Any, first: int, due: float, attempts: int) -> None:
+    """A delivery's time and attempts live on its first row."""
     conn.execute(
         "UPDATE webhook_outbox SET due = ?, attempts = ? WHERE id = ?",
-        (due, attempts, delivery_id),
+        (due, attempts, first),
     )
+
+
+def outbox_batch(conn: Any, first: int, last: int) -> None:
+    """The rows from ``first`` to ``last`` go together from now on."""
+    conn.execute("UPDATE webhook_outbox SET batch_end = ? WHERE id = ?", (last, first))
 
 
 def outbox_unread(

@@ -197,14 +197,18 @@ class GroupWriter:
 
     # --- the webhook outbox's writes --------------------------------------------
 
-    async def outbox_done(self, delivery_id: int) -> None:
+    async def outbox_done(self, first: int, last: int, event: str) -> None:
         """Delivered, or given up: gone from the outbox."""
         q = self.queries
-        await self.write(lambda c: q.outbox_done(c, delivery_id))
+        await self.write(lambda c: q.outbox_done(c, first, last, event))
 
-    async def outbox_retry(self, delivery_id: int, due: float, attempts: int) -> None:
+    async def outbox_retry(self, first: int, due: float, attempts: int) -> None:
         q = self.queries
-        await self.write(lambda c: q.outbox_retry(c, delivery_id, due, attempts))
+        await self.write(lambda c: q.outbox_retry(c, first, due, attempts))
+
+    async def outbox_batch(self, first: int, last: int) -> None:
+        q = self.queries
+        await self.write(lambda c: q.outbox_batch(c, first, last))
 
     async def outbox_body(self, delivery_id: int, body: bytes) -> None:
         q = self.queries
@@ -270,15 +274,18 @@ class Queries(Protocol):
         self, conn: Any, user_id: int, channel: str, message_id: int, floor: tuple[int, int]
     ) -> ReadPoint | None: ...
     def last_seen(self, conn: Any, user_ids: Sequence[int]) -> dict[int, str]: ...
-    def outbox_head(self, conn: Any, limit: int) -> list[tuple[int, str, bytes, float, int]]: ...
+    def outbox_head(
+        self, conn: Any, limit: int
+    ) -> list[tuple[int, bytes, float, int, int | None]]: ...
     def outbox_pending(self, conn: Any) -> int: ...
+    def outbox_batch(self, conn: Any, first: int, last: int) -> None: ...
     def outbox_unread(
         self, conn: Any, now: float, limit: int
     ) -> tuple[list[tuple[int, int, bytes, int]], float | None]: ...
     def outbox_body(self, conn: Any, delivery_id: int, body: bytes) -> None: ...
     def username(self, conn: Any, user_id: int) -> str: ...
-    def outbox_done(self, conn: Any, delivery_id: int) -> None: ...
-    def outbox_retry(self, conn: Any, delivery_id: int, due: float, attempts: int) -> None: ...
+    def outbox_done(self, conn: Any, first: int, last: int, event: str) -> None: ...
+    def outbox_retry(self, conn: Any, first: int, due: float, attempts: int) -> None: ...
 
 
 class _Batch:
@@ -453,10 +460,10 @@ class Reads:
 
     # --- the webhook outbox (chatd/webhook_sender.py) ---------------------------
 
-    async def outbox_head(self, limit: int) -> list[tuple[int, str, bytes, float, int]]:
-        """The oldest stored deliveries, in id order."""
+    async def outbox_head(self, limit: int) -> list[tuple[int, bytes, float, int, int | None]]:
+        """The oldest stored ``message.created`` rows, in id order."""
         q = self.queries
-        rows: list[tuple[int, str, bytes, float, int]] = await self.read(
+        rows: list[tuple[int, bytes, float, int, int | None]] = await self.read(
             lambda c: q.outbox_head(c, limit)
         )
         return rows
