@@ -84,6 +84,8 @@ PY
     # Read state (unread counts, mark_read, typing) at tiny sizes: exits
     # non-zero when a scenario broke (a client refused, a count wrong).
     .venv/bin/python readstate.py all --quick --json "$out/readstate.json"
+    # Webhooks on, and with the backend down, against off (tiny sizes).
+    .venv/bin/python webhooks.py --quick --json "$out/webhooks.json"
     echo "bench --quick: ok (results in a temp dir, docs/benchmarks.md untouched)"
 else
     .venv/bin/python load.py --profile --out results/latest.json
