@@ -68,6 +68,7 @@ from chatd.store.checkpoint import (
     Checkpointer,
     WriterGate,
 )
+from chatd.store.outbox import for_placeholder
 from chatd.store.schema import connect, migrate
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
@@ -975,67 +976,14 @@ def check_copy(conn: sqlite3.Connection) -> tuple[str, int]:
     return "ok", int(count)
 
 
-# --- the webhook outbox -------------------------------------------------------
+# --- the webhook outbox (chatd/store/outbox.py) -------------------------------
 
-
-def outbox_head(conn: Any, limit: int) -> list[tuple[int, bytes, float, int, int | None]]:
-    rows = conn.execute(
-        "SELECT id, body, due, attempts, batch_end FROM webhook_outbox"
-        " WHERE event = 'message.created' ORDER BY id LIMIT ?",
-        (limit,),
-    ).fetchall()
-    return [
-        (int(i), bytes(b), float(d), int(a), None if n is None else int(n))
-        for i, b, d, a, n in rows
-    ]
-
-
-def outbox_pending(conn: Any) -> int:
-    (count,) = conn.execute("SELECT count(*) FROM webhook_outbox").fetchone()
-    return int(count)
-
-
-def outbox_done(conn: Any, first: int, last: int, event: str) -> None:
-    """The ``event`` rows from ``first`` to ``last`` (one range of ids)."""
-    conn.execute(
-        "DELETE FROM webhook_outbox WHERE id >= ? AND id <= ? AND event = ?",
-        (first, last, event),
-    )
-
-
-def outbox_retry(conn: Any, first: int, due: float, attempts: int) -> None:
-    """A delivery's time and attempts live on its first row."""
-    conn.execute(
-        "UPDATE webhook_outbox SET due = ?, attempts = ? WHERE id = ?",
-        (due, attempts, first),
-    )
-
-
-def outbox_batch(conn: Any, first: int, last: int) -> None:
-    """The rows from ``first`` to ``last`` go together from now on."""
-    conn.execute("UPDATE webhook_outbox SET batch_end = ? WHERE id = ?", (last, first))
-
-
-def outbox_unread(
-    conn: Any, now: float, limit: int
-) -> tuple[list[tuple[int, int, bytes, int]], float | None]:
-    rows = conn.execute(
-        "SELECT id, user_id, body, attempts FROM webhook_outbox"
-        " WHERE event = 'message.unread' AND due <= ? ORDER BY due LIMIT ?",
-        (now, limit),
-    ).fetchall()
-    (later,) = conn.execute(
-        "SELECT min(due) FROM webhook_outbox WHERE event = 'message.unread' AND due > ?",
-        (now,),
-    ).fetchone()
-    found = [(int(i), int(u), bytes(b), int(a)) for i, u, b, a in rows]
-    return found, None if later is None else float(later)
-
-
-def outbox_body(conn: Any, delivery_id: int, body: bytes) -> None:
-    conn.execute("UPDATE webhook_outbox SET body = ? WHERE id = ?", (body, delivery_id))
-
-
-def username(conn: Any, user_id: int) -> str:
-    row = conn.execute("SELECT username FROM users WHERE id = ?", (user_id,)).fetchone()
-    return "" if row is None else str(row[0])
+_outbox = for_placeholder("?")
+outbox_head = _outbox.outbox_head
+outbox_pending = _outbox.outbox_pending
+outbox_done = _outbox.outbox_done
+outbox_retry = _outbox.outbox_retry
+outbox_batch = _outbox.outbox_batch
+outbox_unread = _outbox.outbox_unread
+outbox_body = _outbox.outbox_body
+username = _outbox.username
