@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -776,3 +777,44 @@ async def test_a_replay_merges_messages_and_events_in_id_order(store: AnyStore) 
     got, complete = await replay(0, 2, 100)
     assert not complete and got == [i for i in entries if i > general[3]]
     assert await store.replay(GENERAL, 6, entries[-1], 10) == ([], False)
+
+
+# --- the webhook outbox -------------------------------------------------------------
+
+
+async def test_the_outbox_is_written_with_the_commit_and_read_in_order(store: AnyStore) -> None:
+    """Both stores: a group's deliveries stored with it; one message.unread
+    pending a user; the sender's reads and writes (batch, retry, done)."""
+    from chatd.config import WebhooksConfig
+    from chatd.webhooks import Deliveries
+
+    config = WebhooksConfig(url="http://backend/hooks", debounce_seconds=60)
+    store.outbox = Deliveries(config).rows
+    await store.upsert_user(2, "bob")
+    dms = [msg(i, room=None, user=1, to_user_id=2) for i in range(2)]
+    await fill(store, "general", 3)  # three groups at most, no one told
+    for m in dms:  # two direct messages to bob: one notice pending
+        await stored(store, m)
+    head = await store.outbox_head(100)
+    assert 2 <= len(head) <= 5 and [row[0] for row in head] == sorted(row[0] for row in head)
+    assert all(row[2] == 0.0 and row[3] == 0 and row[4] is None for row in head)
+    now = time.time()
+    due, later = await store.outbox_unread(now, 10)
+    assert due == [] and later is not None and now + 50 < later <= now + 61
+    (unread,), _ = await store.outbox_unread(now + 61, 10)
+    assert unread[1:] == (2, b"", 0)
+    assert await store.outbox_pending() == len(head) + 1
+    # the sender: a delivery of the first rows, retried, then done
+    first, last = head[0][0], head[-1][0]
+    await store.outbox_batch(first, last)
+    await store.outbox_retry(first, now + 5, 1)
+    again = await store.outbox_head(100)
+    assert again[0][2:] == (now + 5, 1, last)
+    await store.outbox_done(first, last, "message.created")
+    assert await store.outbox_head(100) == []
+    await store.outbox_body(unread[0], b"{}")
+    (kept,), _ = await store.outbox_unread(now + 61, 10)
+    assert kept[2] == b"{}"
+    await store.outbox_done(unread[0], unread[0], "message.unread")
+    assert await store.outbox_pending() == 0
+    assert await store.username(2) == "bob" and await store.username(99) == ""
