@@ -49,7 +49,7 @@ from chatd import protocol as p
 from chatd.bus import Bus, to_channel
 from chatd.errors import message_not_found
 from chatd.hub import Hub, Peer
-from chatd.store import ReadPoint, Store, StoredMessage, dm_channel, room_channel
+from chatd.store import ReadPoint, Store, StoredMessage, dm_channel, dm_peer, room_channel
 from chatd.throttle import Coalescer
 
 log = logging.getLogger("chatd")
@@ -288,9 +288,7 @@ class ReadState(Generic[P]):
             if channel.startswith("r:"):
                 rooms.append({"room": channel[2:], **counts, "mentions": point.mentions})
             elif point.unread:
-                low, _, high = channel[2:].partition(":")
-                other = int(high) if int(low) == user_id else int(low)
-                direct.append({"with_user": other, **counts})
+                direct.append({"with_user": dm_peer(channel, user_id), **counts})
         rooms.sort(key=lambda r: r["room"])
         direct.sort(key=lambda d: d["with_user"])
         return {"rooms": rooms, "direct": direct}

@@ -77,13 +77,12 @@ class WebhookSender:
         store: Outbox,
         metrics: Metrics,
         wall: Any,
-        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.config = config
         self._store = store
         self._metrics = metrics
         self._wall = wall
-        self._transport = transport
+        self._keys = webhooks.signing_keys(config)
         self._woken = trio.Event()
         self._idle = True
         self._counted_at = -RECOUNT
@@ -99,7 +98,7 @@ class WebhookSender:
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         timeout = httpx.Timeout(self.config.timeout_seconds)
-        async with httpx.AsyncClient(timeout=timeout, transport=self._transport) as client:
+        async with httpx.AsyncClient(timeout=timeout) as client:
             task_status.started()
             while True:
                 try:
@@ -202,7 +201,7 @@ class WebhookSender:
         or given up, not retried)."""
         config = self.config
         delivery_id = ids[0]
-        headers = webhooks.headers(config, delivery_id, body, self._wall())
+        headers = webhooks.headers(self._keys, delivery_id, body, self._wall())
         started = trio.current_time()
         status: int | None = None
         retry_after = None

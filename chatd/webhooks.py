@@ -42,7 +42,7 @@ import msgspec
 from chatd.config import WebhooksConfig, webhook_key
 from chatd.hub import live_shape
 from chatd.protocol import rfc3339
-from chatd.store import OutboxRow, ReadPoint, StoredEvent, StoredMessage
+from chatd.store import OutboxRow, ReadPoint, StoredEvent, StoredMessage, dm_peer
 
 CREATED = "message.created"
 UNREAD = "message.unread"
@@ -101,8 +101,7 @@ def unread_data(user_id: int, username: str, points: Sequence[tuple[str, ReadPoi
     mentions = []
     for channel, point in points:
         if channel.startswith("d:") and point.unread:
-            low, high = (int(part) for part in channel[2:].split(":"))
-            other = high if low == user_id else low
+            other = dm_peer(channel, user_id)
             direct.append(
                 {"with_user": other, "unread": point.unread, "last_message_id": point.last_id}
             )
@@ -151,19 +150,24 @@ def body(event: str, data: Any, now: float) -> bytes:
     return _encode({"type": event, "timestamp": rfc3339(now), "data": data})
 
 
+def signing_keys(config: WebhooksConfig) -> list[bytes]:
+    """The keys deliveries are signed with: the secret's, and during a
+    rotation the previous one's."""
+    keys = (webhook_key(s) for s in (config.secret, config.previous_secret) if s)
+    return [key for key in keys if key is not None]
+
+
 def headers(
-    config: WebhooksConfig, delivery_id: int, body: bytes, now: float
+    keys: Sequence[bytes], delivery_id: int, body: bytes, now: float
 ) -> list[tuple[str, str]]:
-    """The Standard Webhooks headers of one attempt."""
+    """The Standard Webhooks headers of one attempt, a signature per key."""
     message_id = f"msg_{delivery_id}"
     timestamp = str(int(now))
     signed = f"{message_id}.{timestamp}.".encode() + body
-    signatures = []
-    for secret in (config.secret, config.previous_secret):
-        key = webhook_key(secret) if secret else None
-        if key is not None:
-            digest = hmac.new(key, signed, hashlib.sha256).digest()
-            signatures.append("v1," + base64.b64encode(digest).decode())
+    signatures = [
+        "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+        for key in keys
+    ]
     return [
         ("content-type", "application/json"),
         ("webhook-id", message_id),

@@ -35,6 +35,12 @@ def dm_channel(a: int, b: int) -> str:
     return f"d:{low}:{high}"
 
 
+def dm_peer(channel: str, user_id: int) -> int:
+    """The other party of ``user_id`` in a conversation's channel."""
+    low, _, high = channel[2:].partition(":")
+    return int(high) if int(low) == user_id else int(low)
+
+
 class NewMessage(msgspec.Struct, frozen=True, gc=False):
     """A validated message, not yet stored. ``room`` for rooms, else a DM.
 

@@ -95,9 +95,9 @@ class GroupWriter:
 
     #: The writer thread's name.
     thread_name = "chatd-writer"
-    #: Webhooks on: the body of the delivery a group's results cause (on the
-    #: writer thread, stored in the group's transaction; None: none), and
-    #: what to call, on the Trio thread, once such a group is committed.
+    #: Webhooks on: the deliveries a group's results cause (made on the
+    #: writer thread, stored in the group's transaction), and what to call,
+    #: on the Trio thread, once a group of messages or events is committed.
     outbox: Outbox | None = None
     outbox_wake: Callable[[], None] | None = None
     #: The store module's functions (set by each store).
