@@ -339,12 +339,15 @@ class Sampler(threading.Thread):
 class Pool:
     """The worker processes and a bounded request/reply over their pipes."""
 
+    #: Each worker process's entry (bench/readstate.py's pool has its own).
+    entry = staticmethod(worker_main)
+
     def __init__(self, procs: int, cpus: set[int] | None) -> None:
         self.conns = []
         self.procs = []
         for i in range(procs):
             parent, child = mp.Pipe()
-            p = mp.Process(target=worker_main, args=(child, i, SECRET, cpus), daemon=True)
+            p = mp.Process(target=self.entry, args=(child, i, SECRET, cpus), daemon=True)
             p.start()
             self.conns.append(parent)
             self.procs.append(p)

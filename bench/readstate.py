@@ -92,7 +92,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import multiprocessing as mp
 import os
 import shutil
 import sqlite3
@@ -108,7 +107,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import load  # noqa: E402
-from load import MONO, SECRET, log, machine_busy, pct, proc_cpu, split  # noqa: E402
+from load import MONO, log, machine_busy, pct, proc_cpu, split  # noqa: E402
 from readstate_worker import rs_worker_main  # noqa: E402
 from worker import raise_nofile  # noqa: E402
 
@@ -126,15 +125,7 @@ OTHER_CORES = 0.2
 class Pool(load.Pool):
     """load.py's worker pool, its workers bench/readstate_worker.py's."""
 
-    def __init__(self, procs: int, cpus: set[int] | None) -> None:
-        self.conns = []
-        self.procs = []
-        for i in range(procs):
-            parent, child = mp.Pipe()
-            p = mp.Process(target=rs_worker_main, args=(child, i, SECRET, cpus), daemon=True)
-            p.start()
-            self.conns.append(parent)
-            self.procs.append(p)
+    entry = staticmethod(rs_worker_main)
 
 
 class Bench(load.Bench):

@@ -41,11 +41,10 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-from functools import partial
 from typing import Any
 
 import worker
-from worker import CONNECT_TIMEOUT, JOIN_TIMEOUT, Worker, cpu_seconds
+from worker import Worker, cpu_seconds
 from wsclient import IDLE, MONO, REQUEST_ID, ROOM_MESSAGE, Client, Stats
 
 #: A mode above the storm's: the base class hands every whole text frame to
@@ -190,36 +189,11 @@ class RClient(Client):
 
 class RWorker(Worker):
     stats: RStats
+    client_class = RClient
 
     def __init__(self, index: int, secret: str) -> None:
         super().__init__(index, secret)
         self.stats = RStats()
-
-    async def open_one(
-        self, port: int, user_id: int, deflate: bool, room: str | None
-    ) -> Client | None:
-        """As ``Worker.open_one``, an ``RClient``."""
-        loop = asyncio.get_running_loop()
-        target = f"/ws/chat?token={self.token(user_id)}"
-        client: RClient | None = None
-        try:
-            _, client = await asyncio.wait_for(
-                loop.create_connection(
-                    partial(RClient, self.stats, target, deflate), "127.0.0.1", port
-                ),
-                CONNECT_TIMEOUT,
-            )
-            await asyncio.wait_for(client.ready, CONNECT_TIMEOUT)
-            if room is not None:
-                ack = client.expect(b'"join_room_ack"')
-                client.send_text(json.dumps({"type": "join_room", "data": {"room": room}}).encode())
-                await asyncio.wait_for(ack, JOIN_TIMEOUT)
-            return client
-        except Exception as exc:  # noqa: BLE001 - every failure is counted, none is fatal
-            self.errors[f"connect: {type(exc).__name__}: {str(exc)[:60]}"] += 1
-            if client is not None:
-                client.abort()
-            return None
 
     def reset(self) -> None:
         super().reset()

@@ -134,6 +134,10 @@ class Member:
 
 
 class Worker:
+    #: The client class ``open_one`` makes (bench/readstate_worker.py's
+    #: worker makes its own).
+    client_class: type[Client] = Client
+
     def __init__(self, index: int, secret: str) -> None:
         self.index = index
         self.secret = secret
@@ -170,7 +174,7 @@ class Worker:
         try:
             _, client = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: Client(self.stats, target, deflate), "127.0.0.1", port
+                    partial(self.client_class, self.stats, target, deflate), "127.0.0.1", port
                 ),
                 CONNECT_TIMEOUT,
             )
