@@ -56,7 +56,6 @@ from chatd.transport.http import (
 )
 from chatd.transport.websocket import WebSocketConnection
 from chatd.web import load_assets
-from chatd.webhook_sender import WebhookSender
 
 log = logging.getLogger("chatd")
 
@@ -144,6 +143,9 @@ class ChatServer:
                 nursery.start_soon(self._keep_time, ctx, alarm)
                 hooks = config.webhooks
                 if hooks.url and hooks.events:
+                    # (httpx is imported only when webhooks are on)
+                    from chatd.webhook_sender import WebhookSender
+
                     sender = WebhookSender(hooks, store, metrics, wall)
                     await nursery.start(sender.run)
                     store.outbox = webhooks.Deliveries(hooks).rows

@@ -263,3 +263,13 @@ async def test_a_user_away_gets_one_unread_notice_unless_they_read_meanwhile(
     assert first["data"]["id"] < second["data"]["id"]
     read_count = server.metrics.webhook_deliveries.labels("message.unread", "read")._value.get()
     assert read_count == 1
+
+
+def test_httpx_is_not_imported_with_webhooks_off() -> None:
+    """A node without webhooks does not load their HTTP client."""
+    import subprocess
+    import sys
+
+    code = "import sys, chatd.cli, chatd.server; print('httpx' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True)
+    assert done.stdout == b"False\n"
