@@ -81,14 +81,16 @@ How it measures
   messages sent in that span, and every chatd member's ids checked against
   the database (missing, duplicates).
 * ``--profile``: py-spy records chatd during a repeat of the room-of-100
-  fan-out point, during the commit run and during the second handshake
-  measurement (raw collapsed
-  stacks next to the results; bench/report.py summarises them).
+  fan-out point, during the commit run, during the second handshake
+  measurement and during the big room's joins (3 s at 1,000 samples/s;
+  raw collapsed stacks next to the results; bench/report.py summarises
+  the first three).
 * ``--only handshakes``: (e) alone, with the idle connections (c) between its
   two measurements, as in the full run; the JSON goes to a temp file unless
   ``--out`` is given (it is not a full result for bench/report.py). E.g.
   ``--servers ws,websockets --only handshakes`` for the peers' figures, or
   ``--servers chatd --only handshakes --profile`` for chatd's profile.
+* ``--only big``: the big room (f) and the storm after it, alone.
 Every loop stops at an absolute deadline and every wait has a timeout.
 """
 
@@ -527,10 +529,15 @@ class Bench:
         log(f"  idle {n}: held {held}, {res['kib_per_conn']:.1f} KiB/conn")
         return res
 
-    def spy(self, server: Server, profile: Path | None) -> subprocess.Popen[bytes] | None:
-        """py-spy record (raw collapsed stacks) of the server for one window."""
+    def spy(
+        self, server: Server, profile: Path | None, duration: float | None = None, rate: int = 100
+    ) -> subprocess.Popen[bytes] | None:
+        """py-spy record (raw collapsed stacks) of the server for one window
+        (``duration`` s, by default a measurement's; ``rate`` samples/s)."""
         if profile is None:
             return None
+        if duration is None:
+            duration = self.args.duration + self.args.warm
         return subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "py-spy"),
@@ -538,10 +545,12 @@ class Bench:
                 "--pid",
                 str(server.pid),
                 "--duration",
-                str(int(self.args.duration + self.args.warm)),
+                str(max(1, round(duration))),
                 "--format",
                 "raw",
                 "--nonblocking",
+                "--rate",
+                str(rate),
                 "-o",
                 str(profile),
             ],
@@ -886,6 +895,8 @@ class Bench:
         sampler = Sampler(server)
         t0 = MONO() + int(min(0.3, a.big_rest) * 1e9)
         deadline = t0 + int(a.big_deadline * 1e9)
+        prof = self.tmp / "chatd-bigroom.txt" if server.name == "chatd" and a.profile else None
+        spy = self.spy(server, prof, 3.0, rate=1000)  # (the joins take about a second)
         try:
             replies = self.pool.all(
                 {
@@ -899,6 +910,13 @@ class Bench:
             )
         finally:
             sampler.stop()
+        if spy is not None:
+            try:
+                spy.wait(30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+            if prof is not None and prof.exists():
+                shutil.copy(prof, Path(a.out).parent / "chatd-bigroom.pyspy.txt")
         after = proc_rss_kib(server.pid)
         acks = sorted(x for r in replies for x in r["acks"])
         first = min((r["first_sent"] for r in replies if r["first_sent"]), default=t0)
@@ -1233,6 +1251,8 @@ class Bench:
         phases = [("handshakes", False), ("main", False), ("deflate", True), ("big", False)]
         if a.only == "handshakes":  # the first two, up to the handshakes after idle
             phases = phases[:2]
+        elif a.only == "big":
+            phases = phases[3:]
         for phase, deflate in phases:
             server = Server(name, deflate, self.tmp, self.rooms)
             log(
@@ -1354,12 +1374,12 @@ def main() -> int:
     )
     parser.add_argument("--servers", default="chatd,ws,websockets")
     parser.add_argument("--procs", type=int, default=2, help="load-generator processes")
-    parser.add_argument("--profile", action="store_true", help="py-spy chatd's room-of-100")
+    parser.add_argument("--profile", action="store_true", help="py-spy chatd (see above)")
     parser.add_argument(
         "--only",
-        choices=["handshakes"],
+        choices=["handshakes", "big"],
         help="only this scenario (for a look, not for report.py): handshakes fresh, "
-        "idle memory, handshakes after idle",
+        "idle memory, handshakes after idle; or the big room and the storm",
     )
     parser.add_argument(
         "--no-pin",

@@ -17,10 +17,12 @@ refuses to move one back). A stop writes what is left. Reads that must see
 a user's markers (a join's counts, ``unread``) write that user's moves
 first.
 
-A join reads its user's marker in a batch: while one read of a room's
-markers is under way, the joins behind it wait and are read together, in
-one query (a reconnect storm into one room reads its markers in a few
-queries, not one per member). A user's first join of a room creates the
+A join reads its user's marker at once where the store can answer without
+waiting (``Store.marker_now``: SQLite), so a join never suspends for it;
+otherwise in a batch: while one read of a room's markers is under way, the
+joins behind it wait and are read together, in one query (a reconnect
+storm into one room reads its markers in a few queries, not one per
+member). A user's first join of a room creates the
 marker at the room's newest message.
 
 A ``mark_read`` of one of a room's newest messages is answered from the
@@ -115,7 +117,8 @@ class ReadState(Generic[P]):
         self._absorb()
         if key in self._dirty:
             await self.flush()
-        found = await self._store.marker(channel, user_id)
+        store = self._store
+        found = store.marker_now(channel, user_id) or await store.marker(channel, user_id)
         last: Position = (found.last_id, found.last_seq)
         tail = self._hub.tail(room)
         if tail is not None:

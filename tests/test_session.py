@@ -292,6 +292,9 @@ class FakeStore:
             if m.seq > seq and user_id in (m.message.mentions or ())
         )
 
+    def marker_now(self, channel: str, user_id: int) -> ChannelMarkers | None:
+        return None  # (every read of this store waits, at its gate)
+
     async def marker(self, channel: str, user_id: int) -> ChannelMarkers:
         self.calls.append(("marker", channel, user_id))
         found = {}

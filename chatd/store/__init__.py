@@ -326,6 +326,10 @@ class Store(Protocol):
         """Direct messages to or from any of ``user_ids`` created at or after
         ``created_at`` (RFC 3339), oldest first, at most ``cap``."""
 
+    def marker_now(self, channel: str, user_id: int) -> ChannelMarkers | None:
+        """``marker``, read at once without waiting, when this store can
+        (SQLite: a point read on the event loop's thread); None otherwise."""
+
     async def marker(self, channel: str, user_id: int) -> ChannelMarkers:
         """The user's marker in ``channel`` (in ``found`` when it has one),
         read together with those of every other user asked for meanwhile:

@@ -10,7 +10,14 @@ and every operation of it is run again alone, in its own transaction, so one
 bad operation fails only itself. Nothing is acknowledged that is not on disk.
 
 Reads run on Trio worker threads, each borrowing one of a few read-only
-connections (WAL lets them read while the writer writes).
+connections (WAL lets them read while the writer writes). One read does
+not: a join's read marker (``marker_now``), two probes of primary keys
+(about 6 µs), runs at once on a read-only connection of the event loop's
+own, which never waits for a lock (``busy_timeout`` 0: when SQLite is busy
+the join takes the batched read on a thread instead). A join then never
+waits for the store: 10,000 joins arriving at once otherwise all wait in
+the same pass of the scheduler, and what they hold meanwhile is left as
+fragmented memory (docs/benchmarks.md, the big room).
 
 WAL checkpoints are not the writer's: its connection has
 ``wal_autocheckpoint = 0``, and a ``checkpoint.Checkpointer`` (a connection
@@ -104,6 +111,8 @@ class SqliteStore(Reads, GroupWriter):
         self.path = path
         self._synchronous = synchronous
         self._readers: list[sqlite3.Connection] = []
+        #: The event loop's own (``marker_now``).
+        self._loop_reader: sqlite3.Connection | None = None
         self._read_limiter = trio.CapacityLimiter(READERS)
         self._writer_conn: sqlite3.Connection | None = None
         self.checkpoint_interval = checkpoint_interval
@@ -143,10 +152,14 @@ class SqliteStore(Reads, GroupWriter):
         try:
             for _ in range(READERS):
                 self._readers.append(connect(self.path, readonly=True))
+            self._loop_reader = connect(self.path, readonly=True)
+            self._loop_reader.execute("PRAGMA busy_timeout = 0")
             self._checkpointer.open()
         except BaseException:
             for reader in self._readers:
                 reader.close()
+            if self._loop_reader is not None:
+                self._loop_reader.close()
             conn.close()
             raise
 
@@ -161,6 +174,9 @@ class SqliteStore(Reads, GroupWriter):
         await self._stop_writer()
         for conn in self._readers:
             conn.close()
+        if self._loop_reader is not None:
+            self._loop_reader.close()
+            self._loop_reader = None
         await self._checkpointer.stop()
 
     # --- checkpoints --------------------------------------------------------
@@ -222,6 +238,15 @@ class SqliteStore(Reads, GroupWriter):
     async def change(self, change: Change, on_done: Changed) -> int:
         apply = lambda conn: change_message(conn, change)  # noqa: E731
         return await self._enqueue(Pending(apply, None, on_done))
+
+    def marker_now(self, channel: str, user_id: int) -> ChannelMarkers | None:
+        conn = self._loop_reader
+        if conn is None:
+            return None
+        try:
+            return marker(conn, channel, user_id)
+        except sqlite3.OperationalError:  # busy: the batched read waits for it
+            return None
 
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
@@ -761,6 +786,27 @@ _TOP = "SELECT id, seq FROM messages WHERE channel = ? ORDER BY seq DESC LIMIT 1
 _MENTIONS_AFTER = "SELECT count(*) FROM mentions WHERE user_id = ? AND channel = ? AND seq > ?"
 #: Most ids in one IN list.
 _IN_CHUNK = 500
+
+
+#: One user's marker, unread mentions and the channel's newest message, in
+#: one statement (one snapshot): three probes of primary keys and indexes.
+_MARKER = (
+    "SELECT t.id, t.seq, r.last_read_id, r.last_read_seq,"
+    " (SELECT count(*) FROM mentions m WHERE m.user_id = r.user_id"
+    "  AND m.channel = r.channel AND m.seq > r.last_read_seq)"
+    " FROM (SELECT 1)"
+    " LEFT JOIN (SELECT id, seq FROM messages WHERE channel = ?1 ORDER BY seq DESC LIMIT 1) t"
+    " LEFT JOIN read_markers r ON r.channel = ?1 AND r.user_id = ?2"
+)
+
+
+def marker(conn: sqlite3.Connection, channel: str, user_id: int) -> ChannelMarkers:
+    """``markers`` of one user, in one statement (``SqliteStore.marker_now``)."""
+    last_id, last, read_id, read_seq, mentioned = conn.execute(
+        _MARKER, (channel, user_id)
+    ).fetchone()
+    found = {} if read_id is None else {user_id: (read_id, read_seq, mentioned)}
+    return ChannelMarkers(last_id or 0, last or 0, found)
 
 
 def markers(conn: sqlite3.Connection, channel: str, user_ids: Sequence[int]) -> ChannelMarkers:

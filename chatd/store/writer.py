@@ -426,6 +426,9 @@ class Reads:
         )
         return result
 
+    def marker_now(self, channel: str, user_id: int) -> ChannelMarkers | None:
+        return None  # (SQLite's store overrides it)
+
     async def marker(self, channel: str, user_id: int) -> ChannelMarkers:
         # (10,000 joins of one room in a reconnect storm read their markers
         # in a few queries, not one each on a worker thread.)
