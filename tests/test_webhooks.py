@@ -265,6 +265,43 @@ async def test_a_user_away_gets_one_unread_notice_unless_they_read_meanwhile(
     assert read_count == 1
 
 
+async def test_an_unread_notice_to_a_stalling_backend_is_retried_then_given_up(
+    make_config: Callable[..., Config],
+    slow_autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The backend stalls past the timeout, then fails, then refuses:
+    message.unread goes out three times under one webhook-id, is given up
+    (logged, counted), and chat goes on meanwhile."""
+    async with receiving() as receiver:
+        receiver.script.extend(["stall", 500, 400])
+        events = {"events": ["message.unread"], "debounce_seconds": 30}
+        config = make_config(
+            webhooks=hooks(receiver.url, max_attempts=5, timeout_seconds=2, **events)
+        )
+        async with running(config, wall=trio_wall()) as server:
+            async with connect(server, 2, "bob"):
+                pass  # bob is known, and away
+            async with connect(server, 1, "alice") as alice:
+                await alice.join("general")
+                await answer(alice, "direct_message", {"to_user_id": 2, "content": "hi"}, "1")
+                with trio.fail_after(600):
+                    await receiver.wait_for(1)  # the stalled attempt
+                with trio.fail_after(1):  # chat goes on while the backend stalls
+                    await said(alice, "meanwhile")
+                with trio.fail_after(600):
+                    await receiver.wait_for(3)
+                await trio.sleep(120)  # nothing more for the one given up
+                assert len(receiver.requests) == 3
+    assert len({r.headers["webhook-id"] for r in receiver.requests}) == 1
+    payload = verified(receiver.requests[-1], virtual=True)
+    assert payload["type"] == "message.unread" and payload["data"]["user_id"] == 2
+    assert any("given up" in r.getMessage() for r in caplog.records)
+    counted = server.metrics.webhook_deliveries.labels
+    assert counted("message.unread", "given_up")._value.get() == 1
+    assert counted("message.unread", "retried")._value.get() == 2
+
+
 def test_httpx_is_not_imported_with_webhooks_off() -> None:
     """A node without webhooks does not load their HTTP client."""
     import subprocess
