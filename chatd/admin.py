@@ -5,9 +5,12 @@ The user and room commands open the configured database directly (the
 SQLite file, or PostgreSQL when ``[storage] backend = "postgres"``, through
 ``chatd.store.postgres.open_admin``), migrating it if it is new and declaring
 the config's rooms as the server does, and change it in one short
-transaction, so they work while the server runs: the server reads rooms and
-memberships from the database on every ``join_room`` and finds users it has
-not seen on their first direct message.
+transaction, so they work while the server runs: the server reads rooms,
+memberships and roles from the database again at most 5 seconds later
+(what it caches of a room's access) and finds users it has not seen on
+their first direct message. ``chatd room set-role`` gives a room's roles
+(owner, moderator, member: chatd/moderation.py), logged with the moderators'
+actions, which ``chatd room audit`` lists.
 
 ``chatd backup`` copies the database with SQLite's online backup API from one
 snapshot (WAL: the server keeps writing meanwhile) into a temporary file
@@ -25,6 +28,7 @@ import re
 import sqlite3
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +36,8 @@ from typing import Any
 
 import chatd.store.sqlite
 from chatd.config import ROOM_NAME_PATTERN, Config
+from chatd.moderation import ROLES
+from chatd.protocol import rfc3339
 from chatd.store import Admin
 from chatd.store.schema import connect, migrate
 from chatd.store.sqlite import backup, check_copy, declare_rooms
@@ -67,6 +73,21 @@ def add_commands(
     listing = room_commands.add_parser("list", help="list rooms and their members")
     config_arg(listing)
     listing.set_defaults(func=_room_list)
+    role = room_commands.add_parser(
+        "set-role", help="make a user a room's owner, moderator or plain member"
+    )
+    config_arg(role)
+    role.add_argument("name", type=_room_name)
+    role.add_argument("user_id", type=user_id, metavar="USER_ID")
+    role.add_argument("role", choices=ROLES)
+    role.set_defaults(func=_room_set_role)
+    audit = room_commands.add_parser("audit", help="list a room's moderation actions")
+    config_arg(audit)
+    audit.add_argument("name", type=_room_name)
+    audit.add_argument(
+        "--limit", type=_positive, default=100, help="the newest N actions (default 100)"
+    )
+    audit.set_defaults(func=_room_audit)
 
     copy = commands.add_parser(
         "backup", help="copy the database to a file, also while the server runs"
@@ -144,6 +165,36 @@ def _room_list(config: Config, ns: argparse.Namespace) -> int:
         who = f"  members: {', '.join(map(str, members))}" if private or members else ""
         print(f"{name}  {'private' if private else 'public'}{who}")
     return 0
+
+
+def _room_set_role(config: Config, ns: argparse.Namespace) -> int:
+    with _database(config) as db:
+        found = db.set_role(ns.name, ns.user_id, ns.role, time.time())
+    if not found:
+        return _fail(f"no room named {ns.name!r} (use: chatd room create)")
+    print(f"room {ns.name}: user {ns.user_id} is {ns.role}")
+    return 0
+
+
+def _room_audit(config: Config, ns: argparse.Namespace) -> int:
+    with _database(config) as db:
+        entries = db.audit(ns.name, ns.limit)
+    for e in entries:
+        by = "config/CLI/API" if e.actor_id == 0 else f"user {e.actor_id}"
+        what = f"{e.action} {e.role}" if e.role else e.action
+        line = f"{rfc3339(e.at)}  {what}  user {e.user_id}  by {by}"
+        if e.until is not None:
+            line += f"  until {rfc3339(e.until)}"
+        if e.reason:
+            line += f"  reason: {e.reason!r}"
+        print(line)
+    return 0
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError("expected a whole number >= 1")
+    return int(text)
 
 
 def _backup(config: Config, ns: argparse.Namespace) -> int:

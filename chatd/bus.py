@@ -94,6 +94,14 @@ class Bus(Protocol[P_contra]):
         """A frame that is not a message to every connection in ``room``, on
         every node, but those of ``skip_user``. Never blocks."""
 
+    def moderated(self, room: str, user_id: int, kicked: bytes | None) -> None:
+        """A moderation action on ``user_id`` in ``room`` is committed: every
+        other node forgets what it cached of the room's access (roles,
+        bans, mutes; the caller's store has already); with ``kicked`` (the
+        frame, encoded), the user's connections in the room leave it on
+        every node, each sent it, and the user's presence there ends as for
+        a leave. Never blocks."""
+
     async def online(self, user_ids: Sequence[int]) -> set[int]:
         """Which of ``user_ids`` have a connection anywhere."""
 
@@ -126,6 +134,21 @@ def to_channel(
         bus.to_room(room, kind, payload, sender)
     else:
         bus.to_user(to_user, kind, payload)
+
+
+class _HasHub(Protocol[P]):
+    hub: Hub[P]
+
+    def left(self, ident: Identity, room: str) -> None: ...
+
+
+def kick(bus: _HasHub[Any], room: str, user_id: int, kicked: bytes | None) -> None:
+    """A bus's own part of ``moderated``: with ``kicked``, the user's
+    connections on this node out of ``room``, and its leave announced."""
+    if kicked is not None:
+        gone = bus.hub.remove(room, user_id, OutFrame(kicked))
+        if gone is not None:
+            bus.left(gone, room)
 
 
 class LocalBus(Generic[P]):
@@ -162,6 +185,9 @@ class LocalBus(Generic[P]):
 
     def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
         self.hub.send_room(room, kind, OutFrame(payload), skip_user)
+
+    def moderated(self, room: str, user_id: int, kicked: bytes | None) -> None:
+        kick(self, room, user_id, kicked)
 
     async def online(self, user_ids: Sequence[int]) -> set[int]:
         hub = self.hub

@@ -108,6 +108,18 @@ class StorageConfig(_Section, frozen=True):
 class RoomsConfig(_Section, frozen=True):
     public: tuple[RoomName, ...] = ("general", "random")
     private: dict[RoomName, tuple[UserId, ...]] = msgspec.field(default_factory=dict)
+    #: Roles in the config's rooms, set at each start (never taken back:
+    #: ``chatd room set-role ... member`` does that).
+    owners: dict[RoomName, tuple[UserId, ...]] = msgspec.field(default_factory=dict)
+    moderators: dict[RoomName, tuple[UserId, ...]] = msgspec.field(default_factory=dict)
+
+    def roles(self, room: str) -> dict[int, Literal["owner", "moderator"]]:
+        """The roles the config gives in ``room``."""
+        roles: dict[int, Literal["owner", "moderator"]] = {
+            uid: "moderator" for uid in self.moderators.get(room, ())
+        }
+        roles.update({uid: "owner" for uid in self.owners.get(room, ())})
+        return roles
 
 
 class LimitsConfig(_Section, frozen=True):
@@ -246,24 +258,29 @@ def from_dict(doc: dict[str, object], *, source: str = "<dict>") -> Config:
     return _check(config)
 
 
+#: The [rooms.X] tables of room name -> user ids.
+_ROOM_TABLES = ("private", "owners", "moderators")
+
+
 def _check_private_rooms(doc: dict[str, object], source: str) -> None:
     """msgspec cannot name a dict's key in its errors; name the room here."""
     rooms = doc.get("rooms")
-    private = rooms.get("private") if isinstance(rooms, dict) else None
-    if not isinstance(private, dict):
-        return
-    for name, members in private.items():
-        if not re.fullmatch(ROOM_NAME_PATTERN, name) or len(name) > 64:
-            raise ConfigError(
-                f"{source}: [rooms.private] {name!r}: "
-                "a room name is 1 to 64 letters, digits or ._:@-"
-            )
-        if not isinstance(members, list) or not all(
-            type(m) is int and 1 <= m < 2**63 for m in members
-        ):
-            raise ConfigError(
-                f"{source}: [rooms.private] {name}: expected a list of user ids (integers >= 1)"
-            )
+    for table in _ROOM_TABLES:
+        named = rooms.get(table) if isinstance(rooms, dict) else None
+        if not isinstance(named, dict):
+            continue
+        for name, members in named.items():
+            if not re.fullmatch(ROOM_NAME_PATTERN, name) or len(name) > 64:
+                raise ConfigError(
+                    f"{source}: [rooms.{table}] {name!r}: "
+                    "a room name is 1 to 64 letters, digits or ._:@-"
+                )
+            if not isinstance(members, list) or not all(
+                type(m) is int and 1 <= m < 2**63 for m in members
+            ):
+                raise ConfigError(
+                    f"{source}: [rooms.{table}] {name}: expected a list of user ids (integers >= 1)"
+                )
 
 
 def _describe(message: str) -> str:
@@ -284,8 +301,8 @@ def _key(path: str) -> str:
     parts = path.split(".")
     if len(parts) == 1:
         return f"[{parts[0]}]"
-    if parts[0] == "rooms" and parts[1].startswith("private") and len(parts) > 2:
-        return f"[rooms.private] {'.'.join(parts[2:])}"
+    if parts[0] == "rooms" and parts[1] in _ROOM_TABLES and len(parts) > 2:
+        return f"[rooms.{parts[1]}] {'.'.join(parts[2:])}"
     return f"[{parts[0]}] {'.'.join(parts[1:])}"
 
 
@@ -331,6 +348,20 @@ def _check(config: Config) -> Config:
         raise ConfigError(f"{src}: [rooms] public: {sorted(both)} also declared in [rooms.private]")
     if len(set(config.rooms.public)) != len(config.rooms.public):
         raise ConfigError(f"{src}: [rooms] public: a room is listed twice")
+    declared = {*config.rooms.public, *config.rooms.private}
+    for table in ("owners", "moderators"):
+        for name in getattr(config.rooms, table):
+            if name not in declared:
+                raise ConfigError(
+                    f"{src}: [rooms.{table}] {name}: not a room of [rooms] public"
+                    " or [rooms.private]"
+                )
+    for name, owners in config.rooms.owners.items():
+        twice = set(owners) & set(config.rooms.moderators.get(name, ()))
+        if twice:
+            raise ConfigError(
+                f"{src}: [rooms.moderators] {name}: {sorted(twice)} also in [rooms.owners]"
+            )
     if config.server.idle_timeout_seconds <= config.server.ping_interval_seconds:
         raise ConfigError(
             f"{src}: [server] idle_timeout_seconds: must be longer than ping_interval_seconds"

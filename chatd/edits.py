@@ -8,9 +8,9 @@ a check and the change it allows cannot be split by another write:
   see (a private room it is not a member of, someone else's conversation) is
   ``MESSAGE_NOT_FOUND``, the same answer for each: an edit never reveals
   that a message exists;
-* only its author edits a message, and only its author (or the publish
-  API's system sender, user 0) deletes one: else ``PERMISSION_DENIED``
-  (room moderators and owners will delete too, once rooms have roles);
+* only its author edits a message; its author, the publish API's system
+  sender (user 0) and the moderators and owners of its room delete one,
+  and read its earlier versions: else ``PERMISSION_DENIED``;
 * a reaction cannot be edited (``INVALID_FORMAT``), a text message cannot be
   edited to blank content (``INVALID_FORMAT``, as a new one), and past
   ``[limits] edit_window_seconds`` after it was sent nothing is edited
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from chatd.errors import ChatError, ErrorCode, invalid_format, message_not_found
+from chatd.moderation import may_moderate
 from chatd.store import Change, RoomAccess
 
 #: The system sender: the publish API's messages and deletions.
@@ -45,6 +46,8 @@ class Target(NamedTuple):
     deleted: bool
     #: Whether the requester may see it (a member of its private room).
     visible: bool
+    #: Whether the requester moderates its room.
+    moderator: bool = False
 
 
 def target(
@@ -61,10 +64,12 @@ def target(
     ``room_access`` on its connection) says whether a room is private to
     others. A room unknown is not private; the system sender sees all."""
     visible = True
+    moderator = False
     if channel.startswith("r:") and user_id != SYSTEM:
         found = access(channel[2:], user_id)
         visible = found is None or found.allowed
-    return Target(channel, author, to_user, kind, created_at, bool(deleted), visible)
+        moderator = found is not None and may_moderate(found.rules.role(user_id))
+    return Target(channel, author, to_user, kind, created_at, bool(deleted), visible, moderator)
 
 
 def seen(user_id: int, message_id: int, target: Target | None) -> ChatError | None:
@@ -88,10 +93,10 @@ def check(change: Change, target: Target | None) -> ChatError | None:
     if unseen is not None or target is None:
         return unseen
     if change.content is None:  # a deletion
-        if who not in (target.user_id, SYSTEM):
+        if who not in (target.user_id, SYSTEM) and not target.moderator:
             return ChatError(
                 ErrorCode.PERMISSION_DENIED,
-                "Only its author can delete a message",
+                "Only its author or the room's moderators can delete a message",
                 {"message_id": change.message_id},
             )
         return None
@@ -115,15 +120,15 @@ def check(change: Change, target: Target | None) -> ChatError | None:
 
 
 def may_read_versions(user_id: int, message_id: int, target: Target | None) -> ChatError | None:
-    """The author reads its message's earlier versions (moderators will
-    too); anyone else who can see it gets ``PERMISSION_DENIED``."""
+    """The author and its room's moderators read a message's earlier
+    versions; anyone else who can see it gets ``PERMISSION_DENIED``."""
     unseen = seen(user_id, message_id, target)
     if unseen is not None or target is None:
         return unseen
-    if target.user_id != user_id:
+    if target.user_id != user_id and not target.moderator:
         return ChatError(
             ErrorCode.PERMISSION_DENIED,
-            "Only its author can read a message's versions",
+            "Only its author or the room's moderators can read a message's versions",
             {"message_id": message_id},
         )
     return None

@@ -355,6 +355,21 @@ class Hub(Generic[P]):
             self._dirty.discard(room)
         return gone
 
+    def remove(self, room: str, user_id: int, frame: OutFrame) -> Identity | None:
+        """Take every connection of ``user_id`` here out of ``room``, each
+        sent ``frame`` (a kick); the user's identity when it was there (its
+        presence there has ended: the others are to be told)."""
+        removed = None
+        sent = 0
+        for peer in self._users.get(user_id, ()):
+            if self.is_in(peer, room):
+                self.leave(peer, room)
+                peer.send(frame)
+                removed = peer.identity
+                sent += 1
+        self._metrics.frames_out("kicked", sent)
+        return removed
+
     def is_in(self, peer: P, room: str) -> bool:
         return room in self._joined.get(peer, ())
 

@@ -25,6 +25,7 @@ from msgspec import Meta
 
 from chatd.config import ROOM_NAME_PATTERN
 from chatd.errors import ChatError, ErrorCode, invalid_format
+from chatd.moderation import MAX_DURATION
 
 RoomName = Annotated[str, Meta(min_length=1, max_length=64, pattern=ROOM_NAME_PATTERN)]
 Id = Annotated[int, Meta(ge=1, le=2**63 - 1)]
@@ -148,6 +149,28 @@ class PresenceQuery(_Data, frozen=True, kw_only=True):
     user_ids: Annotated[list[NonNegative], Meta(max_length=MAX_PRESENCE_QUERY)]
 
 
+Reason = Annotated[str, Meta(max_length=500)]
+#: A ban's or a mute's length: 1 s to ten years (none: until lifted).
+Duration = Annotated[int, Meta(ge=1, le=MAX_DURATION)]
+
+
+class Unban(_Data, frozen=True, kw_only=True):
+    """Also ``unmute``: the action lifts what it names."""
+
+    room: RoomName
+    user_id: Id
+
+
+class Kick(Unban, frozen=True, kw_only=True):
+    reason: Reason | None = None
+
+
+class Ban(Kick, frozen=True, kw_only=True):
+    """Also ``mute``."""
+
+    duration_seconds: Duration | None = None
+
+
 _CHANNEL_FIELDS: dict[type[Any], tuple[str, str]] = {
     MarkRead: ("room", "with_user"),
     Typing: ("room", "to_user_id"),
@@ -195,6 +218,11 @@ CLIENT_TYPES: dict[str, type[Any]] = {
     "ping": Ping,
     "auth": Auth,
     "message_batch": MessageBatch,
+    "kick": Kick,
+    "ban": Ban,
+    "unban": Unban,
+    "mute": Ban,
+    "unmute": Unban,
 }
 
 

@@ -11,6 +11,10 @@ sender (user 0): committed, delivered, and in history like any message.
 ``DELETE /api/messages/{id}``: ``delete`` takes a unit of the same limit and
 deletes any message as the system sender (``chatd.edits``), delivered as a
 ``message_deleted`` with ``deleted_by: 0``.
+
+``PUT /api/rooms/{room}/roles/{user_id}``: ``set_role`` takes a unit too,
+gives the role (logged in the room's audit as the system's), and has every
+node forget what it cached of the room's access.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import trio
 from chatd.auth import Identity
 from chatd.content import validate
 from chatd.errors import ChatError, ErrorCode, invalid_format
+from chatd.moderation import Role
 from chatd.protocol import rfc3339
 from chatd.session import Context
 from chatd.store import Change, NewMessage, StoredEvent, StoredMessage
@@ -78,6 +83,15 @@ async def delete(ctx: Context[Any], message_id: int) -> StoredEvent:
         lambda outcome: ctx.messages.change(change, None, done=outcome)
     )
     return event
+
+
+async def set_role(ctx: Context[Any], room: str, user_id: int, role: Role) -> None:
+    """A backend names a room's owner or moderator (or makes one a member
+    again). Raises ``ChatError`` (no such room)."""
+    await _api_limit(ctx)
+    if not await ctx.store.set_role(room, user_id, role, SYSTEM_USER.user_id, ctx.wall()):
+        raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": room})
+    ctx.bus.moderated(room, user_id, None)
 
 
 async def _settled(queue: Callable[[Callable[[Any], None]], Awaitable[object]]) -> Any:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import h11
 import msgspec
@@ -23,9 +24,10 @@ from msgspec import Meta
 
 from chatd import __version__
 from chatd.auth import bearer, issue
-from chatd.config import Config
+from chatd.config import ROOM_NAME_PATTERN, Config
 from chatd.errors import ChatError, ErrorCode
 from chatd.metrics import CONTENT_TYPE, Metrics
+from chatd.moderation import Role
 from chatd.protocol import Id, RoomName
 from chatd.store import StoredEvent, StoredMessage
 from chatd.transport.http import Response
@@ -74,6 +76,9 @@ class Node(Protocol):
     def dev_user(self, username: str) -> Awaitable[int]:
         """The id of the user with this name, made up if there is none."""
 
+    def set_role(self, room: str, user_id: int, role: Role) -> Awaitable[None]:
+        """The API's roles (``publish.set_role``)."""
+
 
 async def handle(
     node: Node, request: h11.Request, body: bytes, remote: str, *, metrics_only: bool = False
@@ -91,6 +96,8 @@ async def handle(
     route = routes.get(path)
     if route is None and path.startswith(MESSAGES) and not metrics_only:
         route = ("DELETE", _delete_message)
+    if route is None and path.startswith(ROOMS) and not metrics_only:
+        route = ("PUT", _set_role)
     if route is None:
         asset = node.assets.get(path)
         if asset is None or metrics_only:
@@ -210,6 +217,41 @@ async def _delete_message(node: Node, request: h11.Request, body: bytes, remote:
         return _chat_error(err)
     log.info("API_DELETE: IP=%s, Id=%d, MessageId=%d", remote, event.id, event.message_id)
     return _json(200, {"id": event.id, "message_id": event.message_id, "deleted_at": event.at})
+
+
+# --- PUT /api/rooms/{room}/roles/{user_id} ------------------------------------
+
+ROOMS = "/api/rooms/"
+_ROLE_PATH = re.compile(r"/api/rooms/([^/]+)/roles/([0-9]+)")
+
+
+class RoleRequest(msgspec.Struct, forbid_unknown_fields=True):
+    role: Role
+
+
+async def _set_role(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
+    """A backend gives a user a role in a room."""
+    refused = _api_refusal(node, request)
+    if refused is not None:
+        return refused
+    path = urlsplit(request.target.decode("latin-1")).path
+    match = _ROLE_PATH.fullmatch(path)
+    room = unquote(match.group(1)) if match else ""
+    if match is None or not re.fullmatch(ROOM_NAME_PATTERN, room) or len(room) > 64:
+        return _error(404, "not found: PUT /api/rooms/{room}/roles/{user_id}")
+    user_id = int(match.group(2))
+    if not 0 < user_id < 2**63:
+        return _error(400, "the user id must be a positive integer", code="INVALID_FORMAT")
+    try:
+        want = msgspec.json.decode(body, type=RoleRequest)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeError) as exc:
+        return _error(400, f"invalid request: {exc}", code="INVALID_FORMAT")
+    try:
+        await node.set_role(room, user_id, want.role)
+    except ChatError as err:
+        return _chat_error(err)
+    log.info("API_ROLE: IP=%s, Room=%s, UserID=%d, Role=%s", remote, room, user_id, want.role)
+    return _json(200, {"room": room, "user_id": user_id, "role": want.role})
 
 
 _STATUS = {

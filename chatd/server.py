@@ -43,7 +43,8 @@ from chatd.errors import CloseCode
 from chatd.handshake import WS_PATH, Gate
 from chatd.hub import Hub
 from chatd.metrics import Metrics
-from chatd.publish import delete, publish
+from chatd.moderation import Role
+from chatd.publish import delete, publish, set_role
 from chatd.session import Context
 from chatd.store import StoredEvent, StoredMessage
 from chatd.transport.fanout import Fanout
@@ -300,6 +301,9 @@ class ChatServer:
 
     async def delete_message(self, message_id: int) -> StoredEvent:
         return await delete(self.ctx, message_id)
+
+    async def set_role(self, room: str, user_id: int, role: Role) -> None:
+        await set_role(self.ctx, room, user_id, role)
 
     async def dev_user(self, username: str) -> int:
         return await self.ctx.store.dev_user(username)

@@ -44,6 +44,7 @@ from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub, direct_message_out, live_shape, message_out
 from chatd.messages import Messages
 from chatd.metrics import Metrics
+from chatd.moderation import NO_RULES, SANCTIONS, Action, Moderation, lasts_until
 from chatd.ratelimit import TokenBucket
 from chatd.readstate import ReadState
 from chatd.store import (
@@ -349,6 +350,7 @@ class Session(Generic[S]):
                 "mentions": read.mentions,
             }
             if since_id is None:
+                self._still_in(room)
                 self._reply("join_room_ack", ack, frame)
                 hub.release(peer, room, 0)
                 return
@@ -366,6 +368,7 @@ class Session(Generic[S]):
                         room_channel(room), since_id, limits.recovery_max_messages, REPLAY_PAGE
                     )
                     ack["recovered"] = missed.complete
+                    self._still_in(room)
                     self._reply("join_room_ack", ack, frame)
                     await self._replay(room, since_id, missed)
             finally:
@@ -399,7 +402,7 @@ class Session(Generic[S]):
         last_id = min(since_id, missed.newest_id)
         page: Sequence[Entry] = missed.entries
         more = missed.more
-        while peer.open:
+        while peer.open and ctx.hub.is_in(peer, room):  # (not kicked meanwhile)
             now = ctx.wall()
             for entry in page:
                 kind, shape, sender = live_shape(entry)
@@ -438,6 +441,14 @@ class Session(Generic[S]):
             self._left(data.room)
         self._reply("leave_room_ack", {"room": data.room, "success": True}, frame)
 
+    def _still_in(self, room: str) -> None:
+        """A join that waited is still a join: a kick or a ban meanwhile
+        took the connection out of the room (it got ``kicked``)."""
+        if not self.ctx.hub.is_in(self.peer, room):
+            raise ChatError(
+                ErrorCode.PERMISSION_DENIED, "Removed from the room while joining", {"room": room}
+            )
+
     async def _check_room(self, room: str) -> RoomAccess:
         """The room exists and this user may see it."""
         access = await self.ctx.store.room_access(room, self.identity.user_id)
@@ -447,6 +458,14 @@ class Session(Generic[S]):
             raise ChatError(
                 ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": room}
             )
+        banned = access.rules.until(self.identity.user_id, "ban", self.ctx.wall())
+        if banned is not False:
+            until = None if banned is None else p.rfc3339(banned)
+            raise ChatError(
+                ErrorCode.PERMISSION_DENIED,
+                "You are banned from this room",
+                {"room": room, "banned_until": until},
+            )
         return access
 
     # --- messages -------------------------------------------------------------
@@ -454,12 +473,24 @@ class Session(Generic[S]):
     async def _room_message(self, frame: p.ClientFrame) -> None:
         data: p.RoomMessage = frame.data
         self._check_token()
-        if not self.ctx.hub.is_in(self.peer, data.room):
+        ctx = self.ctx
+        if not ctx.hub.is_in(self.peer, data.room):
             raise ChatError(
                 ErrorCode.PERMISSION_DENIED,
                 "Join the room before sending to it",
                 {"room": data.room},
             )
+        # (a cached answer, as a rule: no wait)
+        access = await ctx.store.room_access(data.room, self.identity.user_id)
+        if access is not None and access.rules is not NO_RULES:
+            muted = access.rules.until(self.identity.user_id, "mute", ctx.wall())
+            if muted is not False:
+                until = None if muted is None else p.rfc3339(muted)
+                raise ChatError(
+                    ErrorCode.PERMISSION_DENIED,
+                    "You are muted in this room",
+                    {"room": data.room, "muted_until": until},
+                )
         await self._post(data, frame.request_id, room=data.room)
 
     async def _direct_message(self, frame: p.ClientFrame) -> None:
@@ -686,6 +717,40 @@ class Session(Generic[S]):
         if wait > 0:
             raise ChatError(ErrorCode.RATE_LIMITED, "Too many messages", {"retry_after": int(wait)})
 
+    # --- moderation -------------------------------------------------------------
+
+    async def _moderate(self, frame: p.ClientFrame) -> None:
+        """kick, ban, unban, mute, unmute: checked and recorded by the store
+        (``chatd.moderation``), then every node told (``Bus.moderated``)."""
+        data: p.Unban = frame.data
+        action: Action = frame.type  # type: ignore[assignment]  # (one of _HANDLERS')
+        self._check_token()
+        await self._read_limit()
+        ctx = self.ctx
+        now = ctx.wall()
+        duration = data.duration_seconds if isinstance(data, p.Ban) else None
+        reason = data.reason if isinstance(data, p.Kick) else None
+        actor = self.identity.user_id
+        done = await ctx.store.moderate(
+            Moderation(
+                action=action,
+                room=data.room,
+                actor_id=actor,
+                user_id=data.user_id,
+                until=lasts_until(now, duration) if action in SANCTIONS else None,
+                reason=reason,
+                at=now,
+            )
+        )
+        until = None if done.until is None else p.rfc3339(done.until)
+        kicked = None
+        if action in ("kick", "ban"):
+            notice = {"room": data.room, "by_user_id": actor, "reason": reason, "until": until}
+            kicked = p.encode("kicked", notice, now)
+        ctx.bus.moderated(data.room, data.user_id, kicked)
+        ack = {"action": action, "room": data.room, "user_id": data.user_id, "until": until}
+        self._reply("moderation_ack", ack, frame)
+
     async def _read_limit(self) -> None:
         wait = await self.ctx.read_limits.take(self.identity.user_id)
         if wait > 0:
@@ -718,6 +783,11 @@ _HANDLERS: dict[str, Callable[[Session[Any], p.ClientFrame], Awaitable[None]]] =
     "ping": Session._ping,
     "auth": Session._auth,
     "message_batch": Session._message_batch,
+    "kick": Session._moderate,
+    "ban": Session._moderate,
+    "unban": Session._moderate,
+    "mute": Session._moderate,
+    "unmute": Session._moderate,
 }
 _TYPES = frozenset(_HANDLERS)
 _BATCH_TYPES = _TYPES - {"message_batch"}

@@ -1335,3 +1335,51 @@ async def test_webhooks_are_sent_by_one_node_and_another_takes_over(cluster_of):
     ids = [r.headers["webhook-id"] for r in receiver.requests]
     assert len(ids) == len(set(ids)), ids  # each delivery sent once
     assert len(receiver.requests) > before
+
+
+async def test_a_ban_on_one_node_holds_on_the_other_and_kicks_there(cluster_of):
+    """A moderator on node 0 bans a user connected to node 1 (twice, on
+    both nodes): every connection leaves the room with ``kicked``, node 1
+    refuses the rejoin at once (its cached access forgotten), and the
+    others see the leave; an unban on node 1 lets the user back on node 0."""
+    rooms = {"public": ["general"], "moderators": {"general": [1]}}
+    async with cluster_of(2, rooms=rooms) as cluster:
+        async with (
+            connect_to(cluster[0], 1, "mod") as mod,
+            connect_to(cluster[1], 2, "bob") as bob1,
+            connect_to(cluster[0], 2, "bob") as bob0,
+            connect_to(cluster[1], 3, "carol") as carol,
+        ):
+            for client in (mod, bob1, bob0, carol):
+                await join(client)
+            # (node 1 has read the room's access: it is cached there now)
+            ban = {"room": "general", "user_id": 2, "duration_seconds": 600}
+            await mod.send("ban", ban, request_id="b")
+            ack = await next_frame(mod, ("moderation_ack",))
+            for device in (bob1, bob0):
+                kicked = await next_frame(device, ("kicked",))
+                assert kicked["data"]["by_user_id"] == 1
+                assert kicked["data"]["until"] == ack["data"]["until"]
+            seen: list[dict] = []
+            with trio.fail_after(WAIT):
+                while not any(
+                    f["type"] == "user_disconnected" and f["data"]["user_id"] == 2 for f in seen
+                ):
+                    seen.append(await carol.recv(WAIT))
+            for device in (bob1, bob0):
+                refused = await device.request("join_room", {"room": "general"}, request_id="j")
+                assert refused["type"] == "error", refused
+                assert refused["data"]["code"] == "PERMISSION_DENIED"
+                assert refused["data"]["details"]["banned_until"] == ack["data"]["until"]
+            # the moderator's role is read on node 1 too
+            async with connect_to(cluster[1], 1, "mod") as mod1:
+                await mod1.send("unban", {"room": "general", "user_id": 2}, request_id="u")
+                await next_frame(mod1, ("moderation_ack",))
+            # node 0 hears of it through Redis: a join there succeeds once it has
+            with trio.fail_after(WAIT):
+                while True:
+                    again = await bob0.request("join_room", {"room": "general"}, request_id="j2")
+                    if again["type"] == "join_room_ack":
+                        break
+                    assert again["data"]["code"] == "PERMISSION_DENIED", again
+                    await trio.sleep(0.05)

@@ -152,6 +152,22 @@ def test_load_toml_file(tmp_path: Path) -> None:
             {"rooms": {"public": ["a"], "private": {"a": [1]}}},
             "t.toml: [rooms] public: ['a'] also declared in [rooms.private]",
         ),
+        (
+            {"rooms": {"public": ["a"], "owners": {"b": [1]}}},
+            "t.toml: [rooms.owners] b: not a room of [rooms] public or [rooms.private]",
+        ),
+        (
+            {"rooms": {"public": ["a"], "owners": {"a": [1]}, "moderators": {"a": [2, 1]}}},
+            "t.toml: [rooms.moderators] a: [1] also in [rooms.owners]",
+        ),
+        (
+            {"rooms": {"public": ["a"], "moderators": {"a": [0]}}},
+            "t.toml: [rooms.moderators] a: expected a list of user ids (integers >= 1)",
+        ),
+        (
+            {"rooms": {"public": ["a"], "owners": {"a b": [1]}}},
+            "t.toml: [rooms.owners] 'a b': a room name is 1 to 64 letters, digits or ._:@-",
+        ),
     ],
 )
 def test_error_message(doc: dict[str, Any], message: str) -> None:

@@ -44,7 +44,7 @@ import msgspec
 import trio
 
 from chatd.auth import Identity
-from chatd.bus import Limits, Members
+from chatd.bus import Limits, Members, kick
 from chatd.cluster.limits import RedisLimiter
 from chatd.cluster.presence import RedisPresence
 from chatd.config import Config
@@ -105,7 +105,8 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
     node: str
     #: "m": a committed message; "e": an edit or deletion of one
     #: (``message_type`` says which); "p": a presence change; "u", "r":
-    #: another frame to a user's or a room's connections
+    #: another frame to a user's or a room's connections; "k": a moderation
+    #: action in a room (``data``: the ``kicked`` frame, or None)
     kind: str
     id: int = 0
     seq: int = 0
@@ -289,6 +290,10 @@ class RedisBus(Generic[P]):
             self.node_id, "r", user_id=skip_user, message_type=kind, room=room, data=payload
         )
         self._publish(event)
+
+    def moderated(self, room: str, user_id: int, kicked: bytes | None) -> None:
+        kick(self, room, user_id, kicked)
+        self._publish(Event(self.node_id, "k", user_id=user_id, room=room, data=kicked))
 
     async def online(self, user_ids: Sequence[int]) -> set[int]:
         here = {uid for uid in user_ids if self.hub.online(uid)}
@@ -578,6 +583,9 @@ class RedisBus(Generic[P]):
                 elif event.kind == "r" and event.room is not None and event.data is not None:
                     frame = OutFrame(event.data)
                     self.hub.send_room(event.room, event.message_type, frame, event.user_id)
+                elif event.kind == "k" and event.room is not None:
+                    self.store.forget_access()
+                    kick(self, event.room, event.user_id, event.data)
                 elif event.kind == "p" and event.room is not None:
                     self._announce(
                         event.message_type,

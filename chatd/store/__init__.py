@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import msgspec
 
+from chatd.moderation import NO_RULES, AuditEntry, Moderated, Moderation, Role, RoomRules
+
 if TYPE_CHECKING:
     from chatd.config import RoomsConfig
 
@@ -164,6 +166,8 @@ class RoomAccess:
     #: Whether the user may join it and read it: any user a public room,
     #: its members a private one.
     allowed: bool
+    #: Its roles, bans and mutes.
+    rules: RoomRules = NO_RULES
 
 
 class ReadPoint(NamedTuple):
@@ -284,6 +288,9 @@ class Store(Protocol):
         one) is reused for ``ACCESS_TTL`` seconds (``writer.Reads``); any
         other is read again each time."""
 
+    def forget_access(self) -> None:
+        """Read every room's access afresh (rooms, roles or sanctions changed)."""
+
     async def last_seq(self, channel: str) -> int:
         """The channel's newest seq (0: no message yet)."""
 
@@ -394,9 +401,18 @@ class Store(Protocol):
         """A delivery (the one whose first row is ``first``) to try again at
         ``due`` (Unix time)."""
 
+    async def moderate(self, action: Moderation) -> Moderated:
+        """Check and do a moderator's action, with its audit line, in the
+        next group commit (``store/moderation.py``); raise the refusal
+        (``ChatError``). This node's cached access to the room is forgotten."""
+
+    async def set_role(self, room: str, user_id: int, role: Role, actor_id: int, at: float) -> bool:
+        """Give a user a role in a room (logged); False when there is no
+        such room. This node's cached access to the room is forgotten."""
+
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         """Make sure every room of the config exists (members added, never
-        removed)."""
+        removed), with the config's roles."""
 
     async def dev_user(self, username: str) -> int:
         """The id of the (first) user with this name, or a new user's id."""
@@ -411,6 +427,10 @@ class AdminOps(Protocol):
     ) -> bool: ...
     def add_members(self, conn: Any, room: str, members: tuple[int, ...]) -> bool: ...
     def list_rooms(self, conn: Any) -> list[tuple[str, bool, list[int]]]: ...
+    def set_role(
+        self, conn: Any, room: str, user_id: int, role: Role, actor_id: int, at: float
+    ) -> bool: ...
+    def audit(self, conn: Any, room: str, limit: int) -> list[AuditEntry]: ...
 
 
 class Admin:
@@ -432,3 +452,9 @@ class Admin:
 
     def list_rooms(self) -> list[tuple[str, bool, list[int]]]:
         return self.ops.list_rooms(self.conn)
+
+    def set_role(self, room: str, user_id: int, role: Role, at: float) -> bool:
+        return self.ops.set_role(self.conn, room, user_id, role, 0, at)
+
+    def audit(self, room: str, limit: int) -> list[AuditEntry]:
+        return self.ops.audit(self.conn, room, limit)

@@ -168,6 +168,34 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX webhook_outbox_unread ON webhook_outbox (user_id)
         WHERE event = 'message.unread';
     """,
+    # 5: moderation, as SQLite's migration 6.
+    """
+    CREATE TABLE room_roles (
+        room text COLLATE "C" NOT NULL,
+        user_id bigint NOT NULL,
+        role text NOT NULL,
+        PRIMARY KEY (room, user_id)
+    );
+    CREATE TABLE room_sanctions (
+        room text COLLATE "C" NOT NULL,
+        user_id bigint NOT NULL,
+        kind text NOT NULL,
+        until double precision,
+        PRIMARY KEY (room, user_id, kind)
+    );
+    CREATE TABLE moderation_log (
+        id bigserial PRIMARY KEY,
+        room text COLLATE "C" NOT NULL,
+        actor_id bigint NOT NULL,
+        user_id bigint NOT NULL,
+        action text NOT NULL,
+        role text,
+        until double precision,
+        reason text,
+        at double precision NOT NULL
+    );
+    CREATE INDEX moderation_log_by_room ON moderation_log (room, id);
+    """,
 ]
 
 

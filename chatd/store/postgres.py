@@ -89,6 +89,7 @@ from chatd.store import (
     merge_log,
     room_channel,
 )
+from chatd.store.moderation import for_placeholder as moderation_queries
 from chatd.store.outbox import for_placeholder
 from chatd.store.pgschema import migrate
 from chatd.store.sqlite import channel_of, mentions_of, mentions_text
@@ -773,6 +774,8 @@ def declare_rooms(conn: Conn, rooms: RoomsConfig) -> None:
     for name in sorted(wanted):
         private, members = wanted[name]
         ensure_room(conn, name, private, members)
+    for name in sorted({*rooms.owners, *rooms.moderators}):
+        declare_roles(conn, name, rooms.roles(name), time.time())
 
 
 def create_room(conn: Conn, name: str, private: bool, members: tuple[int, ...] = ()) -> bool:
@@ -841,7 +844,7 @@ def room_access(conn: Conn, room: str, user_id: int) -> RoomAccess | None:
     ).fetchone()
     if row is None:
         return None
-    return RoomAccess(room, bool(row[0]), bool(row[1]))
+    return RoomAccess(room, bool(row[0]), bool(row[1]), room_rules(conn, room))
 
 
 def last_seq(conn: Conn, channel: str) -> int:
@@ -1229,6 +1232,12 @@ def open_admin(dsn: str, rooms: RoomsConfig) -> Iterator[Admin]:
 
 # --- the webhook outbox (chatd/store/outbox.py) -------------------------------
 
+_moderation = moderation_queries("%s")
+room_rules = _moderation.room_rules
+moderate = _moderation.moderate
+set_role = _moderation.set_role
+declare_roles = _moderation.declare_roles
+audit = _moderation.audit
 _outbox = for_placeholder("%s")
 outbox_head = _outbox.outbox_head
 outbox_pending = _outbox.outbox_pending

@@ -146,6 +146,36 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX webhook_outbox_unread ON webhook_outbox (user_id)
         WHERE event = 'message.unread'
     """,
+    # 6: moderation: roles per room (owners and moderators; everyone else is
+    # a member), bans and mutes (until: Unix seconds, NULL until lifted),
+    # and the audit log of every action (chatd/moderation.py).
+    """
+    CREATE TABLE room_roles (
+        room TEXT NOT NULL,
+        user_id INTEGER NOT NULL,
+        role TEXT NOT NULL,
+        PRIMARY KEY (room, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE room_sanctions (
+        room TEXT NOT NULL,
+        user_id INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        until REAL,
+        PRIMARY KEY (room, user_id, kind)
+    ) WITHOUT ROWID;
+    CREATE TABLE moderation_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        room TEXT NOT NULL,
+        actor_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        role TEXT,
+        until REAL,
+        reason TEXT,
+        at REAL NOT NULL
+    );
+    CREATE INDEX moderation_log_by_room ON moderation_log (room, id)
+    """,
 ]
 
 

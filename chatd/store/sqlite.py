@@ -75,6 +75,7 @@ from chatd.store.checkpoint import (
     Checkpointer,
     WriterGate,
 )
+from chatd.store.moderation import for_placeholder as moderation_queries
 from chatd.store.outbox import for_placeholder
 from chatd.store.schema import connect, migrate
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
@@ -580,11 +581,14 @@ def _add(conn: sqlite3.Connection, room: str, members: tuple[int, ...]) -> None:
 
 def declare_rooms(conn: sqlite3.Connection, rooms: RoomsConfig) -> None:
     """Make sure every room of the config exists. Members are added, never
-    removed, so changes made with the CLI survive a restart."""
+    removed, so changes made with the CLI survive a restart; the config's
+    roles are set (logged when they change)."""
     for name in rooms.public:
         ensure_room(conn, name, private=False)
     for name, members in rooms.private.items():
         ensure_room(conn, name, private=True, members=members)
+    for name in sorted({*rooms.owners, *rooms.moderators}):
+        declare_roles(conn, name, rooms.roles(name), time.time())
 
 
 def create_room(
@@ -625,7 +629,7 @@ def room_access(conn: sqlite3.Connection, room: str, user_id: int) -> RoomAccess
     ).fetchone()
     if row is None:
         return None
-    return RoomAccess(room, bool(row[0]), bool(row[1]))
+    return RoomAccess(room, bool(row[0]), bool(row[1]), room_rules(conn, room))
 
 
 def history(
@@ -1024,6 +1028,12 @@ def check_copy(conn: sqlite3.Connection) -> tuple[str, int]:
 
 # --- the webhook outbox (chatd/store/outbox.py) -------------------------------
 
+_moderation = moderation_queries("?")
+room_rules = _moderation.room_rules
+moderate = _moderation.moderate
+set_role = _moderation.set_role
+declare_roles = _moderation.declare_roles
+audit = _moderation.audit
 _outbox = for_placeholder("?")
 outbox_head = _outbox.outbox_head
 outbox_pending = _outbox.outbox_pending

@@ -32,7 +32,9 @@ from typing import Any, Protocol
 
 import trio
 
+from chatd.errors import ChatError
 from chatd.metrics import Metrics
+from chatd.moderation import Moderated, Moderation, Role
 from chatd.store import (
     Change,
     ChannelMarkers,
@@ -195,6 +197,25 @@ class GroupWriter:
                 except Exception:  # a callback bug must not stop later ones
                     log.exception("store: callback failed")
 
+    # --- moderation -------------------------------------------------------------
+
+    def forget_access(self) -> None:
+        raise NotImplementedError  # (``Reads``')
+
+    async def moderate(self, action: Moderation) -> Moderated:
+        q = self.queries
+        try:
+            result: Moderated = await self.write(lambda c: q.moderate(c, action))
+        finally:
+            self.forget_access()
+        return result
+
+    async def set_role(self, room: str, user_id: int, role: Role, actor_id: int, at: float) -> bool:
+        q = self.queries
+        found: bool = await self.write(lambda c: q.set_role(c, room, user_id, role, actor_id, at))
+        self.forget_access()
+        return found
+
     # --- the webhook outbox's writes --------------------------------------------
 
     async def outbox_done(self, first: int, last: int, event: str) -> None:
@@ -286,6 +307,10 @@ class Queries(Protocol):
     def username(self, conn: Any, user_id: int) -> str: ...
     def outbox_done(self, conn: Any, first: int, last: int, event: str) -> None: ...
     def outbox_retry(self, conn: Any, first: int, due: float, attempts: int) -> None: ...
+    def moderate(self, conn: Any, action: Moderation) -> Moderated | ChatError: ...
+    def set_role(
+        self, conn: Any, room: str, user_id: int, role: Role, actor_id: int, at: float
+    ) -> bool: ...
 
 
 class _Batch:
