@@ -84,11 +84,15 @@ class Bus(Protocol[P_contra]):
         """The user's last connection in ``room`` on this node has left."""
 
     def to_user(
-        self, user_id: int, kind: str, payload: bytes, skip: P_contra | None = None
+        self, user_id: int, kind: str, payload: bytes, skip: P_contra | None = None, sender: int = 0
     ) -> None:
         """A frame that is not a message (``kind``: its type; ``payload``:
         it encoded) to every connection of ``user_id``, on every node, but
-        ``skip``. Never blocks."""
+        ``skip``; not when ``user_id`` blocks ``sender``. Never blocks."""
+
+    def blocked(self, blocker: int, blocked: int, on: bool) -> None:
+        """``blocker`` has blocked ``blocked`` (``on``) or stopped: every
+        node's ``Blocks`` (the hub's) is told. Never blocks."""
 
     def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
         """A frame that is not a message to every connection in ``room``, on
@@ -127,13 +131,14 @@ def to_channel(
 ) -> None:
     """A frame about ``sender`` that is not a message (a receipt, typing):
     ``{room, **fields}`` to the room's connections but the sender's, or
-    ``{with_user: sender, **fields}`` to ``to_user``'s connections."""
+    ``{with_user: sender, **fields}`` to ``to_user``'s connections; never
+    to a user who blocks ``sender``."""
     where: dict[str, Any] = {"room": room} if room is not None else {"with_user": sender}
     payload = encode(kind, {**where, **fields}, now)
     if room is not None:
         bus.to_room(room, kind, payload, sender)
     else:
-        bus.to_user(to_user, kind, payload)
+        bus.to_user(to_user, kind, payload, sender=sender)
 
 
 class _HasHub(Protocol[P]):
@@ -180,8 +185,13 @@ class LocalBus(Generic[P]):
     def left(self, ident: Identity, room: str) -> None:
         self.hub.announce("user_disconnected", ident, room, self._wall())
 
-    def to_user(self, user_id: int, kind: str, payload: bytes, skip: P | None = None) -> None:
-        self.hub.send_user(user_id, kind, OutFrame(payload), skip)
+    def to_user(
+        self, user_id: int, kind: str, payload: bytes, skip: P | None = None, sender: int = 0
+    ) -> None:
+        self.hub.send_user(user_id, kind, OutFrame(payload), skip, sender)
+
+    def blocked(self, blocker: int, blocked: int, on: bool) -> None:
+        self.hub.blocks.set(blocker, blocked, on)
 
     def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
         self.hub.send_room(room, kind, OutFrame(payload), skip_user)

@@ -99,6 +99,15 @@ def message_not_found(message_id: int) -> ChatError:
     )
 
 
+def blocked(user_id: int | None) -> ChatError:
+    """A direct message to a user who blocks its sender."""
+    return ChatError(
+        ErrorCode.PERMISSION_DENIED,
+        "This user does not accept your direct messages",
+        {"user_id": user_id},
+    )
+
+
 class ConfigError(Exception):
     """A configuration problem, reported as one line naming file and key."""
 

@@ -52,6 +52,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import msgspec
 
 from chatd.auth import Identity
+from chatd.blocks import Blocks
 from chatd.metrics import Metrics
 from chatd.protocol import (
     DeletedOut,
@@ -213,11 +214,14 @@ class Hub(Generic[P]):
         *,
         presence_max_members: int = 100,
         summary_members: int = 100,
+        blocks: Blocks | None = None,
     ) -> None:
         """Above ``presence_max_members`` members a room's presence is
         summarised; a summary lists at most ``summary_members`` users who
-        joined and as many who left."""
+        joined and as many who left. ``blocks``: who blocks whom (their
+        typing and receipts are not delivered)."""
         self._fanout = fanout
+        self.blocks = blocks if blocks is not None else Blocks()
         self._metrics = metrics or Metrics()
         self.presence_max_members = presence_max_members
         self.summary_members = summary_members
@@ -450,24 +454,47 @@ class Hub(Generic[P]):
         in order, for those still joining."""
         state = self._rooms.get(room)
         if state is not None:
-            self._to_room(state, kind, frame, skip_user)
+            self._to_room(state, kind, frame, skip_user, self.blocks.blockers(skip_user))
 
-    def _to_room(self, state: _Room[P], kind: str, frame: OutFrame, skip_user: int) -> None:
+    def _to_room(
+        self,
+        state: _Room[P],
+        kind: str,
+        frame: OutFrame,
+        skip_user: int,
+        blockers: frozenset[int] = frozenset(),
+    ) -> None:
+        """(``blockers``: users who block ``skip_user``, skipped too.)"""
         peers = state.peers
-        if any(mine in peers for mine in self._users.get(skip_user, ())):
+        if blockers:
+            sent = state.send(
+                frame,
+                [
+                    p
+                    for p in peers
+                    if p.identity.user_id != skip_user and p.identity.user_id not in blockers
+                ],
+            )
+        elif any(mine in peers for mine in self._users.get(skip_user, ())):
             sent = state.send(frame, [p for p in peers if p.identity.user_id != skip_user])
         else:  # (the usual case for presence: the user's first or last connection here)
             self._fanout.broadcast(peers, frame, None, None)
             sent = len(peers)
         for peer, joining in state.joining.items():
-            if peer.identity.user_id != skip_user:
+            uid = peer.identity.user_id
+            if uid != skip_user and uid not in blockers:
                 joining.held.append((None, frame))
                 sent += 1
         self._metrics.frames_out(kind, sent)
 
-    def send_user(self, user_id: int, kind: str, frame: OutFrame, skip: P | None = None) -> None:
+    def send_user(
+        self, user_id: int, kind: str, frame: OutFrame, skip: P | None = None, sender: int = 0
+    ) -> None:
         """A frame to every connection of ``user_id`` on this node but
-        ``skip``."""
+        ``skip``; none when ``user_id`` blocks its ``sender`` (typing, a
+        receipt)."""
+        if sender and self.blocks.blocks(user_id, sender):
+            return
         sent = 0
         for peer in self._users.get(user_id, ()):
             if peer is not skip:

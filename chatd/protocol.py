@@ -171,6 +171,16 @@ class Ban(Kick, frozen=True, kw_only=True):
     duration_seconds: Duration | None = None
 
 
+class BlockUser(_Data, frozen=True, kw_only=True):
+    """Also ``unblock_user``."""
+
+    user_id: Id
+
+
+class BlockList(_Data, frozen=True, kw_only=True):
+    pass
+
+
 _CHANNEL_FIELDS: dict[type[Any], tuple[str, str]] = {
     MarkRead: ("room", "with_user"),
     Typing: ("room", "to_user_id"),
@@ -223,6 +233,9 @@ CLIENT_TYPES: dict[str, type[Any]] = {
     "unban": Unban,
     "mute": Ban,
     "unmute": Unban,
+    "block_user": BlockUser,
+    "unblock_user": BlockUser,
+    "block_list": BlockList,
 }
 
 

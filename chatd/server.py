@@ -126,6 +126,8 @@ class ChatServer:
             open_bus(config, hub, store, wall, monotonic, metrics) as bus,
         ):
             await store.declare_rooms(config.rooms)
+            for blocker, blocked in await store.all_blocks():
+                hub.blocks.set(blocker, blocked, True)
             ctx = Context.create(
                 config,
                 hub,

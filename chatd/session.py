@@ -751,6 +751,25 @@ class Session(Generic[S]):
         ack = {"action": action, "room": data.room, "user_id": data.user_id, "until": until}
         self._reply("moderation_ack", ack, frame)
 
+    async def _block(self, frame: p.ClientFrame) -> None:
+        """block_user, unblock_user: stored (the store refuses the blocked
+        user's direct messages from then on), every node's ``Blocks`` told;
+        the answer is the user's block list."""
+        data: p.BlockUser = frame.data
+        self._check_token()
+        await self._read_limit()
+        ctx = self.ctx
+        me = self.identity.user_id
+        on = frame.type == "block_user"
+        blocked = await ctx.store.block(me, data.user_id, on)
+        ctx.bus.blocked(me, data.user_id, on)
+        self._reply("block_list", {"user_ids": blocked}, frame)
+
+    async def _block_list(self, frame: p.ClientFrame) -> None:
+        await self._read_limit()
+        blocked = await self.ctx.store.blocks(self.identity.user_id)
+        self._reply("block_list", {"user_ids": blocked}, frame)
+
     async def _read_limit(self) -> None:
         wait = await self.ctx.read_limits.take(self.identity.user_id)
         if wait > 0:
@@ -788,6 +807,9 @@ _HANDLERS: dict[str, Callable[[Session[Any], p.ClientFrame], Awaitable[None]]] =
     "unban": Session._moderate,
     "mute": Session._moderate,
     "unmute": Session._moderate,
+    "block_user": Session._block,
+    "unblock_user": Session._block,
+    "block_list": Session._block_list,
 }
 _TYPES = frozenset(_HANDLERS)
 _BATCH_TYPES = _TYPES - {"message_batch"}

@@ -34,7 +34,7 @@ import trio
 from trio.testing import wait_all_tasks_blocked
 
 from chatd.auth import Identity
-from chatd.bus import Limits, LocalLimits
+from chatd.bus import Limits, LocalLimits, kick
 from chatd.config import Config
 from chatd.errors import ChatError, ErrorCode, auth_failed
 from chatd.hub import Hub, SendEach
@@ -435,9 +435,20 @@ class FakeBus:
         return made
 
     def to_user(
-        self, user_id: int, kind: str, payload: bytes, skip: FakePeer | None = None
+        self,
+        user_id: int,
+        kind: str,
+        payload: bytes,
+        skip: FakePeer | None = None,
+        sender: int = 0,
     ) -> None:
-        self.hub.send_user(user_id, kind, OutFrame(payload), skip)
+        self.hub.send_user(user_id, kind, OutFrame(payload), skip, sender)
+
+    def blocked(self, blocker: int, blocked: int, on: bool) -> None:
+        self.hub.blocks.set(blocker, blocked, on)
+
+    def moderated(self, room: str, user_id: int, kicked: bytes | None) -> None:
+        kick(self, room, user_id, kicked)
 
     def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
         self.hub.send_room(room, kind, OutFrame(payload), skip_user)

@@ -456,6 +456,34 @@ async def test_moderation_is_checked_applied_and_logged_where_it_is_stored(
     assert len(await store.read(lambda c: q.audit(c, "general", 100))) == len(log)
 
 
+async def test_a_blocked_users_direct_messages_are_refused_where_they_are_stored(
+    store: AnyStore,
+) -> None:
+    for uid in (1, 2, 3):
+        await store.upsert_user(uid, f"user{uid}")
+    assert await store.block(1, 2, True) == [2]
+    assert await store.block(1, 3, True) == [2, 3]
+    assert await store.block(1, 3, False) == [2]
+    for refused, code in (((1, 1, True), ErrorCode.INVALID_FORMAT), ((1, 9, True), None)):
+        with pytest.raises(ChatError) as err:
+            await store.block(*refused)
+        assert err.value.code is (code or ErrorCode.USER_NOT_FOUND)
+    assert await store.blocks(1) == [2] and await store.blocks(2) == []
+    assert await store.all_blocks() == [(1, 2)]
+    # a group with both: the blocked pair's message refused, the rest stored
+    rec = Recorder()
+    await store.append(msg(0, room=None, user=2, to_user_id=1), rec)  # blocked
+    await store.append(msg(1, room=None, user=1, to_user_id=2), rec)  # the other way
+    await store.append(msg(2, room=None, user=3, to_user_id=1), rec)
+    await store.append(msg(3, room="general", user=2), rec)  # rooms: not blocked
+    await store.flush()
+    refused, *kept = rec.results
+    assert isinstance(refused, ChatError) and refused.code is ErrorCode.PERMISSION_DENIED
+    assert all(isinstance(m, StoredMessage) for m in kept), kept
+    history, total = await store.history(dm_channel(1, 2), 10, 0)
+    assert total == 1 and history[0].message.user_id == 1
+
+
 async def test_joins_at_once_read_a_rooms_access_once(
     store: AnyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -106,7 +106,8 @@ class Event(msgspec.Struct, array_like=True, frozen=True):
     #: "m": a committed message; "e": an edit or deletion of one
     #: (``message_type`` says which); "p": a presence change; "u", "r":
     #: another frame to a user's or a room's connections; "k": a moderation
-    #: action in a room (``data``: the ``kicked`` frame, or None)
+    #: action in a room (``data``: the ``kicked`` frame, or None); "b": a
+    #: block (``user_id`` blocks ``to_user_id``; ``id`` 1) or its end (0)
     kind: str
     id: int = 0
     seq: int = 0
@@ -280,9 +281,20 @@ class RedisBus(Generic[P]):
     def limits(self, name: str, limits: Sequence[tuple[int, float]]) -> Limits:
         return RedisLimiter(self.client, self._prefix, limits, name)
 
-    def to_user(self, user_id: int, kind: str, payload: bytes, skip: P | None = None) -> None:
-        self.hub.send_user(user_id, kind, OutFrame(payload), skip)
-        self._publish(Event(self.node_id, "u", user_id=user_id, message_type=kind, data=payload))
+    def to_user(
+        self, user_id: int, kind: str, payload: bytes, skip: P | None = None, sender: int = 0
+    ) -> None:
+        self.hub.send_user(user_id, kind, OutFrame(payload), skip, sender)
+        event = Event(
+            self.node_id, "u", user_id=user_id, message_type=kind, data=payload,
+            from_user_id=sender,
+        )  # fmt: skip
+        self._publish(event)
+
+    def blocked(self, blocker: int, blocked: int, on: bool) -> None:
+        self.hub.blocks.set(blocker, blocked, on)
+        event = Event(self.node_id, "b", user_id=blocker, to_user_id=blocked, id=int(on))
+        self._publish(event)
 
     def to_room(self, room: str, kind: str, payload: bytes, skip_user: int) -> None:
         self.hub.send_room(room, kind, OutFrame(payload), skip_user)
@@ -579,7 +591,11 @@ class RedisBus(Generic[P]):
                     self._deliver(event.entry())
                 elif event.kind == "u" and event.data is not None:
                     frame = OutFrame(event.data)
-                    self.hub.send_user(event.user_id, event.message_type, frame)
+                    self.hub.send_user(
+                        event.user_id, event.message_type, frame, sender=event.from_user_id
+                    )
+                elif event.kind == "b" and event.to_user_id is not None:
+                    self.hub.blocks.set(event.user_id, event.to_user_id, bool(event.id))
                 elif event.kind == "r" and event.room is not None and event.data is not None:
                     frame = OutFrame(event.data)
                     self.hub.send_room(event.room, event.message_type, frame, event.user_id)

@@ -410,6 +410,18 @@ class Store(Protocol):
         """Give a user a role in a room (logged); False when there is no
         such room. This node's cached access to the room is forgotten."""
 
+    async def block(self, user_id: int, other: int, on: bool) -> list[int]:
+        """``user_id`` blocks ``other`` (``on``) or stops, in the next group
+        commit; the user's blocks after it. Raises ``ChatError`` (oneself,
+        an unknown user)."""
+
+    async def blocks(self, user_id: int) -> list[int]:
+        """The users ``user_id`` blocks, by id."""
+
+    async def all_blocks(self) -> list[tuple[int, int]]:
+        """Every (blocker, blocked) pair: what a starting node keeps in
+        memory (``chatd.blocks``)."""
+
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         """Make sure every room of the config exists (members added, never
         removed), with the config's roles."""

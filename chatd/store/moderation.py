@@ -1,4 +1,4 @@
-"""Roles, bans, mutes and the audit log, for either store: the same SQL,
+"""Roles, bans, mutes, the audit log and blocks, for either store: the same SQL,
 written with the store's parameter placeholder (as ``outbox.py``).
 
 ``moderate`` runs in the writer's transaction: it reads the two users'
@@ -130,7 +130,40 @@ def for_placeholder(P: str) -> SimpleNamespace:
             )
         return entries
 
+    def block(conn: Any, user_id: int, other: int, on: bool) -> list[int] | ChatError:
+        """``user_id`` blocks ``other`` (``on``) or stops; the user's blocks
+        after it."""
+        if other == user_id:
+            return ChatError(
+                ErrorCode.INVALID_FORMAT, "You cannot block yourself", {"field": "data.user_id"}
+            )
+        if on:
+            if conn.execute(f"SELECT 1 FROM users WHERE id = {P}", (other,)).fetchone() is None:
+                return ChatError(ErrorCode.USER_NOT_FOUND, "User not found", {"user_id": other})
+            conn.execute(
+                f"INSERT INTO blocks (user_id, blocked_id) VALUES ({P}, {P})"
+                " ON CONFLICT (user_id, blocked_id) DO NOTHING",
+                (user_id, other),
+            )
+        else:
+            conn.execute(
+                f"DELETE FROM blocks WHERE user_id = {P} AND blocked_id = {P}", (user_id, other)
+            )
+        return blocks_of(conn, user_id)
+
+    def blocks_of(conn: Any, user_id: int) -> list[int]:
+        rows = conn.execute(
+            f"SELECT blocked_id FROM blocks WHERE user_id = {P} ORDER BY blocked_id", (user_id,)
+        )
+        return [int(r[0]) for r in rows]
+
+    def all_blocks(conn: Any) -> list[tuple[int, int]]:
+        return [(int(u), int(b)) for u, b in conn.execute("SELECT user_id, blocked_id FROM blocks")]
+
     return SimpleNamespace(
+        block=block,
+        blocks_of=blocks_of,
+        all_blocks=all_blocks,
         room_rules=room_rules,
         moderate=moderate,
         set_role=set_role,

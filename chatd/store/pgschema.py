@@ -196,6 +196,14 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX moderation_log_by_room ON moderation_log (room, id);
     """,
+    # 6: blocking, as SQLite's migration 7.
+    """
+    CREATE TABLE blocks (
+        user_id bigint NOT NULL,
+        blocked_id bigint NOT NULL,
+        PRIMARY KEY (user_id, blocked_id)
+    );
+    """,
 ]
 
 

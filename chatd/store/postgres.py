@@ -69,7 +69,14 @@ from psycopg.pq import TransactionStatus
 
 from chatd import edits
 from chatd.config import RoomsConfig
-from chatd.errors import ChatError, ErrorCode, StorageError, invalid_format, message_not_found
+from chatd.errors import (
+    ChatError,
+    ErrorCode,
+    StorageError,
+    blocked,
+    invalid_format,
+    message_not_found,
+)
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.store import (
@@ -146,6 +153,11 @@ _COPY_MESSAGES = (
     " mentions, pos) FROM STDIN"
 )
 _KNOWN_USERS = "SELECT id FROM users WHERE id = ANY(%s::bigint[]) AND id <> 0"
+#: Which (recipient, sender) pairs are blocked: a recipient's blocks.
+_BLOCKED = (
+    "SELECT b.user_id, b.blocked_id FROM blocks b"
+    " JOIN unnest(%s::bigint[], %s::bigint[]) AS p(r, s) ON b.user_id = p.r AND b.blocked_id = p.s"
+)
 _ADD_MENTIONS = (
     "INSERT INTO mentions (user_id, channel, seq, message_id) VALUES (%s, %s, %s, %s)"
     " ON CONFLICT DO NOTHING"
@@ -364,6 +376,10 @@ class PostgresStore(Reads, GroupWriter):
         )
         wanted = sorted({m.reply_to for m in messages if m.reply_to is not None})
         named = sorted({uid for m in messages for uid in m.mentions or ()})
+        # (recipient, sender) of the group's direct messages: which are blocked
+        pairs = sorted(
+            {(m.to_user_id, m.user_id) for m in messages if m.room is None and m.user_id}
+        )
         cur = conn.cursor()
         with conn.pipeline():
             conn.execute("BEGIN")
@@ -373,6 +389,11 @@ class PostgresStore(Reads, GroupWriter):
             taken = conn.execute(_NEXT_IDS, (wanted_ids,)) if wanted_ids else None
             found = conn.execute(_REPLY_TARGETS, (wanted,)) if wanted else None
             users = conn.execute(_KNOWN_USERS, (named,)) if named else None
+            blocking = (
+                conn.execute(_BLOCKED, ([r for r, _ in pairs], [s for _, s in pairs]))
+                if pairs
+                else None
+            )
         seqs: dict[str, int] = {}
         positions: dict[str, int] = {}
         for channel in channels:
@@ -384,6 +405,7 @@ class PostgresStore(Reads, GroupWriter):
         ids = iter(sorted(int(r[0]) for r in taken)) if taken is not None else iter(())
         targets: dict[int, str] = dict(found.fetchall()) if found is not None else {}
         known = {int(r[0]) for r in users} if users is not None else set()
+        refused = {(int(r), int(s)) for r, s in blocking} if blocking is not None else set()
 
         results: list[Any] = []
         rows: list[tuple[Any, ...]] = []
@@ -412,6 +434,9 @@ class PostgresStore(Reads, GroupWriter):
                         "data.reply_to",
                     )
                 )
+                continue
+            if message.room is None and (message.to_user_id, message.user_id) in refused:
+                results.append(blocked(message.to_user_id))
                 continue
             id_ = next(ids)
             seq = seqs[channel] = seqs[channel] + 1
@@ -1238,6 +1263,9 @@ moderate = _moderation.moderate
 set_role = _moderation.set_role
 declare_roles = _moderation.declare_roles
 audit = _moderation.audit
+block = _moderation.block
+blocks_of = _moderation.blocks_of
+all_blocks = _moderation.all_blocks
 _outbox = for_placeholder("%s")
 outbox_head = _outbox.outbox_head
 outbox_pending = _outbox.outbox_pending

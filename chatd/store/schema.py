@@ -176,6 +176,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX moderation_log_by_room ON moderation_log (room, id)
     """,
+    # 7: blocking: user_id blocks blocked_id (their direct messages refused,
+    # their typing and receipts not delivered).
+    """
+    CREATE TABLE blocks (
+        user_id INTEGER NOT NULL,
+        blocked_id INTEGER NOT NULL,
+        PRIMARY KEY (user_id, blocked_id)
+    ) WITHOUT ROWID
+    """,
 ]
 
 

@@ -47,7 +47,7 @@ import trio
 
 from chatd import edits
 from chatd.config import RoomsConfig
-from chatd.errors import ChatError, invalid_format
+from chatd.errors import ChatError, blocked, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
 from chatd.store import (
@@ -380,8 +380,8 @@ def insert_message(
 ) -> StoredMessage | ChatError:
     """Store one message. ``seqs`` caches each channel's last ``seq`` (the
     writer clears it on rollback). A ``reply_to`` outside its room or
-    conversation is returned as an error (not raised: the rest of the group
-    commits)."""
+    conversation, and a direct message to a user who blocks its sender, are
+    returned as errors (not raised: the rest of the group commits)."""
     channel = channel_of(message)
     if (
         message.reply_to is not None
@@ -392,6 +392,15 @@ def insert_message(
         return invalid_format(
             "reply_to must name a message of the same room or conversation", "data.reply_to"
         )
+    if (
+        message.room is None
+        and message.user_id
+        and conn.execute(
+            "SELECT 1 FROM blocks WHERE user_id = ? AND blocked_id = ?",
+            (message.to_user_id, message.user_id),
+        ).fetchone()
+    ):
+        return blocked(message.to_user_id)
     seq = seqs.get(channel)
     if seq is None:
         seq = last_seq(conn, channel)
@@ -1034,6 +1043,9 @@ moderate = _moderation.moderate
 set_role = _moderation.set_role
 declare_roles = _moderation.declare_roles
 audit = _moderation.audit
+block = _moderation.block
+blocks_of = _moderation.blocks_of
+all_blocks = _moderation.all_blocks
 _outbox = for_placeholder("?")
 outbox_head = _outbox.outbox_head
 outbox_pending = _outbox.outbox_pending

@@ -216,6 +216,11 @@ class GroupWriter:
         self.forget_access()
         return found
 
+    async def block(self, user_id: int, other: int, on: bool) -> list[int]:
+        q = self.queries
+        found: list[int] = await self.write(lambda c: q.block(c, user_id, other, on))
+        return found
+
     # --- the webhook outbox's writes --------------------------------------------
 
     async def outbox_done(self, first: int, last: int, event: str) -> None:
@@ -308,6 +313,9 @@ class Queries(Protocol):
     def outbox_done(self, conn: Any, first: int, last: int, event: str) -> None: ...
     def outbox_retry(self, conn: Any, first: int, due: float, attempts: int) -> None: ...
     def moderate(self, conn: Any, action: Moderation) -> Moderated | ChatError: ...
+    def block(self, conn: Any, user_id: int, other: int, on: bool) -> list[int] | ChatError: ...
+    def blocks_of(self, conn: Any, user_id: int) -> list[int]: ...
+    def all_blocks(self, conn: Any) -> list[tuple[int, int]]: ...
     def set_role(
         self, conn: Any, room: str, user_id: int, role: Role, actor_id: int, at: float
     ) -> bool: ...
@@ -386,6 +394,16 @@ class Reads:
     def forget_access(self) -> None:
         """Read every room's access afresh (rooms were declared)."""
         self._access.clear()
+
+    async def blocks(self, user_id: int) -> list[int]:
+        q = self.queries
+        found: list[int] = await self.read(lambda c: q.blocks_of(c, user_id))
+        return found
+
+    async def all_blocks(self) -> list[tuple[int, int]]:
+        q = self.queries
+        found: list[tuple[int, int]] = await self.read(q.all_blocks)
+        return found
 
     async def last_seq(self, channel: str) -> int:
         q = self.queries
