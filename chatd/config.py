@@ -212,6 +212,27 @@ class LoggingConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+#: Days messages are kept: 0 keeps them for ever; at most 100 years.
+Days = Annotated[int, Meta(ge=0, le=36500)]
+
+
+class RetentionConfig(_Section, frozen=True):
+    """How long messages are kept (``chatd/retention.py``)."""
+
+    #: Rooms' messages, in days (0: for ever).
+    room_days: Days = 0
+    #: Conversations' messages (and the system sender's notifications to a
+    #: user), in days (0: for ever).
+    direct_days: Days = 0
+    #: A room's own number of days, instead of ``room_days`` (0: for ever).
+    rooms: dict[RoomName, Days] = msgspec.field(default_factory=dict)
+    #: Messages deleted per writer operation: what bounds how long a purge
+    #: holds the writer at a time.
+    batch_size: Annotated[int, Meta(ge=1, le=10000)] = 500
+    #: Seconds between two passes over the channels.
+    interval_seconds: Annotated[float, Meta(ge=1, le=86400)] = 300.0
+
+
 class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
@@ -220,6 +241,7 @@ class Config(_Section, frozen=True):
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     api: ApiConfig = msgspec.field(default_factory=ApiConfig)
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
     bus: BusConfig = msgspec.field(default_factory=BusConfig)
     logging: LoggingConfig = msgspec.field(default_factory=LoggingConfig)
     #: Where the config came from, for messages; not a TOML key.
@@ -250,6 +272,7 @@ def from_dict(doc: dict[str, object], *, source: str = "<dict>") -> Config:
         if reserved in doc:
             raise ConfigError(f"{source}: {reserved}: unknown key")
     _check_private_rooms(doc, source)
+    _check_retention_rooms(doc, source)
     try:
         config = msgspec.convert(doc, Config)
     except msgspec.ValidationError as exc:
@@ -281,6 +304,25 @@ def _check_private_rooms(doc: dict[str, object], source: str) -> None:
                 raise ConfigError(
                     f"{source}: [rooms.{table}] {name}: expected a list of user ids (integers >= 1)"
                 )
+
+
+def _check_retention_rooms(doc: dict[str, object], source: str) -> None:
+    """[retention.rooms]: name the room, as ``_check_private_rooms``."""
+    retention = doc.get("retention")
+    rooms = retention.get("rooms") if isinstance(retention, dict) else None
+    if not isinstance(rooms, dict):
+        return
+    for name, days in rooms.items():
+        if not re.fullmatch(ROOM_NAME_PATTERN, name) or len(name) > 64:
+            raise ConfigError(
+                f"{source}: [retention.rooms] {name!r}: "
+                "a room name is 1 to 64 letters, digits or ._:@-"
+            )
+        if type(days) is not int or not 0 <= days <= 36500:
+            raise ConfigError(
+                f"{source}: [retention.rooms] {name}: "
+                "expected a whole number of days from 0 (for ever) to 36500"
+            )
 
 
 def _describe(message: str) -> str:

@@ -128,6 +128,19 @@ class Metrics:
             ["mode", "result"],
             registry=r,
         )
+        # The retention purge (chatd/purger.py).
+        self.purged = Counter(
+            "chatd_retention_purged_messages",
+            "Messages deleted by the retention purge, by kind of channel (room, direct)",
+            ["kind"],
+            registry=r,
+        )
+        self.purge_batch = Histogram(
+            "chatd_retention_batch_seconds",
+            "Time of one purge batch: one writer operation, held by it meanwhile",
+            buckets=_CHECKPOINT_BUCKETS,
+            registry=r,
+        )
         self.published = Counter(
             "chatd_api_published", "Notifications sent through POST /api/publish", registry=r
         )

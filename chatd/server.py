@@ -45,6 +45,8 @@ from chatd.hub import Hub
 from chatd.metrics import Metrics
 from chatd.moderation import Role
 from chatd.publish import delete, publish, set_role
+from chatd.purger import Purger
+from chatd.retention import Policy
 from chatd.session import Context
 from chatd.store import StoredEvent, StoredMessage
 from chatd.transport.fanout import Fanout
@@ -61,7 +63,7 @@ from chatd.web import load_assets
 log = logging.getLogger("chatd")
 
 #: Sections a reload cannot change: they need a restart.
-_RESTART_SECTIONS = ("server", "auth", "storage")
+_RESTART_SECTIONS = ("server", "auth", "storage", "retention")
 #: Joins that replay missed messages at once (the others wait their turn,
 #: holding nothing: a reconnect storm's memory stays bounded).
 REPLAYS_AT_ONCE = 32
@@ -144,6 +146,9 @@ class ChatServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._summarise_presence, hub)
                 nursery.start_soon(self._keep_time, ctx, alarm)
+                policy = Policy(config.retention)
+                if policy.on:
+                    await nursery.start(Purger(policy, store, metrics, wall).run)
                 hooks = config.webhooks
                 if hooks.url and hooks.events:
                     # (httpx is imported only when webhooks are on)
@@ -269,7 +274,12 @@ class ChatServer:
             if getattr(old, section) != getattr(config, section):
                 log.warning("reload: [%s] changed; it takes effect at the next restart", section)
         applied = msgspec.structs.replace(
-            config, server=old.server, auth=old.auth, storage=old.storage, public_key=old.public_key
+            config,
+            server=old.server,
+            auth=old.auth,
+            storage=old.storage,
+            retention=old.retention,
+            public_key=old.public_key,
         )
         await self.ctx.store.declare_rooms(applied.rooms)
         self.config = applied

@@ -165,6 +165,27 @@ def test_load_toml_file(tmp_path: Path) -> None:
             "t.toml: [rooms.moderators] a: expected a list of user ids (integers >= 1)",
         ),
         (
+            {"retention": {"room_days": -1}},
+            "t.toml: [retention] room_days: Expected `int` >= 0",
+        ),
+        (
+            {"retention": {"direct_days": 36501}},
+            "t.toml: [retention] direct_days: Expected `int` <= 36500",
+        ),
+        (
+            {"retention": {"rooms": {"general": "30"}}},
+            "t.toml: [retention.rooms] general: expected a whole number of days from 0"
+            " (for ever) to 36500",
+        ),
+        (
+            {"retention": {"days": 30}},
+            "t.toml: [retention] days: unknown key",
+        ),
+        (
+            {"retention": {"batch_size": 0}},
+            "t.toml: [retention] batch_size: Expected `int` >= 1",
+        ),
+        (
             {"rooms": {"public": ["a"], "owners": {"a b": [1]}}},
             "t.toml: [rooms.owners] 'a b': a room name is 1 to 64 letters, digits or ._:@-",
         ),

@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -482,6 +483,54 @@ async def test_a_blocked_users_direct_messages_are_refused_where_they_are_stored
     assert all(isinstance(m, StoredMessage) for m in kept), kept
     history, total = await store.history(dm_channel(1, 2), 10, 0)
     assert total == 1 and history[0].message.user_id == 1
+
+
+async def test_the_retention_purge_keeps_history_and_recovery_whole(store: AnyStore) -> None:
+    """Five old messages and two new in a room: purged two at a time, the
+    oldest first, with their edits, versions and mentions; history counts
+    what is kept, and a recovery from before the horizon is not whole."""
+    await store.declare_rooms(RoomsConfig(public=("general",)))
+    for uid in (1, 2):
+        await store.upsert_user(uid, f"user{uid}")
+    old, new = "2026-01-01T00:00:00.000Z", "2026-03-01T00:00:00.000Z"
+    sent = []
+    for i in range(7):
+        m = msgspec.structs.replace(
+            msg(i, mentions=(2,) if i == 1 else None), created_at=old if i < 5 else new
+        )
+        got = await stored(store, m)
+        assert isinstance(got, StoredMessage)
+        sent.append(got)
+    assert isinstance(await change(store, sent[0].id, 1, "edited"), StoredEvent)
+    await stored(store, msg(0, room=None, to_user_id=2))
+    await store.save_read_state([(2, GENERAL, 0, 0)], [])
+    assert dict(await store.unread(2))[GENERAL].mentions == 1
+    channels = await store.retention_channels()
+    assert GENERAL in channels and dm_channel(1, 2) in channels
+    cutoff = "2026-02-01T00:00:00.000Z"
+    assert (await store.purge(GENERAL, cutoff, 2))[:2] == (2, True)
+    # recovery from before the horizon: not whole; from after it: whole
+    assert not (await store.missed(GENERAL, sent[0].id, 100)).complete
+    assert (await store.missed(GENERAL, sent[1].id, 100)).complete
+    assert (await store.purge(GENERAL, cutoff, 2))[:2] == (2, True)
+    done = await store.purge(GENERAL, cutoff, 2)
+    assert done.deleted == 1 and not done.more and done.seconds >= 0
+    assert (await store.purge(GENERAL, cutoff, 2))[:2] == (0, False)
+    page, total = await store.history(GENERAL, 10, 0)
+    assert total == 2 and ids(page) == [sent[5].id, sent[6].id]
+    page, total = await store.history(GENERAL, 10, 2)  # past the horizon: nothing
+    assert (page, total) == ([], 2)
+    page, _ = await store.history(GENERAL, 1, 1)
+    assert ids(page) == [sent[5].id]
+    missed = await store.missed(GENERAL, sent[2].id, 100)
+    assert not missed.complete
+    entries, _ = await store.replay(GENERAL, missed.after_seq, missed.after_id, 100)
+    assert [e.id for e in entries] == [sent[5].id, sent[6].id]  # (the edit went with its message)
+    assert (await store.missed(GENERAL, sent[5].id, 100)).complete
+    points = dict(await store.unread(2))
+    assert points[GENERAL].mentions == 0  # the purged mention no longer counts
+    # the room's purge left the conversation alone
+    assert (await store.history(dm_channel(1, 2), 10, 0))[1] == 1
 
 
 async def test_joins_at_once_read_a_rooms_access_once(

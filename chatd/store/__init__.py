@@ -157,6 +157,17 @@ def event_of(
     )
 
 
+class Purged(NamedTuple):
+    """One purge batch (``Store.purge``)."""
+
+    #: Messages deleted.
+    deleted: int
+    #: Whether the channel may have more to purge now.
+    more: bool
+    #: How long the batch held the writer.
+    seconds: float
+
+
 @dataclass(frozen=True, slots=True)
 class RoomAccess:
     """A room as one user may see it."""
@@ -421,6 +432,15 @@ class Store(Protocol):
     async def all_blocks(self) -> list[tuple[int, int]]:
         """Every (blocker, blocked) pair: what a starting node keeps in
         memory (``chatd.blocks``)."""
+
+    async def retention_channels(self) -> list[str]:
+        """Every room's channel and every conversation's: what a retention
+        pass goes over."""
+
+    async def purge(self, channel: str, cutoff: str, limit: int) -> Purged:
+        """Delete the channel's oldest messages created before ``cutoff``
+        (RFC 3339), at most ``limit``, with their edits, deletions, versions
+        and mentions, in one writer operation (``store/retention.py``)."""
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         """Make sure every room of the config exists (members added, never

@@ -204,6 +204,15 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (user_id, blocked_id)
     );
     """,
+    # 7: retention, as SQLite's migration 8.
+    """
+    CREATE TABLE purged (
+        channel text COLLATE "C" PRIMARY KEY,
+        id bigint NOT NULL,
+        seq bigint NOT NULL
+    );
+    CREATE INDEX message_events_by_message ON message_events (message_id);
+    """,
 ]
 
 

@@ -99,6 +99,7 @@ from chatd.store import (
 from chatd.store.moderation import for_placeholder as moderation_queries
 from chatd.store.outbox import for_placeholder
 from chatd.store.pgschema import migrate
+from chatd.store.retention import for_placeholder as retention_queries
 from chatd.store.sqlite import channel_of, mentions_of, mentions_text
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
@@ -977,11 +978,14 @@ def save_read_state(
 
 
 def history(conn: Conn, channel: str, limit: int, offset: int) -> tuple[list[StoredMessage], int]:
-    """Page ``offset`` back from the newest, oldest first, and the total: one
-    statement (one snapshot), the page one range of ``messages_by_channel``."""
+    """Page ``offset`` back from the newest, oldest first, and the total kept
+    (after the channel's retention horizon): one statement (one snapshot),
+    the page one range of ``messages_by_channel``."""
     rows = conn.execute(
-        f"SELECT t.total, {_qualified('m')} FROM"
-        " (SELECT coalesce(max(seq), 0) AS total FROM messages WHERE channel = %(c)s) t"
+        f"SELECT t.total - t.floor, {_qualified('m')} FROM"
+        " (SELECT coalesce(max(seq), 0) AS total,"
+        "  coalesce((SELECT seq FROM purged WHERE channel = %(c)s), 0) AS floor"
+        "  FROM messages WHERE channel = %(c)s) t"
         " LEFT JOIN messages m ON m.channel = %(c)s"
         " AND m.seq > t.total - %(o)s - %(l)s AND m.seq <= t.total - %(o)s"
         " ORDER BY m.seq",
@@ -1009,6 +1013,7 @@ def missed(conn: Conn, channel: str, since_id: int, cap: int) -> Missed:
         event = conn.execute(
             "SELECT coalesce(max(id), 0) FROM message_events WHERE channel = %s", (channel,)
         ).fetchone()
+        purged, _ = horizon(conn, channel)
         first = None
         if top is not None:
             newest_seq = int(top[1])
@@ -1024,13 +1029,14 @@ def missed(conn: Conn, channel: str, since_id: int, cap: int) -> Missed:
                     (channel, newest_seq - cap),
                 ).fetchone()
     newest = max(int(top[0]) if top is not None else 0, int(event[0]) if event else 0)
+    whole = purged <= since_id  # (nothing after since_id purged)
     if top is None:
-        return Missed(0, since_id, True, newest)
+        return Missed(0, since_id, whole, newest)
     if first is None:
         return Missed(newest_seq, since_id, True, newest)
     if start is not None:
         return Missed(newest_seq - cap, int(start[0]), False, newest)
-    return Missed(int(first[1]) - 1, since_id, True, newest)
+    return Missed(int(first[1]) - 1, since_id, whole, newest)
 
 
 def after(conn: Conn, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
@@ -1266,6 +1272,10 @@ audit = _moderation.audit
 block = _moderation.block
 blocks_of = _moderation.blocks_of
 all_blocks = _moderation.all_blocks
+_retention = retention_queries("%s")
+horizon = _retention.horizon
+retention_channels = _retention.retention_channels
+purge = _retention.purge
 _outbox = for_placeholder("%s")
 outbox_head = _outbox.outbox_head
 outbox_pending = _outbox.outbox_pending

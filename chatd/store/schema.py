@@ -185,6 +185,16 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (user_id, blocked_id)
     ) WITHOUT ROWID
     """,
+    # 8: retention: each channel's horizon, its last message purged; the
+    # events of a message found by the message (a purge deletes them).
+    """
+    CREATE TABLE purged (
+        channel TEXT PRIMARY KEY,
+        id INTEGER NOT NULL,
+        seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX message_events_by_message ON message_events (message_id)
+    """,
 ]
 
 

@@ -77,6 +77,7 @@ from chatd.store.checkpoint import (
 )
 from chatd.store.moderation import for_placeholder as moderation_queries
 from chatd.store.outbox import for_placeholder
+from chatd.store.retention import for_placeholder as retention_queries
 from chatd.store.schema import connect, migrate
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
@@ -644,14 +645,16 @@ def room_access(conn: sqlite3.Connection, room: str, user_id: int) -> RoomAccess
 def history(
     conn: sqlite3.Connection, channel: str, limit: int, offset: int
 ) -> tuple[list[StoredMessage], int]:
-    """Page ``offset`` back from the newest, oldest first, and the total."""
+    """Page ``offset`` back from the newest, oldest first, and the total
+    kept (the messages after the channel's retention horizon)."""
     conn.execute("BEGIN")  # one snapshot for the total and the page
     try:
-        total = last_seq(conn, channel)
-        high = total - offset
-        if high < 1:
-            return [], total
-        low = max(1, high - limit + 1)
+        last = last_seq(conn, channel)
+        _, floor = horizon(conn, channel)
+        high = last - offset
+        if high <= floor:
+            return [], last - floor
+        low = max(floor + 1, high - limit + 1)
         rows = conn.execute(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE channel = ? AND seq BETWEEN ? AND ?"
             " ORDER BY seq",
@@ -659,7 +662,7 @@ def history(
         ).fetchall()
     finally:
         conn.execute("COMMIT")
-    return [_row_to_message(r) for r in rows], total
+    return [_row_to_message(r) for r in rows], last - floor
 
 
 def missed(conn: sqlite3.Connection, channel: str, since_id: int, cap: int) -> Missed:
@@ -688,7 +691,9 @@ def missed(conn: sqlite3.Connection, channel: str, since_id: int, cap: int) -> M
                 break
             count += 1
         else:
-            where = Missed(0, since_id, True, newest)
+            # every message kept is missed: whole unless some were purged
+            purged, _ = horizon(conn, channel)
+            where = Missed(0, since_id, purged <= since_id, newest)
         cursor.close()
         (event,) = conn.execute(
             "SELECT coalesce(max(id), 0) FROM message_events WHERE channel = ?", (channel,)
@@ -1046,6 +1051,10 @@ audit = _moderation.audit
 block = _moderation.block
 blocks_of = _moderation.blocks_of
 all_blocks = _moderation.all_blocks
+_retention = retention_queries("?")
+horizon = _retention.horizon
+retention_channels = _retention.retention_channels
+purge = _retention.purge
 _outbox = for_placeholder("?")
 outbox_head = _outbox.outbox_head
 outbox_pending = _outbox.outbox_pending
