@@ -34,8 +34,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 import chatd.store.sqlite
 from chatd.config import ROOM_NAME_PATTERN, Config
+from chatd.hub import live_shape
 from chatd.moderation import ROLES
 from chatd.protocol import rfc3339
 from chatd.store import Admin
@@ -47,13 +50,24 @@ def add_commands(
     commands: Any, config_arg: Callable[[argparse.ArgumentParser], None], user_id: Any
 ) -> None:
     """Register ``user``, ``room`` and ``backup`` with the CLI's subparsers."""
-    user = commands.add_parser("user", help="add users to the database")
+    user = commands.add_parser("user", help="add, export and erase users")
     user_commands = user.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = user_commands.add_parser("add", help="add (or rename) a user")
     config_arg(add)
     add.add_argument("--user-id", type=user_id, required=True)
     add.add_argument("--username", required=True)
     add.set_defaults(func=_user_add)
+    export = user_commands.add_parser("export", help="write a user's data to one JSON file")
+    config_arg(export)
+    export.add_argument("--user-id", type=user_id, required=True)
+    export.add_argument("--to", required=True, metavar="FILE", help="a file that does not exist")
+    export.set_defaults(func=_user_export)
+    erase = user_commands.add_parser(
+        "erase", help="erase a user: their messages become tombstones, their data goes"
+    )
+    config_arg(erase)
+    erase.add_argument("--user-id", type=user_id, required=True)
+    erase.set_defaults(func=_user_erase)
 
     room = commands.add_parser("room", help="create rooms and manage members")
     room_commands = room.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -135,6 +149,57 @@ def _user_add(config: Config, ns: argparse.Namespace) -> int:
     with _database(config) as db:
         db.upsert_user(ns.user_id, ns.username)
     print(f"user {ns.user_id} ({ns.username}) added")
+    return 0
+
+
+def _user_export(config: Config, ns: argparse.Namespace) -> int:
+    target = Path(ns.to)
+    if target.exists():
+        return _fail(f"{ns.to} exists: give a new file")
+    with _database(config) as db:
+        found = db.export_user(ns.user_id)
+    if found is None:
+        return _fail(f"no user {ns.user_id}")
+    data = {
+        "exported_at": rfc3339(time.time()),
+        "user": {
+            "user_id": found.user_id,
+            "username": found.username,
+            "created_at": found.created_at,
+            "last_seen": found.last_seen,
+        },
+        "messages": [
+            {"type": kind, "data": shape}
+            for kind, shape, _ in (live_shape(m) for m in found.messages)
+        ],
+        "read_markers": [
+            {"channel": c, "last_read_id": i, "last_read_seq": q} for c, i, q in found.markers
+        ],
+        "roles": [{"room": room, "role": role} for room, role in found.roles],
+        "bans_and_mutes": [
+            {"room": room, "kind": kind, "until": None if until is None else rfc3339(until)}
+            for room, kind, until in found.sanctions
+        ],
+        "private_rooms": found.memberships,
+        "blocks": found.blocks,
+    }
+    try:
+        with open(target, "xb") as out:  # (never over an existing file)
+            out.write(msgspec.json.format(msgspec.json.encode(data)))
+    except FileExistsError:
+        return _fail(f"{ns.to} exists: give a new file")
+    except OSError as exc:
+        return _fail(f"cannot write {ns.to}: {exc.strerror}")
+    print(f"user {ns.user_id} exported to {ns.to} ({len(found.messages)} messages)")
+    return 0
+
+
+def _user_erase(config: Config, ns: argparse.Namespace) -> int:
+    with _database(config) as db:
+        erased = db.erase_user(ns.user_id)
+    if erased is None:
+        return _fail(f"no user {ns.user_id}")
+    print(f"user {ns.user_id} erased: {erased} messages are tombstones now")
     return 0
 
 

@@ -533,6 +533,49 @@ async def test_the_retention_purge_keeps_history_and_recovery_whole(store: AnySt
     assert (await store.history(dm_channel(1, 2), 10, 0))[1] == 1
 
 
+async def test_a_user_is_exported_and_erased_on_either_store(store: AnyStore) -> None:
+    await store.declare_rooms(
+        RoomsConfig(public=("general",), private={"staff": (2,)}, owners={"general": (2,)})
+    )
+    for uid in (1, 2):
+        await store.upsert_user(uid, f"user{uid}")
+    theirs = await stored(store, msg(0, user=2, mentions=(1,)))
+    with_nul = msgspec.structs.replace(msg(1, room=None, user=2, to_user_id=1), content="a\x00b")
+    nul = await stored(store, with_nul)
+    mine = await stored(store, msg(2, room=None, user=1, to_user_id=2))
+    assert isinstance(theirs, StoredMessage) and isinstance(nul, StoredMessage)
+    assert isinstance(await change(store, theirs.id, 2, "edited"), StoredEvent)
+    await store.block(2, 1, True)
+    await store.save_read_state(
+        [(2, GENERAL, theirs.id, theirs.seq), (1, GENERAL, 0, 0)], [(2, CREATED)]
+    )
+    assert dict(await store.unread(1))[GENERAL].mentions == 1
+    q = store.queries
+    before = await store.read(lambda c: q.export_user(c, 2))
+    assert before.username == "user2" and before.last_seen == CREATED
+    assert [m.id for m in before.messages] == [theirs.id, nul.id, mine.id]
+    assert before.roles == [("general", "owner")] and before.memberships == ["staff"]
+    assert before.blocks == [1]
+    assert {GENERAL, dm_channel(1, 2)} <= {c for c, _, _ in before.markers}
+    assert await store.write(lambda c: q.erase_user(c, 2)) == 2
+    assert await store.write(lambda c: q.erase_user(c, 404)) is None
+    after = await store.read(lambda c: q.export_user(c, 2))
+    assert after.username == "deleted user 2" and after.last_seen is None
+    assert (after.markers, after.roles, after.blocks) == ([], [], [])
+    gone = [m for m in after.messages if m.message.user_id == 2]
+    assert [m.message.content for m in gone] == ["", ""]
+    assert all(m.message.username == "deleted user 2" and m.message.deleted for m in gone)
+    page, _ = await store.history(dm_channel(1, 2), 10, 0)
+    assert [m.message.content for m in page] == ["", mine.message.content]
+    # its earlier versions are gone (the only edit was theirs), not just hidden
+    (versions,) = await store.read(
+        lambda c: c.execute("SELECT count(*) FROM message_versions").fetchone()
+    )
+    assert versions == 0
+    assert dict(await store.unread(1))[GENERAL].mentions == 0  # their mention of 1 went
+    assert await store.read(lambda c: q.export_user(c, 404)) is None
+
+
 async def test_joins_at_once_read_a_rooms_access_once(
     store: AnyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -463,6 +463,8 @@ class AdminOps(Protocol):
         self, conn: Any, room: str, user_id: int, role: Role, actor_id: int, at: float
     ) -> bool: ...
     def audit(self, conn: Any, room: str, limit: int) -> list[AuditEntry]: ...
+    def export_user(self, conn: Any, user_id: int) -> Any: ...
+    def erase_user(self, conn: Any, user_id: int) -> int | None: ...
 
 
 class Admin:
@@ -490,3 +492,12 @@ class Admin:
 
     def audit(self, room: str, limit: int) -> list[AuditEntry]:
         return self.ops.audit(self.conn, room, limit)
+
+    def export_user(self, user_id: int) -> Any:
+        """The user's data (``store.privacy.UserExport``); None when unknown."""
+        return self.ops.export_user(self.conn, user_id)
+
+    def erase_user(self, user_id: int) -> int | None:
+        """Erase the user (``store/privacy.py``): how many of their messages
+        became tombstones; None when unknown."""
+        return self.ops.erase_user(self.conn, user_id)

@@ -77,6 +77,8 @@ from chatd.store.checkpoint import (
 )
 from chatd.store.moderation import for_placeholder as moderation_queries
 from chatd.store.outbox import for_placeholder
+from chatd.store.privacy import UserExport
+from chatd.store.privacy import for_placeholder as privacy_queries
 from chatd.store.retention import for_placeholder as retention_queries
 from chatd.store.schema import connect, migrate
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
@@ -1055,6 +1057,14 @@ _retention = retention_queries("?")
 horizon = _retention.horizon
 retention_channels = _retention.retention_channels
 purge = _retention.purge
+_privacy = privacy_queries("?")
+erase_user = _privacy.erase_user
+
+
+def export_user(conn: Any, user_id: int) -> UserExport | None:
+    return _privacy.export_user(conn, user_id, _MESSAGE_COLUMNS, _row_to_message)  # type: ignore[no-any-return]
+
+
 _outbox = for_placeholder("?")
 outbox_head = _outbox.outbox_head
 outbox_pending = _outbox.outbox_pending
