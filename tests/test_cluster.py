@@ -1383,3 +1383,36 @@ async def test_a_ban_on_one_node_holds_on_the_other_and_kicks_there(cluster_of):
                         break
                     assert again["data"]["code"] == "PERMISSION_DENIED", again
                     await trio.sleep(0.05)
+
+
+async def test_a_block_on_one_node_filters_typing_on_the_other(cluster_of):
+    """alice blocks bob through node 0; she is also connected to node 1,
+    where bob's typing to her arrives: that node was told of the block
+    (Bus.blocked), so neither of her connections gets it, while carol still
+    does; bob's direct message to her is refused on either node."""
+    async with cluster_of(2) as cluster:
+        async with (
+            connect_to(cluster[0], 1, "alice") as alice0,
+            connect_to(cluster[1], 1, "alice") as alice1,
+            connect_to(cluster[1], 2, "bob") as bob,
+            connect_to(cluster[0], 3, "carol") as carol,
+        ):
+            await alice0.send("block_user", {"user_id": 2}, request_id="b")
+            listed = await next_frame(alice0, ("block_list",))
+            assert listed["data"]["user_ids"] == [2]
+            for client in (alice0, alice1, bob, carol):
+                await join(client)
+            dm = {"to_user_id": 1, "content": "hi"}
+            await bob.send("direct_message", dm, request_id="d")
+            refused = await next_frame(bob, ("error",))
+            assert refused["data"]["code"] == "PERMISSION_DENIED"
+            # Redis carries the block to node 1 as it carries everything else:
+            # once carol has bob's room typing, alice's copy would have come too
+            await bob.send("typing", {"to_user_id": 1, "state": "start"})
+            await bob.send("typing", {"room": "general", "state": "start"})
+            typing = await next_frame(carol, ("typing",))
+            assert typing["data"]["user_id"] == 2
+            await trio.sleep(0.5)
+            for alice in (alice0, alice1):  # (presence frames aside) nothing from bob
+                await alice.send("ping", {}, request_id="p")
+                assert (await next_frame(alice, ("pong", "typing")))["type"] == "pong"
