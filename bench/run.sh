@@ -86,6 +86,8 @@ PY
     .venv/bin/python readstate.py all --quick --json "$out/readstate.json"
     # Webhooks on, and with the backend down, against off (tiny sizes).
     .venv/bin/python webhooks.py --quick --json "$out/webhooks.json"
+    # The retention purge under load (20,000 old messages).
+    .venv/bin/python purge.py --quick --json "$out/purge.json"
     echo "bench --quick: ok (results in a temp dir, docs/benchmarks.md untouched)"
 else
     .venv/bin/python load.py --profile --out results/latest.json

@@ -228,7 +228,7 @@ class RetentionConfig(_Section, frozen=True):
     rooms: dict[RoomName, Days] = msgspec.field(default_factory=dict)
     #: Messages deleted per writer operation: what bounds how long a purge
     #: holds the writer at a time.
-    batch_size: Annotated[int, Meta(ge=1, le=10000)] = 500
+    batch_size: Annotated[int, Meta(ge=1, le=10000)] = 100
     #: Seconds between two passes over the channels.
     interval_seconds: Annotated[float, Meta(ge=1, le=86400)] = 300.0
 

@@ -1,13 +1,18 @@
 """The retention purge: a task that deletes what ``[retention]`` no longer
 keeps, a little at a time, so that it never stalls the writer.
 
-Every ``interval_seconds`` a pass goes over every room and conversation
-with a cutoff (``chatd.retention.Policy``) and asks the store to purge each
-in batches of ``batch_size`` messages (``Store.purge``: one writer
-operation each, queued behind whatever the writer has already, so messages
-committed meanwhile wait for one batch at most, never for the whole purge).
-What it deleted is counted by kind of channel and how long each batch held
-the writer is observed (``chatd_retention_purged_messages``,
+Every ``interval_seconds`` a pass goes over the messages in id order, the
+oldest first, from where the last pass found the first message it had to
+keep, until one newer than every cutoff (``chatd.retention.Policy``), in
+batches of ``batch_size`` messages (``Store.purge``: one writer operation
+each, queued behind whatever the writer has already, so messages committed
+meanwhile wait for one batch at most, never for the whole purge).
+After each batch it waits 19 times what the batch took (``WRITER_SHARE``:
+5% of the time, less when the writer is busy, since a batch queued behind
+other writes takes longer): a backlog of millions goes at a few thousand
+messages a second, and live messages queue behind at most one small batch
+now and then. What it deleted is counted by kind of channel and how long
+each batch held the writer is observed (``chatd_retention_purged_messages``,
 ``chatd_retention_batch_seconds``). A pass that fails (the store
 unreachable) is logged and the next one tries again. With several nodes
 each node purges: the same deletions twice cost a little, and a channel's
@@ -27,6 +32,11 @@ from chatd.store import Store
 
 log = logging.getLogger("chatd")
 
+#: The share of the time a purge may take: after a batch, it waits 19 times
+#: what the batch took (queued behind other writes, run, committed), so it
+#: backs off by itself when the writer is busy.
+WRITER_SHARE = 0.05
+
 
 class Purger:
     """Runs ``[retention]`` on one node."""
@@ -42,6 +52,9 @@ class Purger:
         self._store = store
         self._metrics = metrics
         self._wall = wall
+        #: Where the next pass starts (an id: what is before it is gone, or
+        #: kept for ever).
+        self._start = 0
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -57,21 +70,42 @@ class Purger:
             await trio.sleep(interval)
 
     async def sweep(self) -> int:
-        """One pass over every channel; how many messages it purged."""
+        """One pass over the messages, the oldest first; how many it purged."""
         policy, store, metrics = self.policy, self._store, self._metrics
         limit = policy.config.batch_size
         now = self._wall()
+        newest = policy.newest_cutoff(now)
+        cutoffs: dict[str, str | None] = {}
+
+        def cutoff(channel: str) -> str | None:
+            if channel not in cutoffs:
+                cutoffs[channel] = policy.cutoff(channel, now)
+            return cutoffs[channel]
+
+        kept: set[str] = set()
+        cursor = self._start
+        first_kept: int | None = None
         total = 0
-        for channel in await store.retention_channels():
-            cutoff = policy.cutoff(channel, now)
-            if cutoff is None:
-                continue
-            kind = "room" if channel.startswith("r:") else "direct"
-            more = True
-            while more:
-                done = await store.purge(channel, cutoff, limit)
-                metrics.purge_batch.observe(done.seconds)
-                metrics.purged.labels(kind).inc(done.deleted)
-                total += done.deleted
-                more = done.more
+        while True:
+            started = trio.current_time()
+            done = await store.purge(cursor, cutoff, newest, limit, kept)
+            metrics.purge_batch.observe(done.seconds)
+            if done.rooms:
+                metrics.purged.labels("room").inc(done.rooms)
+            if done.direct:
+                metrics.purged.labels("direct").inc(done.direct)
+            deleted = done.rooms + done.direct
+            total += deleted
+            if first_kept is None:
+                first_kept = done.first_kept
+            cursor = done.cursor
+            if done.finished:
+                break
+            # paced: the batch's time (queued, run, committed) is at most
+            # WRITER_SHARE of the time that passes
+            spent = trio.current_time() - started
+            await trio.sleep(spent * (1 / WRITER_SHARE - 1))
+        # The next pass starts at the first message that may go then: what
+        # lies before it is gone or kept for ever.
+        self._start = cursor if first_kept is None else first_kept - 1
         return total

@@ -5,7 +5,8 @@ A room's messages are kept ``room_days`` (or the room's own number in
 ``[retention.rooms]``), a conversation's ``direct_days``; 0 keeps them for
 ever. A message older than its channel's cutoff is purged with its edits,
 deletions, earlier versions and mentions (``store/retention.py``), the
-oldest first, so what a channel keeps is always its newest messages, and
+oldest first (in id order, all channels together), so what a channel keeps
+is always its newest messages, and
 its history pages and recovery stay whole: the channel remembers the last
 message purged (its horizon), history's ``total`` counts what is kept, and
 a recovery from before the horizon answers ``recovered: false``.
@@ -45,3 +46,10 @@ class Policy:
         go; None when they are kept for ever."""
         days = self.days(channel)
         return rfc3339(now - days * DAY) if days else None
+
+    def newest_cutoff(self, now: float) -> str:
+        """The latest of every cutoff: no message created after it goes
+        (only meaningful when ``on``)."""
+        c = self.config
+        shortest = min(d for d in (c.room_days, c.direct_days, *c.rooms.values()) if d)
+        return rfc3339(now - shortest * DAY)

@@ -322,7 +322,7 @@ class Session(Generic[S]):
         data: p.JoinRoom = frame.data
         self._check_token()
         await self._read_limit()
-        await self._check_room(data.room)
+        access = await self._check_room(data.room)
         peer = self.peer
         ctx = self.ctx
         hub = ctx.hub
@@ -348,6 +348,7 @@ class Session(Generic[S]):
                 "last_read_id": read.last_read_id,
                 "unread": read.unread,
                 "mentions": read.mentions,
+                "role": access.rules.role(self.identity.user_id),
             }
             if since_id is None:
                 self._still_in(room)

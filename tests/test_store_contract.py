@@ -486,14 +486,16 @@ async def test_a_blocked_users_direct_messages_are_refused_where_they_are_stored
 
 
 async def test_the_retention_purge_keeps_history_and_recovery_whole(store: AnyStore) -> None:
-    """Five old messages and two new in a room: purged two at a time, the
-    oldest first, with their edits, versions and mentions; history counts
-    what is kept, and a recovery from before the horizon is not whole."""
-    await store.declare_rooms(RoomsConfig(public=("general",)))
+    """Five old messages and two new in a room, interleaved with a room kept
+    for ever and a conversation: purged two rows at a time in id order,
+    with their edits, versions and mentions; history counts what is kept,
+    and a recovery from before the horizon is not whole."""
+    await store.declare_rooms(RoomsConfig(public=("general", "random")))
     for uid in (1, 2):
         await store.upsert_user(uid, f"user{uid}")
     old, new = "2026-01-01T00:00:00.000Z", "2026-03-01T00:00:00.000Z"
     sent = []
+    forever = []
     for i in range(7):
         m = msgspec.structs.replace(
             msg(i, mentions=(2,) if i == 1 else None), created_at=old if i < 5 else new
@@ -501,21 +503,40 @@ async def test_the_retention_purge_keeps_history_and_recovery_whole(store: AnySt
         got = await stored(store, m)
         assert isinstance(got, StoredMessage)
         sent.append(got)
+        kept = await stored(store, msgspec.structs.replace(msg(i, room="random"), created_at=old))
+        forever.append(kept)
     assert isinstance(await change(store, sent[0].id, 1, "edited"), StoredEvent)
-    await stored(store, msg(0, room=None, to_user_id=2))
+    dm = await stored(
+        store, msgspec.structs.replace(msg(0, room=None, to_user_id=2), created_at=old)
+    )
+    assert isinstance(dm, StoredMessage)
     await store.save_read_state([(2, GENERAL, 0, 0)], [])
     assert dict(await store.unread(2))[GENERAL].mentions == 1
-    channels = await store.retention_channels()
-    assert GENERAL in channels and dm_channel(1, 2) in channels
-    cutoff = "2026-02-01T00:00:00.000Z"
-    assert (await store.purge(GENERAL, cutoff, 2))[:2] == (2, True)
+    cut = "2026-02-01T00:00:00.000Z"
+
+    def cutoff(channel: str) -> str | None:
+        return cut if channel == GENERAL else None  # random and conversations: for ever
+
+    kept: set[str] = set()
+    first = await store.purge(0, cutoff, cut, 2, kept)
+    assert (first.rooms, first.direct, first.finished) == (
+        1,
+        0,
+        False,
+    )  # general's 1st, random's 1st
+    assert first.cursor == forever[0].id and first.first_kept is None
     # recovery from before the horizon: not whole; from after it: whole
-    assert not (await store.missed(GENERAL, sent[0].id, 100)).complete
-    assert (await store.missed(GENERAL, sent[1].id, 100)).complete
-    assert (await store.purge(GENERAL, cutoff, 2))[:2] == (2, True)
-    done = await store.purge(GENERAL, cutoff, 2)
-    assert done.deleted == 1 and not done.more and done.seconds >= 0
-    assert (await store.purge(GENERAL, cutoff, 2))[:2] == (0, False)
+    assert not (await store.missed(GENERAL, 0, 100)).complete
+    assert (await store.missed(GENERAL, sent[0].id, 100)).complete
+    cursor, deleted = first.cursor, first.rooms
+    while True:
+        batch = await store.purge(cursor, cutoff, cut, 2, kept)
+        deleted += batch.rooms + batch.direct
+        cursor = batch.cursor
+        if batch.finished:
+            break
+    assert deleted == 5 and batch.first_kept is None and batch.seconds >= 0
+    assert "r:random" in kept and GENERAL not in kept
     page, total = await store.history(GENERAL, 10, 0)
     assert total == 2 and ids(page) == [sent[5].id, sent[6].id]
     page, total = await store.history(GENERAL, 10, 2)  # past the horizon: nothing
@@ -527,10 +548,16 @@ async def test_the_retention_purge_keeps_history_and_recovery_whole(store: AnySt
     entries, _ = await store.replay(GENERAL, missed.after_seq, missed.after_id, 100)
     assert [e.id for e in entries] == [sent[5].id, sent[6].id]  # (the edit went with its message)
     assert (await store.missed(GENERAL, sent[5].id, 100)).complete
-    points = dict(await store.unread(2))
-    assert points[GENERAL].mentions == 0  # the purged mention no longer counts
-    # the room's purge left the conversation alone
+    assert dict(await store.unread(2))[GENERAL].mentions == 0  # the purged mention went
+    # what is kept for ever stayed, and a second pass finds nothing more
+    assert (await store.history(room_channel("random"), 10, 0))[1] == 7
     assert (await store.history(dm_channel(1, 2), 10, 0))[1] == 1
+    again = await store.purge(0, cutoff, cut, 100, set())
+    assert (again.rooms, again.direct, again.finished) == (0, 0, True)
+    # a channel whose older message is kept keeps every later one too
+    later = lambda channel: cut if channel == room_channel("random") else None  # noqa: E731
+    stop = {room_channel("random")}
+    assert (await store.purge(0, later, cut, 100, stop)).rooms == 0
 
 
 async def test_a_user_is_exported_and_erased_on_either_store(store: AnyStore) -> None:

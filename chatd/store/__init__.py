@@ -160,10 +160,15 @@ def event_of(
 class Purged(NamedTuple):
     """One purge batch (``Store.purge``)."""
 
-    #: Messages deleted.
-    deleted: int
-    #: Whether the channel may have more to purge now.
-    more: bool
+    #: Messages deleted from rooms, and from conversations.
+    rooms: int
+    direct: int
+    #: The next batch's cursor (the last id read).
+    cursor: int
+    #: Whether the pass is over.
+    finished: bool
+    #: The first message kept that a later pass may purge (None: none).
+    first_kept: int | None
     #: How long the batch held the writer.
     seconds: float
 
@@ -433,14 +438,18 @@ class Store(Protocol):
         """Every (blocker, blocked) pair: what a starting node keeps in
         memory (``chatd.blocks``)."""
 
-    async def retention_channels(self) -> list[str]:
-        """Every room's channel and every conversation's: what a retention
-        pass goes over."""
-
-    async def purge(self, channel: str, cutoff: str, limit: int) -> Purged:
-        """Delete the channel's oldest messages created before ``cutoff``
-        (RFC 3339), at most ``limit``, with their edits, deletions, versions
-        and mentions, in one writer operation (``store/retention.py``)."""
+    async def purge(
+        self,
+        cursor: int,
+        cutoff: Callable[[str], str | None],
+        newest: str,
+        limit: int,
+        kept: set[str],
+    ) -> Purged:
+        """One retention batch, in one writer operation: among the ``limit``
+        messages after id ``cursor``, delete those created before their
+        channel's ``cutoff`` with their edits, deletions, versions and
+        mentions (``store/retention.py``)."""
 
     async def declare_rooms(self, rooms: RoomsConfig) -> None:
         """Make sure every room of the config exists (members added, never

@@ -1276,7 +1276,6 @@ blocks_of = _moderation.blocks_of
 all_blocks = _moderation.all_blocks
 _retention = retention_queries("%s")
 horizon = _retention.horizon
-retention_channels = _retention.retention_channels
 purge = _retention.purge
 _privacy = privacy_queries("%s", raw=True)
 erase_user = _privacy.erase_user

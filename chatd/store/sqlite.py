@@ -1055,7 +1055,6 @@ blocks_of = _moderation.blocks_of
 all_blocks = _moderation.all_blocks
 _retention = retention_queries("?")
 horizon = _retention.horizon
-retention_channels = _retention.retention_channels
 purge = _retention.purge
 _privacy = privacy_queries("?")
 erase_user = _privacy.erase_user

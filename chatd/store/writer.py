@@ -222,13 +222,21 @@ class GroupWriter:
         found: list[int] = await self.write(lambda c: q.block(c, user_id, other, on))
         return found
 
-    async def purge(self, channel: str, cutoff: str, limit: int) -> Purged:
+    async def purge(
+        self,
+        cursor: int,
+        cutoff: Callable[[str], str | None],
+        newest: str,
+        limit: int,
+        kept: set[str],
+    ) -> Purged:
         q = self.queries
 
         def timed(conn: Any) -> Purged:
             started = time.perf_counter()
-            count, more = q.purge(conn, channel, cutoff, limit)
-            return Purged(count, more, time.perf_counter() - started)
+            b = q.purge(conn, cursor, cutoff, newest, limit, kept)
+            took = time.perf_counter() - started
+            return Purged(b.rooms, b.direct, b.cursor, b.finished, b.first_kept, took)
 
         done: Purged = await self.write(timed)
         return done
@@ -328,8 +336,15 @@ class Queries(Protocol):
     def block(self, conn: Any, user_id: int, other: int, on: bool) -> list[int] | ChatError: ...
     def blocks_of(self, conn: Any, user_id: int) -> list[int]: ...
     def all_blocks(self, conn: Any) -> list[tuple[int, int]]: ...
-    def retention_channels(self, conn: Any) -> list[str]: ...
-    def purge(self, conn: Any, channel: str, cutoff: str, limit: int) -> tuple[int, bool]: ...
+    def purge(
+        self,
+        conn: Any,
+        cursor: int,
+        cutoff: Callable[[str], str | None],
+        newest: str,
+        limit: int,
+        kept: set[str],
+    ) -> Any: ...
     def set_role(
         self, conn: Any, room: str, user_id: int, role: Role, actor_id: int, at: float
     ) -> bool: ...
@@ -412,11 +427,6 @@ class Reads:
     async def blocks(self, user_id: int) -> list[int]:
         q = self.queries
         found: list[int] = await self.read(lambda c: q.blocks_of(c, user_id))
-        return found
-
-    async def retention_channels(self) -> list[str]:
-        q = self.queries
-        found: list[str] = await self.read(q.retention_channels)
         return found
 
     async def all_blocks(self) -> list[tuple[int, int]]:

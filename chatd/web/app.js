@@ -325,8 +325,42 @@ function renderOnline() {
             entry = el('button', { type: 'button', title: `Write to ${name}` }, label);
             entry.addEventListener('click', () => show(addDm(id, name).key));
         }
-        list.append(el('li', { 'data-testid': 'online-user', 'data-user-id': String(id) }, entry));
+        const item = el('li', { 'data-testid': 'online-user', 'data-user-id': String(id) }, entry);
+        // A moderator or owner acts on the others (the server says who may act on whom).
+        if (id !== me.id && MODERATES.has(conv.role)) {
+            for (const [action, text, extra] of MODERATION) {
+                const tool = el('button', {
+                    type: 'button', class: 'moderate', 'data-testid': action,
+                    title: `${text}: ${name}`,
+                }, text);
+                tool.addEventListener('click', () => moderate(conv, action, id, extra));
+                item.append(' ', tool);
+            }
+        }
+        list.append(item);
     }
+}
+
+// --- moderation ------------------------------------------------------------------
+
+const MODERATES = new Set(['owner', 'moderator']);
+// The member list's tools: the action, its label, and what it sends besides.
+const MODERATION = [
+    ['kick', 'Kick', {}],
+    ['mute', 'Mute 10 min', { duration_seconds: 600 }],
+    ['ban', 'Ban 1 h', { duration_seconds: 3600 }],
+];
+
+function moderate(conv, action, userId, extra) {
+    if (!connected()) {
+        setStatus('Not connected: nothing was done.', 'error');
+        return;
+    }
+    client.send(action, { room: conv.name, user_id: userId, ...extra });
+}
+
+function until(when) {
+    return when ? ` until ${new Date(when).toLocaleString()}` : '';
 }
 
 // --- read state: unread badges, marking read, "Seen" ---------------------------
@@ -828,6 +862,7 @@ const handlers = {
         const conv = addRoom(data.room);
         conv.joined = true;
         conv.members = new Map((data.members || []).map((u) => [u.user_id, u.username]));
+        conv.role = data.role || 'member';
         applyCounts(conv, data);
         if (data.recovered === false) {
             // More was missed than the server replays: start again from the newest.
@@ -964,6 +999,20 @@ const handlers = {
         }
     },
     pong() {},
+    moderation_ack(data) {
+        setStatus(`${data.action}: user #${data.user_id} in #${data.room}${until(data.until)}.`, 'ok');
+    },
+    kicked(data) {
+        const conv = convs.get(`room:${data.room}`);
+        if (conv) {
+            conv.joined = false;
+            conv.members.clear();
+            forgetTypists(conv);
+            if (conv.key === current) renderOnline();
+        }
+        const reason = data.reason ? `: ${data.reason}` : '';
+        setStatus(`You were removed from #${data.room}${until(data.until)}${reason}`, 'error');
+    },
     error(data) {
         const details = data.details || {};
         if (data.code === 'AUTH_FAILED') {
