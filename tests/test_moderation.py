@@ -59,8 +59,9 @@ async def test_a_kick_takes_every_connection_out_and_they_may_come_back(
         connect(server, BOB, "bob") as bob_phone,
         connect(server, ANN, "ann") as ann,
     ):
-        for client in (mod, bob, bob_phone, ann):
-            await client.join("general")
+        roles = [(await client.join("general"))["data"]["role"] for client in (mod, bob, ann)]
+        assert roles == ["moderator", "member", "member"]  # each joiner's own
+        await bob_phone.join("general")
         ack = await act(mod, "kick", "k", user_id=BOB, reason="calm down")
         assert ack["type"] == "moderation_ack", ack
         assert ack["data"] == {"action": "kick", "room": "general", "user_id": BOB, "until": None}

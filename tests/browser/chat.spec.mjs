@@ -658,6 +658,55 @@ try {
 
     await bob.page.screenshot({ path: join(ARTIFACTS, 'chat.png') });
     console.log(`# screenshot: ${join(ARTIFACTS, 'chat.png')}`);
+
+    // --- moderation: last, as it refuses bob things on purpose ---------------------
+
+    async function setRole(userId, role) {
+        const res = await fetch(`${BASE}/api/rooms/general/roles/${userId}`, {
+            method: 'PUT',
+            headers: { authorization: `Bearer ${API_KEY}`, 'content-type': 'application/json' },
+            body: JSON.stringify({ role }),
+        });
+        assert.equal(res.status, 200, `role: ${await res.clone().text()}`);
+    }
+    const member = (p, id) => p.page.locator(`#online-list li[data-user-id="${id}"]`);
+    const status = (p, text) => p.page.locator('#status', { hasText: text });
+
+    await step('a moderator kicks from the member list; the member reads "removed from #general"', async () => {
+        // A member has no tools; made a moderator (the API), alice has them after a reload.
+        assert.equal(await member(alice, bob.userId).locator('[data-testid="kick"]').count(), 0);
+        await setRole(alice.userId, 'moderator');
+        await alice.page.reload();
+        await alice.page.locator('#whoami', { hasText: 'alice' }).waitFor();
+        await alice.page.locator('#room-list button', { hasText: '# general' }).click();
+        await member(alice, bob.userId).locator('[data-testid="kick"]').click();
+        await status(bob, 'You were removed from #general').waitFor();
+        await status(alice, `kick: user #${bob.userId} in #general`).waitFor();
+        await member(alice, bob.userId).waitFor({ state: 'detached' });
+        assert.ok(received(bob, (f) => f.type === 'kicked' && f.data.by_user_id === alice.userId));
+        // bob has no tools on alice
+        assert.equal(await member(bob, alice.userId).locator('button.moderate').count(), 0);
+    });
+
+    await step('mute: bob\'s message refused; ban: bob out, and refused when he comes back', async () => {
+        await bob.page.reload(); // (a kick is not a ban: bob joins again)
+        await bob.page.locator('#whoami', { hasText: 'bob' }).waitFor();
+        await member(alice, bob.userId).locator('[data-testid="mute"]').click();
+        await status(alice, `mute: user #${bob.userId} in #general until`).waitFor();
+        await bob.page.locator('#room-list button', { hasText: '# general' }).click();
+        await say(bob, 'can I speak?');
+        await status(bob, 'You are muted in this room').waitFor();
+        assert.equal(await message(alice, 'room:general', 'can I speak?').count(), 0);
+        await member(alice, bob.userId).locator('[data-testid="ban"]').click();
+        await status(bob, /You were removed from #general until/).waitFor();
+        await bob.page.reload();
+        await bob.page.locator('#whoami', { hasText: 'bob' }).waitFor();
+        await status(bob, 'You are banned from this room').waitFor();
+        const refusals = bob.frames.filter(([, f]) => f.type === 'error').map(([, f]) => f.data.code);
+        assert.deepEqual(refusals, ['PERMISSION_DENIED', 'PERMISSION_DENIED']);
+        assert.deepEqual(alice.frames.filter(([, f]) => f.type === 'error'), []);
+    });
+
 } catch (err) {
     failed = true;
     console.error(`not ok ${steps.length + 1} - ${err.stack || err}`);
