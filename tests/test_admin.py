@@ -242,3 +242,40 @@ async def test_an_unreachable_postgres_is_one_line(tmp_path):
     err = one_line_failure(await chatd(config_file, "room", "list"))
     assert err.startswith("chatd: database 127.0.0.1:")
     assert "/chat: " in err and "hunter2" not in err
+
+
+async def test_roles_audit_export_and_erase_on_postgres(tmp_path, pg_dsn, capsys):
+    """The moderation and privacy commands on PostgreSQL, as on SQLite."""
+    import json
+
+    config_file = pg_config(tmp_path, pg_dsn)
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        return run_cli(capsys, config_file, *args)
+
+    assert cli("user", "add", "--user-id", "42", "--username", "zed")[0] == 0
+    assert cli("room", "set-role", "general", "42", "moderator") == (
+        0,
+        "room general: user 42 is moderator\n",
+        "",
+    )
+    code, out, _ = cli("room", "audit", "general")
+    assert code == 0 and out.rstrip().endswith("set_role moderator  user 42  by config/CLI/API")
+    target = tmp_path / "zed.json"
+    assert cli("user", "export", "--user-id", "42", "--to", str(target)) == (
+        0,
+        f"user 42 exported to {target} (0 messages)\n",
+        "",
+    )
+    assert json.loads(target.read_text())["roles"] == [{"room": "general", "role": "moderator"}]
+    assert cli("user", "erase", "--user-id", "42") == (
+        0,
+        "user 42 erased: 0 messages are tombstones now\n",
+        "",
+    )
+    again = tmp_path / "zed-after.json"
+    assert cli("user", "export", "--user-id", "42", "--to", str(again))[0] == 0
+    erased = json.loads(again.read_text())
+    assert erased["user"]["username"] == "deleted user 42" and erased["roles"] == []
+    code, out, err = cli("user", "erase", "--user-id", "404")
+    assert (code, out) == (1, "") and err.count("\n") == 1 and "no user 404" in err

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.lowlevel
 
 from chatd.config import RoomsConfig
 from chatd.errors import ChatError, ErrorCode
@@ -558,6 +559,55 @@ async def test_the_retention_purge_keeps_history_and_recovery_whole(store: AnySt
     later = lambda channel: cut if channel == room_channel("random") else None  # noqa: E731
     stop = {room_channel("random")}
     assert (await store.purge(0, later, cut, 100, stop)).rooms == 0
+
+
+async def test_history_pages_stay_whole_while_the_purge_runs_and_messages_come(
+    store: AnyStore,
+) -> None:
+    """300 old messages purged 7 at a time while 200 new ones are written to
+    the same room: after every batch, history is one unbroken run of seqs
+    up to the newest that counts ``total``; at the end exactly the new ones
+    are left."""
+    await store.declare_rooms(RoomsConfig(public=("general",)))
+    old, new = "2026-01-01T00:00:00.000Z", "2026-03-01T00:00:00.000Z"
+    rec = Recorder()
+    for i in range(300):
+        await store.append(msgspec.structs.replace(msg(i), created_at=old), rec)
+    await store.flush()
+    cut = "2026-02-01T00:00:00.000Z"
+
+    async def check_pages() -> None:
+        # one page holding everything (one snapshot): every message kept, in
+        # an unbroken run of seqs up to the newest, as many as ``total``;
+        # and the same run paged back in 50s (a page is its own snapshot)
+        everything, total = await store.history(GENERAL, 1000, 0)
+        seqs = [m.seq for m in everything]
+        assert len(seqs) == total and seqs == list(range(seqs[0], seqs[0] + total))
+        page, _ = await store.history(GENERAL, 50, 0)
+        assert [m.seq for m in page] == seqs[-50:] or page[0].seq > seqs[-50]
+
+    async def write() -> None:
+        for i in range(200):
+            await store.append(msgspec.structs.replace(msg(1000 + i), created_at=new), rec)
+            if i % 10 == 0:
+                await trio.lowlevel.checkpoint()
+
+    async def purge() -> None:
+        cursor, kept = 0, set()
+        while True:
+            batch = await store.purge(cursor, lambda c: cut, cut, 7, kept)
+            cursor = batch.cursor
+            await check_pages()
+            if batch.finished:
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        nursery.start_soon(purge)
+    await store.flush()
+    page, total = await store.history(GENERAL, 500, 0)
+    assert total == 200 and [m.message.created_at for m in page] == [new] * 200
+    assert [m.seq for m in page] == list(range(301, 501))
 
 
 async def test_a_user_is_exported_and_erased_on_either_store(store: AnyStore) -> None:
