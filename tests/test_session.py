@@ -956,6 +956,7 @@ async def test_join_room_ack(world: World) -> None:
                 "last_read_id": 3,
                 "unread": 0,
                 "mentions": 0,
+                "role": "member",
             },
             "timestamp": rfc3339(NOW),
             "request_id": 1,
