@@ -293,17 +293,19 @@ def _check_private_rooms(doc: dict[str, object], source: str) -> None:
         if not isinstance(named, dict):
             continue
         for name, members in named.items():
-            if not re.fullmatch(ROOM_NAME_PATTERN, name) or len(name) > 64:
-                raise ConfigError(
-                    f"{source}: [rooms.{table}] {name!r}: "
-                    "a room name is 1 to 64 letters, digits or ._:@-"
-                )
+            _check_room_name(name, f"{source}: [rooms.{table}]")
             if not isinstance(members, list) or not all(
                 type(m) is int and 1 <= m < 2**63 for m in members
             ):
                 raise ConfigError(
                     f"{source}: [rooms.{table}] {name}: expected a list of user ids (integers >= 1)"
                 )
+
+
+def _check_room_name(name: str, where: str) -> None:
+    """A room name used as a table's key (msgspec cannot name the key)."""
+    if not re.fullmatch(ROOM_NAME_PATTERN, name) or len(name) > 64:
+        raise ConfigError(f"{where} {name!r}: a room name is 1 to 64 letters, digits or ._:@-")
 
 
 def _check_retention_rooms(doc: dict[str, object], source: str) -> None:
@@ -313,11 +315,7 @@ def _check_retention_rooms(doc: dict[str, object], source: str) -> None:
     if not isinstance(rooms, dict):
         return
     for name, days in rooms.items():
-        if not re.fullmatch(ROOM_NAME_PATTERN, name) or len(name) > 64:
-            raise ConfigError(
-                f"{source}: [retention.rooms] {name!r}: "
-                "a room name is 1 to 64 letters, digits or ._:@-"
-            )
+        _check_room_name(name, f"{source}: [retention.rooms]")
         if type(days) is not int or not 0 <= days <= 36500:
             raise ConfigError(
                 f"{source}: [retention.rooms] {name}: "

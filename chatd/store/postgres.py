@@ -1263,7 +1263,8 @@ def open_admin(dsn: str, rooms: RoomsConfig) -> Iterator[Admin]:
         raise StorageError(f"database {describe(dsn)}: {' '.join(str(exc).split())}") from exc
 
 
-# --- the webhook outbox (chatd/store/outbox.py) -------------------------------
+# --- the SQL both stores share, with this store's placeholder ----------------
+# (moderation.py, retention.py, privacy.py, outbox.py)
 
 _moderation = moderation_queries("%s")
 room_rules = _moderation.room_rules

@@ -1042,7 +1042,8 @@ def check_copy(conn: sqlite3.Connection) -> tuple[str, int]:
     return "ok", int(count)
 
 
-# --- the webhook outbox (chatd/store/outbox.py) -------------------------------
+# --- the SQL both stores share, with this store's placeholder ----------------
+# (moderation.py, retention.py, privacy.py, outbox.py)
 
 _moderation = moderation_queries("?")
 room_rules = _moderation.room_rules
