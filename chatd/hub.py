@@ -466,7 +466,7 @@ class Hub(Generic[P]):
     ) -> None:
         """(``blockers``: users who block ``skip_user``, skipped too.)"""
         peers = state.peers
-        if blockers:
+        if blockers or any(mine in peers for mine in self._users.get(skip_user, ())):
             sent = state.send(
                 frame,
                 [
@@ -475,8 +475,6 @@ class Hub(Generic[P]):
                     if p.identity.user_id != skip_user and p.identity.user_id not in blockers
                 ],
             )
-        elif any(mine in peers for mine in self._users.get(skip_user, ())):
-            sent = state.send(frame, [p for p in peers if p.identity.user_id != skip_user])
         else:  # (the usual case for presence: the user's first or last connection here)
             self._fanout.broadcast(peers, frame, None, None)
             sent = len(peers)

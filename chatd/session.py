@@ -44,7 +44,7 @@ from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub, direct_message_out, live_shape, message_out
 from chatd.messages import Messages
 from chatd.metrics import Metrics
-from chatd.moderation import NO_RULES, SANCTIONS, Action, Moderation, lasts_until
+from chatd.moderation import NO_RULES, Action, Moderation, lasts_until
 from chatd.ratelimit import TokenBucket
 from chatd.readstate import ReadState
 from chatd.store import (
@@ -459,15 +459,16 @@ class Session(Generic[S]):
             raise ChatError(
                 ErrorCode.PERMISSION_DENIED, "Not a member of this private room", {"room": room}
             )
-        banned = access.rules.until(self.identity.user_id, "ban", self.ctx.wall())
-        if banned is not False:
-            until = None if banned is None else p.rfc3339(banned)
-            raise ChatError(
-                ErrorCode.PERMISSION_DENIED,
-                "You are banned from this room",
-                {"room": room, "banned_until": until},
-            )
+        self._refuse_if(access, "ban", "banned_until", "You are banned from this room")
         return access
+
+    def _refuse_if(self, access: RoomAccess, kind: str, key: str, message: str) -> None:
+        """``PERMISSION_DENIED`` while this user's ban or mute (``kind``) in
+        the room lasts, with its end in ``details[key]`` (null: until lifted)."""
+        until = access.rules.until(self.identity.user_id, kind, self.ctx.wall())
+        if until is not False:
+            end = None if until is None else p.rfc3339(until)
+            raise ChatError(ErrorCode.PERMISSION_DENIED, message, {"room": access.name, key: end})
 
     # --- messages -------------------------------------------------------------
 
@@ -484,14 +485,7 @@ class Session(Generic[S]):
         # (a cached answer, as a rule: no wait)
         access = await ctx.store.room_access(data.room, self.identity.user_id)
         if access is not None and access.rules is not NO_RULES:
-            muted = access.rules.until(self.identity.user_id, "mute", ctx.wall())
-            if muted is not False:
-                until = None if muted is None else p.rfc3339(muted)
-                raise ChatError(
-                    ErrorCode.PERMISSION_DENIED,
-                    "You are muted in this room",
-                    {"room": data.room, "muted_until": until},
-                )
+            self._refuse_if(access, "mute", "muted_until", "You are muted in this room")
         await self._post(data, frame.request_id, room=data.room)
 
     async def _direct_message(self, frame: p.ClientFrame) -> None:
@@ -738,7 +732,7 @@ class Session(Generic[S]):
                 room=data.room,
                 actor_id=actor,
                 user_id=data.user_id,
-                until=lasts_until(now, duration) if action in SANCTIONS else None,
+                until=lasts_until(now, duration),  # (only ban and mute have one)
                 reason=reason,
                 at=now,
             )
