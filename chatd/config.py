@@ -158,6 +158,9 @@ class LimitsConfig(_Section, frozen=True):
     #: Seconds after sending it that its author may edit a message (0: no
     #: limit). Deletions have no window.
     edit_window_seconds: Annotated[int, Meta(ge=0, le=10 * 365 * 86400)] = 0
+    #: A search still reading after this many milliseconds answers with
+    #: what it has found (has_more, and where to go on from).
+    search_time_ms: Annotated[int, Meta(ge=1, le=60_000)] = 250
 
 
 class ApiConfig(_Section, frozen=True):

@@ -141,6 +141,23 @@ class Metrics:
             buckets=_CHECKPOINT_BUCKETS,
             registry=r,
         )
+        # Search (chatd/search.py).
+        self.search_seconds = Histogram(
+            "chatd_search_seconds",
+            "Time of one search, from the request to the answer's page",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.searches_cut = Counter(
+            "chatd_searches_cut_total",
+            "Searches that answered what they had found when their time ran out",
+            registry=r,
+        )
+        self.search_backlog = Gauge(
+            "chatd_search_backlog_id",
+            "The newest message stored before the search index that is not indexed yet (0: none)",
+            registry=r,
+        )
         self.published = Counter(
             "chatd_api_published", "Notifications sent through POST /api/publish", registry=r
         )
@@ -183,6 +200,11 @@ class Metrics:
         if child is None:
             child = self._children[key] = family.labels(label)
         return child
+
+    def searched(self, seconds: float, cut: bool) -> None:
+        self.search_seconds.observe(seconds)
+        if cut:
+            self.searches_cut.inc()
 
     def frame_in(self, type_: str) -> None:
         self._child(self._frames_in, type_).inc()

@@ -37,6 +37,8 @@ MessageType = Literal["text", "image", "audio", "reaction"]
 MAX_BATCH = 1000
 HISTORY_DEFAULT_LIMIT = 50
 HISTORY_MAX_LIMIT = 1000
+SEARCH_DEFAULT_LIMIT = 20
+SEARCH_MAX_LIMIT = 50
 
 
 # --- client -> server -------------------------------------------------------
@@ -181,6 +183,22 @@ class BlockList(_Data, frozen=True, kw_only=True):
     pass
 
 
+class Search(_Data, frozen=True, kw_only=True):
+    #: Words (``chatd.search.parse`` checks them).
+    query: str
+    #: At most one of the two: only this room, or only this conversation.
+    room: RoomName | None = None
+    with_user: NonNegative | None = None
+    #: Clamped to 1..``SEARCH_MAX_LIMIT``.
+    limit: int = SEARCH_DEFAULT_LIMIT
+    #: Only messages older than this one (paging back).
+    before_id: Id | None = None
+
+    def __post_init__(self) -> None:
+        if self.room is not None and self.with_user is not None:
+            raise ValueError("Object needs at most one of `room` and `with_user`")
+
+
 _CHANNEL_FIELDS: dict[type[Any], tuple[str, str]] = {
     MarkRead: ("room", "with_user"),
     Typing: ("room", "to_user_id"),
@@ -236,6 +254,7 @@ CLIENT_TYPES: dict[str, type[Any]] = {
     "block_user": BlockUser,
     "unblock_user": BlockUser,
     "block_list": BlockList,
+    "search": Search,
 }
 
 

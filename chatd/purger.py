@@ -38,6 +38,13 @@ log = logging.getLogger("chatd")
 WRITER_SHARE = 0.05
 
 
+async def pace(started: float, share: float) -> None:
+    """Wait so that the batch begun at ``started`` (queued, run,
+    committed) took at most ``share`` of the time that passes."""
+    spent = trio.current_time() - started
+    await trio.sleep(spent * (1 / share - 1))
+
+
 class Purger:
     """Runs ``[retention]`` on one node."""
 
@@ -101,10 +108,7 @@ class Purger:
             cursor = done.cursor
             if done.finished:
                 break
-            # paced: the batch's time (queued, run, committed) is at most
-            # WRITER_SHARE of the time that passes
-            spent = trio.current_time() - started
-            await trio.sleep(spent * (1 / WRITER_SHARE - 1))
+            await pace(started, WRITER_SHARE)
         # The next pass starts at the first message that may go then: what
         # lies before it is gone or kept for ever.
         self._start = cursor if first_kept is None else first_kept - 1

@@ -38,6 +38,7 @@ import trio
 from chatd import __version__, routes, webhooks
 from chatd.auth import MIN_SECRET_BYTES
 from chatd.backends import open_bus, open_store
+from chatd.backfill import backfill
 from chatd.config import Config, split_address
 from chatd.errors import CloseCode
 from chatd.handshake import WS_PATH, Gate
@@ -146,6 +147,7 @@ class ChatServer:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._summarise_presence, hub)
                 nursery.start_soon(self._keep_time, ctx, alarm)
+                nursery.start_soon(backfill, store, metrics)
                 policy = Policy(config.retention)
                 if policy.on:
                     await nursery.start(Purger(policy, store, metrics, wall).run)

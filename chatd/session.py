@@ -36,6 +36,7 @@ from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 from chatd import protocol as p
+from chatd import search
 from chatd.auth import Identity, Verifier
 from chatd.bus import Bus, Limits
 from chatd.config import Config
@@ -611,6 +612,43 @@ class Session(Generic[S]):
         }
         self._reply("message_history", reply, frame)
 
+    # --- search -----------------------------------------------------------------
+
+    async def _search(self, frame: p.ClientFrame) -> None:
+        """``search_results``: the newest matches, in what this user may
+        read (``chatd.search``); a room or a conversation checked as its
+        history is."""
+        data: p.Search = frame.data
+        await self._read_limit()
+        words = search.parse(data.query)
+        ctx, me = self.ctx, self.identity.user_id
+        channel = None
+        if data.room is not None:
+            await self._check_room(data.room)
+            channel = room_channel(data.room)
+        elif data.with_user is not None:
+            await self._check_user(data.with_user)
+            channel = dm_channel(me, data.with_user)
+        store = ctx.store
+        if not store.committed(self._last_write):  # its own messages, found
+            await store.flush()
+        limit = max(1, min(p.SEARCH_MAX_LIMIT, data.limit))
+        budget = ctx.config.limits.search_time_ms / 1000
+        started = ctx.monotonic()
+        page = await store.search(me, words, channel, data.before_id, limit, budget, ctx.wall())
+        ctx.metrics.searched(ctx.monotonic() - started, page.next_before_id is not None)
+        found = [
+            message_out(m) if m.message.room is not None else direct_message_out(m)
+            for m in page.found
+        ]
+        reply = {
+            "query": data.query,
+            "messages": found,
+            "has_more": page.next_before_id is not None,
+            "next_before_id": page.next_before_id,
+        }
+        self._reply("search_results", reply, frame)
+
     # --- read state, typing, presence ------------------------------------------
 
     async def _mark_read(self, frame: p.ClientFrame) -> None:
@@ -805,6 +843,7 @@ _HANDLERS: dict[str, Callable[[Session[Any], p.ClientFrame], Awaitable[None]]] =
     "block_user": Session._block,
     "unblock_user": Session._block,
     "block_list": Session._block_list,
+    "search": Session._search,
 }
 _TYPES = frozenset(_HANDLERS)
 _BATCH_TYPES = _TYPES - {"message_batch"}

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from chatd.config import Config, from_dict
 from chatd.server import ChatServer
 from tests.helpers.servers import SMALL_FRAME_BYTES, deep_merge, running, write_config
+from tests.helpers.store import AnyStore, Backend, open_store
 from tests.helpers.tokens import SECRET
 
 
@@ -64,6 +65,21 @@ async def small_server(make_config: Callable[..., Config]) -> AsyncIterator[Chat
 def config_file(tmp_path: Path, db_path: Path) -> Path:
     """``write_config``'s file: the same database and secret as ``make_config``."""
     return write_config(tmp_path, db_path)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    """Which store, and where: a file, or a fresh PostgreSQL database (the
+    store contract's tests run against each)."""
+    if request.param == "postgres":
+        return "postgres", str(request.getfixturevalue("pg_dsn"))
+    return "sqlite", str(tmp_path / "data" / "chatd.db")
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[AnyStore]:
+    async with open_store(backend) as opened:
+        yield opened
 
 
 @pytest.fixture

@@ -16,9 +16,6 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -42,48 +39,21 @@ from chatd.store import (
     dm_channel,
     room_channel,
 )
-from chatd.store.postgres import open_postgres_store
-from chatd.store.sqlite import open_sqlite_store
 from tests.helpers.store import (
     CREATED,
     AnyStore,
+    Backend,
     Recorder,
     fill,
     group_sizes,
     msg,
+    open_store,
     stored,
     writer_held,
 )
 
-Backend = tuple[str, str]
-
 GENERAL = room_channel("general")
 RANDOM = room_channel("random")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    """Which store, and where: a file, or a fresh PostgreSQL database."""
-    if request.param == "postgres":
-        return "postgres", str(request.getfixturevalue("pg_dsn"))
-    return "sqlite", str(tmp_path / "data" / "chatd.db")
-
-
-@asynccontextmanager
-async def open_store(backend: Backend, **kwargs: Any) -> AsyncIterator[AnyStore]:
-    kind, where = backend
-    if kind == "postgres":
-        async with open_postgres_store(where, **kwargs) as pg:
-            yield pg
-    else:
-        async with open_sqlite_store(where, **kwargs) as lite:
-            yield lite
-
-
-@pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[AnyStore]:
-    async with open_store(backend) as opened:
-        yield opened
 
 
 def ids(messages: list[StoredMessage]) -> list[int]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import msgspec
 
 from chatd.moderation import NO_RULES, AuditEntry, Moderated, Moderation, Role, RoomRules
+from chatd.search import Page, Word
 
 if TYPE_CHECKING:
     from chatd.config import RoomsConfig
@@ -342,6 +343,27 @@ class Store(Protocol):
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
         """The channel's messages with a seq above ``after_seq``, oldest
         first, at most ``cap`` of them (the oldest ``cap``)."""
+
+    async def search(
+        self,
+        user_id: int,
+        words: Sequence[Word],
+        channel: str | None,
+        before_id: int | None,
+        limit: int,
+        budget: float,
+        now: float,
+    ) -> Page[StoredMessage]:
+        """Up to ``limit`` messages with an id below ``before_id`` (None:
+        any) whose current content has every word, newest first, in
+        ``channel`` (checked by the caller) or, when None, anywhere
+        ``user_id`` may read at ``now`` (Unix time); cut after ``budget``
+        seconds (``chatd.search``)."""
+
+    async def backfill(self, limit: int) -> int:
+        """Index the newest ``limit`` ids of what was stored before the
+        index existed, in one writer operation; the newest message still
+        to index (0: none left)."""
 
     async def direct_since(
         self, user_ids: Sequence[int], created_at: str, cap: int

@@ -213,6 +213,31 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX message_events_by_message ON message_events (message_id);
     """,
+    # 8: search, as SQLite's migration 9: each message's words as a
+    # ``tsvector`` (``search``), set by a trigger on every insert and
+    # change of ``content`` (a tombstone's is empty), in a GIN index. The
+    # words are what SQLite's FTS5 tokenizer sees (runs of letters and
+    # digits), folded by a configuration of the ``simple`` dictionary (no
+    # stemming: whole words, as on SQLite) with ``unaccent``. What was
+    # there before is indexed afterwards (``store/search.py``).
+    """
+    CREATE EXTENSION IF NOT EXISTS unaccent;
+    CREATE TEXT SEARCH CONFIGURATION chatd_search (COPY = simple);
+    ALTER TEXT SEARCH CONFIGURATION chatd_search ALTER MAPPING FOR
+        word, numword, hword, hword_part, numhword, hword_numpart WITH unaccent, simple;
+    ALTER TABLE messages ADD COLUMN search tsvector;
+    CREATE FUNCTION chatd_search_words() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        NEW.search := to_tsvector('chatd_search',
+            regexp_replace(NEW.content, '[^[:alnum:]]+', ' ', 'g'));
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER messages_search BEFORE INSERT OR UPDATE OF content ON messages
+        FOR EACH ROW EXECUTE FUNCTION chatd_search_words();
+    CREATE INDEX messages_search ON messages USING gin (search);
+    CREATE TABLE search_backlog (below bigint NOT NULL);
+    INSERT INTO search_backlog SELECT coalesce(max(id), 0) + 1 FROM messages;
+    """,
 ]
 
 

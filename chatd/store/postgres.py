@@ -79,6 +79,7 @@ from chatd.errors import (
 )
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
+from chatd.search import Interrupted, Page, Word, scan, tsquery
 from chatd.store import (
     Admin,
     Change,
@@ -102,6 +103,7 @@ from chatd.store.pgschema import migrate
 from chatd.store.privacy import UserExport
 from chatd.store.privacy import for_placeholder as privacy_queries
 from chatd.store.retention import for_placeholder as retention_queries
+from chatd.store.search import for_placeholder as search_queries
 from chatd.store.sqlite import channel_of, mentions_of, mentions_text
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
@@ -1188,6 +1190,88 @@ def direct_since(
     return [_row_to_message(r) for r in rows]
 
 
+# --- search -------------------------------------------------------------------
+
+
+def search(
+    conn: Conn,
+    user_id: int,
+    words: Sequence[Word],
+    channel: str | None,
+    before_id: int | None,
+    limit: int,
+    budget: float,
+    now: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> Page[StoredMessage]:
+    """``Store.search``: the GIN index of ``search`` read window by window
+    (``chatd.search.scan``), in one snapshot; a window still running when
+    the budget is over is cancelled (``statement_timeout``), except the
+    first."""
+    deadline = clock() + budget
+    query = tsquery(words)
+    params: dict[str, Any] = {"q": query, "c": channel, "u": user_id}
+    if channel is not None:
+        scope = "m.channel = %(c)s"
+    else:
+        scope = (
+            "(m.channel = ANY(%(rooms)s) OR m.to_user_id = %(u)s"
+            " OR (m.user_id = %(u)s AND m.to_user_id IS NOT NULL))"
+        )
+    sql = (
+        f"SELECT {_qualified('m')} FROM messages m"
+        " WHERE m.search @@ to_tsquery('chatd_search', %(q)s)"
+        f" AND m.id >= %(low)s AND m.id < %(high)s AND NOT m.deleted AND {scope}"
+        " ORDER BY m.id DESC LIMIT %(n)s"
+    )
+    windows = 0
+
+    def spent() -> bool:
+        return clock() > deadline
+
+    def fetch(low: int, high: int, n: int) -> list[StoredMessage]:
+        nonlocal windows
+        windows += 1
+        left = int((deadline - clock()) * 1000)
+        if windows > 1:
+            conn.execute(f"SET LOCAL statement_timeout = {max(1, left)}")
+        try:
+            with conn.transaction():  # a savepoint: a cancelled window undoes only itself
+                rows = conn.execute(sql, {**params, "low": low, "high": high, "n": n}).fetchall()
+        except psycopg.errors.QueryCanceled as exc:
+            raise Interrupted from exc
+        return [_row_to_message(r) for r in rows]
+
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        if channel is None:
+            params["rooms"] = [room_channel(r) for r in readable_rooms(conn, user_id, now)]
+        row = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        newest = int(row[0]) if row is not None else 0
+        top = newest + 1 if before_id is None else min(before_id, newest + 1)
+        return scan(fetch, _id_of, top, limit, spent)
+
+
+def _id_of(message: StoredMessage) -> int:
+    return message.id
+
+
+def backfill(conn: Conn, limit: int) -> int:
+    """Index the backlog's newest ``limit`` ids (``store/search.py``): the
+    trigger sets each row's words when its content is written again, in
+    the caller's transaction; the newest message still to index (0: none).
+    The backlog's row is locked first: nodes take turns."""
+    conn.execute("SELECT below FROM search_backlog FOR UPDATE")
+    below = search_backlog(conn)
+    if below <= 1:
+        return 0
+    low = max(1, below - limit)
+    conn.execute("UPDATE messages SET content = content WHERE id >= %s AND id < %s", (low, below))
+    conn.execute("UPDATE search_backlog SET below = %s", (low,))
+    left: int = search_backlog(conn)
+    return left - 1
+
+
 def _qualified(alias: str) -> str:
     return ", ".join(f"{alias}.{column.strip()}" for column in _MESSAGE_COLUMNS.split(","))
 
@@ -1275,6 +1359,9 @@ audit = _moderation.audit
 block = _moderation.block
 blocks_of = _moderation.blocks_of
 all_blocks = _moderation.all_blocks
+_search = search_queries("%s")
+readable_rooms = _search.readable_rooms
+search_backlog = _search.backlog
 _retention = retention_queries("%s")
 horizon = _retention.horizon
 purge = _retention.purge

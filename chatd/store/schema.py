@@ -195,6 +195,36 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX message_events_by_message ON message_events (message_id)
     """,
+    # 9: search. An FTS5 index of the messages' content (external content:
+    # the text stays in ``messages`` only), kept by triggers in the
+    # transaction of every insert, edit, deletion (a tombstone's content is
+    # empty), purge and erasure. Case and accents are folded (``cafe``
+    # finds ``Café``); prefixes of 2 and 3 characters have their own index.
+    # What was there before is indexed afterwards, newest first
+    # (``store/search.py``): until then the triggers leave those rows alone
+    # (FTS5 must be told exactly what it indexed to forget it).
+    """
+    CREATE VIRTUAL TABLE messages_search USING fts5 (
+        content, content = 'messages', content_rowid = 'id',
+        tokenize = 'unicode61 remove_diacritics 2', prefix = '2 3'
+    );
+    CREATE TABLE search_backlog (below INTEGER NOT NULL);
+    INSERT INTO search_backlog SELECT coalesce(max(id), 0) + 1 FROM messages;
+    CREATE TRIGGER messages_search_insert AFTER INSERT ON messages BEGIN
+        INSERT INTO messages_search (rowid, content) VALUES (new.id, new.content);
+    END;
+    CREATE TRIGGER messages_search_update AFTER UPDATE OF content ON messages
+    WHEN old.id >= (SELECT below FROM search_backlog) BEGIN
+        INSERT INTO messages_search (messages_search, rowid, content)
+            VALUES ('delete', old.id, old.content);
+        INSERT INTO messages_search (rowid, content) VALUES (new.id, new.content);
+    END;
+    CREATE TRIGGER messages_search_delete AFTER DELETE ON messages
+    WHEN old.id >= (SELECT below FROM search_backlog) BEGIN
+        INSERT INTO messages_search (messages_search, rowid, content)
+            VALUES ('delete', old.id, old.content);
+    END
+    """,
 ]
 
 
@@ -213,6 +243,22 @@ def connect(
     return conn
 
 
+def statements(script: str) -> list[str]:
+    """A script's statements, one by one (a trigger's body holds ``;``
+    too: a statement ends at the first ``;`` where it is complete)."""
+    done: list[str] = []
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                done.append(pending)
+            pending = ""
+    if pending.strip(" \n;"):
+        done.append(pending)
+    return done
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the database to the latest schema; return its version."""
     conn.execute("BEGIN IMMEDIATE")
@@ -224,9 +270,8 @@ def migrate(conn: sqlite3.Connection) -> int:
                 f"({len(MIGRATIONS)}); upgrade chatd"
             )
         for number in range(version, len(MIGRATIONS)):
-            for statement in MIGRATIONS[number].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in statements(MIGRATIONS[number]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number + 1}")
         conn.execute("COMMIT")
     except BaseException:

@@ -32,6 +32,7 @@ aiosqlite is not used: it cannot run under Trio (docs/architecture.md).
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import sys
@@ -50,6 +51,7 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, blocked, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
+from chatd.search import Interrupted, Page, Word, fts5_match, scan
 from chatd.store import (
     Change,
     Changed,
@@ -81,6 +83,7 @@ from chatd.store.privacy import UserExport
 from chatd.store.privacy import for_placeholder as privacy_queries
 from chatd.store.retention import for_placeholder as retention_queries
 from chatd.store.schema import connect, migrate
+from chatd.store.search import for_placeholder as search_queries
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
@@ -794,6 +797,96 @@ def direct_since(
     return [_row_to_message(r) for r in rows]
 
 
+# --- search -------------------------------------------------------------------
+
+#: The message columns, of ``messages m`` (the search table has a ``content``).
+_M_COLUMNS = ", ".join("m." + name.strip() for name in _MESSAGE_COLUMNS.split(","))
+#: Virtual machine steps between two looks at the clock during a search.
+_SEARCH_STEPS = 1000
+
+
+def search(
+    conn: sqlite3.Connection,
+    user_id: int,
+    words: Sequence[Word],
+    channel: str | None,
+    before_id: int | None,
+    limit: int,
+    budget: float,
+    now: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> Page[StoredMessage]:
+    """``Store.search``: the FTS5 index read window by window
+    (``chatd.search.scan``), in one snapshot; a window still running when
+    the budget is over is interrupted (SQLite's progress handler), except
+    the first."""
+    deadline = clock() + budget
+
+    def spent() -> bool:
+        return clock() > deadline
+
+    match = fts5_match(words)
+    params: tuple[str | int, ...]
+    if channel is not None:
+        scope, params = "m.channel = ?", (channel,)
+    else:
+        rooms = json.dumps([room_channel(r) for r in readable_rooms(conn, user_id, now)])
+        scope = (
+            "(m.channel IN (SELECT value FROM json_each(?)) OR m.to_user_id = ?"
+            " OR (m.user_id = ? AND m.to_user_id IS NOT NULL))"
+        )
+        params = (rooms, user_id, user_id)
+    sql = (
+        f"SELECT {_M_COLUMNS} FROM messages_search s JOIN messages m ON m.id = s.rowid"
+        f" WHERE messages_search MATCH ? AND s.rowid >= ? AND s.rowid < ? AND NOT m.deleted"
+        f" AND {scope} ORDER BY s.rowid DESC LIMIT ?"
+    )
+    windows = 0
+
+    def fetch(low: int, high: int, n: int) -> list[StoredMessage]:
+        nonlocal windows
+        windows += 1
+        if windows == 2:
+            conn.set_progress_handler(spent, _SEARCH_STEPS)
+        try:
+            rows = conn.execute(sql, (match, low, high, *params, n)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if windows > 1 and spent():
+                raise Interrupted from exc
+            raise
+        return [_row_to_message(r) for r in rows]
+
+    conn.execute("BEGIN")
+    try:
+        (newest,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
+        top = newest + 1 if before_id is None else min(before_id, newest + 1)
+        return scan(fetch, _id_of, top, limit, spent)
+    finally:
+        conn.set_progress_handler(None, 0)
+        conn.execute("COMMIT")
+
+
+def _id_of(message: StoredMessage) -> int:
+    return message.id
+
+
+def backfill(conn: sqlite3.Connection, limit: int) -> int:
+    """Index the backlog's newest ``limit`` ids (``store/search.py``), in
+    the caller's transaction; the newest message still to index (0: none)."""
+    below = search_backlog(conn)
+    if below <= 1:
+        return 0
+    low = max(1, below - limit)
+    conn.execute(
+        "INSERT INTO messages_search (rowid, content)"
+        " SELECT id, content FROM messages WHERE id >= ? AND id < ?",
+        (low, below),
+    )
+    conn.execute("UPDATE search_backlog SET below = ?", (low,))
+    left: int = search_backlog(conn)
+    return left - 1
+
+
 def user_exists(conn: sqlite3.Connection, user_id: int) -> bool:
     return conn.execute("SELECT 1 FROM users WHERE id = ?", (user_id,)).fetchone() is not None
 
@@ -1057,6 +1150,9 @@ all_blocks = _moderation.all_blocks
 _retention = retention_queries("?")
 horizon = _retention.horizon
 purge = _retention.purge
+_search = search_queries("?")
+readable_rooms = _search.readable_rooms
+search_backlog = _search.backlog
 _privacy = privacy_queries("?")
 erase_user = _privacy.erase_user
 

@@ -35,6 +35,7 @@ import trio
 from chatd.errors import ChatError
 from chatd.metrics import Metrics
 from chatd.moderation import Moderated, Moderation, Role
+from chatd.search import Page, Word
 from chatd.store import (
     Change,
     ChannelMarkers,
@@ -243,6 +244,11 @@ class GroupWriter:
 
     # --- the webhook outbox's writes --------------------------------------------
 
+    async def backfill(self, limit: int) -> int:
+        q = self.queries
+        left: int = await self.write(lambda c: q.backfill(c, limit))
+        return left
+
     async def outbox_done(self, first: int, last: int, event: str) -> None:
         """Delivered, or given up: gone from the outbox."""
         q = self.queries
@@ -311,6 +317,18 @@ class Queries(Protocol):
     def versions(
         self, conn: Any, message_id: int, user_id: int
     ) -> list[tuple[str, str | None]]: ...
+    def search(
+        self,
+        conn: Any,
+        user_id: int,
+        words: Sequence[Word],
+        channel: str | None,
+        before_id: int | None,
+        limit: int,
+        budget: float,
+        now: float,
+    ) -> Page[StoredMessage]: ...
+    def backfill(self, conn: Any, limit: int) -> int: ...
     def direct_since(
         self, conn: Any, user_ids: Sequence[int], created_at: str, cap: int
     ) -> list[StoredMessage]: ...
@@ -487,6 +505,22 @@ class Reads:
     async def after(self, channel: str, after_seq: int, cap: int) -> list[StoredMessage]:
         q = self.queries
         result: list[StoredMessage] = await self.read(lambda c: q.after(c, channel, after_seq, cap))
+        return result
+
+    async def search(
+        self,
+        user_id: int,
+        words: Sequence[Word],
+        channel: str | None,
+        before_id: int | None,
+        limit: int,
+        budget: float,
+        now: float,
+    ) -> Page[StoredMessage]:
+        q = self.queries
+        result: Page[StoredMessage] = await self.read(
+            lambda c: q.search(c, user_id, words, channel, before_id, limit, budget, now)
+        )
         return result
 
     async def direct_since(

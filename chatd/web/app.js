@@ -17,6 +17,13 @@
 // or a "message deleted" tombstone, as history shows them. Each conversation
 // keeps its messages by id for this, and its "last id" for since_id counts
 // these events too, so a reconnection replays the ones missed.
+//
+// Search: a box above the notifications sends `search` (everything the user
+// may read, or only the conversation shown) and lists the matches newest
+// first, "More" asking for older ones (before_id); a click on a match opens
+// its room or conversation and, once the message is shown there, scrolls to
+// it and highlights it. The answer, results or error, is told apart from
+// other frames by its request_id (ChatClient.request).
 'use strict';
 
 const PAGE_SIZE = 50;
@@ -28,15 +35,46 @@ const TYPING_RENEW = 3000;
 const TYPING_FORGET = 10000;
 // The header's "last seen" of the open conversation is asked again this often.
 const PRESENCE_REFRESH = 30000;
+// Matches asked for at a time (the server's default; at most 50).
+const SEARCH_PAGE = 20;
 const $ = (id) => document.getElementById(id);
 
 // The reference class hard-codes ws://localhost:8080. ChatClient overrides
-// connect() only, with the reference body unchanged except for two things: the
+// connect(), with the reference body unchanged except for two things: the
 // URL comes from `location` (ws: or wss: as the page, the token URL-encoded), and
 // onopen / onclose also call this.onOpen / this.onClose, so that the page can
 // re-join its rooms after a reconnection and show the connection state.
 // Reconnecting (5 attempts, growing delays) is still the reference handleReconnect.
+// It adds request(): a frame sent with a request_id, whose answer (the frame
+// echoing that id: a result or an error) goes to the callback given rather
+// than to the handler of its type; the reference send() has no request_id.
 class ChatClient extends WebSocketClient {
+    constructor(token) {
+        super(token);
+        this.requests = 0;       // request_ids given so far
+        this.pending = new Map(); // request_id -> callback(frame)
+    }
+
+    // Sends `type` with a fresh request_id; returns the id (null when not
+    // connected: nothing was sent, and the callback will not be called).
+    request(type, data, callback) {
+        if (!this.ws || this.ws.readyState !== WebSocket.OPEN) return null;
+        const requestId = `page-${++this.requests}`;
+        this.pending.set(requestId, callback);
+        this.ws.send(JSON.stringify({ type, data, request_id: requestId, timestamp: new Date().toISOString() }));
+        return requestId;
+    }
+
+    handleMessage(message) {
+        const callback = message.request_id !== undefined && this.pending.get(message.request_id);
+        if (callback) {
+            this.pending.delete(message.request_id);
+            callback(message);
+            return;
+        }
+        super.handleMessage(message);
+    }
+
     connect() {
         const scheme = location.protocol === 'https:' ? 'wss:' : 'ws:';
         this.ws = new WebSocket(`${scheme}//${location.host}/ws/chat?token=${encodeURIComponent(this.token)}`);
@@ -78,6 +116,8 @@ let typingIn = null;    // {key, at}: where this user was last said to be typing
 let presenceTimer = null;
 let markTimer = null;   // a scheduled markRead
 let editing = null;     // {key, id}: the message whose inline editor is open
+let search = null;      // the search shown: its query and scope, the request awaited, where "More" goes on
+let jumpTo = null;      // {key, id}: a match clicked, to show once its conversation has it
 
 function el(tag, attrs = {}, ...children) {
     const node = document.createElement(tag);
@@ -146,6 +186,10 @@ function logout(message) {
     current = null;
     editing = null;
     typingIn = null;
+    jumpTo = null;
+    clearSearch();
+    $('search-input').value = '';
+    $('search-here').checked = false;
     clearInterval(presenceTimer);
     clearTimeout(markTimer);
     presenceTimer = markTimer = null;
@@ -204,6 +248,9 @@ function onOpen() {
 }
 
 function onClose(event) {
+    // The answers awaited will not come on the next connection.
+    client.pending.clear();
+    searchLost();
     if (event.code === 4001) return; // AUTH_FAILED, already shown
     for (const conv of convs.values()) {
         if (conv.kind === 'room') {
@@ -288,6 +335,7 @@ function removeConv(conv) {
 function show(key) {
     const conv = convs.get(key) || addRoom('general');
     if (typingIn && typingIn.key !== conv.key) stopTyping();
+    if (jumpTo && jumpTo.key !== conv.key) jumpTo = null;
     current = conv.key;
     for (const c of convs.values()) {
         c.list.hidden = c !== conv;
@@ -857,6 +905,188 @@ function dmPeer(m) {
     return m.from_user_id === me.id ? [m.to_user_id, null] : [m.from_user_id, m.from_username];
 }
 
+// --- search --------------------------------------------------------------------
+
+function setSearchNote(text) {
+    $('search-note').textContent = text;
+}
+
+function setSearchError(text, code = '') {
+    const node = $('search-error');
+    node.textContent = text;
+    node.dataset.code = code;
+    node.hidden = !text;
+}
+
+function clearSearch() {
+    search = null;
+    $('search-results').replaceChildren();
+    $('search-more').hidden = true;
+    $('search-more').disabled = false;
+    setSearchNote('');
+    setSearchError('');
+}
+
+// A new search from the box: everything this user may read, or only the
+// conversation shown (a room, or the conversation with one user).
+function startSearch() {
+    const query = $('search-input').value.trim();
+    if (!query) return;
+    const conv = $('search-here').checked ? convs.get(current) : null;
+    let where = {};
+    if (conv) where = conv.kind === 'room' ? { room: conv.name } : { with_user: conv.userId };
+    clearSearch();
+    search = {
+        query, where, label: conv ? conv.title : null,
+        requestId: null, nextBeforeId: null, answered: false, count: 0,
+    };
+    sendSearch();
+}
+
+// The next page of the search shown: its first, or the older matches
+// (before_id, as the last answer said).
+function sendSearch() {
+    const data = { query: search.query, ...search.where, limit: SEARCH_PAGE };
+    if (search.nextBeforeId !== null) data.before_id = search.nextBeforeId;
+    setSearchError('');
+    search.requestId = connected() ? client.request('search', data, searchAnswered) : null;
+    if (search.requestId === null) {
+        setSearchError('Not connected: nothing was searched.');
+        return;
+    }
+    $('search-more').disabled = true;
+    setSearchNote('Searching…');
+}
+
+// The answer to a search (search_results or an error); an older search's,
+// come after a newer one was asked, is dropped.
+function searchAnswered(frame) {
+    if (!search || frame.request_id !== search.requestId) return;
+    search.requestId = null;
+    $('search-more').disabled = false;
+    if (frame.type === 'error') {
+        const { code, message } = frame.data;
+        const details = frame.data.details || {};
+        let text = message || code;
+        if (details.retry_after) text += ` (retry in ${details.retry_after} s)`;
+        setSearchError(text, code);
+        renderSearchNote();
+        return;
+    }
+    if (frame.type !== 'search_results') return;
+    const { messages = [], has_more: hasMore, next_before_id: next } = frame.data;
+    const list = $('search-results');
+    for (const m of messages) list.append(renderHit(m));
+    search.answered = true;
+    search.count += messages.length;
+    search.nextBeforeId = hasMore && next !== null && next !== undefined ? next : null;
+    $('search-more').hidden = search.nextBeforeId === null;
+    renderSearchNote();
+}
+
+// The connection dropped with a search unanswered: it can be asked again.
+function searchLost() {
+    if (!search || search.requestId === null) return;
+    search.requestId = null;
+    $('search-more').disabled = false;
+    setSearchError('The connection dropped before the answer: search again.');
+    renderSearchNote();
+}
+
+function renderSearchNote() {
+    if (!search.answered) {
+        setSearchNote('');
+        return;
+    }
+    const { count, label } = search;
+    const more = search.nextBeforeId !== null;
+    let text;
+    if (count > 0) text = `${count} message${count === 1 ? '' : 's'} found${more ? ', and older ones' : ''}`;
+    else text = more ? 'None yet: "More" looks further back' : 'No messages found';
+    setSearchNote(label ? `${text} in ${label}` : text);
+}
+
+// Where a match is: its room, a conversation, or the notifications.
+function hitPlace(m) {
+    if (m.room !== undefined) return { key: `room:${m.room}`, text: `#${m.room}` };
+    const [peer, name] = dmPeer(m);
+    if (peer === 0) return { key: notices.key, text: 'Notifications' };
+    const known = convs.get(`dm:${peer}`);
+    return { key: `dm:${peer}`, text: `DM with ${name || (known && known.username) || `user #${peer}`}` };
+}
+
+// A match: where, who, when, what (as text); a click shows it in place.
+function renderHit(m) {
+    const place = hitPlace(m);
+    const notification = m.message_type === 'notification' || place.key === notices.key;
+    const from = m.user_id ?? m.from_user_id;
+    const who = notification ? 'notification' : (m.username ?? m.from_username ?? `user${from}`);
+    const when = new Date(m.created_at);
+    const time = el('time', { datetime: m.created_at, title: m.created_at },
+        isNaN(when) ? '' : when.toLocaleString([], { dateStyle: 'short', timeStyle: 'short' }));
+    const kind = m.message_type && m.message_type !== 'text' && !notification ? `[${m.message_type}] ` : '';
+    const button = el('button', { type: 'button', class: 'hit', title: `Show it in ${place.text}` },
+        el('span', { class: 'meta' },
+            el('span', { class: 'where', 'data-testid': 'search-where' }, place.text), ' · ',
+            el('strong', { class: 'user' }, who), ' ', time),
+        el('span', { class: 'content', 'data-testid': 'search-content' }, kind + (m.content ?? '')));
+    button.addEventListener('click', () => openHit(m, place));
+    return el('li', {
+        class: 'search-result', 'data-testid': 'search-result', 'data-id': String(m.id), 'data-conv': place.key,
+    }, button);
+}
+
+// A match clicked: its room (joined as the join form does) or conversation
+// shown, then the message itself once it is there.
+function openHit(m, place) {
+    if (place.key === notices.key) {
+        jumpTo = null;
+        const li = rowOf(notices, m.id);
+        if (li) highlight(li);
+        else setStatus('That notification is older than the ones shown.', 'info');
+        return;
+    }
+    let conv;
+    if (m.room !== undefined) {
+        const known = convs.has(place.key);
+        conv = addRoom(m.room);
+        show(conv.key);
+        if (!known) client.joinRoom(m.room);
+    } else {
+        const [peer, name] = dmPeer(m);
+        conv = addDm(peer, name);
+        show(conv.key);
+    }
+    jumpTo = { key: conv.key, id: m.id };
+    revealJump();
+}
+
+// The match clicked, if its conversation shows it: scrolled to and
+// highlighted. Called again when a page of history comes; not there once the
+// history is loaded, it is older than what is shown ("Load older messages"
+// goes on looking) or gone.
+function revealJump() {
+    const conv = convs.get(jumpTo.key);
+    const li = conv && rowOf(conv, jumpTo.id);
+    if (li) {
+        highlight(li);
+        jumpTo = null;
+    } else if (!conv) {
+        jumpTo = null;
+    } else if (conv.loaded) {
+        if (!conv.hasMore) jumpTo = null;
+        setStatus(conv.hasMore
+            ? 'That message is older than the history shown: "Load older messages" goes on looking.'
+            : 'That message is no longer in the history.', 'info');
+    }
+}
+
+function highlight(li) {
+    for (const old of document.querySelectorAll('li.message.found')) old.classList.remove('found');
+    li.classList.add('found');
+    li.scrollIntoView({ block: 'center' });
+}
+
 const handlers = {
     join_room_ack(data) {
         const conv = addRoom(data.room);
@@ -914,6 +1144,7 @@ const handlers = {
         renderOlder();
         renderSeen(conv);
         if (conv.key === current) scheduleMarkRead();
+        if (jumpTo && jumpTo.key === conv.key) revealJump();
     },
     message_edited(data) {
         applyChange(data, (m) => ({ ...m, content: data.content, edited_at: data.edited_at }));
@@ -1077,6 +1308,12 @@ onSubmit('dm-form', () => {
     if (!Number.isSafeInteger(userId) || userId < 1) return;
     $('dm-input').value = '';
     show(addDm(userId).key);
+});
+
+onSubmit('search-form', startSearch);
+
+$('search-more').addEventListener('click', () => {
+    if (search && search.requestId === null && search.nextBeforeId !== null) sendSearch();
 });
 
 onSubmit('send-form', () => {

@@ -659,6 +659,142 @@ try {
     await bob.page.screenshot({ path: join(ARTIFACTS, 'chat.png') });
     console.log(`# screenshot: ${join(ARTIFACTS, 'chat.png')}`);
 
+    // --- search: a user of its own (its refused query is an error frame on purpose) ---
+
+    await step('search: accents and case ignored, "No messages found", a click shows the match in its room', async () => {
+        const dora = await openPage(browser, 'dora');
+        await signIn(dora, 'dora');
+        const { page } = dora;
+        // Dora writes in random, then goes back to general; eve writes to her.
+        await page.getByLabel('Join a room').fill('random');
+        await page.locator('#join-submit').click();
+        await page.locator('#view-title', { hasText: '# random' }).waitFor();
+        await say(dora, 'Le Café est ouvert');
+        await say(dora, 'the kitchen closes at ten');
+        await message(dora, 'room:random', 'the kitchen closes at ten').waitFor();
+        const cafe = await idOf(dora, 'room:random', 'Le Café est ouvert');
+        const eve = await rawClient('eve');
+        eve.send('direct_message', { to_user_id: dora.userId, content: 'un café, dora ?' }, 'e1');
+        await eve.expect('eve\'s copy', (f) => f.request_id === 'e1' || f.type === 'error');
+        assert.equal(eve.frames.filter((f) => f.type === 'error').length, 0, JSON.stringify(eve.frames));
+        eve.close();
+        // After a reload the page has general only: a match in random must open it.
+        await page.reload();
+        await page.locator('#status', { hasText: 'Connected.' }).waitFor();
+        await page.locator('#view-title', { hasText: '# general' }).waitFor();
+        assert.equal(await entry(dora, 'room:random').count(), 0, 'random is not open');
+
+        const results = page.locator('#search-results [data-testid="search-result"]');
+        const note = page.locator('#search-note');
+        const error = page.locator('#search-error');
+        const answers = () => dora.frames.filter(([, f]) => f.type === 'search_results' || f.type === 'error').length;
+        // A search through the box, until its answer is shown.
+        async function searchFor(query) {
+            const before = answers();
+            await page.getByLabel('Search messages').fill(query);
+            await page.locator('#search-submit').click();
+            await until(`the answer to "${query}"`, () => answers() > before);
+            await until(`"${query}" answered on the page`, async () =>
+                (await note.textContent()) !== 'Searching…' || (await error.isVisible()));
+        }
+        const contents = () => results.locator('[data-testid="search-content"]').allTextContents();
+
+        for (const query of ['cafe', 'CAFÉ', 'caf*']) {
+            await searchFor(query);
+            assert.deepEqual(await contents(), ['un café, dora ?', 'Le Café est ouvert'], query);
+            assert.equal(await note.textContent(), '2 messages found', query);
+            assert.equal(await error.isVisible(), false, query);
+            assert.equal(await page.locator('#search-more').isVisible(), false, query);
+        }
+        // Each match says where, who and when.
+        const inRoom = results.filter({ hasText: 'Le Café est ouvert' });
+        assert.equal(await inRoom.locator('[data-testid="search-where"]').textContent(), '#random');
+        assert.equal(await inRoom.locator('.user').textContent(), 'dora');
+        assert.match(await inRoom.locator('time').textContent(), /\d/);
+        const inDm = results.filter({ hasText: 'un café, dora ?' });
+        assert.equal(await inDm.locator('[data-testid="search-where"]').textContent(), 'DM with eve');
+        assert.equal(await inDm.locator('.user').textContent(), 'eve');
+        const sent = dora.frames.filter(([, f]) => f.type === 'search_results').at(-1)[1];
+        assert.equal(sent.data.query, 'caf*');
+        assert.equal(sent.data.has_more, false);
+
+        await searchFor('zanzibar');
+        await note.filter({ hasText: /^No messages found$/ }).waitFor();
+        assert.equal(await results.count(), 0);
+
+        // A click on the match in random: the room joined and shown, the message highlighted.
+        await searchFor('cafe');
+        await inRoom.locator('button').click();
+        await page.locator('#view-title', { hasText: '# random' }).waitFor();
+        await entry(dora, 'room:random').waitFor();
+        const found = view(dora, 'room:random').locator(`li.message.found[data-id="${cafe}"]`);
+        await found.waitFor();
+        assert.ok(await found.evaluate((li) => {
+            const shown = document.getElementById('views').getBoundingClientRect();
+            const at = li.getBoundingClientRect();
+            return at.top >= shown.top && at.bottom <= shown.bottom;
+        }), 'scrolled into view');
+        assert.ok(received(dora, (f) => f.type === 'join_room_ack' && f.data.room === 'random'));
+        // The DM match opens the conversation with eve.
+        const dmKey = await inDm.getAttribute('data-conv');
+        await inDm.locator('button').click();
+        await page.locator('#view-title', { hasText: 'eve' }).waitFor();
+        await view(dora, dmKey).locator('li.message.found', { hasText: 'un café, dora ?' }).waitFor();
+        assert.equal(await view(dora, 'room:random').locator('li.found').count(), 0, 'one highlight at a time');
+
+        // Only the conversation shown: general has no café.
+        await page.locator('#room-list button', { hasText: '# general' }).click();
+        await page.getByLabel('Only in the conversation shown').check();
+        await searchFor('cafe');
+        assert.equal(await note.textContent(), 'No messages found in # general');
+        const scoped = dora.frames.filter(([, f]) => f.type === 'search_results').at(-1)[1];
+        assert.equal(scoped.data.messages.length, 0);
+        await page.getByLabel('Only in the conversation shown').uncheck();
+
+        // Markup found is shown as text.
+        await searchFor('onerror');
+        assert.deepEqual(await contents(), [XSS]);
+        assert.equal(await page.locator('img').count(), 0);
+
+        // "More": the 60 seeded messages, 20 at a time, newest first, once each.
+        await searchFor('history');
+        assert.equal(await results.count(), 20);
+        assert.equal(await note.textContent(), '20 messages found, and older ones');
+        for (const shown of [40, 60]) {
+            await page.locator('#search-more').click();
+            await until(`${shown} matches`, async () => (await results.count()) === shown);
+        }
+        await page.locator('#search-more').waitFor({ state: 'hidden' });
+        assert.equal(await note.textContent(), '60 messages found');
+        const texts = await contents();
+        assert.deepEqual(texts, Array.from({ length: 60 }, (_, i) => `history ${String(60 - i).padStart(2, '0')}`));
+        const ids = await results.evaluateAll((els) => els.map((e) => Number(e.dataset.id)));
+        assert.deepEqual(ids, [...ids].sort((a, b) => b - a));
+        const paged = dora.frames.filter(([, f]) => f.type === 'search_results' && f.data.query === 'history');
+        assert.deepEqual(paged.map(([, f]) => [f.data.messages.length, f.data.has_more]), [[20, true], [20, true], [20, false]]);
+        assert.equal(paged[2][1].data.next_before_id, null);
+
+        // A query refused: its message under the box, not in the status line.
+        await searchFor('c*');
+        await error.filter({ hasText: 'prefix' }).waitFor();
+        assert.equal(await error.getAttribute('data-code'), 'INVALID_FORMAT');
+        assert.equal(await results.count(), 0);
+        assert.equal(await note.textContent(), '');
+        assert.doesNotMatch(await page.locator('#status').textContent(), /INVALID_FORMAT/);
+        const refused = dora.frames.filter(([, f]) => f.type === 'error').map(([, f]) => f.data.code);
+        assert.deepEqual(refused, ['INVALID_FORMAT']);
+        // And the next search clears it.
+        await searchFor('kitchen');
+        assert.equal(await error.isVisible(), false);
+        assert.deepEqual(await contents(), ['the kitchen closes at ten']);
+
+        assert.deepEqual(dora.problems, []);
+        assert.deepEqual(dora.dialogs, []);
+        await page.screenshot({ path: join(ARTIFACTS, 'search.png') });
+        await dora.context.close();
+        pages.splice(pages.indexOf(dora), 1);
+    });
+
     // --- moderation: last, as it refuses bob things on purpose ---------------------
 
     async function setRole(userId, role) {

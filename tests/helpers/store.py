@@ -3,6 +3,7 @@ messages to append (``msg``), a commit callback that records what it got
 (``Recorder``), the writer thread held so that a group is queued
 deterministically (``writer_held``), rooms filled (``fill``), one message
 appended and awaited (``stored``), the group-size histogram (``group_sizes``),
+either store opened (``open_store``: the ``backend`` and ``store`` fixtures),
 and rows read straight from a SQLite file (``sqlite_rows``).
 """
 
@@ -18,14 +19,30 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from chatd.store import NewMessage, StoredMessage
-from chatd.store.postgres import PostgresStore
-from chatd.store.sqlite import SqliteStore
+from chatd.store.postgres import PostgresStore, open_postgres_store
+from chatd.store.sqlite import SqliteStore, open_sqlite_store
 
 if TYPE_CHECKING:
     from chatd.metrics import Metrics
 
 #: Either store: what the contract tests and ``writer_held`` accept.
 AnyStore = SqliteStore | PostgresStore
+
+#: Which store, and where: ("sqlite", a file) or ("postgres", a DSN)
+#: (the ``backend`` fixture).
+Backend = tuple[str, str]
+
+
+@asynccontextmanager
+async def open_store(backend: Backend, **kwargs: Any) -> AsyncIterator[AnyStore]:
+    kind, where = backend
+    if kind == "postgres":
+        async with open_postgres_store(where, **kwargs) as pg:
+            yield pg
+    else:
+        async with open_sqlite_store(where, **kwargs) as lite:
+            yield lite
+
 
 #: The ``created_at`` of every message ``msg`` makes.
 CREATED = "2024-05-01T12:00:00Z"
