@@ -21,6 +21,10 @@ they did; each one is also an event (``message_events``, by channel and id)
 with an id from the messages' own sequence (``sqlite_sequence``), which a
 reconnecting client replays in id order with the messages it missed.
 ``message_versions`` keeps every content an edit or a deletion replaced.
+
+Search (migration 9): an FTS5 index of the content, kept by triggers, so
+every write that changes a message's text (insert, edit, deletion, purge,
+erasure) changes the index in its own transaction (``store/search.py``).
 """
 
 from __future__ import annotations
