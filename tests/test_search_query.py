@@ -70,8 +70,8 @@ def test_windows_grow_until_the_page_is_full() -> None:
     assert rest.found == [5] and rest.next_before_id is None
 
 
-def test_a_full_page_with_nothing_after_it_still_says_more_may_follow() -> None:
-    # (whether more match is only known by reading on: the next page says)
+def test_a_page_says_more_only_when_one_more_match_was_read() -> None:
+    # (a page reads one match past its limit to know)
     page = scan(Ids([1, 2]), int, 10, 2, lambda: False)
     assert page.found == [2, 1] and page.next_before_id is None
     page = scan(Ids([1, 2, 3]), int, 10, 2, lambda: False)

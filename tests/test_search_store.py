@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from chatd.config import RoomsConfig
+from chatd.errors import ChatError
 from chatd.moderation import Moderation
 from chatd.search import FIRST_WINDOW, parse
 from chatd.store import Change, NewMessage, StoredMessage, dm_channel, room_channel
@@ -368,3 +369,37 @@ async def test_a_window_running_past_the_budget_is_left_out(tmp_path: Path) -> N
         assert [m.id for m in page.found] == [new, old] and page.next_before_id is None
     finally:
         conn.close()
+
+
+_SYNTAX = ['"', "NEAR(", "*", "-", ":", "(", ")", "OR", "AND", "NOT", "^", "+", "{", "}",
+           "'", "\\", "&", "|", "!", "<->", ":*", "caf*", "x", "é", "²", "_", "\u0000"]  # fmt: skip
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+@given(query=st.text(max_size=60) | st.lists(st.sampled_from(_SYNTAX), max_size=8).map(" ".join))
+def test_any_query_is_refused_or_searched_never_an_index_error(
+    backend: Backend, query: str
+) -> None:
+    """Whatever the text, ``parse`` refuses it (INVALID_FORMAT) or both
+    indexes take its words: no FTS5 or tsquery syntax error, ever."""
+    try:
+        words = parse(query)
+    except ChatError as refused:
+        assert refused.code == "INVALID_FORMAT"
+        return
+    trio.run(_search_once, backend, words)
+
+
+async def _search_once(backend: Backend, words: Any) -> None:
+    async with open_store(backend) as store:
+        if not await store.user_exists(1):
+            await rooms(store)
+            await post(store, "un café, x ² é")
+            await store.upsert_user(1, "user1")
+        page = await store.search(1, words, None, None, 20, FOREVER, 0.0)
+        assert page.next_before_id is None
