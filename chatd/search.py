@@ -50,6 +50,23 @@ class Word(NamedTuple):
     prefix: bool = False
 
 
+class Request(NamedTuple):
+    """One search, as a store runs it (``Store.search``)."""
+
+    #: Who asks.
+    user_id: int
+    words: tuple[Word, ...]
+    #: Only this channel (checked by the caller), or None: everything the
+    #: user may read at ``now`` (Unix time).
+    channel: str | None
+    #: Only ids below this (None: any).
+    before_id: int | None
+    limit: int
+    #: Seconds the scan may take (``scan``'s ``spent``).
+    budget: float
+    now: float
+
+
 def parse(query: str) -> tuple[Word, ...]:
     """The words of a query (each once, in order); raises ``INVALID_FORMAT``."""
     if len(query) > MAX_QUERY:

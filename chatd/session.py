@@ -635,7 +635,8 @@ class Session(Generic[S]):
         limit = max(1, min(p.SEARCH_MAX_LIMIT, data.limit))
         budget = ctx.config.limits.search_time_ms / 1000
         started = ctx.monotonic()
-        page = await store.search(me, words, channel, data.before_id, limit, budget, ctx.wall())
+        request = search.Request(me, words, channel, data.before_id, limit, budget, ctx.wall())
+        page = await store.search(request)
         ctx.metrics.searched(ctx.monotonic() - started, page.next_before_id is not None)
         found = [
             message_out(m) if m.message.room is not None else direct_message_out(m)

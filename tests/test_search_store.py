@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from chatd.config import RoomsConfig
 from chatd.errors import ChatError
 from chatd.moderation import Moderation
-from chatd.search import FIRST_WINDOW, parse
+from chatd.search import FIRST_WINDOW, Request, parse
 from chatd.store import Change, NewMessage, StoredMessage, dm_channel, room_channel
 from chatd.store.schema import MIGRATIONS, connect, statements
 from tests.helpers.store import CREATED, AnyStore, Backend, open_store, stored
@@ -62,7 +62,7 @@ async def find(
     limit: int = 20,
     budget: float = FOREVER,
 ) -> tuple[list[int], int | None]:
-    page = await store.search(user, parse(query), channel, before_id, limit, budget, 0.0)
+    page = await store.search(Request(user, parse(query), channel, before_id, limit, budget, 0.0))
     return [m.id for m in page.found], page.next_before_id
 
 
@@ -361,11 +361,12 @@ async def test_a_window_running_past_the_budget_is_left_out(tmp_path: Path) -> N
     conn = connect(path, readonly=True)
     try:
         words = parse("projet")
-        page = lite.search(conn, 3, words, None, None, 20, 1.0, 0.0, lambda: next(ticks, 1e9))
+        clock = lambda: next(ticks, 1e9)  # noqa: E731
+        page = lite.search(conn, Request(3, words, None, None, 20, 1.0, 0.0), clock)
         assert page.found and [m.id for m in page.found] == [new]
         assert page.next_before_id == new + 1 - FIRST_WINDOW
         # and with time enough, everything
-        page = lite.search(conn, 3, words, None, None, 20, FOREVER, 0.0)
+        page = lite.search(conn, Request(3, words, None, None, 20, FOREVER, 0.0))
         assert [m.id for m in page.found] == [new, old] and page.next_before_id is None
     finally:
         conn.close()
@@ -401,5 +402,5 @@ async def _search_once(backend: Backend, words: Any) -> None:
             await rooms(store)
             await post(store, "un café, x ² é")
             await store.upsert_user(1, "user1")
-        page = await store.search(1, words, None, None, 20, FOREVER, 0.0)
+        page = await store.search(Request(1, words, None, None, 20, FOREVER, 0.0))
         assert page.next_before_id is None

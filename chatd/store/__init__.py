@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 import msgspec
 
 from chatd.moderation import NO_RULES, AuditEntry, Moderated, Moderation, Role, RoomRules
-from chatd.search import Page, Word
+from chatd.search import Page, Request
 
 if TYPE_CHECKING:
     from chatd.config import RoomsConfig
@@ -344,21 +344,11 @@ class Store(Protocol):
         """The channel's messages with a seq above ``after_seq``, oldest
         first, at most ``cap`` of them (the oldest ``cap``)."""
 
-    async def search(
-        self,
-        user_id: int,
-        words: Sequence[Word],
-        channel: str | None,
-        before_id: int | None,
-        limit: int,
-        budget: float,
-        now: float,
-    ) -> Page[StoredMessage]:
-        """Up to ``limit`` messages with an id below ``before_id`` (None:
-        any) whose current content has every word, newest first, in
-        ``channel`` (checked by the caller) or, when None, anywhere
-        ``user_id`` may read at ``now`` (Unix time); cut after ``budget``
-        seconds (``chatd.search``)."""
+    async def search(self, request: Request) -> Page[StoredMessage]:
+        """Up to ``request.limit`` messages with an id below its
+        ``before_id`` whose current content has every word, newest first,
+        in its channel or anywhere its user may read; cut after its
+        ``budget`` (``chatd.search``)."""
 
     async def backfill(self, limit: int) -> int:
         """Index the newest ``limit`` ids of what was stored before the

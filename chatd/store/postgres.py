@@ -79,7 +79,7 @@ from chatd.errors import (
 )
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.search import Interrupted, Page, Word, scan, tsquery
+from chatd.search import Interrupted, Page, Request, scan, tsquery
 from chatd.store import (
     Admin,
     Change,
@@ -1194,20 +1194,13 @@ def direct_since(
 
 
 def search(
-    conn: Conn,
-    user_id: int,
-    words: Sequence[Word],
-    channel: str | None,
-    before_id: int | None,
-    limit: int,
-    budget: float,
-    now: float,
-    clock: Callable[[], float] = time.monotonic,
+    conn: Conn, request: Request, clock: Callable[[], float] = time.monotonic
 ) -> Page[StoredMessage]:
     """``Store.search``: the GIN index of ``search`` read window by window
     (``chatd.search.scan``), in one snapshot; a window still running when
     the budget is over is cancelled (``statement_timeout``), except the
     first."""
+    user_id, words, channel, before_id, limit, budget, now = request
     deadline = clock() + budget
     query = tsquery(words)
     params: dict[str, Any] = {"q": query, "c": channel, "u": user_id}

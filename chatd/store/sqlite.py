@@ -51,7 +51,7 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, blocked, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.search import Interrupted, Page, Word, fts5_match, scan
+from chatd.search import Interrupted, Page, Request, fts5_match, scan
 from chatd.store import (
     Change,
     Changed,
@@ -806,20 +806,13 @@ _SEARCH_STEPS = 1000
 
 
 def search(
-    conn: sqlite3.Connection,
-    user_id: int,
-    words: Sequence[Word],
-    channel: str | None,
-    before_id: int | None,
-    limit: int,
-    budget: float,
-    now: float,
-    clock: Callable[[], float] = time.monotonic,
+    conn: sqlite3.Connection, request: Request, clock: Callable[[], float] = time.monotonic
 ) -> Page[StoredMessage]:
     """``Store.search``: the FTS5 index read window by window
     (``chatd.search.scan``), in one snapshot; a window still running when
     the budget is over is interrupted (SQLite's progress handler), except
     the first."""
+    user_id, words, channel, before_id, limit, budget, now = request
     deadline = clock() + budget
 
     def spent() -> bool:

@@ -35,7 +35,7 @@ import trio
 from chatd.errors import ChatError
 from chatd.metrics import Metrics
 from chatd.moderation import Moderated, Moderation, Role
-from chatd.search import Page, Word
+from chatd.search import Page, Request
 from chatd.store import (
     Change,
     ChannelMarkers,
@@ -317,17 +317,7 @@ class Queries(Protocol):
     def versions(
         self, conn: Any, message_id: int, user_id: int
     ) -> list[tuple[str, str | None]]: ...
-    def search(
-        self,
-        conn: Any,
-        user_id: int,
-        words: Sequence[Word],
-        channel: str | None,
-        before_id: int | None,
-        limit: int,
-        budget: float,
-        now: float,
-    ) -> Page[StoredMessage]: ...
+    def search(self, conn: Any, request: Request) -> Page[StoredMessage]: ...
     def backfill(self, conn: Any, limit: int) -> int: ...
     def direct_since(
         self, conn: Any, user_ids: Sequence[int], created_at: str, cap: int
@@ -507,20 +497,9 @@ class Reads:
         result: list[StoredMessage] = await self.read(lambda c: q.after(c, channel, after_seq, cap))
         return result
 
-    async def search(
-        self,
-        user_id: int,
-        words: Sequence[Word],
-        channel: str | None,
-        before_id: int | None,
-        limit: int,
-        budget: float,
-        now: float,
-    ) -> Page[StoredMessage]:
+    async def search(self, request: Request) -> Page[StoredMessage]:
         q = self.queries
-        result: Page[StoredMessage] = await self.read(
-            lambda c: q.search(c, user_id, words, channel, before_id, limit, budget, now)
-        )
+        result: Page[StoredMessage] = await self.read(lambda c: q.search(c, request))
         return result
 
     async def direct_since(
