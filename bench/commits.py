@@ -11,6 +11,12 @@ the full run: 100 connections x 4 in flight, 5 s measured after 1 s warm-up,
 server on CPU 0 and the load generator on CPU 1. Prints one line per run and
 the medians per ROOT; ``--json`` writes every run.
 
+``--content words``: each message about 100 bytes of words (bench/search.py's
+vocabulary, Zipf-drawn, 4,096 texts taken in turn) instead of 100 ``x`` (one
+word), so that a full-text index has real text to index; the default is the
+x's. With more than one ROOT, each one's median msgs/s is also given as a
+ratio to the first ROOT's.
+
 A second tree is easiest as an export of a commit::
 
     mkdir /tmp/chatd-base && git archive main | tar -x -C /tmp/chatd-base
@@ -101,6 +107,12 @@ def main() -> int:
     parser.add_argument("--perf", help="perf record (no call graphs) each run into this dir")
     parser.add_argument("--sqlite", action="store_true", help="SQLite's insert rate alone")
     parser.add_argument("--sqlite-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--content",
+        choices=["x", "words"],
+        default="x",
+        help="messages of 100 x's (default) or of about 100 bytes of words",
+    )
     args = parser.parse_args()
     if args.sqlite:
         print(json.dumps(sqlite_rates(args.sqlite_rows, args.conns)))
@@ -114,6 +126,10 @@ def main() -> int:
         commit_conns=args.conns,
         commit_window=args.window,
     )
+    if args.content == "words":
+        import search
+
+        ns.commit_contents = search.contents(4096)
     load.raise_nofile()
     bench = load.Bench(ns)
     if args.gil:
@@ -161,7 +177,7 @@ def main() -> int:
                     if perf is not None:
                         perf.wait(60)
                     server.stop()
-                res.update(root=root, round=rnd)
+                res.update(root=root, round=rnd, content=args.content)
                 res["cpu_us_per_msg"] = res["server_cpu"] / max(1.0, res["acked_per_s"]) * 1e6
                 runs.append(res)
                 print(
@@ -174,6 +190,7 @@ def main() -> int:
     finally:
         bench.pool.close()
         shutil.rmtree(bench.tmp, ignore_errors=True)
+    first = None
     for root in args.roots:
         mine = [r for r in runs if r["root"] == root]
         if not mine:
@@ -187,6 +204,10 @@ def main() -> int:
             f" {med['p50_ms']:.2f} ms, p99 {med['p99_ms']:.2f} ms, server"
             f" {med['server_cpu']:.2f} cores, {med['cpu_us_per_msg']:.1f} µs/msg"
         )
+        if first is None:
+            first = med["acked_per_s"]
+        elif first:
+            print(f"  {root} / {args.roots[0]}: {med['acked_per_s'] / first:.3f} of its msgs/s")
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1, default=str))
     return 0

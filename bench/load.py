@@ -697,6 +697,8 @@ class Bench:
         t0, t1 = self.window(a.duration)
         cmd = {"op": "commit", "t0": t0, "t1": t1, "warm": a.warm, "size": 100}
         cmd["window"] = a.commit_window
+        if getattr(a, "commit_contents", None):  # (bench/commits.py --content words)
+            cmd["contents"] = a.commit_contents
         spy = self.spy(server, profile)
         cmds = [dict(cmd) for _ in self.pool.conns]
         server_cpu, replies = self.timed(server, cmds, t0, t1, a.duration + a.warm + 60)

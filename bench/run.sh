@@ -6,8 +6,9 @@
 #     pins included, so chatd runs from the sources),
 #   - bench/peers/node/node_modules with `npm ci` (pinned by package-lock.json).
 #
-#   bash bench/run.sh            full run (~13-15 min): bench/results/latest.json,
-#                                docs/benchmarks.md, docs/benchmarks-fanout.png
+#   bash bench/run.sh            full run (~18-20 min): bench/results/latest.json,
+#                                docs/benchmarks.md, docs/benchmarks-fanout.png,
+#                                bench/results/search.json
 #   bash bench/run.sh --quick    tiny counts (~2 min), written to a temp dir:
 #                                checks that the benchmark works, asserts no speed
 set -euo pipefail
@@ -88,9 +89,15 @@ PY
     .venv/bin/python webhooks.py --quick --json "$out/webhooks.json"
     # The retention purge under load (20,000 old messages).
     .venv/bin/python purge.py --quick --json "$out/purge.json"
+    # Search on 20,000 messages, SQLite and PostgreSQL (skipped, and said
+    # so, where PostgreSQL is not installed): exits non-zero when a search
+    # failed or got no answer.
+    .venv/bin/python search.py --quick --json "$out/search.json"
     echo "bench --quick: ok (results in a temp dir, docs/benchmarks.md untouched)"
 else
     .venv/bin/python load.py --profile --out results/latest.json
     .venv/bin/python report.py results/latest.json \
         --md ../docs/benchmarks.md --png ../docs/benchmarks-fanout.png
+    # Search over 1,000,000 messages, SQLite then PostgreSQL (~5 min more).
+    .venv/bin/python search.py --json results/search.json
 fi

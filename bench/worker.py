@@ -279,6 +279,10 @@ class Worker:
         t0, t1, warm = cmd["t0"], cmd["t1"], int(cmd["warm"] * 1e9)
         size = cmd["size"]
         sent = 0
+        # ``contents`` (optional): texts the messages take in turn (all
+        # publishers of this worker together) instead of ``size`` x's
+        texts = [t.encode() for t in cmd.get("contents") or ()]
+        turn = 0
 
         def payload(c: Client) -> bytes:
             return (
@@ -290,15 +294,21 @@ class Worker:
             )
 
         def send(c: Client, now: int) -> None:
-            nonlocal sent
+            nonlocal sent, turn
             if now < t1 and c.is_open:
                 c.sent.append(MONO())
-                c.send_text(c.pl)  # type: ignore[attr-defined]
+                if texts:
+                    turn = (turn + 1) % len(texts)
+                    head = c.head  # type: ignore[attr-defined]
+                    c.send_text(head + texts[turn] + b'"},"request_id":1}')
+                else:
+                    c.send_text(c.pl)  # type: ignore[attr-defined]
                 sent += 1
 
         await asyncio.sleep(max(0.0, (t0 - warm - MONO()) / 1e9))
         for c in publishers:
             c.pl = payload(c)  # type: ignore[attr-defined]
+            c.head = c.pl[: c.pl.index(b'"content":"') + 11]  # type: ignore[attr-defined]
             c.mode = OWN
             c.on_own = send
             for _ in range(cmd["window"]):

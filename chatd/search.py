@@ -107,6 +107,8 @@ class Page(NamedTuple, Generic[T]):
     #: Where to go on from (the next ``before_id``); None: nothing older
     #: matches.
     next_before_id: int | None
+    #: Whether the time budget cut the scan short.
+    cut: bool = False
 
 
 #: Read the matches with ids in [low, high), newest first, at most ``n``.
@@ -132,11 +134,11 @@ def scan(
         try:
             found.extend(fetch(low, high, limit + 1 - len(found)))
         except Interrupted:
-            return Page(found, high)
+            return Page(found, high, cut=True)
         if len(found) > limit:
             return Page(found[:limit], id_of(found[limit - 1]))
         high = low
         if high > 1 and spent():
-            return Page(found, high)
+            return Page(found, high, cut=True)
         size *= GROWTH
     return Page(found, None)

@@ -637,7 +637,7 @@ class Session(Generic[S]):
         started = ctx.monotonic()
         request = search.Request(me, words, channel, data.before_id, limit, budget, ctx.wall())
         page = await store.search(request)
-        ctx.metrics.searched(ctx.monotonic() - started, page.next_before_id is not None)
+        ctx.metrics.searched(ctx.monotonic() - started, page.cut)
         found = [
             message_out(m) if m.message.room is not None else direct_message_out(m)
             for m in page.found

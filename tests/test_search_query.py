@@ -61,6 +61,7 @@ def test_windows_grow_until_the_page_is_full() -> None:
     fetch = Ids([5, 100_000, 100_001, 100_002])
     page = scan(fetch, int, 200_000, 3, lambda: False)
     assert page.found == [100_002, 100_001, 100_000] and page.next_before_id == 100_000
+    assert not page.cut
     top, size = 200_000, FIRST_WINDOW
     for low, high in fetch.windows:
         assert (low, high) == (max(1, top - size), top)
@@ -82,10 +83,11 @@ def test_time_up_cuts_between_windows_and_says_where() -> None:
     fetch = Ids([199_999, 10])
     page = scan(fetch, int, 200_000, 20, lambda: True)
     assert page.found == [199_999] and len(fetch.windows) == 1
-    assert page.next_before_id == 200_000 - FIRST_WINDOW
+    assert page.next_before_id == 200_000 - FIRST_WINDOW and page.cut
 
 
 def test_an_interrupted_window_is_left_out() -> None:
     fetch = Ids([199_999, 190_000, 10], interrupt_at=2)
     page = scan(fetch, int, 200_000, 20, lambda: False)
     assert page.found == [199_999] and page.next_before_id == 200_000 - FIRST_WINDOW
+    assert page.cut

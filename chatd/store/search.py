@@ -2,8 +2,9 @@
 backlog (written with the store's parameter placeholder, as ``outbox.py``).
 
 Each store keeps its own index (``schema.py``: SQLite's FTS5 table;
-``pgschema.py``: PostgreSQL's ``tsvector`` column), maintained by triggers
-in the transaction of every insert, edit, deletion, purge and erasure. A
+``pgschema.py``: PostgreSQL's ``tsvector`` column), written in the
+transaction of every insert, edit, deletion, purge and erasure (SQLite's
+by ``insert_message`` and by triggers, PostgreSQL's by a trigger). A
 database that had messages before the index came is indexed afterwards,
 newest first, a batch at a time (``backfill``): ``search_backlog.below``
 says where that has got to (every message with an id at or above it is

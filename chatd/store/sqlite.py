@@ -437,6 +437,9 @@ def insert_message(
     seqs[channel] = seq
     message_id = cursor.lastrowid
     assert message_id is not None
+    conn.execute(
+        "INSERT INTO messages_search (rowid, content) VALUES (?, ?)", (message_id, message.content)
+    )
     if message.mentions:
         conn.executemany(
             "INSERT OR IGNORE INTO mentions (user_id, channel, seq, message_id)"
