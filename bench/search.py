@@ -22,8 +22,9 @@ What it does
   from the searching user.
 * SQLite: the file is made by chatd's own migrations (the ROOT's
   ``chatd.store.schema``), the messages written straight into ``messages``
-  in transactions of 100,000 rows, so the index triggers fill
-  ``messages_search`` as the rows go in (about a minute for a million).
+  in transactions of 100,000 rows, each row indexed in ``messages_search``
+  in the same transaction, as chatd's ``insert_message`` does (about a
+  minute for a million).
 * PostgreSQL (``--store postgres`` or ``both``; skipped, and said so, when
   its binaries are missing): a throwaway server (tests/helpers/services.py:
   fsync off), a database migrated by the ROOT's ``chatd.store.pgschema``,
@@ -571,19 +572,26 @@ def build_sqlite(corpus: Corpus, db: Path, root: Path) -> dict[str, Any]:
     )
     chunk: list[Any] = []
     done = 0
+
+    def write(chunk: list[Any]) -> None:
+        conn.execute("BEGIN")
+        conn.executemany(sql, chunk)
+        conn.execute(
+            "INSERT INTO messages_search (rowid, content)"
+            " SELECT id, content FROM messages WHERE id > ?",
+            (done,),
+        )
+        conn.execute("COMMIT")
+
     for row in corpus.rows():
         chunk.append(row)
         if len(chunk) == 100_000:
-            conn.execute("BEGIN")
-            conn.executemany(sql, chunk)
-            conn.execute("COMMIT")
+            write(chunk)
             done += len(chunk)
             chunk.clear()
             log(f"  sqlite: {done:,} / {corpus.n:,} messages")
     if chunk:
-        conn.execute("BEGIN")
-        conn.executemany(sql, chunk)
-        conn.execute("COMMIT")
+        write(chunk)
     seconds = time.monotonic() - started
     newest, rows = conn.execute("SELECT max(id), count(*) FROM messages").fetchone()
     segments = conn.execute("SELECT count(DISTINCT segid) FROM messages_search_idx").fetchone()[0]

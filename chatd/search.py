@@ -40,6 +40,10 @@ MIN_PREFIX = 2
 #: Ids in the first window of a scan, and how much larger each next one is.
 FIRST_WINDOW = 4096
 GROWTH = 4
+#: The first window of a search with a prefix: an index without prefix
+#: entries reads every word that begins with it for each window, whatever
+#: the window's size, so such a search takes few windows.
+PREFIX_WINDOW = 1 << 18
 
 #: A word, and whether a ``*`` follows it directly.
 _WORD = re.compile(r"([^\W_]+)(\*?)")
@@ -85,6 +89,11 @@ def parse(query: str) -> tuple[Word, ...]:
     return tuple(words)
 
 
+def first_window(words: Sequence[Word]) -> int:
+    """The first window of a search for these words (``scan``)."""
+    return PREFIX_WINDOW if any(w.prefix for w in words) else FIRST_WINDOW
+
+
 def fts5_match(words: Sequence[Word]) -> str:
     """An FTS5 MATCH expression: each word a quoted string (never syntax),
     the words ANDed."""
@@ -121,14 +130,20 @@ class Interrupted(Exception):
 
 
 def scan(
-    fetch: Fetch[T], id_of: Callable[[T], int], top: int, limit: int, spent: Callable[[], bool]
+    fetch: Fetch[T],
+    id_of: Callable[[T], int],
+    top: int,
+    limit: int,
+    spent: Callable[[], bool],
+    first: int = FIRST_WINDOW,
 ) -> Page[T]:
     """Up to ``limit`` matches with ids below ``top``, newest first, read
-    window by window (``fetch``); ``spent()`` says when the time budget is
-    over (checked after each window, so the first window always runs)."""
+    window by window (``fetch``), the first one ``first`` ids; ``spent()``
+    says when the time budget is over (checked after each window, so the
+    first window always runs)."""
     found: list[T] = []
     high = top
-    size = FIRST_WINDOW
+    size = first
     while high > 1:
         low = max(1, high - size)
         try:

@@ -32,7 +32,6 @@ aiosqlite is not used: it cannot run under Trio (docs/architecture.md).
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 import sys
@@ -51,7 +50,7 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, blocked, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.search import Interrupted, Page, Request, fts5_match, scan
+from chatd.search import Interrupted, Page, Request, first_window, fts5_match, scan
 from chatd.store import (
     Change,
     Changed,
@@ -84,6 +83,7 @@ from chatd.store.privacy import for_placeholder as privacy_queries
 from chatd.store.retention import for_placeholder as retention_queries
 from chatd.store.schema import connect, migrate
 from chatd.store.search import for_placeholder as search_queries
+from chatd.store.search import readable
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
@@ -822,20 +822,15 @@ def search(
         return clock() > deadline
 
     match = fts5_match(words)
-    params: tuple[str | int, ...]
+    params: dict[str, str | float]
     if channel is not None:
-        scope, params = "m.channel = ?", (channel,)
+        scope, params = "m.channel = :channel", {"channel": channel}
     else:
-        rooms = json.dumps([room_channel(r) for r in readable_rooms(conn, user_id, now)])
-        scope = (
-            "(m.channel IN (SELECT value FROM json_each(?)) OR m.to_user_id = ?"
-            " OR (m.user_id = ? AND m.to_user_id IS NOT NULL))"
-        )
-        params = (rooms, user_id, user_id)
+        scope, params = readable(":user", ":now"), {"user": user_id, "now": now}
     sql = (
         f"SELECT {_M_COLUMNS} FROM messages_search s JOIN messages m ON m.id = s.rowid"
-        f" WHERE messages_search MATCH ? AND s.rowid >= ? AND s.rowid < ? AND NOT m.deleted"
-        f" AND {scope} ORDER BY s.rowid DESC LIMIT ?"
+        " WHERE messages_search MATCH :match AND s.rowid >= :low AND s.rowid < :high"
+        f" AND NOT m.deleted AND {scope} ORDER BY s.rowid DESC LIMIT :n"
     )
     windows = 0
 
@@ -845,7 +840,8 @@ def search(
         if windows == 2:
             conn.set_progress_handler(spent, _SEARCH_STEPS)
         try:
-            rows = conn.execute(sql, (match, low, high, *params, n)).fetchall()
+            bounds = {"match": match, "low": low, "high": high, "n": n}
+            rows = conn.execute(sql, {**params, **bounds}).fetchall()
         except sqlite3.OperationalError as exc:
             if windows > 1 and spent():
                 raise Interrupted from exc
@@ -856,7 +852,7 @@ def search(
     try:
         (newest,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
         top = newest + 1 if before_id is None else min(before_id, newest + 1)
-        return scan(fetch, _id_of, top, limit, spent)
+        return scan(fetch, _id_of, top, limit, spent, first_window(words))
     finally:
         conn.set_progress_handler(None, 0)
         conn.execute("COMMIT")
@@ -1147,7 +1143,6 @@ _retention = retention_queries("?")
 horizon = _retention.horizon
 purge = _retention.purge
 _search = search_queries("?")
-readable_rooms = _search.readable_rooms
 search_backlog = _search.backlog
 _privacy = privacy_queries("?")
 erase_user = _privacy.erase_user
