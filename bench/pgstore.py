@@ -30,11 +30,16 @@ from chatd.store import postgres as pg
 from chatd.store.pgschema import migrate
 
 
+#: Each message's content: the same few words, or text from the search
+#: benchmark's vocabulary (``--content words``).
+CONTENTS = ["hello world " * 5]
+
+
 def message(i: int, rooms: int) -> NewMessage:
     return NewMessage(
         user_id=1 + i % 50,
         username="alice",
-        content="hello world " * 5,
+        content=CONTENTS[i % len(CONTENTS)],
         message_type="text",
         created_at="2024-01-01T00:00:00.000Z",
         room=f"room{i % rooms}",
@@ -55,7 +60,7 @@ def one_group(dsn: str, groups: int, size: int, rooms: int) -> tuple[float, floa
     walls, cpus = [], []
     try:
         for g in range(groups + 3):
-            batch = [pg._Pending(None, message(i, rooms), print) for i in range(size)]
+            batch = [pg.Pending(None, message(i, rooms), print) for i in range(size)]
             wall, cpu = time.perf_counter(), time.thread_time()
             store._transaction(conn, batch)
             if g >= 3:  # warm-up
@@ -88,7 +93,13 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=30)
     parser.add_argument("--size", type=int, default=500)
     parser.add_argument("--appends", type=int, default=50_000)
+    parser.add_argument("--content", choices=("hello", "words"), default="hello")
     args = parser.parse_args()
+    if args.content == "words":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import search
+
+        CONTENTS[:] = search.contents(4096)
     server = None
     dsn = args.dsn
     if dsn is None:
