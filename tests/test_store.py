@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 
-from chatd.errors import ChatError, ErrorCode
+from chatd.errors import ChatError, ErrorCode, StorageError
 from chatd.protocol import clamp_limit
 from chatd.store import (
     Change,
@@ -32,6 +32,7 @@ from chatd.store import (
     StoredMessage,
     dm_channel,
     room_channel,
+    schema,
 )
 from chatd.store.schema import MIGRATIONS
 from chatd.store.sqlite import (
@@ -146,6 +147,19 @@ async def test_newer_schema_is_refused(path: str) -> None:
         # Untouched: still the newer version, and no table was created.
         assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS) + 1,)
         assert conn.execute("SELECT count(*) FROM sqlite_master").fetchone() == (0,)
+
+
+def test_a_sqlite_without_fts5_is_said_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(A module name no SQLite has stands for FTS5 missing.)"""
+    script = schema.MIGRATIONS[-1].replace("USING fts5", "USING fts5_missing")
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS[:-1], script])
+    conn = schema.connect(str(tmp_path / "chatd.db"))
+    with pytest.raises(StorageError, match=r"has no FTS5, which message search needs"):
+        schema.migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone() == (0,)  # nothing half done
+    conn.close()
 
 
 # --- append: callbacks, order, ids ------------------------------------------

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from chatd.errors import StorageError
+
 MIGRATIONS: list[str] = [
     # 1: users, rooms, messages.
     """
@@ -266,6 +268,19 @@ def statements(script: str) -> list[str]:
     return done
 
 
+def _run(conn: sqlite3.Connection, statement: str) -> None:
+    try:
+        conn.execute(statement)
+    except sqlite3.OperationalError as exc:
+        if "no such module: fts5" in str(exc):
+            raise StorageError(
+                f"this Python's SQLite ({sqlite3.sqlite_version}) has no FTS5, which message"
+                " search needs: run chatd with a Python whose SQLite has it (Debian's and"
+                " python.org's do)"
+            ) from exc
+        raise
+
+
 def migrate(conn: sqlite3.Connection) -> int:
     """Bring the database to the latest schema; return its version."""
     conn.execute("BEGIN IMMEDIATE")
@@ -278,7 +293,7 @@ def migrate(conn: sqlite3.Connection) -> int:
             )
         for number in range(version, len(MIGRATIONS)):
             for statement in statements(MIGRATIONS[number]):
-                conn.execute(statement)
+                _run(conn, statement)
             conn.execute(f"PRAGMA user_version = {number + 1}")
         conn.execute("COMMIT")
     except BaseException:
