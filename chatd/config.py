@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.util
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -445,6 +447,7 @@ def _check(config: Config) -> Config:
             f'{src}: [bus] backend: "redis" needs [storage] backend = "postgres"'
             " (nodes must share one store)"
         )
+    _check_installed(config, src)
     if config.server.dev_tokens:
         if config.server.host not in LOOPBACK_HOSTS:
             raise ConfigError(
@@ -453,6 +456,30 @@ def _check(config: Config) -> Config:
         if not algorithms & HMAC_ALGORITHMS:
             raise ConfigError(f"{src}: [server] dev_tokens: needs an HS* jwt_secret to sign with")
     return msgspec.structs.replace(config, public_key=public_key)
+
+
+#: What a mode of the config needs installed beyond chatd's own
+#: dependencies (the zipapp has everything; ``pip install chatd`` has not),
+#: and the extra of ``pyproject.toml`` that installs it.
+_EXTRAS: tuple[tuple[str, Callable[[Config], bool], tuple[str, ...], str], ...] = (
+    ("[storage] backend", lambda c: c.storage.backend == "postgres", ("psycopg",), "cluster"),
+    ("[bus] backend", lambda c: c.bus.backend == "redis", ("coredis",), "cluster"),
+    ("[webhooks] url", lambda c: bool(c.webhooks.url), ("httpx",), "webhooks"),
+)
+
+
+def _check_installed(config: Config, src: str) -> None:
+    """A mode whose modules are not installed: one line naming the key
+    and the extra to install."""
+    for key, wanted, modules, extra in _EXTRAS:
+        if not wanted(config):
+            continue
+        missing = [name for name in modules if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(
+                f"{src}: {key}: needs {', '.join(missing)}, which is not installed:"
+                f" pip install 'chatd[{extra}]' (the chatd.pyz zipapp has it)"
+            )
 
 
 def webhook_key(secret: str) -> bytes | None:

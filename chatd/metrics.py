@@ -15,6 +15,8 @@ from __future__ import annotations
 import prometheus_client as prom
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from chatd import __version__
+
 prom.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 #: Seconds a user may be gone and still count as reconnecting.
@@ -32,6 +34,13 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        # The process: CPU, resident memory, open files and their limit
+        # (process_*, read from /proc at each scrape), and which chatd runs.
+        prom.ProcessCollector(registry=r)
+        build = Gauge(
+            "chatd_build_info", "Always 1: the running chatd's version", ["version"], registry=r
+        )
+        build.labels(__version__).set(1)
         self.connections = Gauge("chatd_connections", "WebSocket connections open now", registry=r)
         self.connects = Counter("chatd_connects", "WebSocket connections accepted", registry=r)
         self.disconnects = Counter("chatd_disconnects", "WebSocket connections ended", registry=r)

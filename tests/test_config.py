@@ -428,3 +428,49 @@ def test_cli_unreachable_postgres_is_one_line(tmp_path: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("chatd: cannot start: database 127.0.0.1:"), result.stderr
     assert "Traceback" not in result.stderr and "connection failed" in lines[-1]
+
+
+# --- modes whose modules are an extra of the package ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("sections", "missing", "key", "extra"),
+    [
+        (
+            {"storage": {"backend": "postgres", "dsn": "host=db"}},
+            "psycopg",
+            "[storage] backend",
+            "cluster",
+        ),
+        (
+            {"storage": {"backend": "postgres", "dsn": "host=db"}, "bus": {"backend": "redis"}},
+            "coredis",
+            "[bus] backend",
+            "cluster",
+        ),
+        (
+            {"webhooks": {"url": "https://example.com/hook", "secret": "whsec_" + "A" * 24}},
+            "httpx",
+            "[webhooks] url",
+            "webhooks",
+        ),
+    ],
+)
+def test_a_mode_whose_modules_are_missing_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch, sections: dict[str, Any], missing: str, key: str, extra: str
+) -> None:
+    """(As ``pip install chatd`` without the extra: the module not found.)"""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == missing else find_spec(name, *a),
+    )
+    doc = {"auth": {"jwt_secret": SECRET}, **sections}
+    text = refused(doc, re.escape(f"{key}: needs {missing}, which is not installed"))
+    assert f"pip install 'chatd[{extra}]'" in text
+    # installed (as in this environment and the zipapp): accepted
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    from_dict(doc, source=SRC)
