@@ -27,6 +27,7 @@ import msgspec
 from msgspec import Meta
 
 from chatd.errors import ConfigError
+from chatd.origins import PATTERN as ORIGIN_PATTERN
 
 #: ``\Z``, not ``$``: msgspec searches, and ``$`` would let "general\n" through.
 ROOM_NAME_PATTERN = r"^[\w.:@-]+\Z"
@@ -75,6 +76,9 @@ class ServerConfig(_Section, frozen=True):
     #: Development only: POST /dev/token mints a token for any name, to
     #: loopback clients, and only when ``host`` is a loopback address.
     dev_tokens: bool = False
+    #: Origins whose pages may open a WebSocket (``*`` patterns; none: any
+    #: origin): others get 403 at the handshake (chatd/origins.py).
+    allowed_origins: tuple[str, ...] = ()
 
 
 class AuthConfig(_Section, frozen=True):
@@ -447,6 +451,12 @@ def _check(config: Config) -> Config:
             f'{src}: [bus] backend: "redis" needs [storage] backend = "postgres"'
             " (nodes must share one store)"
         )
+    for origin in config.server.allowed_origins:
+        if not ORIGIN_PATTERN.match(origin):
+            raise ConfigError(
+                f"{src}: [server] allowed_origins: {origin!r} is not an origin"
+                ' (scheme://host[:port], "*" for any run of characters, or "null")'
+            )
     _check_installed(config, src)
     if config.server.dev_tokens:
         if config.server.host not in LOOPBACK_HOSTS:

@@ -38,8 +38,9 @@ from wsproto.extensions import Extension
 from wsproto.handshake import server_extensions_handshake
 from wsproto.utilities import ProtocolError
 
+from chatd import origins
 from chatd.auth import Identity, bearer
-from chatd.config import Config
+from chatd.config import LOOPBACK_HOSTS, Config
 from chatd.errors import ChatError, CloseCode
 from chatd.session import Context, Session
 from chatd.transport.extensions import BoundedDeflate, SizeGuard
@@ -93,7 +94,13 @@ class Gate:
         if isinstance(opened, Response):
             return opened
         wire, accept, deflate, query = opened
-        client = client_address(remote, request.headers, config.server.trusted_proxies)
+        server = config.server
+        client = client_address(remote, request.headers, server.trusted_proxies)
+        if server.allowed_origins:
+            origin = _header(request.headers, b"origin")
+            if not origins.allowed(origin, server.allowed_origins, server.host in LOOPBACK_HOSTS):
+                log.warning("WS_REJECT: Origin=%s, IP=%s", (origin or "")[:200], client)
+                return json_error(403, "origin not allowed")
         params = parse_qs(query)
         token = _token(params, request.headers)
         batch = params.get("batch") == ["1"]
@@ -304,6 +311,15 @@ def client_address(remote: str, headers: Any, trusted: tuple[str, ...]) -> str:
         if hop and hop not in trusted:
             return hop[:64]
     return real[:64] if real else remote
+
+
+def _header(headers: Any, name: bytes) -> str | None:
+    """A request header's value (the first; names are in lower case), as
+    text."""
+    for key, value in headers:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _token(params: dict[str, list[str]], headers: Any) -> str | None:
