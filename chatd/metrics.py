@@ -32,15 +32,18 @@ class Metrics:
     """Every figure the protocol document's monitoring section asks for,
     and a few more."""
 
-    def __init__(self) -> None:
+    def __init__(self, store: str = "sqlite", bus: str = "local") -> None:
         self.registry = r = CollectorRegistry()
         # The process: CPU, resident memory, open files and their limit
         # (process_*, read from /proc at each scrape), and which chatd runs.
         prom.ProcessCollector(registry=r)
         build = Gauge(
-            "chatd_build_info", "Always 1: the running chatd's version", ["version"], registry=r
+            "chatd_build_info",
+            "Always 1: the running chatd's version, and its [storage] and [bus] backends",
+            ["version", "store", "bus"],
+            registry=r,
         )
-        build.labels(__version__).set(1)
+        build.labels(__version__, store, bus).set(1)
         self.connections = Gauge("chatd_connections", "WebSocket connections open now", registry=r)
         self.connects = Counter("chatd_connects", "WebSocket connections accepted", registry=r)
         self.disconnects = Counter("chatd_disconnects", "WebSocket connections ended", registry=r)

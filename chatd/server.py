@@ -85,7 +85,7 @@ class ChatServer:
         self.handshake_timeout = config.server.handshake_timeout_seconds
         self.port = 0
         self.metrics_port = 0
-        self.metrics = Metrics()
+        self.metrics = Metrics(config.storage.backend, config.bus.backend)
         self.assets = load_assets()
         #: True from ``stop()`` on: /readyz says 503, the API refuses.
         self.draining = False
