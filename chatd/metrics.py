@@ -153,6 +153,11 @@ class Metrics:
             buckets=_CHECKPOINT_BUCKETS,
             registry=r,
         )
+        self.store_queued = Gauge(
+            "chatd_store_queued",
+            "Writes waiting for the store (at most 10,000: past it senders are paused)",
+            registry=r,
+        )
         # Search (chatd/search.py).
         self.search_seconds = Histogram(
             "chatd_search_seconds",

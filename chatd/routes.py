@@ -30,6 +30,7 @@ from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.moderation import Role
 from chatd.protocol import Id, RoomName
 from chatd.store import StoredEvent, StoredMessage
+from chatd.store.writer import MAX_PENDING
 from chatd.transport.http import Response
 from chatd.transport.http import json_error as _error
 from chatd.transport.http import json_response as _json
@@ -39,6 +40,10 @@ log = logging.getLogger("chatd")
 
 #: How long /readyz waits for the store to accept a write.
 READY_TIMEOUT = 2.0
+#: Writes waiting for the store past which /readyz says the node is
+#: saturated (3/4 of what may wait before senders are paused), so that a
+#: load balancer steers new connections to other nodes.
+SATURATED = MAX_PENDING * 3 // 4
 
 
 class Node(Protocol):
@@ -64,6 +69,9 @@ class Node(Protocol):
 
     def ready(self) -> Awaitable[None]:
         """Return once the store has committed a write (raise if it cannot)."""
+
+    def backlog(self) -> int:
+        """Writes waiting for the store (``Store.backlog``)."""
 
     def publish(
         self, content: str, room: str | None, user_id: int | None, data: dict[str, Any] | None
@@ -124,9 +132,13 @@ async def _healthz(node: Node, request: h11.Request, body: bytes, remote: str) -
 
 
 async def _readyz(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
-    """Ready: not draining, and the store commits a write within 2 s."""
+    """Ready: not draining, not saturated, and the store commits a write
+    within 2 s."""
     if node.draining:
         return _json(503, {"status": "draining"})
+    queued = node.backlog()
+    if queued >= SATURATED:
+        return _json(503, {"status": "saturated", "queued": queued})
     with trio.move_on_after(READY_TIMEOUT):
         try:
             await node.ready()

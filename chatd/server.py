@@ -128,6 +128,7 @@ class ChatServer:
             open_store(config, metrics, fanout) as store,
             open_bus(config, hub, store, wall, monotonic, metrics) as bus,
         ):
+            metrics.store_queued.set_function(lambda: store.backlog)
             await store.declare_rooms(config.rooms)
             for blocker, blocked in await store.all_blocks():
                 hub.blocks.set(blocker, blocked, True)
@@ -307,6 +308,9 @@ class ChatServer:
 
     async def ready(self) -> None:
         await self.ctx.store.flush()
+
+    def backlog(self) -> int:
+        return self.ctx.store.backlog
 
     async def publish(
         self, content: str, room: str | None, user_id: int | None, data: dict[str, Any] | None

@@ -16,6 +16,7 @@ import json
 
 import pytest
 import trio
+import trio.lowlevel
 
 from chatd.server import ChatServer
 from tests.helpers.clients import connect
@@ -161,3 +162,31 @@ async def test_oversized_request_body_is_refused(server: ChatServer) -> None:
         resp = await http.response()
         assert resp.status == 413
         assert await http.at_eof()
+
+
+async def test_readyz_says_saturated_while_writes_pile_up(
+    server: ChatServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``SATURATED`` writes waiting for the store (here 5, with the
+    writer held), /readyz is 503 "saturated" so a load balancer steers new
+    connections elsewhere; once they are committed, ready again. The
+    queue's length is a metric too."""
+    import chatd.routes
+    from tests.helpers.store import writer_held
+
+    monkeypatch.setattr(chatd.routes, "SATURATED", 5)
+    store = server.ctx.store
+    async with connect(server, 1, "alice") as alice:
+        await alice.join("general")
+        async with writer_held(store):
+            for i in range(6):
+                await alice.send("room_message", {"room": "general", "content": f"m{i}"})
+            while store.backlog < 6:  # the session's handlers queue them
+                await trio.lowlevel.checkpoint()
+            reply = await http_request(server.port, "GET", "/readyz")
+            assert reply.status == 503
+            assert reply.json() == {"status": "saturated", "queued": store.backlog}
+            get = server.metrics.registry.get_sample_value
+            assert get("chatd_store_queued") == store.backlog
+        await store.flush()
+        assert (await http_request(server.port, "GET", "/readyz")).status == 200

@@ -289,6 +289,12 @@ class Store(Protocol):
         ``append``; ``on_done`` gets the event, or the ``ChatError`` that
         refused it (``chatd.edits``)."""
 
+    @property
+    def backlog(self) -> int:
+        """Writes queued and not yet committed (``writer.MAX_PENDING`` at
+        most: past it, ``append`` waits, and so does the connection that
+        sent the message)."""
+
     def committed(self, ticket: int) -> bool:
         """Whether the write with this ticket (0: none) is committed (or
         failed): a session reads its own writes by flushing only when not."""

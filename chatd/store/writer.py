@@ -282,6 +282,12 @@ class GroupWriter:
         """Whether the item with this ticket (0: none) is done."""
         return ticket <= self._done
 
+    @property
+    def backlog(self) -> int:
+        """Items queued and not yet done (at most ``MAX_PENDING``: past it,
+        ``append`` and ``write`` wait)."""
+        return self._queued - self._done
+
     async def write(self, op: Callable[[Any], Any]) -> Any:
         """Run ``op`` (a function of the writer's connection) in the next
         group commit and return its result, or raise its exception."""
