@@ -31,7 +31,7 @@ from chatd.bus import Bus
 from chatd.errors import ChatError, ErrorCode
 from chatd.hub import Peer
 from chatd.metrics import Metrics
-from chatd.store import Change, NewMessage, Store, StoredEvent, StoredMessage
+from chatd.store import SATURATED, Change, NewMessage, Store, StoredEvent, StoredMessage
 
 P = TypeVar("P", bound=Peer)
 P_co = TypeVar("P_co", bound=Peer, covariant=True)
@@ -69,6 +69,21 @@ class Messages(Generic[P]):
         self._metrics = metrics
         self._monotonic = monotonic
         self._sent = sent
+
+    def admit(self) -> None:
+        """Refuse a new write while the store is saturated (``SATURATED``
+        writes waiting): ``RATE_LIMITED`` with ``retry_after`` 1, nothing
+        stored, the sender's own limits untouched. Refusing keeps the
+        queue short, so a node offered more than it can commit keeps
+        committing what it takes at its usual latency and is itself again
+        as soon as the load drops; pausing the senders instead (the queue's
+        hard bound) left the excess in their sockets, to be committed late
+        (bench/analysis.md, "Overload")."""
+        if self._store.backlog >= SATURATED:
+            self._metrics.shed.inc()
+            raise ChatError(
+                ErrorCode.RATE_LIMITED, "The server is busy; try again", {"retry_after": 1}
+            )
 
     async def post(
         self, message: NewMessage, origin: Origin[P], request_id: str | int | None

@@ -153,9 +153,14 @@ class Metrics:
             buckets=_CHECKPOINT_BUCKETS,
             registry=r,
         )
+        self.shed = Counter(
+            "chatd_messages_shed",
+            "Messages, edits and notifications refused while the store was saturated",
+            registry=r,
+        )
         self.store_queued = Gauge(
             "chatd_store_queued",
-            "Writes waiting for the store (at most 10,000: past it senders are paused)",
+            "Writes waiting for the store (new messages refused past 7,500; all wait at 10,000)",
             registry=r,
         )
         # Search (chatd/search.py).

@@ -69,6 +69,7 @@ async def publish(
             raise ChatError(ErrorCode.ROOM_NOT_FOUND, "Room not found", {"room": room})
     elif user_id is not None and not await store.user_exists(user_id):
         raise ChatError(ErrorCode.USER_NOT_FOUND, "User not found", {"user_id": user_id})
+    ctx.messages.admit()
     await _api_limit(ctx)
     stored: StoredMessage = await _settled(lambda outcome: ctx.messages.publish(message, outcome))
     return stored
@@ -77,6 +78,7 @@ async def publish(
 async def delete(ctx: Context[Any], message_id: int) -> StoredEvent:
     """Delete a message as the system sender; its ``message_deleted`` goes
     wherever the message went. Raises ``ChatError``."""
+    ctx.messages.admit()
     await _api_limit(ctx)
     change = Change(message_id, SYSTEM_USER.user_id, rfc3339(ctx.wall()))
     event: StoredEvent = await _settled(

@@ -29,8 +29,7 @@ from chatd.errors import ChatError, ErrorCode
 from chatd.metrics import CONTENT_TYPE, Metrics
 from chatd.moderation import Role
 from chatd.protocol import Id, RoomName
-from chatd.store import StoredEvent, StoredMessage
-from chatd.store.writer import MAX_PENDING
+from chatd.store import SATURATED, StoredEvent, StoredMessage
 from chatd.transport.http import Response
 from chatd.transport.http import json_error as _error
 from chatd.transport.http import json_response as _json
@@ -40,10 +39,6 @@ log = logging.getLogger("chatd")
 
 #: How long /readyz waits for the store to accept a write.
 READY_TIMEOUT = 2.0
-#: Writes waiting for the store past which /readyz says the node is
-#: saturated (3/4 of what may wait before senders are paused), so that a
-#: load balancer steers new connections to other nodes.
-SATURATED = MAX_PENDING * 3 // 4
 
 
 class Node(Protocol):
@@ -137,7 +132,7 @@ async def _readyz(node: Node, request: h11.Request, body: bytes, remote: str) ->
     if node.draining:
         return _json(503, {"status": "draining"})
     queued = node.backlog()
-    if queued >= SATURATED:
+    if queued >= SATURATED:  # (new messages are refused meanwhile)
         return _json(503, {"status": "saturated", "queued": queued})
     with trio.move_on_after(READY_TIMEOUT):
         try:

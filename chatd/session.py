@@ -506,6 +506,7 @@ class Session(Generic[S]):
         """Validate, rate-limit and post a message (delivered after commit)."""
         ctx = self.ctx
         validate(data, ctx.config.limits)
+        ctx.messages.admit()
         await self._message_limit()
         message = NewMessage(
             user_id=self.identity.user_id,
@@ -546,6 +547,7 @@ class Session(Generic[S]):
                 f"Content is longer than {limits.max_content_length} characters",
                 {"max_length": limits.max_content_length},
             )
+        ctx.messages.admit()
         await self._message_limit()
         change = Change(
             message_id,

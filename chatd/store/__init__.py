@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from chatd.config import RoomsConfig
 
 
+#: Writes waiting for the store past which the node is saturated: new
+#: messages, edits and notifications are refused (``Messages.admit``) and
+#: /readyz says so, well before the queue's hard bound
+#: (``writer.MAX_PENDING``, where every write waits for room).
+SATURATED = 7_500
+
+
 def room_channel(room: str) -> str:
     """The channel of a room's messages."""
     return f"r:{room}"

@@ -37,6 +37,7 @@ from chatd.metrics import Metrics
 from chatd.moderation import Moderated, Moderation, Role
 from chatd.search import Page, Request
 from chatd.store import (
+    SATURATED,
     Change,
     ChannelMarkers,
     Entry,
@@ -54,8 +55,10 @@ log = logging.getLogger("chatd.store")
 
 #: Most items committed in one transaction.
 MAX_GROUP = 512
-#: Items queued before ``append``/``write`` wait: bounds memory under overload.
+#: Items queued before ``append``/``write`` wait: bounds memory under overload
+#: (messages are refused before that: ``store.SATURATED``).
 MAX_PENDING = 10_000
+assert SATURATED < MAX_PENDING
 #: Seconds an answer of ``room_access`` that lets a user in is reused: in a
 #: reconnect storm thousands of joins of one room read it once, not each on
 #: a worker thread. A room made private, or its members changed, by the CLI
