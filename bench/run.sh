@@ -89,6 +89,7 @@ PY
     .venv/bin/python webhooks.py --quick --json "$out/webhooks.json"
     # The retention purge under load (20,000 old messages).
     .venv/bin/python purge.py --quick --json "$out/purge.json"
+    .venv/bin/python overload.py --quick --json "$out/overload.json"
     # Search on 20,000 messages, SQLite and PostgreSQL (skipped, and said
     # so, where PostgreSQL is not installed): exits non-zero when a search
     # failed or got no answer.
