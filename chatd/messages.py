@@ -74,10 +74,8 @@ class Messages(Generic[P]):
         """Refuse a new write while the store is saturated (``SATURATED``
         writes waiting): ``RATE_LIMITED`` with ``retry_after`` 1, nothing
         stored, the sender's own limits untouched. Refusing keeps the
-        queue short, so a node offered more than it can commit keeps
-        committing what it takes at its usual latency and is itself again
-        as soon as the load drops; pausing the senders instead (the queue's
-        hard bound) left the excess in their sockets, to be committed late
+        queue, and memory, short when the store is what is slow: senders
+        get an answer at once instead of a stall at the queue's hard bound
         (bench/analysis.md, "Overload")."""
         if self._store.backlog >= SATURATED:
             self._metrics.shed.inc()
