@@ -16,5 +16,6 @@
 * ``store``: driving a store directly (messages, commit callbacks, a held
   writer);
 * ``fuzzing``: hypothesis strategies for client frames;
-* ``clocks``: a wall clock the test moves; ``waits``: polling until true.
+* ``clocks``: a wall clock the test moves; ``waits``: polling until true;
+* ``echo``: an echo server on chatd's own transport (the Autobahn cases).
 """
