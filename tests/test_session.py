@@ -177,6 +177,11 @@ class FakeStore:
     def committed(self, ticket: int) -> bool:
         return ticket == 0 or ticket in self.done
 
+    @property
+    def backlog(self) -> int:
+        """Writes queued and not yet committed or failed."""
+        return len(self.pending)
+
     async def flush(self) -> None:
         self.flushes += 1
         while self.pending:
