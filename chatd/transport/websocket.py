@@ -44,7 +44,10 @@ the writer task instead, which wraps everything that piled up since its last
 turn into one ``message_batch`` frame (one frame alone is sent as it is).
 
 Closing: ``close(code)`` queues the close frame and gives the peer
-``CLOSE_TIMEOUT`` seconds to answer before the socket is closed anyway.
+``CLOSE_TIMEOUT`` seconds to answer before the socket is closed anyway. A
+connection that ends with the peer's bytes unread, or without its close
+frame, lingers (``_linger``): closing such a socket would make the kernel
+reset it and drop what the peer has not read yet, our close frame too.
 
 Memory: an idle connection keeps only this object, wsproto's frame parser
 (the handshake objects are dropped once upgraded), one cancel scope and one
@@ -58,11 +61,13 @@ import logging
 import math
 import os
 import select
+import socket
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 import trio
+import trio.lowlevel
 from wsproto import WSConnection
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, TextMessage
 
@@ -72,16 +77,43 @@ from chatd.protocol import batch_payload
 from chatd.transport.fanout import Fanout
 from chatd.transport.frames import OutFrame, unmask
 from chatd.transport.timers import timers
-from chatd.transport.wire import CLOSED, GONE, OPEN, REMOTE_CLOSING, State, Wire
+from chatd.transport.wire import (
+    CLOSED,
+    GONE,
+    LOCAL_CLOSING,
+    OPEN,
+    REMOTE_CLOSING,
+    State,
+    Wire,
+)
 
 log = logging.getLogger("chatd.transport")
 
 RECEIVE_SIZE = 65536
 CLOSE_TIMEOUT = 5.0
+#: Seconds a connection closed with the peer's bytes unread, or its close
+#: frame not come, reads and drops them before the socket is closed.
+LINGER = 2.0
 #: ``drained`` returns once less than this is buffered.
 LOW_WATER = 65536
 #: Most buffers handed to one ``writev`` (Linux IOV_MAX is 1024).
 WRITEV_MAX = 512
+
+
+async def _linger(sock: trio.socket.SocketType) -> None:
+    """A lingering close (RFC 9112 §9.6): end our side (what we wrote
+    goes, then FIN), read and drop what the peer still sends until it
+    closes or ``LINGER`` seconds pass, then close. A task of its own, so
+    the connection's end (its session, presence) does not wait for it."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        with trio.move_on_after(LINGER):
+            while await sock.recv(RECEIVE_SIZE):
+                pass
+    except OSError:  # the peer is gone already
+        pass
+    finally:
+        sock.close()
 
 
 def _unread(fd: int) -> bool:
@@ -401,8 +433,16 @@ class WebSocketConnection:
                     with trio.move_on_after(CLOSE_TIMEOUT):
                         await self._flushed()
         finally:
+            # Our close sent and the peer's not come, or its bytes left
+            # unread: closing now would make the kernel reset the
+            # connection and drop what the peer has not taken in yet, our
+            # close frame with it (a client that sent a frame too large, or
+            # one more frame after ours, would never learn why).
+            linger = self._ws.state is LOCAL_CLOSING or _unread(self._fd)
             self._ws.abort()
             heap.cancel(heartbeat)
+            if linger:  # (on a copy of the socket: its owner closes this one)
+                trio.lowlevel.spawn_system_task(_linger, self._stream.socket.dup())
             # Closed at once: trio.aclose_forcefully would raise and catch a
             # Cancelled here (about 45 µs) for nothing.
             self._stream.socket.close()
