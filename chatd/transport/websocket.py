@@ -442,7 +442,12 @@ class WebSocketConnection:
             self._ws.abort()
             heap.cancel(heartbeat)
             if linger:  # (on a copy of the socket: its owner closes this one)
-                trio.lowlevel.spawn_system_task(_linger, self._stream.socket.dup())
+                try:
+                    copy = self._stream.socket.dup()
+                except OSError:  # out of file descriptors: closed at once, as before
+                    pass
+                else:
+                    trio.lowlevel.spawn_system_task(_linger, copy)
             # Closed at once: trio.aclose_forcefully would raise and catch a
             # Cancelled here (about 45 µs) for nothing.
             self._stream.socket.close()
