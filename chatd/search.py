@@ -120,8 +120,15 @@ class Page(NamedTuple, Generic[T]):
     cut: bool = False
 
 
-#: Read the matches with ids in [low, high), newest first, at most ``n``.
-Fetch = Callable[[int, int, int], Sequence[T]]
+#: Read the matches with ids in [low, high), newest first, at most ``n``;
+#: the last argument says whether the budget may stop this window midway
+#: (never the first: a page always moves on).
+Fetch = Callable[[int, int, int, bool], Sequence[T]]
+
+
+def start(newest: int, before_id: int | None) -> int:
+    """A scan's ``top``: below ``before_id``, and past the newest id."""
+    return newest + 1 if before_id is None else min(before_id, newest + 1)
 
 
 class Interrupted(Exception):
@@ -147,7 +154,7 @@ def scan(
     while high > 1:
         low = max(1, high - size)
         try:
-            found.extend(fetch(low, high, limit + 1 - len(found)))
+            found.extend(fetch(low, high, limit + 1 - len(found), size != first))
         except Interrupted:
             return Page(found, high, cut=True)
         if len(found) > limit:

@@ -50,7 +50,8 @@ class Ids:
         self.windows: list[tuple[int, int]] = []
         self.interrupt_at = interrupt_at
 
-    def __call__(self, low: int, high: int, n: int) -> list[int]:
+    def __call__(self, low: int, high: int, n: int, interruptible: bool) -> list[int]:
+        assert interruptible is (len(self.windows) > 0)  # never the first window
         self.windows.append((low, high))
         if len(self.windows) == self.interrupt_at:
             raise Interrupted

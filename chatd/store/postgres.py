@@ -79,7 +79,7 @@ from chatd.errors import (
 )
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.search import Interrupted, Page, Request, first_window, scan, tsquery
+from chatd.search import Interrupted, Page, Request, first_window, scan, start, tsquery
 from chatd.store import (
     Admin,
     Change,
@@ -104,7 +104,7 @@ from chatd.store.privacy import UserExport
 from chatd.store.privacy import for_placeholder as privacy_queries
 from chatd.store.retention import for_placeholder as retention_queries
 from chatd.store.search import for_placeholder as search_queries
-from chatd.store.search import readable
+from chatd.store.search import message_id, readable
 from chatd.store.sqlite import channel_of, mentions_of, mentions_text
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
@@ -1215,16 +1215,13 @@ def search(
         f" AND m.id >= %(low)s AND m.id < %(high)s AND NOT m.deleted AND {scope}"
         " ORDER BY m.id DESC LIMIT %(n)s"
     )
-    windows = 0
 
     def spent() -> bool:
         return clock() > deadline
 
-    def fetch(low: int, high: int, n: int) -> list[StoredMessage]:
-        nonlocal windows
-        windows += 1
-        left = int((deadline - clock()) * 1000)
-        if windows > 1:
+    def fetch(low: int, high: int, n: int, interruptible: bool) -> list[StoredMessage]:
+        if interruptible:
+            left = int((deadline - clock()) * 1000)
             conn.execute(f"SET LOCAL statement_timeout = {max(1, left)}")
         try:
             with conn.transaction():  # a savepoint: a cancelled window undoes only itself
@@ -1241,33 +1238,17 @@ def search(
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         row = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
-        newest = int(row[0]) if row is not None else 0
-        top = newest + 1 if before_id is None else min(before_id, newest + 1)
+        top = start(int(row[0]) if row is not None else 0, before_id)
         # One window for one channel: PostgreSQL intersects the words'
         # postings with the channel's index, where a window would read the
         # postings again each time (a GIN index cannot seek to an id).
         first = top if channel is not None else first_window(words)
-        return scan(fetch, _id_of, top, limit, spent, first)
-
-
-def _id_of(message: StoredMessage) -> int:
-    return message.id
+        return scan(fetch, message_id, top, limit, spent, first)
 
 
 def backfill(conn: Conn, limit: int) -> int:
-    """Index the backlog's newest ``limit`` ids (``store/search.py``): the
-    trigger sets each row's words when its content is written again, in
-    the caller's transaction; the newest message still to index (0: none).
-    The backlog's row is locked first: nodes take turns."""
-    conn.execute("SELECT below FROM search_backlog FOR UPDATE")
-    below = search_backlog(conn)
-    if below <= 1:
-        return 0
-    low = max(1, below - limit)
-    conn.execute("UPDATE messages SET content = content WHERE id >= %s AND id < %s", (low, below))
-    conn.execute("UPDATE search_backlog SET below = %s", (low,))
-    left: int = search_backlog(conn)
-    return left - 1
+    result: int = _search.backfill(conn, limit, _INDEX)
+    return result
 
 
 def _qualified(alias: str) -> str:
@@ -1357,8 +1338,10 @@ audit = _moderation.audit
 block = _moderation.block
 blocks_of = _moderation.blocks_of
 all_blocks = _moderation.all_blocks
+#: Indexing the backlog's ids in [low, high): each row's content written
+#: again, which the trigger turns into its words.
+_INDEX = "UPDATE messages SET content = content WHERE id >= %s AND id < %s"
 _search = search_queries("%s")
-search_backlog = _search.backlog
 _retention = retention_queries("%s")
 horizon = _retention.horizon
 purge = _retention.purge

@@ -19,6 +19,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from chatd.store import StoredMessage
+
 
 def readable(user: str, now: str) -> str:
     """A filter of ``messages m``: the messages the user (placeholder
@@ -37,6 +39,11 @@ def readable(user: str, now: str) -> str:
     )
 
 
+def message_id(message: StoredMessage) -> int:
+    """A match's place in a scan (``chatd.search.scan``)."""
+    return message.id
+
+
 def for_placeholder(P: str) -> SimpleNamespace:
     """The search functions with ``P`` as the parameter placeholder."""
 
@@ -48,4 +55,19 @@ def for_placeholder(P: str) -> SimpleNamespace:
         ).fetchone()
         return int(row[0])
 
-    return SimpleNamespace(backlog=backlog)
+    def backfill(conn: Any, limit: int, index: str) -> int:
+        """Index the backlog's newest ``limit`` ids with the store's
+        ``index`` statement (its ids from ``P`` to ``P``, excluded), in the
+        caller's transaction; the newest message still to index (0:
+        none). The backlog's row is written first: nodes sharing a store
+        take turns."""
+        conn.execute("UPDATE search_backlog SET below = below")
+        below = backlog(conn)
+        if below <= 1:
+            return 0
+        low = max(1, below - limit)
+        conn.execute(index, (low, below))
+        conn.execute(f"UPDATE search_backlog SET below = {P}", (low,))
+        return backlog(conn) - 1
+
+    return SimpleNamespace(backfill=backfill)

@@ -50,7 +50,7 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError, blocked, invalid_format
 from chatd.metrics import Metrics
 from chatd.protocol import rfc3339
-from chatd.search import Interrupted, Page, Request, first_window, fts5_match, scan
+from chatd.search import Interrupted, Page, Request, first_window, fts5_match, scan, start
 from chatd.store import (
     Change,
     Changed,
@@ -83,7 +83,7 @@ from chatd.store.privacy import for_placeholder as privacy_queries
 from chatd.store.retention import for_placeholder as retention_queries
 from chatd.store.schema import connect, migrate
 from chatd.store.search import for_placeholder as search_queries
-from chatd.store.search import readable
+from chatd.store.search import message_id, readable
 from chatd.store.writer import MAX_GROUP as MAX_GROUP
 from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 
@@ -832,18 +832,15 @@ def search(
         " WHERE messages_search MATCH :match AND s.rowid >= :low AND s.rowid < :high"
         f" AND NOT m.deleted AND {scope} ORDER BY s.rowid DESC LIMIT :n"
     )
-    windows = 0
 
-    def fetch(low: int, high: int, n: int) -> list[StoredMessage]:
-        nonlocal windows
-        windows += 1
-        if windows == 2:
+    def fetch(low: int, high: int, n: int, interruptible: bool) -> list[StoredMessage]:
+        if interruptible:
             conn.set_progress_handler(spent, _SEARCH_STEPS)
         try:
             bounds = {"match": match, "low": low, "high": high, "n": n}
             rows = conn.execute(sql, {**params, **bounds}).fetchall()
         except sqlite3.OperationalError as exc:
-            if windows > 1 and spent():
+            if interruptible and spent():
                 raise Interrupted from exc
             raise
         return [_row_to_message(r) for r in rows]
@@ -851,32 +848,11 @@ def search(
     conn.execute("BEGIN")
     try:
         (newest,) = conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()
-        top = newest + 1 if before_id is None else min(before_id, newest + 1)
-        return scan(fetch, _id_of, top, limit, spent, first_window(words))
+        top = start(newest, before_id)
+        return scan(fetch, message_id, top, limit, spent, first_window(words))
     finally:
         conn.set_progress_handler(None, 0)
         conn.execute("COMMIT")
-
-
-def _id_of(message: StoredMessage) -> int:
-    return message.id
-
-
-def backfill(conn: sqlite3.Connection, limit: int) -> int:
-    """Index the backlog's newest ``limit`` ids (``store/search.py``), in
-    the caller's transaction; the newest message still to index (0: none)."""
-    below = search_backlog(conn)
-    if below <= 1:
-        return 0
-    low = max(1, below - limit)
-    conn.execute(
-        "INSERT INTO messages_search (rowid, content)"
-        " SELECT id, content FROM messages WHERE id >= ? AND id < ?",
-        (low, below),
-    )
-    conn.execute("UPDATE search_backlog SET below = ?", (low,))
-    left: int = search_backlog(conn)
-    return left - 1
 
 
 def user_exists(conn: sqlite3.Connection, user_id: int) -> bool:
@@ -1142,8 +1118,19 @@ all_blocks = _moderation.all_blocks
 _retention = retention_queries("?")
 horizon = _retention.horizon
 purge = _retention.purge
+#: Indexing the backlog's ids in [low, high): FTS5 told of each row.
+_INDEX = (
+    "INSERT INTO messages_search (rowid, content)"
+    " SELECT id, content FROM messages WHERE id >= ? AND id < ?"
+)
 _search = search_queries("?")
-search_backlog = _search.backlog
+
+
+def backfill(conn: sqlite3.Connection, limit: int) -> int:
+    result: int = _search.backfill(conn, limit, _INDEX)
+    return result
+
+
 _privacy = privacy_queries("?")
 erase_user = _privacy.erase_user
 

@@ -245,12 +245,12 @@ class GroupWriter:
         done: Purged = await self.write(timed)
         return done
 
-    # --- the webhook outbox's writes --------------------------------------------
-
     async def backfill(self, limit: int) -> int:
         q = self.queries
         left: int = await self.write(lambda c: q.backfill(c, limit))
         return left
+
+    # --- the webhook outbox's writes --------------------------------------------
 
     async def outbox_done(self, first: int, last: int, event: str) -> None:
         """Delivered, or given up: gone from the outbox."""
