@@ -14,6 +14,8 @@ database each time:
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 import statistics
 import sys
 import time
@@ -100,16 +102,7 @@ def main() -> None:
         import search
 
         CONTENTS[:] = search.contents(4096)
-    server = None
-    dsn = args.dsn
-    if dsn is None:
-        from tests.helpers.services import postgres_server
-
-        server, reason = postgres_server()
-        if server is None:
-            sys.exit(f"no PostgreSQL: {reason}")
-        dsn = server.dsn()
-    try:
+    with postgres(args.dsn) as dsn:
         for rooms in (1, 10):
             wall, cpu = one_group(fresh(dsn), args.groups, args.size, rooms)
             print(
@@ -119,9 +112,23 @@ def main() -> None:
         for rooms in (1, 10):
             rate = trio.run(through_trio, fresh(dsn), args.appends, rooms)
             print(f"{args.appends} appends through Trio, {rooms:2} room(s): {rate:8,.0f} rows/s")
+
+
+@contextmanager
+def postgres(dsn: str | None) -> Iterator[str]:
+    """``dsn``, or a throwaway PostgreSQL's for the block (tests/helpers/services.py)."""
+    if dsn is not None:
+        yield dsn
+        return
+    from tests.helpers.services import postgres_server
+
+    server, reason = postgres_server()
+    if server is None:
+        sys.exit(f"no PostgreSQL: {reason}")
+    try:
+        yield server.dsn()
     finally:
-        if server is not None:
-            server.stop()
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -572,6 +572,8 @@ def build_sqlite(corpus: Corpus, db: Path, root: Path) -> dict[str, Any]:
     )
     chunk: list[Any] = []
     done = 0
+    columns = [r[1] for r in conn.execute("PRAGMA table_info(search_backlog)")]
+    above = "above" in columns
 
     def write(chunk: list[Any]) -> None:
         conn.execute("BEGIN")
@@ -581,6 +583,8 @@ def build_sqlite(corpus: Corpus, db: Path, root: Path) -> dict[str, Any]:
             " SELECT id, content FROM messages WHERE id > ?",
             (done,),
         )
+        if above:  # (indexed here, not by the writer: chatd.store.sqlite.index_tail)
+            conn.execute("UPDATE search_backlog SET above = (SELECT max(id) + 1 FROM messages)")
         conn.execute("COMMIT")
 
     for row in corpus.rows():

@@ -1,6 +1,6 @@
 """The command line: ``chatd [serve] --config FILE``, ``chatd token ...``,
 ``chatd user add ...``, ``chatd room create|add-member|list ...``,
-``chatd backup --to FILE``.
+``chatd backup --to FILE``, ``chatd migrate --from-sqlite FILE``.
 
 Every failure a user can cause (a bad config, a busy port) is one line on
 stderr and a non-zero exit: 2 for usage and config errors, 1 for the rest.
@@ -24,6 +24,7 @@ from chatd.admin import add_commands
 from chatd.auth import MAX_USER_ID, issue
 from chatd.config import Config, load
 from chatd.errors import ConfigError, StorageError
+from chatd.migrate import add_command as add_migrate
 from chatd.server import ChatServer
 
 log = logging.getLogger("chatd")
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     token.set_defaults(func=_token)
 
     add_commands(commands, _config_arg, _user_id)
+    add_migrate(commands, _config_arg)
     return parser
 
 

@@ -27,9 +27,9 @@ from chatd.config import RoomsConfig
 from chatd.errors import ChatError
 from chatd.moderation import Moderation
 from chatd.search import FIRST_WINDOW, Request, parse
-from chatd.store import Change, NewMessage, StoredMessage, dm_channel, room_channel
+from chatd.store import NewMessage, StoredMessage, dm_channel, room_channel
 from chatd.store.schema import MIGRATIONS, connect, statements
-from tests.helpers.store import CREATED, AnyStore, Backend, open_store, stored
+from tests.helpers.store import CREATED, AnyStore, Backend, changed, open_store, stored
 
 #: A search's time budget that never runs out here.
 FOREVER = 60.0
@@ -64,19 +64,6 @@ async def find(
 ) -> tuple[list[int], int | None]:
     page = await store.search(Request(user, parse(query), channel, before_id, limit, budget, 0.0))
     return [m.id for m in page.found], page.next_before_id
-
-
-async def change(store: AnyStore, message_id: int, content: str | None, user: int = 1) -> None:
-    done = trio.Event()
-    box: list[Any] = []
-
-    def callback(result: Any) -> None:
-        box.append(result)
-        done.set()
-
-    await store.change(Change(message_id, user, CREATED, content), callback)
-    await done.wait()
-    assert not isinstance(box[0], Exception), box[0]
 
 
 async def rooms(store: AnyStore, **private: tuple[int, ...]) -> None:
@@ -115,12 +102,12 @@ async def test_deleted_never_match_and_edits_match_their_current_content(store: 
     await rooms(store)
     gone = await post(store, "secret du déploiement")
     edited = await post(store, "réunion lundi")
-    await change(store, gone, None)
-    await change(store, edited, "réunion mardi")
+    await changed(store, gone, None)
+    await changed(store, edited, "réunion mardi")
     assert (await find(store, "secret"))[0] == []
     assert (await find(store, "lundi"))[0] == []
     assert (await find(store, "mardi"))[0] == [edited]
-    await change(store, edited, "réunion jeudi")
+    await changed(store, edited, "réunion jeudi")
     assert (await find(store, "mardi"))[0] == []
     assert (await find(store, "jeudi réunion"))[0] == [edited]
 
@@ -222,8 +209,8 @@ async def test_an_older_database_is_indexed_in_batches_newest_first(backend: Bac
         new = await post(older, "archive nouvelle")
         assert (await find(older, "archive"))[0] == [new]
         # changed before being indexed: indexed as it is now, never twice
-        await change(older, 1000, "archive modifiée")
-        await change(older, 1100, None)
+        await changed(older, 1000, "archive modifiée")
+        await changed(older, 1100, None)
         assert await older.backfill(500) == 700
         found = (await find(older, "archive", limit=1000))[0]
         assert found == [new, *[i for i in range(1200, 700, -1) if i != 1100]]
@@ -237,6 +224,95 @@ async def test_an_older_database_is_indexed_in_batches_newest_first(backend: Bac
         check = sqlite3.connect(backend[1])
         check.execute("INSERT INTO messages_search (messages_search) VALUES ('integrity-check')")
         check.close()
+
+
+# --- SQLite: new messages indexed a batch at a time -------------------------------
+
+
+def indexed(path: str, word: str) -> list[int]:
+    """The ids FTS5 itself has for ``word`` (not through a search, which
+    indexes what is waiting first)."""
+    conn = connect(path, readonly=True)
+    try:
+        rows = conn.execute(
+            "SELECT rowid FROM messages_search WHERE messages_search MATCH ? ORDER BY rowid",
+            (f'"{word}"',),
+        ).fetchall()
+        return [r[0] for r in rows]
+    finally:
+        conn.close()
+
+
+def check_index(path: str) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("INSERT INTO messages_search (messages_search) VALUES ('integrity-check')")
+    finally:
+        conn.close()
+
+
+async def test_sqlite_indexes_new_messages_later_and_a_search_finds_them_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stored messages wait to be indexed (a commit of their own for the
+    index costs as much as the message); a search indexes what waits
+    first, so it finds every message stored before it, in its current
+    content: changed or deleted while waiting, indexed as it is."""
+    from chatd.store import sqlite as lite
+
+    monkeypatch.setattr(lite, "INDEX_DELAY", 3600.0)
+    path = str(tmp_path / "chatd.db")
+    async with open_store(("sqlite", path)) as store:
+        await rooms(store)
+        first = await post(store, "attente une")
+        second = await post(store, "attente deux")
+        third = await post(store, "attente trois")
+        await changed(store, second, "changée deux")
+        await changed(store, third, None)
+        assert indexed(path, "attente") == []  # waiting
+        assert (await find(store, "attente"))[0] == [first]
+        assert (await find(store, "changee"))[0] == [second]
+        assert indexed(path, "attente") == [first] and indexed(path, "changee") == [second]
+        # changed once indexed: the triggers keep the index right
+        await changed(store, first, "plus rien")
+        assert (await find(store, "attente"))[0] == []
+        last = await post(store, "attente finale")
+    # what waits at a clean stop is indexed before the file is closed
+    assert indexed(path, "attente") == [last]
+    check_index(path)
+
+
+async def test_sqlite_writer_indexes_waiting_messages_by_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``INDEX_DELAY`` the writer indexes what waits, between groups,
+    ``INDEX_BATCH`` ids at a time, with no search to ask it; and what a
+    crash left waiting is indexed after the next start."""
+    from chatd.store import sqlite as lite
+
+    monkeypatch.setattr(lite, "INDEX_DELAY", 0.0)
+    monkeypatch.setattr(lite, "INDEX_BATCH", 2)
+    path = str(tmp_path / "chatd.db")
+    async with open_store(("sqlite", path)) as store:
+        # each message's group followed by a batch (of 2 ids: enough)
+        ids = [await post(store, f"lot {i}") for i in range(5)]
+        await store.flush()
+        assert indexed(path, "lot") == ids
+    check_index(path)
+    # a crash: messages stored, never indexed
+    conn = connect(path)
+    conn.execute("BEGIN IMMEDIATE")
+    crashed = [lite.insert_message(conn, text(f"perdu {i}"), {}) for i in range(3)]
+    conn.execute("COMMIT")
+    conn.close()
+    assert indexed(path, "perdu") == []
+    async with open_store(("sqlite", path)) as store:
+        # two batches: one at the start, one after the first group
+        await store.flush()
+        await store.flush()
+        assert indexed(path, "perdu") == [m.id for m in crashed if isinstance(m, StoredMessage)]
+        assert len(indexed(path, "perdu")) == 3
+    check_index(path)
 
 
 # --- property: exactly what each user may read ---------------------------------
@@ -328,7 +404,7 @@ async def _check_world(backend: Backend, world: dict[str, Any], n: int) -> None:
                 )
                 may = {where, author}
             if deleted:
-                await change(store, message_id, None, user=0)  # (the publish API's sender)
+                await changed(store, message_id, None, user=0)  # (the publish API's sender)
                 continue
             readers[message_id] = may
             if extra:

@@ -153,8 +153,9 @@ def test_a_sqlite_without_fts5_is_said_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """(A module name no SQLite has stands for FTS5 missing.)"""
-    script = schema.MIGRATIONS[-1].replace("USING fts5", "USING fts5_missing")
-    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS[:-1], script])
+    index = next(i for i, m in enumerate(schema.MIGRATIONS) if "USING fts5" in m)
+    script = schema.MIGRATIONS[index].replace("USING fts5", "USING fts5_missing")
+    monkeypatch.setattr(schema, "MIGRATIONS", [*schema.MIGRATIONS[:index], script])
     conn = schema.connect(str(tmp_path / "chatd.db"))
     with pytest.raises(StorageError, match=r"has no FTS5, which message search needs"):
         schema.migrate(conn)

@@ -663,7 +663,7 @@ def _close_all(conns: list[Conn]) -> None:
 # --- operations: plain functions of a connection, shared with the CLI ---------
 
 
-def _text(content: str) -> tuple[str, bytes | None]:
+def stored_text(content: str) -> tuple[str, bytes | None]:
     """Content as stored: ``text`` cannot hold NUL, so such content keeps
     its bytes too (``content_raw``, pgschema.py)."""
     if "\x00" in content:
@@ -672,7 +672,7 @@ def _text(content: str) -> tuple[str, bytes | None]:
 
 
 def _message_row(id_: int, channel: str, seq: int, m: NewMessage, pos: int) -> tuple[Any, ...]:
-    content, raw = _text(m.content)
+    content, raw = stored_text(m.content)
     return (
         id_,
         channel,
@@ -724,7 +724,7 @@ def change_message(
             (change.message_id, content, raw, edited_at, change.message_id),
         )
         if change.content is not None:
-            new, new_raw = _text(change.content)
+            new, new_raw = stored_text(change.content)
             conn.execute(
                 "UPDATE messages SET content = %s, content_raw = %s, edited_at = %s WHERE id = %s",
                 (new, new_raw, change.at, change.message_id),

@@ -206,8 +206,9 @@ MIGRATIONS: list[str] = [
     # the text stays in ``messages`` only), written in the transaction of
     # every insert (by ``insert_message``: an insert trigger costs 3x as
     # much, FTS5 writing its pending terms out at each trigger's
-    # savepoint), and by triggers on every edit, deletion (a tombstone's
-    # content is empty), purge and erasure. Case and accents are folded
+    # savepoint; since 10, a batch at a time), and by triggers on every
+    # edit, deletion (a tombstone's content is empty), purge and erasure.
+    # Case and accents are folded
     # (``cafe`` finds ``Café``). No prefix index: ``prefix = '2 3'`` made
     # a message of words cost 7 µs more to store (the commit rate 0.80 of
     # the rate without search instead of 0.90), for prefix searches that
@@ -230,6 +231,32 @@ MIGRATIONS: list[str] = [
     END;
     CREATE TRIGGER messages_search_delete AFTER DELETE ON messages
     WHEN old.id >= (SELECT below FROM search_backlog) BEGIN
+        INSERT INTO messages_search (messages_search, rowid, content)
+            VALUES ('delete', old.id, old.content);
+    END
+    """,
+    # 10: search, indexed a batch at a time. Each transaction that writes
+    # FTS5 leaves a new segment of the index (and the merges that follow):
+    # 50 µs a commit, which at an ordinary rate, where each message is a
+    # commit of its own, made the index cost as much as the message. So new
+    # messages are indexed by the writer a batch at a time, half a second
+    # after they are stored or as soon as a search asks
+    # (``sqlite.index_tail``): ``above`` is where that has got to (every
+    # message with an id below it, and at or above ``below``, is indexed);
+    # the triggers leave the rows above it alone, as those below ``below``.
+    """
+    ALTER TABLE search_backlog ADD COLUMN above INTEGER NOT NULL DEFAULT 0;
+    UPDATE search_backlog SET above = (SELECT coalesce(max(id), 0) + 1 FROM messages);
+    DROP TRIGGER messages_search_update;
+    DROP TRIGGER messages_search_delete;
+    CREATE TRIGGER messages_search_update AFTER UPDATE OF content ON messages
+    WHEN EXISTS (SELECT 1 FROM search_backlog WHERE old.id >= below AND old.id < above) BEGIN
+        INSERT INTO messages_search (messages_search, rowid, content)
+            VALUES ('delete', old.id, old.content);
+        INSERT INTO messages_search (rowid, content) VALUES (new.id, new.content);
+    END;
+    CREATE TRIGGER messages_search_delete AFTER DELETE ON messages
+    WHEN EXISTS (SELECT 1 FROM search_backlog WHERE old.id >= below AND old.id < above) BEGIN
         INSERT INTO messages_search (messages_search, rowid, content)
             VALUES ('delete', old.id, old.content);
     END

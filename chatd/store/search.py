@@ -3,12 +3,13 @@ backlog (written with the store's parameter placeholder, as ``outbox.py``).
 
 Each store keeps its own index (``schema.py``: SQLite's FTS5 table;
 ``pgschema.py``: PostgreSQL's ``tsvector`` column), written in the
-transaction of every insert, edit, deletion, purge and erasure (SQLite's
-by ``insert_message`` and by triggers, PostgreSQL's by a trigger). A
+transaction of every edit, deletion, purge and erasure by triggers, and of
+every insert on PostgreSQL; SQLite's writer indexes new messages a batch
+at a time (``sqlite.index_tail``, ``search_backlog.above``). A
 database that had messages before the index came is indexed afterwards,
 newest first, a batch at a time (``backfill``): ``search_backlog.below``
 says where that has got to (every message with an id at or above it is
-indexed; new messages always are).
+indexed, below ``above`` on SQLite).
 
 A search's scope is one channel the caller has checked already, or every
 room the user may read now and their own conversations (``readable``).

@@ -27,6 +27,12 @@ writer runs each group inside a ``WriterGate``, which the checkpointer
 holds for the short RESTART and TRUNCATE checkpoints that bound the WAL
 (``checkpoint.py`` says when and why).
 
+New messages are indexed for search by the writer thread between groups,
+a batch at a time (``INDEX_DELAY`` after the first of them, ``index_tail``;
+the hook is ``GroupWriter._tend``), not each in its own group's
+transaction: a transaction that writes FTS5 costs a new index segment,
+about 50 µs, as much as the message. A search indexes what waits first.
+
 aiosqlite is not used: it cannot run under Trio (docs/architecture.md).
 """
 
@@ -90,6 +96,12 @@ from chatd.store.writer import Cork, GroupWriter, Pending, Queries, Reads
 log = logging.getLogger("chatd.store")
 
 READERS = 4
+#: Seconds a stored message waits to be indexed for search, at most (unless
+#: the writer is behind): the batch of new messages the writer indexes at
+#: once (``index_tail``). A search indexes what is waiting first.
+INDEX_DELAY = 0.5
+#: Most ids indexed in one transaction of their own (a few milliseconds).
+INDEX_BATCH = 1000
 
 Operation = Callable[[sqlite3.Connection], Any]
 _MESSAGE_COLUMNS = (
@@ -142,6 +154,9 @@ class SqliteStore(Reads, GroupWriter):
         self._marker_reads = {}
         #: Each channel's last seq; owned by the writer thread.
         self._seqs: dict[str, int] = {}
+        #: When the oldest message not yet indexed for search was committed
+        #: (None: every one is); written by the writer thread.
+        self._unindexed_since: float | None = None
 
     # --- lifecycle ----------------------------------------------------------
 
@@ -152,6 +167,8 @@ class SqliteStore(Reads, GroupWriter):
             # Checkpoints are the checkpointer's, never inside a commit.
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             migrate(conn)
+            if not index_tail(conn, 0):
+                self._unindexed_since = time.monotonic()
         except BaseException:
             conn.close()
             raise
@@ -229,10 +246,46 @@ class SqliteStore(Reads, GroupWriter):
         with self._gate.group():
             results = _apply(conn, group, self._seqs.clear, self.outbox)
         self._groups += 1
+        if self._unindexed_since is None and any(isinstance(r, StoredMessage) for r in results):
+            self._unindexed_since = time.monotonic()
         return results
+
+    def _tend(self) -> float | None:
+        """Index the new messages for search once the oldest has waited
+        ``INDEX_DELAY``, ``INDEX_BATCH`` ids a transaction, between
+        groups."""
+        since = self._unindexed_since
+        if since is None:
+            return None
+        due = since + INDEX_DELAY - time.monotonic()
+        if due > 0:
+            return due
+        if self._index(INDEX_BATCH):
+            self._unindexed_since = None
+            return None
+        return 0.0
+
+    def _index(self, limit: int | None) -> bool:
+        """``index_tail`` in a transaction of its own; whether every
+        message is indexed (on failure, logged: not yet)."""
+        conn = self._writer_conn
+        assert conn is not None
+        try:
+            with self._gate.group():
+                conn.execute("BEGIN IMMEDIATE")
+                done = index_tail(conn, limit)
+                conn.execute("COMMIT")
+        except sqlite3.Error:
+            _rollback(conn)
+            log.exception("search: indexing new messages failed")
+            return False
+        self._groups += 1
+        return done
 
     def _close_writer(self) -> None:
         if self._writer_conn is not None:
+            if self._unindexed_since is not None:
+                self._index(None)
             self._writer_conn.close()
 
     # --- writing ------------------------------------------------------------
@@ -258,6 +311,13 @@ class SqliteStore(Reads, GroupWriter):
     async def flush(self) -> None:
         """Return once everything queued before this call is committed."""
         await self.write(lambda conn: None)
+
+    async def search(self, request: Request) -> Page[StoredMessage]:
+        """Index what is waiting first: a search finds every message
+        acknowledged before it."""
+        if self._unindexed_since is not None:
+            await self.write(lambda conn: index_tail(conn, None))
+        return await super().search(request)
 
     async def outbox_leader(self) -> bool:
         """The one node sends the webhooks."""
@@ -437,9 +497,6 @@ def insert_message(
     seqs[channel] = seq
     message_id = cursor.lastrowid
     assert message_id is not None
-    conn.execute(
-        "INSERT INTO messages_search (rowid, content) VALUES (?, ?)", (message_id, message.content)
-    )
     if message.mentions:
         conn.executemany(
             "INSERT OR IGNORE INTO mentions (user_id, channel, seq, message_id)"
@@ -1118,7 +1175,8 @@ all_blocks = _moderation.all_blocks
 _retention = retention_queries("?")
 horizon = _retention.horizon
 purge = _retention.purge
-#: Indexing the backlog's ids in [low, high): FTS5 told of each row.
+#: Indexing the ids in [low, high) (the backlog's or the new messages'):
+#: FTS5 told of each row.
 _INDEX = (
     "INSERT INTO messages_search (rowid, content)"
     " SELECT id, content FROM messages WHERE id >= ? AND id < ?"
@@ -1129,6 +1187,21 @@ _search = search_queries("?")
 def backfill(conn: sqlite3.Connection, limit: int) -> int:
     result: int = _search.backfill(conn, limit, _INDEX)
     return result
+
+
+def index_tail(conn: sqlite3.Connection, limit: int | None) -> bool:
+    """Index the oldest ``limit`` ids (None: all) of the messages stored
+    since the last time, in the caller's transaction (``above`` moves up
+    past them); whether every message is indexed now."""
+    above, top = conn.execute(
+        "SELECT above, (SELECT coalesce(max(id), 0) + 1 FROM messages) FROM search_backlog"
+    ).fetchone()
+    if above >= top or limit == 0:
+        return bool(above >= top)
+    high = top if limit is None else min(top, above + limit)
+    conn.execute(_INDEX, (above, high))
+    conn.execute("UPDATE search_backlog SET above = ?", (high,))
+    return bool(high >= top)
 
 
 _privacy = privacy_queries("?")

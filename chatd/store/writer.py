@@ -135,6 +135,14 @@ class GroupWriter:
         """The writer thread is done: close its connection."""
         raise NotImplementedError
 
+    def _tend(self) -> float | None:
+        """Deferred work of the store's own (SQLite's search index), done
+        between groups: called after each group and when the wait it asked
+        for is over; returns the seconds until it wants to run again (0:
+        as soon as the queue is empty or the next group is committed;
+        None: not until the next group)."""
+        return None
+
     # --- lifecycle ------------------------------------------------------------
 
     def _start_writer(self) -> None:
@@ -155,8 +163,13 @@ class GroupWriter:
     def _run_writer(self) -> None:
         assert self._token is not None
         running = True
+        wait = self._tend()
         while running:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=wait)
+            except queue.Empty:
+                wait = self._tend()
+                continue
             group: list[Pending] = []
             if first is None:
                 running = False
@@ -181,6 +194,7 @@ class GroupWriter:
                     self._token.run_sync_soon(self._finish, group, results)
                 except trio.RunFinishedError:  # pragma: no cover - Trio gone first
                     log.error("store: %d results lost: Trio run finished", len(group))
+                wait = self._tend()
         self._close_writer()
         try:
             self._token.run_sync_soon(self._stopped.set)

@@ -2,9 +2,10 @@
 messages to append (``msg``), a commit callback that records what it got
 (``Recorder``), the writer thread held so that a group is queued
 deterministically (``writer_held``), rooms filled (``fill``), one message
-appended and awaited (``stored``), the group-size histogram (``group_sizes``),
-either store opened (``open_store``: the ``backend`` and ``store`` fixtures),
-and rows read straight from a SQLite file (``sqlite_rows``).
+appended and awaited (``stored``) or edited or deleted (``changed``), the
+group-size histogram (``group_sizes``), either store opened
+(``open_store``: the ``backend`` and ``store`` fixtures), and rows read
+straight from a SQLite file (``sqlite_rows``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from chatd.store import NewMessage, StoredMessage
+from chatd.store import Change, NewMessage, StoredMessage
 from chatd.store.postgres import PostgresStore, open_postgres_store
 from chatd.store.sqlite import SqliteStore, open_sqlite_store
 
@@ -136,6 +137,21 @@ async def stored(store: AnyStore, message: NewMessage) -> StoredMessage | Except
     await store.append(message, callback)
     await done.wait()
     return box[0]
+
+
+async def changed(store: AnyStore, message_id: int, content: str | None, user: int = 1) -> None:
+    """Edit (``content``) or delete (None) one message as ``user`` and wait
+    for its commit, which must succeed."""
+    done = trio.Event()
+    box: list[Any] = []
+
+    def callback(result: Any) -> None:
+        box.append(result)
+        done.set()
+
+    await store.change(Change(message_id, user, CREATED, content), callback)
+    await done.wait()
+    assert not isinstance(box[0], Exception), box[0]
 
 
 def group_sizes(metrics: Metrics) -> tuple[float, float, float]:
