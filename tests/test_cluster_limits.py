@@ -132,6 +132,39 @@ async def test_concurrent_takes_never_exceed_capacity(
     assert all(r >= 1 for r in results if r != 0.0)
 
 
+async def script_calls(client: coredis.Redis[Any]) -> int:
+    stats = await client.info("commandstats")
+    return sum(
+        int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval")
+    )
+
+
+async def test_the_takes_of_one_pass_share_one_script_call(
+    client: coredis.Redis[Any], redis_prefix: str
+) -> None:
+    """Takes that arrive together (many sessions' messages in one pass of
+    the scheduler) are answered by one call, each as if taken alone: same
+    user, other users, allowed or refused."""
+    limiter = RedisLimiter(client, redis_prefix, [(3, 3600.0)], "messages")
+    await limiter.take(99)  # (the script loaded: its first call may be two)
+    results: dict[int, list[float]] = {}
+
+    async def take(user: int) -> None:
+        results.setdefault(user, []).append(await limiter.take(user))
+
+    before = await script_calls(client)
+    async with trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(take, i % 10)
+    assert await script_calls(client) - before == 1
+    assert sorted(results) == list(range(10))
+    for user, got in results.items():
+        assert got.count(0.0) == 3 and all(w >= 1 for w in got if w), (user, got)
+    # and after it, one by one, as before
+    assert await limiter.take(10) == 0.0
+    assert await script_calls(client) - before == 2
+
+
 async def test_keys_expire_once_the_buckets_are_full_again(
     client: coredis.Redis[Any], redis_prefix: str
 ) -> None:
@@ -191,6 +224,23 @@ async def test_unreachable_redis_falls_back_to_local_limits(
     assert len(warnings) == 1, warnings  # once per outage, not per call
     assert warnings[0].levelno == logging.WARNING
     assert "unreachable" in warnings[0].getMessage()
+
+
+@leaky_failed_connects
+async def test_takes_waiting_for_a_call_that_fails_count_locally() -> None:
+    async with coredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0") as dead:
+        limiter = RedisLimiter(dead, "x", [(3, 3600.0)], "messages", retry_interval=0)
+        results: list[float] = []
+
+        async def take() -> None:
+            results.append(await limiter.take(1))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(10):
+                nursery.start_soon(take)
+        assert results.count(0.0) == 3 and len(results) == 10
+        assert limiter.redis_down
+    gc.collect()
 
 
 @leaky_failed_connects

@@ -4,7 +4,8 @@
 request passes only when every bucket has a token, then spends one from each;
 a refused request spends nothing and gets the whole seconds to wait (>= 1).
 The check and the spend are one Lua script call (one round trip, atomic), and
-the time is Redis's own (``TIME``), so the nodes' clocks do not matter.
+the time is Redis's own (``TIME``), so the nodes' clocks do not matter. The
+takes of one pass of the node's scheduler share one call (``take``).
 
 Layout: one hash per limited key, ``{prefix}:rl:{name}:{key}``, with two
 fields per bucket, named after the bucket's limit (``"10/60.0:t"`` its
@@ -38,55 +39,78 @@ from chatd.ratelimit import LimiterTable
 
 log = logging.getLogger("chatd.cluster")
 
-# KEYS[1]: the hash. ARGV: capacity, period (seconds) of each bucket, in pairs.
-# Returns 0 when allowed (a token spent from each bucket), else the whole
-# seconds to wait (>= 1), having written nothing.
+# KEYS: the hashes, one per take (a key may come twice: taken in turn).
+# ARGV: capacity, period (seconds) of each bucket, in pairs. Returns, per
+# key, 0 when allowed (a token spent from each bucket), else the whole
+# seconds to wait (>= 1), having written nothing for that key.
 _TAKE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local n = #ARGV / 2
-local names, caps, rates, fields = {}, {}, {}, {}
+local caps, rates, fields = {}, {}, {}
 for i = 1, n do
   local cap = tonumber(ARGV[2 * i - 1])
-  names[i] = ARGV[2 * i - 1] .. '/' .. ARGV[2 * i]
+  local name = ARGV[2 * i - 1] .. '/' .. ARGV[2 * i]
   caps[i] = cap
   rates[i] = cap / tonumber(ARGV[2 * i])
-  fields[2 * i - 1] = names[i] .. ':t'
-  fields[2 * i] = names[i] .. ':s'
+  fields[2 * i - 1] = name .. ':t'
+  fields[2 * i] = name .. ':s'
 end
-local stored = redis.call('HMGET', KEYS[1], unpack(fields))
-local tokens, stamps = {}, {}
-local wait = 0
-for i = 1, n do
-  local tok = tonumber(stored[2 * i - 1])
-  local stamp = tonumber(stored[2 * i])
-  if tok == nil or stamp == nil then
-    tok, stamp = caps[i], now
-  elseif now > stamp then
-    tok = math.min(caps[i], tok + (now - stamp) * rates[i])
-    stamp = now
+local function take(key)
+  local stored = redis.call('HMGET', key, unpack(fields))
+  local tokens, stamps = {}, {}
+  local wait = 0
+  for i = 1, n do
+    local tok = tonumber(stored[2 * i - 1])
+    local stamp = tonumber(stored[2 * i])
+    if tok == nil or stamp == nil then
+      tok, stamp = caps[i], now
+    elseif now > stamp then
+      tok = math.min(caps[i], tok + (now - stamp) * rates[i])
+      stamp = now
+    end
+    tokens[i], stamps[i] = tok, stamp
+    if tok < 1 then
+      wait = math.max(wait, (1 - tok) / rates[i])
+    end
   end
-  tokens[i], stamps[i] = tok, stamp
-  if tok < 1 then
-    wait = math.max(wait, (1 - tok) / rates[i])
+  if wait > 0 then
+    return math.max(1, math.ceil(wait))
   end
+  local values, ttl = {}, 0
+  for i = 1, n do
+    local tok = tokens[i] - 1
+    values[4 * i - 3] = fields[2 * i - 1]
+    values[4 * i - 2] = string.format('%.17g', tok)
+    values[4 * i - 1] = fields[2 * i]
+    values[4 * i] = string.format('%.17g', stamps[i])
+    ttl = math.max(ttl, (caps[i] - tok) / rates[i])
+  end
+  redis.call('HSET', key, unpack(values))
+  redis.call('PEXPIRE', key, math.ceil(ttl * 1000))
+  return 0
 end
-if wait > 0 then
-  return math.max(1, math.ceil(wait))
+local results = {}
+for k = 1, #KEYS do
+  results[k] = take(KEYS[k])
 end
-local values, ttl = {}, 0
-for i = 1, n do
-  local tok = tokens[i] - 1
-  values[4 * i - 3] = fields[2 * i - 1]
-  values[4 * i - 2] = string.format('%.17g', tok)
-  values[4 * i - 1] = fields[2 * i]
-  values[4 * i] = string.format('%.17g', stamps[i])
-  ttl = math.max(ttl, (caps[i] - tok) / rates[i])
-end
-redis.call('HSET', KEYS[1], unpack(values))
-redis.call('PEXPIRE', KEYS[1], math.ceil(ttl * 1000))
-return 0
+return results
 """
+
+#: Most takes answered by one script call.
+MAX_BATCH = 512
+
+
+class _Batch:
+    """The takes of one script call: their keys, then their answers (None:
+    Redis did not answer; count locally)."""
+
+    __slots__ = ("done", "keys", "results")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.results: list[int] | None = None
+        self.done = trio.Event()
 
 
 def _check(limits: Sequence[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -128,6 +152,8 @@ class RedisLimiter:
         checked = _check(limits)
         self._args = [str(x) for pair in checked for x in (pair[0], repr(pair[1]))]
         self._local = LimiterTable(checked)
+        #: The takes waiting for the next script call (None: none).
+        self._batch: _Batch | None = None
 
     @property
     def redis_down(self) -> bool:
@@ -137,22 +163,48 @@ class RedisLimiter:
     async def take(self, key: int) -> float:
         """0.0 when allowed (a token spent from each bucket), else the whole
         seconds to wait (>= 1), nothing spent. Never raises for Redis trouble:
-        counts in this node's own table instead (see the module docstring)."""
-        if self._retry_at is None or trio.current_time() >= self._retry_at:
-            keys = [f"{self._prefix}{key}"]
-            try:
-                with trio.fail_after(self._timeout):
-                    reply: object = await self._script(keys=keys, args=self._args)
-            except (RedisError, OSError, trio.TooSlowError) as exc:
-                self._went_down(exc)
-            else:
-                if self._retry_at is not None:
-                    self._retry_at = None
-                    log.info("rate limits (%s): Redis is back; counting cluster-wide", self._name)
-                if not isinstance(reply, int):
-                    raise TypeError(f"unexpected reply from the rate limit script: {reply!r}")
-                return float(reply)
-        return self._local.take(key, trio.current_time())
+        counts in this node's own table instead (see the module docstring).
+
+        The takes that arrive in one pass of the scheduler go to Redis in
+        one script call: the first of them waits for that pass to end, then
+        calls for all (measured: a call per take cost a node about 100 µs
+        of CPU, and a cluster's commit rate a tenth of a node's)."""
+        if self._retry_at is not None and trio.current_time() < self._retry_at:
+            return self._local.take(key, trio.current_time())
+        batch = self._batch
+        if batch is None or len(batch.keys) >= MAX_BATCH:
+            batch = self._batch = _Batch()
+            batch.keys.append(f"{self._prefix}{key}")
+            with trio.CancelScope(shield=True):  # the others wait for this call
+                await trio.lowlevel.cancel_shielded_checkpoint()  # this pass's takes join
+                if self._batch is batch:
+                    self._batch = None
+                await self._call(batch)
+        else:
+            index = len(batch.keys)
+            batch.keys.append(f"{self._prefix}{key}")
+            await batch.done.wait()
+            if batch.results is not None:
+                return float(batch.results[index])
+        if batch.results is None:
+            return self._local.take(key, trio.current_time())
+        return float(batch.results[0])
+
+    async def _call(self, batch: _Batch) -> None:
+        try:
+            with trio.fail_after(self._timeout):
+                reply: object = await self._script(keys=batch.keys, args=self._args)
+        except (RedisError, OSError, trio.TooSlowError) as exc:
+            self._went_down(exc)
+        else:
+            if self._retry_at is not None:
+                self._retry_at = None
+                log.info("rate limits (%s): Redis is back; counting cluster-wide", self._name)
+            if not isinstance(reply, list) or len(reply) != len(batch.keys):
+                batch.done.set()
+                raise TypeError(f"unexpected reply from the rate limit script: {reply!r}")
+            batch.results = [int(r) for r in reply]
+        batch.done.set()
 
     def _went_down(self, exc: BaseException) -> None:
         if self._retry_at is None:
