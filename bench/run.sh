@@ -94,6 +94,15 @@ PY
     # so, where PostgreSQL is not installed): exits non-zero when a search
     # failed or got no answer.
     .venv/bin/python search.py --quick --json "$out/search.json"
+    # A cluster's unit costs and the capacity model (1-3 nodes on throwaway
+    # PostgreSQL and Redis), and chatd migrate on 5,000 messages: with the
+    # project's environment (they start the servers as the tests do).
+    if [ -x ../.venv/bin/python ]; then
+        ../.venv/bin/python cluster_load.py --quick --out "$out/cluster.json"
+        ../.venv/bin/python migrate.py --messages 5000
+    else
+        echo "bench: no .venv (./build.sh test makes it): cluster_load.py and migrate.py not run" >&2
+    fi
     echo "bench --quick: ok (results in a temp dir, docs/benchmarks.md untouched)"
 else
     .venv/bin/python load.py --profile --out results/latest.json
