@@ -94,6 +94,8 @@ PY
     # so, where PostgreSQL is not installed): exits non-zero when a search
     # failed or got no answer.
     .venv/bin/python search.py --quick --json "$out/search.json"
+    # 1,000 idle connections held, at rest, and back after a restart.
+    .venv/bin/python connections.py --quick --json "$out/connections.json"
     # A cluster's unit costs and the capacity model (1-3 nodes on throwaway
     # PostgreSQL and Redis), and chatd migrate on 5,000 messages: with the
     # project's environment (they start the servers as the tests do).

@@ -75,7 +75,7 @@ ACK_KEY = b'"join_room_ack"'
 #: commands answered at once, between the steps of a running storm: no
 #: garbage collection after them (a full collection over 10,000 connections
 #: pauses the process for tens of ms)
-LIGHT = {"held", "storm_target", "storm_status", "storm_go"}
+LIGHT = {"held", "storm_target", "storm_status", "storm_go", "reconnect_status"}
 
 
 def cpu_seconds() -> float:
@@ -149,6 +149,7 @@ class Worker:
         self.acks: list[asyncio.Future[bytes]] = []
         self.quiet = 0.5  # big room: nothing received this long = the presence is all in
         self.storm: dict[str, Any] | None = None
+        self.reconnecting: dict[str, Any] | None = None
 
     def token(self, user_id: int, jti: int | None = None) -> str:
         """A token for ``user_id``; a ``jti`` makes it unlike any other."""
@@ -204,6 +205,7 @@ class Worker:
                 if c is not None:
                     c.own_room = r  # type: ignore[attr-defined]
                     c.uid = cmd["uid0"] + k  # type: ignore[attr-defined]
+                    c.port = port  # type: ignore[attr-defined]
                 return c
 
         got = await asyncio.gather(*(one(k) for k in range(n)))
@@ -689,6 +691,51 @@ class Worker:
         self.members = keep
         self.acks = []
         return {"dropped": dropped, "members": len(keep)}
+
+    # --- idle connections reconnecting after a restart (bench/connections.py) ----
+
+    async def reconnect_start(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        """For every open client, in the background: once its connection is
+        lost, reconnect (the same user, no room) with ``backoff`` until it
+        is back or ``deadline`` (ns); return at once."""
+        st: dict[str, Any] = {"back": 0, "attempts": 0, "tasks": []}
+        base, cap, deadline = cmd["backoff_base"], cmd["backoff_cap"], cmd["deadline"]
+        port = cmd.get("port")
+
+        async def life(c: Client) -> None:
+            await asyncio.shield(c.closed)
+            k = 0
+            while MONO() < deadline:
+                k += 1
+                await asyncio.sleep(backoff(k, base, cap))
+                st["attempts"] += 1
+                new = await self.open_one(port or c.port, c.uid, False, None)  # type: ignore[attr-defined]
+                if new is not None:
+                    new.uid = c.uid  # type: ignore[attr-defined]
+                    new.port = port or c.port  # type: ignore[attr-defined]
+                    self.clients.append(new)
+                    st["back"] += 1
+                    return
+
+        for c in list(self.clients):
+            if c.is_open:
+                st["tasks"].append(asyncio.ensure_future(life(c)))
+        self.reconnecting = st
+        return {"waiting": len(st["tasks"])}
+
+    def reconnect_status(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        st = self.reconnecting
+        return {"back": st["back"], "attempts": st["attempts"]} if st else {"back": 0}
+
+    async def reconnect_stop(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        st = self.reconnecting
+        if st:
+            for task in st["tasks"]:
+                task.cancel()
+            await asyncio.gather(*st["tasks"], return_exceptions=True)
+        self.reconnecting = None
+        self.clients = [c for c in self.clients if c.is_open]
+        return {"open": len(self.clients), "errors": dict(self.errors)}
 
     # --- reconnect storm -------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import resource
 import signal
 import sqlite3
 import sys
@@ -28,6 +29,8 @@ from chatd.migrate import add_command as add_migrate
 from chatd.server import ChatServer
 
 log = logging.getLogger("chatd")
+#: The most open files chatd asks for when the hard limit is unlimited.
+MAX_OPEN_FILES = 1_048_576
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +133,7 @@ GC_THRESHOLD = 10_000
 def _serve(config: Config, ns: argparse.Namespace) -> int:
     del ns
     setup_logging(config.logging.level)
+    raise_open_files()
     # Everything imported so far lives as long as the process: out of the
     # collector's sight, so that a full collection walks only what serving
     # created.
@@ -152,6 +156,25 @@ def _serve(config: Config, ns: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Raise the soft limit of open files to the hard one (as Go's runtime
+    does): each connection is a descriptor, and a shell's default soft
+    limit (often 1,024) would refuse connections long before the machine
+    runs out. The limits after, (soft, hard); logged when raised."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        target = MAX_OPEN_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_OPEN_FILES)
+        if target > soft:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            except (OSError, ValueError) as exc:  # pragma: no cover - refused: keep the soft one
+                log.warning("open files: cannot raise the limit from %d: %s", soft, exc)
+                return soft, hard
+            log.info("open files: soft limit raised from %d to %d (the hard limit)", soft, target)
+            return target, hard
+    return soft, hard
 
 
 def _first_cause(exc: BaseException) -> OSError | StorageError | None:
