@@ -43,7 +43,7 @@ from chatd.auth import Identity, bearer
 from chatd.config import LOOPBACK_HOSTS, Config
 from chatd.errors import ChatError, CloseCode
 from chatd.session import Context, Session
-from chatd.transport.extensions import BoundedDeflate, SizeGuard
+from chatd.transport.extensions import BoundedDeflate, SizeGuard, choose_offers
 from chatd.transport.fanout import Fanout
 from chatd.transport.http import Response, UpgradeRequest, json_error
 from chatd.transport.upgrade import Upgrade, response
@@ -245,10 +245,8 @@ def open_direct(config: Config, request: Upgrade) -> Response | Opened:
     if request.path != WS_PATH:
         return json_error(404, "not found")
     extensions, deflate = _extensions(config)
-    try:
-        agreed = server_extensions_handshake(request.extensions, extensions)
-    except ValueError:  # int() of "client_max_window_bits=abc", as with wsproto
-        return json_error(400, "bad request")
+    offers = choose_offers(list(request.extensions), config.limits.max_frame_bytes)
+    agreed = server_extensions_handshake(offers, extensions)
     subprotocol = next((s for s in request.subprotocols if s in SUBPROTOCOLS), None)
     accept = response(request.key, subprotocol, agreed)
     return Wire(extensions), accept, deflate, request.query
@@ -263,8 +261,9 @@ def open_wsproto(config: Config, request: h11.Request) -> Response | Opened:
     if target.path != WS_PATH:
         return json_error(404, "not found")
     ws = WSConnection(ConnectionType.SERVER)
+    headers = _offers_chosen(list(request.headers), config.limits.max_frame_bytes)
     try:
-        ws.initiate_upgrade_connection(list(request.headers), request.target)
+        ws.initiate_upgrade_connection(headers, request.target)
         upgrade = next(ws.events())
     except (ProtocolError, h11.ProtocolError, ValueError, StopIteration):
         # Beside its own errors, wsproto lets through h11's (it writes the
@@ -275,13 +274,26 @@ def open_wsproto(config: Config, request: h11.Request) -> Response | Opened:
     assert isinstance(upgrade, Request)
     extensions, deflate = _extensions(config)
     subprotocol = next((s for s in upgrade.subprotocols if s in SUBPROTOCOLS), None)
-    try:
-        accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
-    except ValueError:  # wsproto's int() of "client_max_window_bits=abc"
-        return json_error(400, "bad request")
+    accept = ws.send(AcceptConnection(subprotocol=subprotocol, extensions=extensions))
     # Only the frame parser is kept: the handshake's h11 state and request
     # go with the WSConnection (see wire.py).
     return Wire.take(ws), accept, deflate, target.query
+
+
+def _offers_chosen(headers: list[tuple[bytes, bytes]], max_bytes: int) -> list[tuple[bytes, bytes]]:
+    """The request's headers with its extension offers as ``choose_offers``
+    leaves them (one header; none when nothing is left)."""
+    offers: list[str] = []
+    rest: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name.lower() == b"sec-websocket-extensions":
+            offers.extend(o.strip() for o in value.decode("latin-1").split(",") if o.strip())
+        else:
+            rest.append((name, value))
+    chosen = choose_offers(offers, max_bytes)
+    if chosen:
+        rest.append((b"Sec-WebSocket-Extensions", ", ".join(chosen).encode("latin-1")))
+    return rest
 
 
 def _extensions(config: Config) -> tuple[list[Extension], BoundedDeflate | None]:

@@ -33,8 +33,8 @@ open.
 Where the RFC leaves a choice (fail fast on invalid UTF-8 or at the end of
 the frame; echo a message that came before a close or not; decline an
 offer), either outcome it allows is accepted, and the test says which one
-chatd takes. Known disagreements with the RFCs are ``xfail(strict=True)``
-with the reason: they turn into failures once fixed, to be made plain tests.
+chatd takes. The disagreements with the RFCs these cases found are fixed
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -1640,43 +1640,25 @@ async def test_13_x_bad_compressed_frames(
         pytest.param("permessage-deflate; server_no_context_takeover=1", id="flag with a value"),
     ],
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "RFC 7692 §7: a server MUST decline an offer with an unknown parameter, a "
-        "parameter twice, or an invalid value; wsproto's PerMessageDeflate.accept "
-        "ignores unknown parameters and repeats, reads a bare server_max_window_bits "
-        "as 15 and a flag's value as absent, and accepts"
-    ),
-)
 async def test_13_x_invalid_offers_are_declined(echo: EchoServer, offer: str) -> None:
     async with connect(echo, offer=offer) as peer:
         assert peer.deflate is None, "accepted an offer RFC 7692 §7 says to decline"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "RFC 7692 §7: an offer with an invalid value is declined (the upgrade goes "
-        "on without the extension); wsproto's int() of the value raises, and the "
-        "gate answers the whole upgrade with 400 (chatd/handshake.py, on purpose)"
-    ),
-)
 async def test_13_x_offer_with_a_non_numeric_value_is_declined(echo: EchoServer) -> None:
     async with connect(echo, offer="permessage-deflate; client_max_window_bits=abc") as peer:
         assert peer.deflate is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "wsproto's server_extensions_handshake hands every offer to one "
-        "PerMessageDeflate, which keeps what each offer set: a first offer's "
-        "client_max_window_bits=9 stays the server's inflate window while the "
-        "response accepts the second offer (client window 15): messages "
-        "compressed with distances past 512 bytes then fail with 1007"
-    ),
-)
+async def test_13_x_a_quoted_window_size_is_read(echo: EchoServer) -> None:
+    """RFC 7692 §7.1 (a parameter's value as RFC 6455 §9.1's quoted-string
+    is read unquoted): accepted with that window. Not in Autobahn."""
+    async with connect(echo, offer='permessage-deflate; client_max_window_bits="10"') as peer:
+        assert peer.deflate is not None and peer.deflate.client_bits == 10
+        await _deflate_echo(peer, _messages(4096, 2, 0))
+        await peer.close_cleanly()
+
+
 async def test_13_x_declined_offer_leaves_no_trace(echo: EchoServer) -> None:
     """RFC 7692 §5, §7.1.2.2: the response answers one offer, and the server
     works by that offer. Here the first offer cannot be accepted (it asks

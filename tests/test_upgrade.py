@@ -152,6 +152,20 @@ COMMON = {
     "offer-not-a-number": head(
         *BASE, b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=abc"
     ),
+    "declined-offer-then-plain": head(
+        *BASE,
+        b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits=9;"
+        b" server_max_window_bits=8, permessage-deflate",
+    ),
+    "offer-unknown-parameter": head(
+        *BASE, b"Sec-WebSocket-Extensions: permessage-deflate; x_extra=1, permessage-deflate"
+    ),
+    "offer-flag-with-a-value": head(
+        *BASE, b"Sec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover=1"
+    ),
+    "offer-quoted-window": head(
+        *BASE, b'Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits="10"'
+    ),
     "other-extensions": head(
         *BASE, b"Sec-WebSocket-Extensions: x-webkit-deflate-frame, x-chatd-size-guard, ,"
     ),

@@ -97,3 +97,62 @@ class BoundedDeflate(PerMessageDeflate):
     def window_bits(self) -> int:
         """The window our compressor must stay within for this client."""
         return self.server_max_window_bits
+
+
+#: RFC 7692 §7's parameters: whether each takes a window size (required,
+#: optional) or none.
+_DEFLATE_PARAMS = {
+    "server_no_context_takeover": "none",
+    "client_no_context_takeover": "none",
+    "server_max_window_bits": "required",
+    "client_max_window_bits": "optional",
+}
+
+
+def valid_deflate_offer(offer: str) -> str | None:
+    """A permessage-deflate offer as RFC 7692 §7 lets a server accept it,
+    written plainly (a quoted window size unquoted, which wsproto cannot
+    read), or None: an unknown parameter, one twice, a flag with a value, a
+    window size missing where it is due or not 8 to 15 in digits."""
+    seen: set[str] = set()
+    out = [PerMessageDeflate.name]
+    for part in offer.split(";")[1:]:
+        key, has_value, value = part.partition("=")
+        key, value = key.strip().lower(), value.strip()
+        kind = _DEFLATE_PARAMS.get(key)
+        if kind is None or key in seen:
+            return None
+        seen.add(key)
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        if kind == "none" and has_value:
+            return None
+        if kind == "required" and not has_value:
+            return None
+        if has_value and not (value.isascii() and value.isdigit() and value[0] != "0"
+                              and 8 <= int(value) <= 15):  # fmt: skip
+            return None
+        out.append(f"{key}={value}" if has_value else key)
+    return "; ".join(out)
+
+
+def choose_offers(offers: list[str], max_bytes: int) -> list[str]:
+    """The offers to hand to wsproto's handshake: every offer of another
+    extension as it came, and of permessage-deflate only the first that is
+    valid (``valid_deflate_offer``) and that chatd's deflate accepts (tried
+    on an extension of its own). wsproto's ``server_extensions_handshake``
+    gives every offer to the one extension, which keeps what each set: a
+    declined first offer's window sizes would outlive it (RFC 7692 §5: the
+    server works by the offer it answers)."""
+    chosen: list[str] = []
+    found = False
+    for offer in offers:
+        name = offer.split(";", 1)[0].strip()
+        if name != PerMessageDeflate.name:
+            chosen.append(offer)
+        elif not found:
+            plain = valid_deflate_offer(offer)
+            if plain is not None and BoundedDeflate(max_bytes).accept(plain) is not None:
+                chosen.append(plain)
+                found = True
+    return chosen

@@ -495,11 +495,17 @@ class WebSocketConnection:
                         break
                     length = (buf[pos + 2] << 8) | buf[pos + 3]
                     head = pos + 4
+                    if length < 126:  # not the fewest bytes: wsproto fails it (1002)
+                        slow = True
+                        break
                 elif length == 127:
                     if size - pos < 10:
                         break
                     length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                     head = pos + 10
+                    if length < 0x10000:  # (as above)
+                        slow = True
+                        break
                 if b1 & 0x80:
                     head += 4  # the masking key
                 if length > limit:
