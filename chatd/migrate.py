@@ -157,6 +157,8 @@ EVENTS = Table(
 )
 #: The progress row of the messages and their events (copied together).
 LOG = "messages+events"
+#: The progress row written last, with the channels' rows and the sequences.
+FINISHED = "finished"
 #: Sequences set past SQLite's highest id: (PostgreSQL's, SQLite's tables).
 SEQUENCES = (
     ("messages_id_seq", ("messages", "message_events")),
@@ -350,7 +352,9 @@ class Copier:
         return positions
 
     def finish(self) -> None:
-        """Each channel's row, and the sequences past SQLite's ids."""
+        """Each channel's row, and the sequences past SQLite's ids; then the
+        migration is finished (``FINISHED``'s row, in the same transaction)."""
+        self.after_batch(FINISHED)  # (the tests' fault injection: just before)
         with self.dst.transaction():
             self.dst.execute(
                 "INSERT INTO channels (name, seq, pos)"
@@ -364,6 +368,7 @@ class Copier:
                 highest = _highest(self.src, tables)
                 if highest > 0:
                     self.dst.execute("SELECT setval(%s, %s, true)", (sequence, highest))
+            self._record(FINISHED, None, True)
 
 
 def _numbered(
@@ -516,7 +521,7 @@ def _check_target(dst: Any, where: str, resume: bool) -> None:
     started = dst.execute("SELECT to_regclass('chatd_migration') IS NOT NULL").fetchone()[0]
     if started:
         finished = dst.execute(
-            "SELECT count(*) > 0 AND bool_and(done) FROM chatd_migration WHERE name = %s", (LOG,)
+            "SELECT count(*) > 0 FROM chatd_migration WHERE name = %s", (FINISHED,)
         ).fetchone()[0]
         if finished:
             raise MigrationError(f"database {where}: a migration into it has finished already")

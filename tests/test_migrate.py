@@ -195,6 +195,28 @@ async def test_an_interrupted_copy_goes_on_with_resume(tmp_path: Path, pg_dsn: s
         migrate.run(config, path, resume=True, out=io.StringIO())
 
 
+async def test_interrupted_after_the_last_batch_resume_still_finishes(
+    tmp_path: Path, pg_dsn: str
+) -> None:
+    """Every row copied, then stopped before the channels' rows and the
+    sequences: a resume writes them (and only then is it finished)."""
+    path = str(tmp_path / "chatd.db")
+    world = await fill(path, messages=8)
+    config = pg_config(pg_dsn)
+
+    def crash(name: str) -> None:
+        if name == migrate.FINISHED:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        migrate.run(config, path, resume=False, out=io.StringIO(), after_batch=crash)
+    out = io.StringIO()
+    assert migrate.run(config, path, resume=True, out=out) == 0, out.getvalue()
+    async with open_postgres_store(pg_dsn) as pg:
+        new = await stored(pg, text("after"))
+        assert isinstance(new, StoredMessage) and new.id > max(world["ids"])
+
+
 async def test_refusals_are_one_line_each(tmp_path: Path, pg_dsn: str) -> None:
     path = str(tmp_path / "chatd.db")
     await fill(path, messages=4)
