@@ -16,6 +16,7 @@ import prometheus_client as prom
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from chatd import __version__
+from chatd.errors import ErrorCode
 
 prom.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -215,6 +216,20 @@ class Metrics:
         )
         self._children: dict[tuple[int, str], Counter] = {}
         self._gone: dict[int, float] = {}
+        # Every label a counter is known to take, at 0 from the start: a
+        # series that appears only at its first event is one that alerts
+        # and rate() cannot see until then (the first error of a kind
+        # would never show as an increase).
+        for code in ErrorCode:
+            self._child(self._errors, code.value)
+        for kind in ("room", "direct"):
+            self.purged.labels(kind)
+        for kind in ("edited", "deleted"):
+            self.changes.labels(kind)
+        if store == "sqlite":
+            for mode in ("PASSIVE", "RESTART", "TRUNCATE"):
+                for result in ("done", "busy", "error"):
+                    self.checkpoints.labels(mode, result)
 
     def _child(self, family: Counter, label: str) -> Counter:
         key = (id(family), label)

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from wsproto.events import CloseConnection
 
 from chatd.config import Config
+from chatd.errors import ErrorCode
 from chatd.server import ChatServer
 from chatd.store.sqlite import SqliteStore
 from tests.helpers.clients import closed_with, connect
@@ -105,6 +106,17 @@ async def test_metrics_is_prometheus_text(server: ChatServer) -> None:
         assert samples.types[gauge] == "gauge", gauge
     assert samples("chatd_connections") == 0
     assert samples("chatd_connects_total") == 0
+    # labelled counters are there at 0 before their first event (alerts and
+    # rate() see the first one as an increase)
+    zero = [
+        *(("chatd_errors_total", {"code": code.value}) for code in ErrorCode),
+        *(("chatd_retention_purged_messages_total", {"kind": k}) for k in ("room", "direct")),
+        *(("chatd_message_changes_total", {"kind": k}) for k in ("edited", "deleted")),
+        ("chatd_sqlite_checkpoints_total", {"mode": "RESTART", "result": "busy"}),
+    ]
+    for name, labels in zero:
+        key = (name, frozenset(labels.items()))
+        assert samples.values.get(key) == 0.0, (name, labels)
 
 
 async def test_metrics_head_is_200_without_body(server: ChatServer) -> None:
