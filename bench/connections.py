@@ -31,6 +31,7 @@ import argparse
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from load import MONO, Pool, Server, log, proc_cpu, proc_rss_kib, split  # noqa: E402
-
-import tempfile  # noqa: E402
 
 
 def main() -> int:

@@ -40,7 +40,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -62,10 +62,6 @@ CREATE TABLE IF NOT EXISTS chatd_migration (
 """
 
 
-def _boolean(value: Any) -> bool:
-    return bool(value)
-
-
 def _text_with_raw(value: str | None) -> tuple[str | None, bytes | None]:
     """Content as PostgreSQL keeps it (``stored_text``: NUL is not text)."""
     if value is None:
@@ -85,7 +81,7 @@ class Table:
     columns: tuple[str, ...]
     key: tuple[str, ...]
     where: str = ""
-    convert: tuple[tuple[str, Callable[[Any], Any]], ...] = ()
+    convert: dict[str, Callable[[Any], Any]] = field(default_factory=dict)
 
     def target_columns(self) -> list[str]:
         out: list[str] = []
@@ -96,7 +92,7 @@ class Table:
         return out
 
     def row(self, values: Sequence[Any]) -> list[Any]:
-        converters = dict(self.convert)
+        converters = self.convert
         out: list[Any] = []
         for column, value in zip(self.columns, values, strict=True):
             if column == "content":
@@ -110,7 +106,7 @@ class Table:
 #: references whole (rooms before their members).
 TABLES: tuple[Table, ...] = (
     Table("users", ("id", "username", "created_at", "last_seen"), ("id",), "id <> 0"),
-    Table("rooms", ("name", "private", "created_at"), ("name",), "", (("private", _boolean),)),
+    Table("rooms", ("name", "private", "created_at"), ("name",), "", {"private": bool}),
     Table("room_members", ("room", "user_id"), ("room", "user_id")),
     Table("room_roles", ("room", "user_id", "role"), ("room", "user_id")),
     Table("room_sanctions", ("room", "user_id", "kind", "until"), ("room", "user_id", "kind")),
@@ -148,7 +144,7 @@ MESSAGES = Table(
     ),
     ("id",),
     "",
-    (("deleted", _boolean),),
+    {"deleted": bool},
 )  # fmt: skip
 EVENTS = Table(
     "message_events",

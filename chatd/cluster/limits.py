@@ -167,28 +167,28 @@ class RedisLimiter:
 
         The takes that arrive in one pass of the scheduler go to Redis in
         one script call: the first of them waits for that pass to end, then
-        calls for all (measured: a call per take cost a node about 100 µs
+        calls for all (measured: a call per take cost a node about 80 µs
         of CPU, and a cluster's commit rate a tenth of a node's)."""
         if self._retry_at is not None and trio.current_time() < self._retry_at:
             return self._local.take(key, trio.current_time())
         batch = self._batch
-        if batch is None or len(batch.keys) >= MAX_BATCH:
+        leader = batch is None or len(batch.keys) >= MAX_BATCH
+        if leader:
             batch = self._batch = _Batch()
-            batch.keys.append(f"{self._prefix}{key}")
+        assert batch is not None
+        index = len(batch.keys)
+        batch.keys.append(f"{self._prefix}{key}")
+        if leader:
             with trio.CancelScope(shield=True):  # the others wait for this call
                 await trio.lowlevel.cancel_shielded_checkpoint()  # this pass's takes join
                 if self._batch is batch:
                     self._batch = None
                 await self._call(batch)
         else:
-            index = len(batch.keys)
-            batch.keys.append(f"{self._prefix}{key}")
             await batch.done.wait()
-            if batch.results is not None:
-                return float(batch.results[index])
-        if batch.results is None:
+        if batch.results is None:  # Redis did not answer: counted here
             return self._local.take(key, trio.current_time())
-        return float(batch.results[0])
+        return float(batch.results[index])
 
     async def _call(self, batch: _Batch) -> None:
         try:
