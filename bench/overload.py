@@ -15,8 +15,9 @@ What it does
   sending nothing. Every message's content starts ``o<gid>:<ns>:`` (its
   unique id, the time it was offered) and its ``request_id`` is ``gid``.
 * Calibration: the publishers in a closed loop as load.py's commit scenario
-  (4 messages in flight each, the next one leaves when the own copy, i.e.
-  the commit, comes back) for 3 s: R, the node's committed msgs/s.
+  (32 messages in flight each, 3,200 in all, below the store's saturation;
+  the next one leaves when the own copy, i.e. the commit, comes back) for
+  3 s: R, the node's committed msgs/s.
 * Then open loop, on one schedule (each message has its offer time; the
   publishers take turns; a message goes out at its time whatever came back,
   into the client's send buffer when TCP pushes back): 0.5 R for 10 s
@@ -24,19 +25,29 @@ What it does
   then no more offers, and the connections stay open (at most 180 s) for
   what is still in flight to be acknowledged.
 * Every second: offered, acked (own copies), ``error`` frames by code,
-  the client side's unsent bytes, commit latency (offer to own copy) p50 /
+  the bytes the publishers have sent and chatd not received (the client's
+  buffers and its sockets' send queues), commit latency (offer to own copy) p50 /
   p99, reader latency (offer to a reader) p50 / p99, the same two for the
   probe's messages (a light sender, no backlog of its own); and from the
   orchestrator: chatd's VmRSS, ``/readyz`` (status, queued, how long it
-  took to answer) and ``/metrics`` (``chatd_store_queued``,
-  ``chatd_messages_total``).
+  took to answer), what waits in the receive queues of its connections
+  (``/proc/net/tcp``), and ``/metrics`` (``chatd_store_queued``,
+  ``chatd_messages_total``, ``chatd_busy_closes_total``).
+* A publisher (or the probe) that chatd closes (1013: it went on sending
+  into a saturated node) comes back as a client told to back off would:
+  after 2 s (the close's ``retry_after``) x 0.5-1.5 at random, doubling to
+  8 s while refused; it rejoins its room and goes on with its sequence. What
+  it sent on the closed connection without an answer was dropped with it;
+  the offers due while it was away are not sent (``away``).
 * At the end chatd is stopped (SIGTERM: it commits what it queued) and its
-  database read: every acknowledged id must be there (lost: target 0), and
-  of those offered but neither acknowledged nor refused, how many were
-  committed after all; duplicates.
+  database read: every acknowledged id must be there (lost: target 0); of
+  those dropped at a close, how many were stored anyway (target 0: the
+  client must be able to take no answer as not taken); of those offered on
+  a connection still open but neither acknowledged nor refused, how many
+  were committed after all; duplicates.
 * Targets: no acknowledged message lost; every message refused got an
-  ``error`` (``RATE_LIMITED``: a saturated node refuses new messages),
-  none stored; ``/readyz`` 503 ``saturated`` during the
+  ``error`` (``RATE_LIMITED``: a saturated node refuses new messages) or
+  was dropped by a close 1013, none stored; ``/readyz`` 503 ``saturated`` during the
   overload and 200 again after; VmRSS under the bound (VmRSS before the
   overload + 10,000 queued writes x 4 KiB, a generous allowance per queued
   message: its objects, its frame, its share of the buffers); recovered
@@ -52,13 +63,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import fcntl
 import json
 import multiprocessing as mp
 import os
+import random
 import re
 import sqlite3
 import struct
 import sys
+import termios
 import threading
 import time
 import urllib.error
@@ -102,7 +116,7 @@ def control(opcode: int, payload: bytes) -> bytes:
 
 
 class Bucket:
-    __slots__ = ("acked", "errors", "lat", "offered", "unsent")
+    __slots__ = ("acked", "away", "errors", "lat", "offered", "unsent")
 
     def __init__(self) -> None:
         self.offered = 0
@@ -111,19 +125,42 @@ class Bucket:
         # commit (own copy), reader, probe commit, probe reader: ms
         self.lat: tuple[list[float], ...] = ([], [], [], [])
         self.unsent = 0
+        # offers due while their publisher was away (closed, reconnecting)
+        self.away = 0
+
+
+def unsent(conns: list[Conn]) -> int:
+    """Bytes the publishers have sent that chatd has not received: in their
+    asyncio buffers and their sockets' send queues (``TIOCOUTQ``: not yet
+    sent, or sent and not yet acknowledged by chatd's kernel)."""
+    n = 0
+    for c in conns:
+        t = c.transport
+        if t is None or c.lost:
+            continue
+        n += t.get_write_buffer_size()
+        sock = t.get_extra_info("socket")
+        if sock is not None:
+            try:
+                n += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            except OSError:
+                pass
+    return n
 
 
 class Conn(asyncio.Protocol):
-    def __init__(self, gen: Gen, target: str, kind: int, idx: int, room: str) -> None:
+    def __init__(
+        self, gen: Gen, target: str, kind: int, idx: int, room: str, uid: int, seq: int
+    ) -> None:
         self.gen = gen
         self.target = target
         self.kind = kind
         self.idx = idx
+        self.uid = uid
         self.room = room
-        self.head = (
-            b'{"type":"room_message","data":{"room":"' + room.encode() + b'","content":"o'
-        )
-        self.seq = 0
+        self.head = b'{"type":"room_message","data":{"room":"' + room.encode() + b'","content":"o'
+        # the publisher's sequence goes on over its reconnections
+        self.seq = self.first_seq = seq
         self.inflight = 0
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
@@ -134,11 +171,6 @@ class Conn(asyncio.Protocol):
         self.waiter_key = b""
         self.close_code: int | None = None
         self.lost = False
-        # during the overload: own copies, and the longest wait between two
-        # (or from the overload's start to the first) while some were due
-        self.over_acks = 0
-        self.last_ack = 0
-        self.max_gap = 0
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -156,6 +188,8 @@ class Conn(asyncio.Protocol):
         for fut in (self.ready, self.waiter):
             if fut is not None and not fut.done():
                 fut.set_exception(ConnectionError("closed"))
+        if self.upgraded:
+            self.gen.on_lost(self)
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf
@@ -226,6 +260,23 @@ class Gen:
         self.closed_loop = False
         self.calib_acks: list[int] = []
         self.over: tuple[int, int] | None = None  # the overload's span, ns
+        # publishers reconnect once closed (a saturated node closes 1013 the
+        # connections that go on sending) while this is set
+        self.reconnecting = False
+        self.closes: Counter[str] = Counter()
+        # (publisher, first seq, end seq) of each connection lost: what it
+        # sent and had no answer for was dropped with it
+        self.lost_spans: list[tuple[int, int, int]] = []
+        self.dropped_at_close = 0
+        self.reconnects = 0
+        self.reconnect_failures = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+        # per publisher (its index; the probe's is len(pubs)), during the
+        # overload: own copies, and the longest wait between two (or from
+        # the overload's start to the first)
+        self.over_acks: Counter[int] = Counter()
+        self.last_ack: dict[int, int] = {}
+        self.max_gap: Counter[int] = Counter()
 
     def bucket(self, ns: int) -> Bucket:
         if not self.t0:  # (calibration: not in the series)
@@ -259,9 +310,12 @@ class Gen:
             self.acked.add(gid)
             b.acked += 1
             if self.over and self.over[0] <= now < self.over[1]:
-                c.over_acks += 1
-                c.max_gap = max(c.max_gap, now - max(c.last_ack, self.over[0]))
-                c.last_ack = now
+                i = c.idx
+                self.over_acks[i] += 1
+                self.max_gap[i] = max(
+                    self.max_gap[i], now - max(self.last_ack.get(i, 0), self.over[0])
+                )
+                self.last_ack[i] = now
             b.lat[2 if probe else 0].append(ms)
             c.inflight -= 1
             if self.closed_loop and c.kind == PUB and c.transport is not None:
@@ -276,11 +330,42 @@ class Gen:
             rid = d.get("request_id")
             if isinstance(rid, int):
                 self.errored.add(rid)
-                for x in self.pubs + [self.probe]:
-                    if x is not None and x.idx == rid // GID:
-                        x.inflight -= 1
+                c.inflight -= 1
 
-    async def open(self, uid: int, kind: int, idx: int, rooms: list[str]) -> Conn:
+    def on_lost(self, c: Conn) -> None:
+        """A connection closed: what it sent without an answer is dropped
+        with it; a publisher (or the probe) comes back after a pause."""
+        self.closes[str(c.close_code)] += 1
+        if c.kind == READ:
+            return
+        self.lost_spans.append((c.idx, c.first_seq, c.seq))
+        self.dropped_at_close += max(0, c.inflight)
+        c.inflight = 0
+        if self.reconnecting:
+            task = asyncio.get_running_loop().create_task(self.reconnect(c))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def reconnect(self, old: Conn) -> None:
+        """Back after 2 s (the close's ``retry_after``) x 0.5-1.5 at random,
+        then doubling (at most 8 s) while the node refuses."""
+        delay = 2.0
+        while self.reconnecting:
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            try:
+                c = await self.open(old.uid, old.kind, old.idx, [old.room], old.seq)
+            except (OSError, ConnectionError, asyncio.TimeoutError):
+                self.reconnect_failures += 1
+                delay = min(8.0, delay * 2)
+                continue
+            if old.kind == PROBE:
+                self.probe = c
+            else:
+                self.pubs[old.idx] = c
+            self.reconnects += 1
+            return
+
+    async def open(self, uid: int, kind: int, idx: int, rooms: list[str], seq: int = 0) -> Conn:
         loop = asyncio.get_running_loop()
         now = int(time.time())
         tok = jwt.encode(
@@ -289,7 +374,9 @@ class Gen:
             algorithm="HS256",
         )
         _, c = await loop.create_connection(
-            lambda: Conn(self, f"/ws/chat?token={tok}", kind, idx, rooms[0] if rooms else ""),
+            lambda: Conn(
+                self, f"/ws/chat?token={tok}", kind, idx, rooms[0] if rooms else "", uid, seq
+            ),
             "127.0.0.1",
             self.port,
         )
@@ -297,7 +384,9 @@ class Gen:
         for room in rooms:
             ack = c.expect(b'"join_room_ack"')
             assert c.transport is not None
-            c.transport.write(frame(json.dumps({"type": "join_room", "data": {"room": room}}).encode()))
+            c.transport.write(
+                frame(json.dumps({"type": "join_room", "data": {"room": room}}).encode())
+            )
             await asyncio.wait_for(ack, 10)
         c.waiter = None
         return c
@@ -338,13 +427,15 @@ class Gen:
         end = t
         if len(spans) >= 2:
             self.over = spans[1][:2]
-        pubs, probe = self.pubs, self.probe
-        assert probe is not None and probe.transport is not None
+        self.reconnecting = True
+        pubs = self.pubs
+        assert self.probe is not None
         P = len(pubs)
         made = 0  # offers made by the publishers (all phases)
         rr = 0
         probe_made = 0
         span_i, span_base = 0, 0  # the phase being offered, offers before it
+        sampled = -1  # the last second whose unsent bytes were read
         await asyncio.sleep(max(0.0, (t0 - MONO()) / 1e9))
         while True:
             now = MONO()
@@ -355,9 +446,12 @@ class Gen:
                 while made < due:
                     at = s0 + int((made - span_base) * 1e9 / rate)
                     c = pubs[rr]
-                    out.setdefault(rr, []).append(c.message(at))
-                    c.inflight += 1
-                    self.bucket(at).offered += 1
+                    if c.lost:
+                        self.bucket(at).away += 1
+                    else:
+                        out.setdefault(rr, []).append(c.message(at))
+                        c.inflight += 1
+                        self.bucket(at).offered += 1
                     rr = (rr + 1) % P
                     made += 1
                 if now < s1:
@@ -369,33 +463,35 @@ class Gen:
                 if c.transport is not None and not c.transport.is_closing():
                     c.transport.write(b"".join(frames))
             pdue = int(PROBE_RATE * (min(now, end) - t0) / 1e9)
+            probe = self.probe
             while probe_made < pdue:
                 at = t0 + int(probe_made * 1e9 / PROBE_RATE)
-                probe.inflight += 1
-                probe.transport.write(probe.message(at))
-                self.bucket(at).offered += 1
+                if probe.lost or probe.transport is None:
+                    self.bucket(at).away += 1
+                else:
+                    probe.inflight += 1
+                    probe.transport.write(probe.message(at))
+                    self.bucket(at).offered += 1
                 probe_made += 1
-            self.bucket(now).unsent = sum(
-                c.transport.get_write_buffer_size() for c in pubs if c.transport is not None
-            )
+            if (now - t0) // 1_000_000_000 != sampled:
+                sampled = (now - t0) // 1_000_000_000
+                self.bucket(now).unsent = unsent(pubs)
             if now >= end:
                 break
             await asyncio.sleep(0.005)
+        self.reconnecting = False
+        probe = self.probe
         self.end_unaccounted = sum(c.inflight for c in pubs) + probe.inflight
         self.end_unsent_bytes = self.bucket(end).unsent
         deadline = time.monotonic() + drain
         while time.monotonic() < deadline:
-            left = sum(max(0, c.inflight) for c in pubs) + max(0, probe.inflight)
-            if left == 0 or all(c.lost for c in pubs):
+            live = [c for c in pubs + [probe] if not c.lost]
+            if sum(max(0, c.inflight) for c in live) == 0:
                 break
-            self.bucket(MONO()).unsent = sum(
-                c.transport.get_write_buffer_size() for c in pubs if c.transport is not None
-            )
+            self.bucket(MONO()).unsent = unsent(pubs)
             await asyncio.sleep(0.1)
         self.drain_seconds = drain - max(0.0, deadline - time.monotonic())
-        self.after_drain_unaccounted = sum(max(0, c.inflight) for c in pubs) + max(
-            0, probe.inflight
-        )
+        self.after_drain_unaccounted = sum(max(0, c.inflight) for c in pubs + [probe] if not c.lost)
 
     def result(self) -> dict[str, Any]:
         series = []
@@ -406,6 +502,7 @@ class Gen:
                 "offered": b.offered,
                 "acked": b.acked,
                 "errors": dict(b.errors),
+                "away": b.away,
                 "unsent_bytes": b.unsent,
             }
             for name, lat in zip(("commit", "reader", "probe_commit", "probe_reader"), b.lat):
@@ -427,15 +524,21 @@ class Gen:
             "after_drain_unaccounted": self.after_drain_unaccounted,
             # per publisher (the probe last): own copies during the
             # overload, and the longest wait for one, s
-            "over_acks": [c.over_acks for c in self.pubs + [self.probe] if c is not None],
+            "over_acks": [self.over_acks[i] for i in range(len(self.pubs) + 1)],
             "over_max_gap_s": [
-                round(max(c.max_gap, (self.over[1] - max(c.last_ack, self.over[0]))) / 1e9, 2)
-                for c in self.pubs + [self.probe]
-                if c is not None and self.over
+                round(
+                    max(self.max_gap[i], self.over[1] - max(self.last_ack.get(i, 0), self.over[0]))
+                    / 1e9,
+                    2,
+                )
+                for i in range(len(self.pubs) + 1)
+                if self.over
             ],
-            "closes": Counter(
-                str(c.close_code) for c in self.pubs + self.readers + [self.probe] if c and c.lost
-            ),
+            "closes": dict(self.closes),
+            "lost_spans": self.lost_spans,
+            "dropped_at_close": self.dropped_at_close,
+            "reconnects": self.reconnects,
+            "reconnect_failures": self.reconnect_failures,
         }
 
     def close(self) -> None:
@@ -505,6 +608,17 @@ def metric(text: str, name: str) -> float | None:
     return sum(vals) if vals else None
 
 
+def unread(port: int) -> int:
+    """Bytes waiting in the receive queues of chatd's connections (the
+    sockets whose local port is ``port``, ``/proc/net/tcp``'s rx_queue)."""
+    n = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if int(f[1].rsplit(":", 1)[1], 16) == port:
+            n += int(f[4].split(":")[1], 16)
+    return n
+
+
 class Scraper(threading.Thread):
     """Every second from ``t0``: VmRSS, /readyz, /metrics."""
 
@@ -536,10 +650,12 @@ class Scraper(threading.Thread):
             m = re.search(r'"queued":\s*(\d+)', body)
             row["readyz_queued"] = int(m.group(1)) if m else None
             row["readyz_ms"] = round(took * 1000, 1)
+            row["unread_bytes"] = unread(self.server.port)
             st, body, took = get(self.server.port, "/metrics", 3)
             row["metrics_ms"] = round(took * 1000, 1)
             row["store_queued"] = metric(body, "chatd_store_queued") if st == 200 else None
             row["messages_total"] = metric(body, "chatd_messages_total") if st == 200 else None
+            row["busy_closes"] = metric(body, "chatd_busy_closes_total") if st == 200 else None
             self.rows.append(row)
 
     def stop(self) -> None:
@@ -598,7 +714,7 @@ def main() -> int:
         rss_start = proc_rss_kib(server.pid)
         call({"op": "connect", "port": server.port, "publishers": a.publishers,
               "readers": a.readers}, 120)  # fmt: skip
-        cal = call({"op": "calibrate", "warm": calib[0], "duration": calib[1], "window": 4}, 60)
+        cal = call({"op": "calibrate", "warm": calib[0], "duration": calib[1], "window": 32}, 60)
         R = cal["acked_per_s"]
         log(f"calibration: R = {R:,.0f} committed msgs/s")
         if R <= 0:
@@ -667,8 +783,18 @@ def main() -> int:
     acked, errored = set(res["acked"]), set(res["errored"])
     sent_ids = [i * GID + s for i, n in res["sent"].items() for s in range(n)]
     lost = [g for g in acked if g not in stored]
-    unaccounted = [g for g in sent_ids if g not in acked and g not in errored]
+    unanswered = [g for g in sent_ids if g not in acked and g not in errored]
+    # sent on a connection chatd closed, no answer: dropped with it
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for i, s0, s1 in res["lost_spans"]:
+        spans.setdefault(i, []).append((s0, s1))
+    dropped = [
+        g for g in unanswered if any(s0 <= g % GID < s1 for s0, s1 in spans.get(g // GID, ()))
+    ]
+    dropped_set = set(dropped)
+    unaccounted = [g for g in unanswered if g not in dropped_set]
     committed_after = sum(1 for g in unaccounted if g in stored)
+    dropped_stored = sum(1 for g in dropped if g in stored)
     dups = sum(1 for v in stored.values() if v > 1)
     errored_stored = sum(1 for g in errored if g in stored)
 
@@ -680,9 +806,7 @@ def main() -> int:
     over_rows = [r for r in series if over0 <= r["s"] < drop]
     after_rows = [r for r in series if r["s"] >= drop]
     sat = [r["s"] for r in over_rows if r.get("readyz") == 503]
-    ready_again = next(
-        (r["s"] - drop for r in after_rows if r.get("readyz") == 200), None
-    )
+    ready_again = next((r["s"] - drop for r in after_rows if r.get("readyz") == 200), None)
     with_rss = [r for r in over_rows if r.get("rss_kib")]
     half = with_rss[len(with_rss) // 2 :]
     rss_slope = (
@@ -693,8 +817,11 @@ def main() -> int:
     n_over = max(1, len(over_rows))
     summary = {
         "R_committed_per_s": round(R),
-        "phases": {"baseline": [base_s, round(a.after * R)], "overload": [over_s, round(a.factor * R)],
-                   "after": [after_s, round(a.after * R)]},  # fmt: skip
+        "phases": {
+            "baseline": [base_s, round(a.after * R)],
+            "overload": [over_s, round(a.factor * R)],
+            "after": [after_s, round(a.after * R)],
+        },  # fmt: skip
         "offered_per_s_overload": round(sum(r["offered"] for r in over_rows) / n_over),
         "acked_per_s_overload": round(sum(r["acked"] for r in over_rows) / n_over),
         "acked_per_s_after": round(
@@ -713,6 +840,11 @@ def main() -> int:
         },
         "errors": res["errors"],
         "closes": dict(res["closes"]),
+        "reconnects": res["reconnects"],
+        "reconnect_failures": res["reconnect_failures"],
+        "not_sent_while_away": sum(r.get("away", 0) for r in series),
+        "dropped_at_close": len(dropped),
+        "dropped_at_close_but_stored": dropped_stored,
         "acked": len(acked),
         "acked_lost": len(lost),
         "duplicates_stored": dups,
@@ -739,9 +871,10 @@ def main() -> int:
     }
     out.update(summary=summary, series=series, config=server.config_text)
 
-    cols = ["s", "offered", "acked", "unsent_bytes", "commit_p50_ms", "commit_p99_ms",
+    cols = ["s", "offered", "acked", "unsent_bytes", "unread_bytes", "commit_p50_ms",
+            "commit_p99_ms",
             "reader_p99_ms", "probe_commit_p99_ms", "probe_reader_p99_ms", "rss_kib",
-            "store_queued", "readyz", "readyz_ms", "errors"]  # fmt: skip
+            "store_queued", "readyz", "busy_closes", "away", "errors"]  # fmt: skip
     print("\noverload: per second (s from the baseline's start; the overload at"
           f" {over0}, the drop at {drop})")  # fmt: skip
     print("  " + " ".join(f"{c[:14]:>14}" for c in cols))

@@ -19,11 +19,18 @@ So a message's path runs one way: transport -> session -> ``Messages`` ->
 store -> ``Messages`` (the commit callback) -> bus -> hub -> fan-out ->
 transport.
 
+Overload: a new write is refused (``admit``: ``RATE_LIMITED``, retry after
+1 s) while the store's queue is full or while its connection sends faster
+than the node reads it; a connection refused past ``SHED_AFTER`` is closed
+(``Session._admit``), and for ``SHED_HOLD`` seconds after such a close the
+node says it is saturated (``shedding``, ``/readyz``).
+
 Pure: the store and the bus do the I/O; the clock is passed in.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
 
@@ -38,6 +45,22 @@ P_co = TypeVar("P_co", bound=Peer, covariant=True)
 
 #: What a session's error says when the store could not take its message.
 NOT_STORED = "The message could not be stored; not sent"
+
+#: A connection refused as busy (``Messages.admit``) more than ``SHED_AFTER``
+#: times at a pace over ``SHED_AFTER`` per ``SHED_PERIOD`` seconds goes on
+#: sending though told to wait: it is closed 1013 (``Session._admit``), and
+#: the frames it sent that chatd has not read yet are dropped unread. A
+#: client that waits ``retry_after`` between tries (a few messages in flight
+#: each second) never comes near; one sending hundreds a second into a
+#: saturated node is closed within a second. A full ``message_batch`` (100
+#: entries) refused at once does not close the connection by itself.
+SHED_AFTER = 100
+SHED_PERIOD = 10.0
+#: The ``retry_after`` of the error that goes with that close.
+SHED_RETRY = 2
+#: Seconds after such a close during which ``/readyz`` says the node is
+#: saturated, so that a load balancer sends new connections elsewhere.
+SHED_HOLD = 5.0
 
 
 class Origin(Protocol[P_co]):
@@ -69,19 +92,34 @@ class Messages(Generic[P]):
         self._metrics = metrics
         self._monotonic = monotonic
         self._sent = sent
+        #: When a connection was last closed for sending on while busy.
+        self._shed_at = -math.inf
 
-    def admit(self) -> None:
+    def admit(self, behind: bool = False) -> None:
         """Refuse a new write while the store is saturated (``SATURATED``
-        writes waiting): ``RATE_LIMITED`` with ``retry_after`` 1, nothing
+        writes waiting), or one from a connection that sends faster than
+        the node reads it (``behind``: the node's CPU is what is short):
+        ``RATE_LIMITED`` with ``retry_after`` 1, nothing
         stored, the sender's own limits untouched. Refusing keeps the
         queue, and memory, short when the store is what is slow: senders
         get an answer at once instead of a stall at the queue's hard bound
-        (bench/analysis.md, "Overload")."""
-        if self._store.backlog >= SATURATED:
+        (bench/analysis.md, "Overload"). A connection that goes on sending
+        is closed (``SHED_AFTER``)."""
+        if behind or self._store.backlog >= SATURATED:
             self._metrics.shed.inc()
             raise ChatError(
                 ErrorCode.RATE_LIMITED, "The server is busy; try again", {"retry_after": 1}
             )
+
+    def shed(self) -> None:
+        """A connection is being closed for sending on while busy."""
+        self._metrics.busy_closes.inc()
+        self._shed_at = self._monotonic()
+
+    def shedding(self) -> bool:
+        """Whether a connection was closed for sending on while busy in the
+        last ``SHED_HOLD`` seconds: the node is overloaded."""
+        return self._monotonic() - self._shed_at < SHED_HOLD
 
     async def post(
         self, message: NewMessage, origin: Origin[P], request_id: str | int | None

@@ -71,6 +71,11 @@ class Metrics:
             "Connections closed 1013 for reading too slowly",
             registry=r,
         )
+        self.busy_closes = Counter(
+            "chatd_busy_closes",
+            "Connections closed 1013 for sending on while the node was saturated",
+            registry=r,
+        )
         self.messages = Counter("chatd_messages", "Messages committed and delivered", registry=r)
         self.webhook_deliveries = Counter(
             "chatd_webhook_deliveries",
@@ -156,7 +161,8 @@ class Metrics:
         )
         self.shed = Counter(
             "chatd_messages_shed",
-            "Messages, edits and notifications refused while the store was saturated",
+            "Messages, edits and notifications refused while the node was saturated,"
+            " or from a connection sending faster than the node reads it",
             registry=r,
         )
         self.store_queued = Gauge(

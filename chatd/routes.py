@@ -68,6 +68,10 @@ class Node(Protocol):
     def backlog(self) -> int:
         """Writes waiting for the store (``Store.backlog``)."""
 
+    def shedding(self) -> bool:
+        """Whether the node has lately closed connections that sent on
+        while it was busy (``Messages.shedding``)."""
+
     def publish(
         self, content: str, room: str | None, user_id: int | None, data: dict[str, Any] | None
     ) -> Awaitable[StoredMessage]:
@@ -127,12 +131,13 @@ async def _healthz(node: Node, request: h11.Request, body: bytes, remote: str) -
 
 
 async def _readyz(node: Node, request: h11.Request, body: bytes, remote: str) -> Response:
-    """Ready: not draining, not saturated, and the store commits a write
-    within 2 s."""
+    """Ready: not draining, not saturated (the store's queue full, or
+    connections shed lately because the node could not keep up), and the
+    store commits a write within 2 s."""
     if node.draining:
         return _json(503, {"status": "draining"})
     queued = node.backlog()
-    if queued >= SATURATED:  # (new messages are refused meanwhile)
+    if queued >= SATURATED or node.shedding():  # (new messages are refused meanwhile)
         return _json(503, {"status": "saturated", "queued": queued})
     with trio.move_on_after(READY_TIMEOUT):
         try:

@@ -312,6 +312,9 @@ class ChatServer:
     def backlog(self) -> int:
         return self.ctx.store.backlog
 
+    def shedding(self) -> bool:
+        return self.ctx.messages.shedding()
+
     async def publish(
         self, content: str, room: str | None, user_id: int | None, data: dict[str, Any] | None
     ) -> StoredMessage:

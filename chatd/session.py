@@ -43,7 +43,7 @@ from chatd.config import Config
 from chatd.content import validate
 from chatd.errors import ChatError, CloseCode, ErrorCode, invalid_format
 from chatd.hub import Hub, direct_message_out, live_shape, message_out
-from chatd.messages import Messages
+from chatd.messages import SHED_AFTER, SHED_PERIOD, SHED_RETRY, Messages
 from chatd.metrics import Metrics
 from chatd.moderation import NO_RULES, Action, Moderation, lasts_until
 from chatd.ratelimit import TokenBucket
@@ -80,6 +80,12 @@ class ClientPeer(Protocol):
     @property
     def open(self) -> bool:
         """Whether data frames still flow both ways (not closing, not gone)."""
+
+    @property
+    def behind(self) -> bool:
+        """Whether the client sends faster than the node reads it (what
+        arrives now was sent a while ago): the node is overloaded, and this
+        connection is among the reasons."""
 
     def send(self, frame: OutFrame) -> None:
         """Queue a frame; never blocks."""
@@ -220,7 +226,7 @@ def _limit_specs(config: Config) -> dict[str, list[tuple[int, float]]]:
 class Session(Generic[S]):
     """The protocol state of one authenticated connection."""
 
-    __slots__ = ("_invalid", "_last_write", "ctx", "identity", "peer")
+    __slots__ = ("_busy", "_invalid", "_last_write", "ctx", "identity", "peer")
 
     def __init__(self, ctx: Context[S], peer: S) -> None:
         self.ctx = ctx
@@ -233,6 +239,9 @@ class Session(Generic[S]):
         )
         #: The store's ticket of this connection's latest message.
         self._last_write = 0
+        #: Refusals because the node was saturated (``_admit``); made at
+        #: the first one.
+        self._busy: TokenBucket | None = None
 
     # --- the one place frames come in and errors go out -----------------------
 
@@ -506,7 +515,7 @@ class Session(Generic[S]):
         """Validate, rate-limit and post a message (delivered after commit)."""
         ctx = self.ctx
         validate(data, ctx.config.limits)
-        ctx.messages.admit()
+        await self._admit()
         await self._message_limit()
         message = NewMessage(
             user_id=self.identity.user_id,
@@ -547,7 +556,7 @@ class Session(Generic[S]):
                 f"Content is longer than {limits.max_content_length} characters",
                 {"max_length": limits.max_content_length},
             )
-        ctx.messages.admit()
+        await self._admit()
         await self._message_limit()
         change = Change(
             message_id,
@@ -747,6 +756,35 @@ class Session(Generic[S]):
 
     def _check_token(self) -> None:
         self.ctx.verifier.check_live(self.identity, self.ctx.wall())
+
+    async def _admit(self) -> None:
+        """A write is refused while the node is saturated, or while this
+        connection is ``behind`` (``Messages.admit``: what a sender reads as
+        "busy, try again" is the same either way). A connection refused past ``SHED_AFTER`` goes
+        on sending though told to wait: once what it sent before is
+        committed and acknowledged, it is closed 1013, and what it sent
+        after, still unread, is dropped with the connection (the transport
+        reads nothing more once the session has closed it). Its client
+        learns that every message without an answer was not taken."""
+        ctx = self.ctx
+        try:
+            ctx.messages.admit(self.peer.behind)
+        except ChatError:
+            now = ctx.monotonic()
+            busy = self._busy
+            if busy is None:
+                busy = self._busy = TokenBucket(SHED_AFTER, SHED_PERIOD, now)
+            if busy.take(now) == 0.0:
+                raise
+            if not ctx.store.committed(self._last_write):
+                await ctx.store.flush()
+            ctx.messages.shed()
+            raise ChatError(
+                ErrorCode.RATE_LIMITED,
+                "The server is busy; reconnect in a few seconds",
+                {"retry_after": SHED_RETRY},
+                close=CloseCode.TRY_AGAIN_LATER,
+            ) from None
 
     async def _message_limit(self) -> None:
         wait = await self.ctx.message_limits.take(self.identity.user_id)

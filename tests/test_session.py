@@ -33,6 +33,8 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
+import chatd.messages
+import chatd.session
 from chatd.auth import Identity
 from chatd.bus import Limits, LocalLimits, kick
 from chatd.config import Config
@@ -97,6 +99,7 @@ class FakePeer:
     def __init__(self, user_id: int, expires_at: float | None = EXP) -> None:
         self.identity = Identity(user_id, NAMES.get(user_id, f"user{user_id}"), expires_at)
         self.open = True
+        self.behind = False
         self.frames: list[dict[str, Any]] = []
         self.dropped: list[dict[str, Any]] = []
         self.closes: list[tuple[int, str]] = []
@@ -2483,3 +2486,55 @@ async def test_a_join_reads_a_marker_moved_since_the_last_write(
     ack = await join(again)
     assert (ack["data"]["last_read_id"], ack["data"]["unread"]) == (first.id, 2)
     assert [c[0] for c in world.store.calls] == ["room_access", "save_read_state", "marker"]
+
+
+async def test_a_connection_behind_is_refused_as_busy_and_closed_if_it_goes_on(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A connection that sends faster than the node reads it (``behind``)
+    has its writes refused as if the node were saturated, reads still
+    answered; past ``SHED_AFTER`` refusals at that pace, what it sent before
+    is committed and acknowledged first (a flush), then it is closed 1013.
+    The refusals refill: one a second, with the default pace (100 in 10 s),
+    never closes it."""
+    monkeypatch.setattr(chatd.session, "SHED_AFTER", 3)
+    session = world.connect(BOB)
+    await join(session)
+    session.peer.behind = True
+    for i in range(3):
+        await post(session, "refused", i)
+        the_error(session.peer, ErrorCode.RATE_LIMITED, i, {"retry_after": 1})
+    await send(session, "room_history", {"room": "general"}, "h")  # reads go on
+    assert [f["type"] for f in session.peer.take()] == ["message_history"]
+    session.peer.behind = False
+    await post(session, "before", "b")  # taken: queued, not committed
+    session.peer.behind = True
+    assert world.store.flushes == 0
+    await post(session, "once too often", "x")
+    assert world.store.flushes == 1
+    frames = session.peer.take()
+    assert [(f["type"], f.get("request_id")) for f in frames] == [
+        ("room_message", "b"), ("error", "x"),
+    ]  # fmt: skip
+    assert frames[1]["data"]["details"] == {"retry_after": 2}
+    assert session.peer.closes == [(1013, "The server is busy; reconnect in a few seconds")]
+    assert [m.content for m in world.store.appended] == ["before"]
+    assert world.sample("chatd_messages_shed_total") == 4
+    assert world.sample("chatd_busy_closes_total") == 1
+    assert world.ctx.messages.shedding()
+    world.monotonic.advance(chatd.messages.SHED_HOLD)
+    assert not world.ctx.messages.shedding()
+
+    # the default pace: a refusal a second for a minute is not closed
+    monkeypatch.undo()
+    patient = world.connect(CAROL)
+    await join(patient)
+    patient.peer.behind = True
+    for i in range(60):
+        await post(patient, "try", i)
+        the_error(patient.peer, ErrorCode.RATE_LIMITED, i, {"retry_after": 1})
+        world.monotonic.advance(1.0)
+    assert patient.peer.open
+    patient.peer.behind = False
+    await post(patient, "taken", "t")
+    assert [m.content for m in world.store.appended] == ["before", "taken"]

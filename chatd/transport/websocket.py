@@ -47,7 +47,11 @@ Closing: ``close(code)`` queues the close frame and gives the peer
 ``CLOSE_TIMEOUT`` seconds to answer before the socket is closed anyway. A
 connection that ends with the peer's bytes unread, or without its close
 frame, lingers (``_linger``): closing such a socket would make the kernel
-reset it and drop what the peer has not read yet, our close frame too.
+reset it and drop what the peer has not read yet, our close frame too. Once
+the session has closed the connection (a refused token, too many invalid
+frames, a client sending on into a saturated node), the reader stops at
+once: the frames after, which nobody would handle, are dropped unparsed by
+the linger instead of read one by one until the peer's close frame comes.
 
 Memory: an idle connection keeps only this object, wsproto's frame parser
 (the handshake objects are dropped once upgraded), one cancel scope and one
@@ -94,6 +98,11 @@ CLOSE_TIMEOUT = 5.0
 #: Seconds a connection closed with the peer's bytes unread, or its close
 #: frame not come, reads and drops them before the socket is closed.
 LINGER = 2.0
+#: Seconds from a read of at least ``BIG_READ`` bytes with no read finding
+#: the socket empty after which the peer is ``behind``: it sends faster
+#: than this node reads.
+BEHIND = 1.0
+BIG_READ = 16384
 #: ``drained`` returns once less than this is buffered.
 LOW_WATER = 65536
 #: Most buffers handed to one ``writev`` (Linux IOV_MAX is 1024).
@@ -149,6 +158,7 @@ class WebSocketConnection:
         "_batch_bytes",
         "_fanout",
         "_fd",
+        "_full_since",
         "_head_started",
         "_idle_timeout",
         "_limit",
@@ -229,6 +239,9 @@ class WebSocketConnection:
         self._on_slow = on_slow
         self._scope: trio.CancelScope | None = None
         self.last_seen = trio.current_time()
+        #: Since when no read has found the socket empty, from a big read
+        #: on (None: the last one did, or all were small).
+        self._full_since: float | None = None
         #: Close code sent or received, for logs and tests.
         self.close_code: int | None = None
 
@@ -236,6 +249,15 @@ class WebSocketConnection:
     def state(self) -> State:
         """Where the connection is in its life (``wire.State``)."""
         return self._ws.state
+
+    @property
+    def behind(self) -> bool:
+        """Whether the peer sends faster than this node reads it: for
+        ``BEHIND`` seconds, from a big read on, no read has found the
+        socket empty, so what the session handles now was sent about that
+        long ago at least."""
+        since = self._full_since
+        return since is not None and trio.current_time() - since >= BEHIND
 
     @property
     def open(self) -> bool:
@@ -523,6 +545,8 @@ class WebSocketConnection:
                         pos = end
                         if ws.state is OPEN:
                             await handler.handle_text(text)
+                            if ws.state is not OPEN:  # closed by the session: read no more
+                                return
                         text = ""  # (not kept while the connection waits)
                         continue
                 elif 0x88 <= b0 <= 0x8A and b1 & 0x80 and length <= 125 and ws.parsing:
@@ -551,9 +575,11 @@ class WebSocketConnection:
             # ``receive_some`` (a checkpoint after every read, and a wait when
             # the socket is empty; each costs a pass through Trio's scheduler):
             # after a short read, wait until the socket is readable, then read;
-            # after a full one, yield once and read again.
+            # after a full one, yield once and read again (so too while the
+            # peer may be ``behind``: only a read that finds nothing says
+            # it is not).
             try:
-                if drained:
+                if drained and self._full_since is None:
                     await trio.lowlevel.wait_readable(fd)
                 else:
                     await trio.lowlevel.checkpoint()
@@ -562,11 +588,21 @@ class WebSocketConnection:
             data = _read(fd)
             if data is None:
                 drained = True
+                self._full_since = None
                 continue
             if not data:
                 return
-            drained = len(data) < RECEIVE_SIZE
-            self.last_seen = trio.current_time()
+            size = len(data)
+            drained = size < RECEIVE_SIZE
+            now = self.last_seen = trio.current_time()
+            # Whether the peer is ``behind``: a big read starts the count, a
+            # read that finds nothing after a turn ends it. (Not a short
+            # read: the kernel's receive queue holds what the TCP window
+            # lets in, often less than a full read when the node reads
+            # slowly, while a peer far ahead keeps the rest in its own
+            # send buffer and refills the queue as soon as it is read.)
+            if self._full_since is None and size >= BIG_READ:
+                self._full_since = now
             if buf:  # a frame split across reads: grow one buffer, not copies
                 if not isinstance(buf, bytearray):
                     buf = bytearray(buf)
@@ -594,9 +630,11 @@ class WebSocketConnection:
                 text = parts[0] if len(parts) == 1 else "".join(parts)
                 parts.clear()
                 await handler.handle_text(text)
+                return ws.state is not OPEN  # (closed by the session: read no more)
         elif isinstance(event, BytesMessage):
             if event.message_finished and ws.state is OPEN:
                 await handler.handle_binary()
+                return ws.state is not OPEN
         elif isinstance(event, Ping):
             if ws.state is OPEN:
                 self._write_control(ws.send(event.response()))

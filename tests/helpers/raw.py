@@ -318,12 +318,26 @@ def connection_pair(
     max_message_bytes: int | None = None,
     batch: bool = False,
     sndbuf: int | None = None,
+    tcp: bool = False,
 ) -> tuple[WebSocketConnection, trio.SocketStream]:
     """A server ``WebSocketConnection`` on one end of a socket pair (its
     upgrade already accepted) and the peer's end: a connection without a
     server, for the transport's own tests. ``sndbuf``: the kernel's send
-    buffer of the server's end (small, to fill it)."""
-    a, b = trio.socket.socketpair()
+    buffer of the server's end (small, to fill it). ``tcp``: a loopback
+    TCP connection instead of a Unix pair, the peer's send buffer 4 MiB:
+    the peer gets megabytes ahead of its reader, as a network client can,
+    whenever it runs (a Unix pair lets the writer go on only once its
+    reader has taken 3/4 of what waits)."""
+    if tcp:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            near = socket.create_connection(listener.getsockname())
+            near.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+            far, _ = listener.accept()
+        near.setblocking(False)
+        far.setblocking(False)
+        a, b = trio.socket.from_stdlib_socket(far), trio.socket.from_stdlib_socket(near)
+    else:
+        a, b = trio.socket.socketpair()
     if sndbuf is not None:
         a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     conn = WebSocketConnection(
