@@ -5,9 +5,9 @@ sender's own message limit untouched; what was taken before is committed
 and acknowledged once the writer goes on, and the node takes messages
 again. A connection that goes on sending into the saturated node is closed
 1013 once what it sent before is acknowledged, and what it sent after is
-never read; one that waits ``retry_after`` between tries is not. ``/readyz``
-saying so is in test_http.py; what clients see at three times a node's rate
-is ``bench/overload.py``."""
+never read (one that waits ``retry_after`` between tries is not:
+test_session.py). ``/readyz`` saying so is in test_http.py; what clients
+see at three times a node's rate is ``bench/overload.py``."""
 
 from __future__ import annotations
 
@@ -21,8 +21,7 @@ from trio_websocket import ConnectionClosed
 import chatd.messages
 import chatd.session
 from chatd.config import Config
-from chatd.store import Store
-from tests.helpers.clients import Client, connect, next_of
+from tests.helpers.clients import connect, next_of
 from tests.helpers.http_client import http_request
 from tests.helpers.servers import running
 from tests.helpers.store import writer_held
@@ -70,15 +69,6 @@ async def test_a_saturated_node_refuses_new_writes_and_takes_them_again(
         assert get("chatd_messages_shed_total") == 3
 
 
-async def held_full(alice: Client, store: Store) -> None:
-    """With the writer held: three messages taken, which with the held
-    write make the backlog ``SATURATED`` (4)."""
-    for i in range(3):
-        await alice.send("room_message", {"room": "general", "content": f"pris {i}"}, f"p{i}")
-    while store.backlog < 4:
-        await trio.lowlevel.checkpoint()
-
-
 async def test_a_connection_that_goes_on_sending_into_a_saturated_node_is_closed(
     make_config: Callable[..., Config],
     monkeypatch: pytest.MonkeyPatch,
@@ -96,7 +86,12 @@ async def test_a_connection_that_goes_on_sending_into_a_saturated_node_is_closed
         await bob.join("general")
         store = server.ctx.store
         async with writer_held(store):
-            await held_full(alice, store)
+            for i in range(3):  # taken: with the held write, the node is saturated
+                await alice.send(
+                    "room_message", {"room": "general", "content": f"pris {i}"}, f"p{i}"
+                )
+            while store.backlog < 4:
+                await trio.lowlevel.checkpoint()
             for i in range(3):  # told to wait, three times
                 refused = await answer(
                     alice, "room_message", {"room": "general", "content": "non"}, f"r{i}"
@@ -132,30 +127,3 @@ async def test_a_connection_that_goes_on_sending_into_a_saturated_node_is_closed
         assert reply.status == 503 and reply.json() == {"status": "saturated", "queued": 0}
         await trio.sleep(chatd.messages.SHED_HOLD)
         assert (await http_request(server.port, "GET", "/readyz")).status == 200
-
-
-async def test_a_sender_that_waits_between_tries_is_not_closed(
-    make_config: Callable[..., Config],
-    monkeypatch: pytest.MonkeyPatch,
-    slow_autojump_clock: trio.testing.MockClock,
-) -> None:
-    monkeypatch.setattr(chatd.messages, "SATURATED", 4)
-    monkeypatch.setattr(chatd.session, "SHED_AFTER", 3)
-    monkeypatch.setattr(chatd.session, "SHED_PERIOD", 3.0)  # (one try a second is the pace)
-    config = make_config(limits={"messages_per_minute": 100, "messages_per_hour": 1000})
-    async with running(config) as server, connect(server, 1, "alice") as alice:
-        await alice.join("general")
-        store = server.ctx.store
-        async with writer_held(store):
-            await held_full(alice, store)
-            for i in range(10):  # over three refusals, each after retry_after
-                refused = await answer(
-                    alice, "room_message", {"room": "general", "content": "non"}, f"r{i}"
-                )
-                assert refused["data"]["details"] == {"retry_after": 1}
-                await trio.sleep(1.0)
-            await alice.nothing_pending()
-        frames = [await next_of(alice, "room_message") for _ in range(3)]
-        assert [f["request_id"] for f in frames] == ["p0", "p1", "p2"]
-        assert await post(alice, "enfin") > 0
-        assert server.metrics.registry.get_sample_value("chatd_busy_closes_total") == 0
