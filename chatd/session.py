@@ -570,10 +570,8 @@ class Session(Generic[S]):
     async def _message_versions(self, frame: p.ClientFrame) -> None:
         data: p.MessageVersions = frame.data
         await self._read_limit()
-        store = self.ctx.store
-        if not store.committed(self._last_write):  # its own edit, read back
-            await store.flush()
-        found = await store.versions(data.message_id, self.identity.user_id)
+        await self._own_writes()  # its own edit, read back
+        found = await self.ctx.store.versions(data.message_id, self.identity.user_id)
         versions = [{"content": content, "edited_at": at} for content, at in found]
         self._reply(
             "message_versions", {"message_id": data.message_id, "versions": versions}, frame
@@ -609,8 +607,7 @@ class Session(Generic[S]):
         """Answer ``message_history`` with one page of ``channel``."""
         data: p.RoomHistory | p.DmHistory = frame.data
         store = self.ctx.store
-        if not store.committed(self._last_write):  # read this connection's own writes
-            await store.flush()
+        await self._own_writes()
         limit = p.clamp_limit(data.limit, self.ctx.config.limits.max_history_page)
         messages, total = await store.history(channel, limit, data.offset)
         reply = {
@@ -641,8 +638,7 @@ class Session(Generic[S]):
             await self._check_user(data.with_user)
             channel = dm_channel(me, data.with_user)
         store = ctx.store
-        if not store.committed(self._last_write):  # its own messages, found
-            await store.flush()
+        await self._own_writes()  # its own messages, found
         limit = max(1, min(p.SEARCH_MAX_LIMIT, data.limit))
         budget = ctx.config.limits.search_time_ms / 1000
         started = ctx.monotonic()
@@ -670,8 +666,7 @@ class Session(Generic[S]):
             raise ChatError(
                 ErrorCode.PERMISSION_DENIED, "Join the room to mark it read", {"room": data.room}
             )
-        if not ctx.store.committed(self._last_write):  # its own newest message
-            await ctx.store.flush()
+        await self._own_writes()  # its own newest message
         point = await ctx.reads.mark(self.peer, data, self._read_limit)
         where: dict[str, Any] = (
             {"room": data.room} if data.room is not None else {"with_user": data.with_user}
@@ -686,9 +681,7 @@ class Session(Generic[S]):
 
     async def _unread(self, frame: p.ClientFrame) -> None:
         await self._read_limit()
-        store = self.ctx.store
-        if not store.committed(self._last_write):
-            await store.flush()
+        await self._own_writes()
         self._reply("unread_counts", await self.ctx.reads.unread(self.identity.user_id), frame)
 
     async def _typing(self, frame: p.ClientFrame) -> None:
@@ -757,15 +750,23 @@ class Session(Generic[S]):
     def _check_token(self) -> None:
         self.ctx.verifier.check_live(self.identity, self.ctx.wall())
 
+    async def _own_writes(self) -> None:
+        """Return once this connection's latest write is committed (and so
+        delivered): what it reads next includes its own writes."""
+        store = self.ctx.store
+        if not store.committed(self._last_write):
+            await store.flush()
+
     async def _admit(self) -> None:
         """A write is refused while the node is saturated, or while this
-        connection is ``behind`` (``Messages.admit``: what a sender reads as
-        "busy, try again" is the same either way). A connection refused past ``SHED_AFTER`` goes
-        on sending though told to wait: once what it sent before is
-        committed and acknowledged, it is closed 1013, and what it sent
-        after, still unread, is dropped with the connection (the transport
-        reads nothing more once the session has closed it). Its client
-        learns that every message without an answer was not taken."""
+        connection is ``behind`` (``Messages.admit``: what a sender reads
+        as "busy, try again" is the same either way). A connection refused
+        past ``SHED_AFTER`` goes on sending though told to wait: once what
+        it sent before is committed and acknowledged, it is closed 1013,
+        and what it sent after, still unread, is dropped with the
+        connection (the transport reads nothing more once the session has
+        closed it). Its client learns that every message without an answer
+        was not taken."""
         ctx = self.ctx
         try:
             ctx.messages.admit(self.peer.behind)
@@ -776,8 +777,7 @@ class Session(Generic[S]):
                 busy = self._busy = TokenBucket(SHED_AFTER, SHED_PERIOD, now)
             if busy.take(now) == 0.0:
                 raise
-            if not ctx.store.committed(self._last_write):
-                await ctx.store.flush()
+            await self._own_writes()  # acknowledged before the close
             ctx.messages.shed()
             raise ChatError(
                 ErrorCode.RATE_LIMITED,
