@@ -46,6 +46,7 @@ from typing import Any, TextIO
 
 from chatd.config import Config
 from chatd.errors import StorageError
+from chatd.store.pgschema import stored_text
 from chatd.store.schema import connect, migrate
 
 #: Rows (or ids, for messages) copied in one transaction.
@@ -66,8 +67,6 @@ def _text_with_raw(value: str | None) -> tuple[str | None, bytes | None]:
     """Content as PostgreSQL keeps it (``stored_text``: NUL is not text)."""
     if value is None:
         return None, None
-    from chatd.store.postgres import stored_text
-
     return stored_text(value)
 
 
@@ -216,9 +215,10 @@ def _keyset(table: Table, last: list[Any] | None, limit: int) -> tuple[str, list
     return sql, params
 
 
-def _count(src: sqlite3.Connection, table: Table) -> int:
+def _count(db: Any, table: Table) -> int:
+    """The rows of ``table`` copied (on either side: the query is the same)."""
     where = f" WHERE {table.where}" if table.where else ""
-    (n,) = src.execute(f"SELECT count(*) FROM {table.name}{where}").fetchone()
+    (n,) = db.execute(f"SELECT count(*) FROM {table.name}{where}").fetchone()
     return int(n)
 
 
@@ -424,13 +424,9 @@ def verify(src: sqlite3.Connection, dst: Any) -> list[str]:
     """What differs between the two (nothing: an empty list)."""
     problems: list[str] = []
     for table in (*TABLES, MESSAGES, EVENTS):
-        source = _count(src, table)
-        where = f" WHERE {table.where}" if table.where else ""
-        (target,) = dst.execute(f"SELECT count(*) FROM {table.name}{where}").fetchone()
-        if source != int(target):
-            problems.append(
-                f"{table.name}: {source:,} rows in SQLite, {int(target):,} in PostgreSQL"
-            )
+        source, target = _count(src, table), _count(dst, table)
+        if source != target:
+            problems.append(f"{table.name}: {source:,} rows in SQLite, {target:,} in PostgreSQL")
     columns = "channel, id, seq, user_id, content, deleted, edited_at"
     mine = _channel_sums(src.execute(f"SELECT {columns} FROM messages ORDER BY channel, id"))
     with dst.transaction(), dst.cursor(name="chatd_migration_check") as cursor:

@@ -39,6 +39,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import psycopg
 
+
+def stored_text(content: str) -> tuple[str, bytes | None]:
+    """Content as stored: ``text`` cannot hold NUL, so such content keeps
+    its bytes too (``content_raw``, above)."""
+    if "\x00" in content:
+        return content.replace("\x00", "\ufffd"), content.encode()
+    return content, None
+
+
 #: ``pg_advisory_xact_lock`` key held while migrating ("chatd" + 1).
 MIGRATION_LOCK = 0x636861746401
 

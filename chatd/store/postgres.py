@@ -99,7 +99,7 @@ from chatd.store import (
 )
 from chatd.store.moderation import for_placeholder as moderation_queries
 from chatd.store.outbox import for_placeholder
-from chatd.store.pgschema import migrate
+from chatd.store.pgschema import migrate, stored_text
 from chatd.store.privacy import UserExport
 from chatd.store.privacy import for_placeholder as privacy_queries
 from chatd.store.retention import for_placeholder as retention_queries
@@ -661,14 +661,6 @@ def _close_all(conns: list[Conn]) -> None:
 
 
 # --- operations: plain functions of a connection, shared with the CLI ---------
-
-
-def stored_text(content: str) -> tuple[str, bytes | None]:
-    """Content as stored: ``text`` cannot hold NUL, so such content keeps
-    its bytes too (``content_raw``, pgschema.py)."""
-    if "\x00" in content:
-        return content.replace("\x00", "\ufffd"), content.encode()
-    return content, None
 
 
 def _message_row(id_: int, channel: str, seq: int, m: NewMessage, pos: int) -> tuple[Any, ...]:
