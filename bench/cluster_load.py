@@ -62,7 +62,17 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from load import MONO, SECRET, Pool, Server, log, pct, proc_cpu, split  # noqa: E402
+from load import (  # noqa: E402
+    MONO,
+    Pool,
+    Server,
+    cpu_of,
+    log,
+    pct,
+    pin_tree,
+    process_tree,
+    split,
+)
 
 from tests.helpers.services import postgres_server, redis_server  # noqa: E402
 
@@ -70,38 +80,6 @@ from tests.helpers.services import postgres_server, redis_server  # noqa: E402
 NODE_CPUS = {0}
 REST_CPUS = {1}
 ROOMS = ["room100", "room10", "fan100"] + [f"c{k}" for k in range(20)]
-
-
-def children(pid: int) -> list[int]:
-    """``pid`` and every process whose parent it is (PostgreSQL's backends)."""
-    out = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-                out.append(int(entry.name))
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            total += proc_cpu(pid)
-        except OSError:  # a backend that ended
-            pass
-    return total
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    for p in children(pid):
-        try:
-            os.sched_setaffinity(p, cpus)
-        except OSError:
-            pass
 
 
 class Topology:
@@ -132,7 +110,7 @@ class Topology:
         for server in self.servers:
             server.start(NODE_CPUS)
         if self.pg is not None:
-            pin(self.pg.process.pid, REST_CPUS)
+            pin_tree(self.pg.process.pid, REST_CPUS)
 
     def stop(self) -> None:
         for server in self.servers:
@@ -141,7 +119,7 @@ class Topology:
     def pids(self) -> dict[str, list[int]]:
         out = {f"node{i}": [s.pid] for i, s in enumerate(self.servers)}
         if self.cluster:
-            out["postgres"] = children(self.pg.process.pid)
+            out["postgres"] = process_tree(self.pg.process.pid)
             out["redis"] = [self.redis.process.pid]
         return out
 
@@ -185,9 +163,9 @@ class Run:
         self.pool.send(cmds)
         time.sleep(max(0.0, (t0 - MONO()) / 1e9))
         pids = topo.pids()
-        before = {k: cpu_seconds(v) for k, v in pids.items()}
+        before = {k: cpu_of(v) for k, v in pids.items()}
         time.sleep(max(0.0, (t1 - MONO()) / 1e9))
-        after = {k: cpu_seconds(v) for k, v in pids.items()}
+        after = {k: cpu_of(v) for k, v in pids.items()}
         return {k: after[k] - before[k] for k in pids}, self.pool.gather(cmds, timeout)
 
     def close(self) -> None:
@@ -399,7 +377,7 @@ def main() -> int:
     if redis is None:
         pg.stop()
         sys.exit(f"no Redis: {why}")
-    pin(redis.process.pid, REST_CPUS)
+    pin_tree(redis.process.pid, REST_CPUS)
     run = Run(args)
     tmp = Path(tempfile.mkdtemp(prefix="chatd-cluster-"))
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}

@@ -142,6 +142,42 @@ def proc_cpu(pid: int) -> float:
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process whose parent it is (PostgreSQL's backends)."""
+    out = [pid]
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def pin_tree(pid: int, cpus: set[int]) -> int:
+    """Confine a process and its children to ``cpus``; how many were."""
+    n = 0
+    for p in process_tree(pid):
+        try:
+            os.sched_setaffinity(p, cpus)
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def cpu_of(pids: list[int]) -> float:
+    """CPU seconds of these processes now (one that has ended counts 0)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            total += proc_cpu(pid)
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, softirq) CPU seconds of the whole machine (all cores), /proc/stat.
     softirq is mostly the kernel's loopback TCP work, which is charged to no

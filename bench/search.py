@@ -94,7 +94,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import jwt  # noqa: E402
-from load import MONO, SECRET, Server, free_port, log, pct, proc_cpu, raise_nofile  # noqa: E402
+from load import (  # noqa: E402
+    MONO,
+    SECRET,
+    Server,
+    cpu_of,
+    free_port,
+    log,
+    pct,
+    pin_tree,
+    proc_cpu,
+    process_tree,
+    raise_nofile,
+)
 from wsclient import Client, Stats  # noqa: E402
 
 VOCABULARY = 20_000
@@ -685,41 +697,6 @@ def postgres_server() -> tuple[Any, str]:
     return start()
 
 
-def pin_tree(pid: int, cpus: set[int]) -> int:
-    """Confine a process and its children (PostgreSQL's backends) to
-    ``cpus``; how many were."""
-    pids = {pid}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        if int(text[text.rindex(")") + 2 :].split()[1]) == pid:
-            pids.add(int(stat.parent.name))
-    n = 0
-    for p in pids:
-        try:
-            os.sched_setaffinity(p, cpus)
-            n += 1
-        except OSError:
-            pass
-    return n
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds of a process and its children now (PostgreSQL)."""
-    total = 0.0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-            rest = text[text.rindex(")") + 2 :].split()
-            if int(stat.parent.name) == pid or int(rest[1]) == pid:
-                total += proc_cpu(int(stat.parent.name))
-        except (OSError, ValueError):
-            continue
-    return total
-
-
 # --- one store ---------------------------------------------------------------------------
 
 
@@ -755,13 +732,13 @@ def measure(
         asyncio.run(ask(server.port, warm, args.limit, args.timeout))
         m0 = scrape(server.port)
         c0 = proc_cpu(server.pid)
-        p0 = tree_cpu(pg_pid) if pg_pid else 0.0
+        p0 = cpu_of(process_tree(pg_pid)) if pg_pid else 0.0
         started = time.monotonic()
         answers = asyncio.run(ask(server.port, queries[args.warm :], args.limit, args.timeout))
         wall = time.monotonic() - started
         out["chatd_cpu_s"] = proc_cpu(server.pid) - c0
         if pg_pid:
-            out["postgres_cpu_s"] = tree_cpu(pg_pid) - p0
+            out["postgres_cpu_s"] = cpu_of(process_tree(pg_pid)) - p0
         out["wall_s"] = wall
         out["metrics"] = metric_delta(m0, scrape(server.port))
     finally:
